@@ -1,0 +1,85 @@
+"""The Backend seam: the only simulator- (or robot-) specific part of an environment.
+
+A backend moves joints, steps (or waits), reads joint state and object poses, renders cameras and saves /
+restores its state. Tasks, the controller and observation assembly never talk to a simulator directly.
+Conventions: SI units, base frame = world frame, quaternions xyzw, images uint8 (H, W, 3) RGB.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+from robot_rl.errors import ConfigError
+from robot_rl.scene import SceneSpec
+
+
+class Backend(abc.ABC):
+    """Abstract simulator backend built from a :class:`~robot_rl.scene.SceneSpec`."""
+
+    name: str = "abstract"
+
+    def __init__(self, scene: SceneSpec):
+        self.scene = scene
+
+    @abc.abstractmethod
+    def reset_robot(self, q_arm: np.ndarray, width: float) -> None:
+        """Teleport the arm to joint positions q_arm (7,) [rad] and the gripper to ``width`` [m]; zero velocity."""
+
+    @abc.abstractmethod
+    def set_targets(self, q_arm: np.ndarray, width: float) -> None:
+        """Joint position targets (7,) [rad] for the arm's position servos and the gripper width target [m]."""
+
+    @abc.abstractmethod
+    def step(self) -> None:
+        """Advance one control period (``scene.control_dt`` seconds)."""
+
+    @abc.abstractmethod
+    def joint_state(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """Arm joint positions (7,) [rad], velocities (7,) [rad/s] and gripper width [m]."""
+
+    @abc.abstractmethod
+    def object_pose(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Position (3,) [m] and orientation quaternion xyzw (4,) of a free object."""
+
+    @abc.abstractmethod
+    def set_object_pose(self, name: str, pos: np.ndarray, quat_xyzw: np.ndarray) -> None:
+        """Teleport a free object (velocity zeroed)."""
+
+    @abc.abstractmethod
+    def set_marker(self, name: str, pos: np.ndarray) -> None:
+        """Move a visual-only marker."""
+
+    @abc.abstractmethod
+    def render(self, camera: str, height: int, width: int) -> np.ndarray:
+        """RGB image uint8 (height, width, 3) from a named camera."""
+
+    @abc.abstractmethod
+    def get_state(self) -> np.ndarray:
+        """Full simulator state as a flat float64 array (restorable with :meth:`set_state`)."""
+
+    @abc.abstractmethod
+    def set_state(self, state: np.ndarray) -> None:
+        """Restore a state from :meth:`get_state`."""
+
+    def close(self) -> None:
+        """Release renderers and native resources."""
+
+
+BACKENDS = ("mujoco", "pybullet")
+
+
+def make_backend(name: str, scene: SceneSpec) -> Backend:
+    """Instantiate a backend by name. Raises ConfigError for an unknown or unavailable backend."""
+    if name == "mujoco":
+        from robot_rl.sim.mujoco_backend import MujocoBackend
+
+        return MujocoBackend(scene)
+    if name == "pybullet":
+        try:
+            from robot_rl.sim.pybullet_backend import PybulletBackend
+        except ImportError:
+            raise ConfigError("backend", "the pybullet backend is not implemented yet", "use backend='mujoco'") from None
+        return PybulletBackend(scene)
+    raise ConfigError("backend", f"unknown backend {name!r}", f"choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,94 @@
+"""Residual policy on top of a frozen base (ResiP: Ankile et al. 2024, "From Imitation to Refinement -- Residual
+RL for Precise Assembly"; see also Policy Decorator, Yuan et al. 2024, and ResFiT, Ankile et al. 2025).
+
+The residual sees the normalized current observation and the normalized base action and outputs a per-step
+correction. Executed action, in the base policy's normalized action space ([-1, 1] per dimension):
+
+    a_exec = clip(a_base + alpha * a_res, -1, 1)
+
+The actor's last layer is zero-initialised, so an untrained residual's mean is exactly 0 and the deterministic
+executed action equals the base action.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from robot_rl.errors import ConfigError
+
+
+@dataclass
+class ResidualConfig:
+    """obs_keys/obs_dims: low-dim observation keys (same order as the base), action_dim, alpha = residual scale."""
+
+    obs_keys: list = field(default_factory=list)
+    obs_dims: dict = field(default_factory=dict)
+    action_dim: int = 5
+    alpha: float = 0.1
+    hidden: tuple = (256, 256)
+    log_std_init: float = -1.0
+
+    def validate(self) -> None:
+        if not self.obs_keys:
+            raise ConfigError("residual.obs_keys", "empty", "list the low-dim observation keys")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ConfigError("residual.alpha", f"{self.alpha} outside (0, 1]", "use e.g. alpha=0.1")
+        if self.action_dim < 1:
+            raise ConfigError("residual.action_dim", f"{self.action_dim} < 1", "set the base policy's action_dim")
+
+    @property
+    def in_dim(self) -> int:
+        return sum(self.obs_dims[k] for k in self.obs_keys) + self.action_dim
+
+
+def mlp(sizes, act=nn.Tanh) -> nn.Sequential:
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class ResidualPolicy(nn.Module):
+    """Gaussian residual actor + value critic.
+
+    Inputs are ``x = [normalized obs (D,), normalized base action (A,)]`` float32 of shape (B, D + A).
+    """
+
+    def __init__(self, config: ResidualConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        h = list(config.hidden)
+        self.actor = mlp([config.in_dim, *h, config.action_dim])
+        self.critic = mlp([config.in_dim, *h, 1])
+        self.log_std = nn.Parameter(torch.full((config.action_dim,), float(config.log_std_init)))
+        nn.init.zeros_(self.actor[-1].weight)
+        nn.init.zeros_(self.actor[-1].bias)
+        nn.init.orthogonal_(self.critic[-1].weight, gain=1.0)
+        nn.init.zeros_(self.critic[-1].bias)
+
+    def dist(self, x: torch.Tensor) -> torch.distributions.Normal:
+        return torch.distributions.Normal(self.actor(x), self.log_std.exp().expand(x.shape[0], -1))
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        return self.critic(x).squeeze(-1)
+
+    def combine(self, base_n: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        """Executed normalized action ``clip(base + alpha * res, -1, 1)``."""
+        return torch.clamp(base_n + self.config.alpha * res, -1.0, 1.0)
+
+    def to_dict(self) -> dict:
+        return asdict(self.config)
+
+
+def residual_input(normalizer, obs: dict, keys: list, base_action_n: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Build the residual input (B, D + A) from raw batched obs (B, d_k) using the base policy's normalizer."""
+    parts = [normalizer.normalize(k, torch.as_tensor(np.asarray(obs[k]), dtype=torch.float32)) for k in keys]
+    parts.append(torch.as_tensor(base_action_n, dtype=torch.float32))
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,111 @@
+"""Vectorized rollouts shared by evaluation and residual RL.
+
+- :func:`make_vector_env`: a Gymnasium ``AsyncVectorEnv`` (one subprocess per env) with autoreset DISABLED; the
+  caller resets finished envs with explicit per-episode seeds (``reset_mask``), so every episode is reproducible
+  from its seed regardless of how many workers ran it.
+- :class:`ChunkExecutor`: per-env observation history (To frames) and action-chunk queue for a base policy;
+  envs whose queue is empty get a new chunk from ONE batched ``predict_chunk`` call.
+- :class:`SeedSchedule`: hands out episode seeds from a range.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from functools import partial
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from robot_rl.envs import make_env
+
+
+def _env_fn(task, backend, task_kwargs, env_kwargs):
+    import torch as _t
+
+    _t.set_num_threads(1)
+    return make_env(task, backend, task_kwargs=task_kwargs, **env_kwargs)
+
+
+def make_vector_env(task: str, n_envs: int, backend: str = "mujoco", *, task_kwargs: dict | None = None,
+                    asynchronous: bool = True, **env_kwargs) -> gym.vector.VectorEnv:
+    """``n_envs`` copies of ``make_env(task, backend, ...)`` with autoreset disabled."""
+    fns = [partial(_env_fn, task, backend, task_kwargs or {}, env_kwargs) for _ in range(n_envs)]
+    mode = gym.vector.AutoresetMode.DISABLED
+    if asynchronous and n_envs > 1:
+        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="forkserver")
+    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+
+
+class SeedSchedule:
+    """Episode seeds ``start, start+1, ...`` (``count`` of them, or unbounded when count is None)."""
+
+    def __init__(self, start: int, count: int | None = None):
+        self.next, self.end = start, None if count is None else start + count
+
+    def take(self) -> int | None:
+        if self.end is not None and self.next >= self.end:
+            return None
+        s, self.next = self.next, self.next + 1
+        return s
+
+
+def reset_some(venv, mask: np.ndarray, seeds: list[int | None], obs: dict | None) -> dict:
+    """Reset the envs selected by ``mask`` with their seeds; returns the full batched observation."""
+    if obs is None or mask.all():
+        o, _ = venv.reset(seed=[int(s) if s is not None else None for s in seeds])
+        return o
+    full = [int(s) if (m and s is not None) else None for s, m in zip(seeds, mask)]
+    o, _ = venv.reset(seed=full, options={"reset_mask": mask.astype(bool)})
+    return o
+
+
+class ChunkExecutor:
+    """Executes a chunking base policy in N envs.
+
+    Args:
+        policy: a :class:`~robot_rl.policies.base.BasePolicy` (``predict_chunk`` on raw obs (B, To, ...)).
+        n_envs: number of envs.
+        seed: seed of the torch generator used for diffusion sampling (reproducible rollouts).
+    """
+
+    def __init__(self, policy, n_envs: int, seed: int = 0):
+        self.policy = policy
+        cfg = policy.config
+        self.keys = list(cfg.obs_keys) + list(cfg.image_keys)
+        self.To, self.n = cfg.n_obs_steps, n_envs
+        self.hist = [deque(maxlen=self.To) for _ in range(n_envs)]
+        self.queue = [deque() for _ in range(n_envs)]
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def reset(self, mask: np.ndarray, obs: dict) -> None:
+        """Clear history/queue of the envs in ``mask`` and fill their history with the first observation."""
+        for i in np.flatnonzero(mask):
+            self.hist[i].clear()
+            self.queue[i].clear()
+            frame = {k: obs[k][i] for k in self.keys}
+            for _ in range(self.To):
+                self.hist[i].append(frame)
+
+    def observe(self, obs: dict, mask: np.ndarray | None = None) -> None:
+        """Append the new observation of every env (or those in ``mask``)."""
+        for i in range(self.n) if mask is None else np.flatnonzero(mask):
+            self.hist[i].append({k: obs[k][i] for k in self.keys})
+
+    def peek(self) -> np.ndarray:
+        """Next base action for every env, (N, A) raw float32, without consuming it. Empty queues are refilled
+        with one batched ``predict_chunk`` call over the envs that need a new chunk."""
+        need = [i for i in range(self.n) if not self.queue[i]]
+        if need:
+            batch = {k: np.stack([np.stack([f[k] for f in self.hist[i]]) for i in need]) for k in self.keys}
+            chunks = self.policy.predict_chunk(batch, generator=self.gen)
+            for j, i in enumerate(need):
+                self.queue[i].extend(np.asarray(chunks[j], dtype=np.float32))
+        return np.stack([self.queue[i][0] for i in range(self.n)])
+
+    def actions(self) -> np.ndarray:
+        """Next base action for every env, (N, A) raw float32 (consumed from the queues)."""
+        a = self.peek()
+        for q in self.queue:
+            q.popleft()
+        return a

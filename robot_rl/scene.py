@@ -1,0 +1,102 @@
+"""Backend-neutral description of the robot and the tabletop scene.
+
+Every backend builds its world from these specs, so MuJoCo and PyBullet load the same robot description
+(the Franka Panda URDF shipped in ``pybullet_data``), the same table, objects, markers and cameras.
+Frames: the world frame is the robot base frame; the table top is the plane z = 0. Units: SI.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def panda_dir() -> str:
+    """Directory of the Franka Panda URDF + meshes inside the installed ``pybullet_data`` package."""
+    import pybullet_data
+
+    return os.path.join(pybullet_data.getDataPath(), "franka_panda")
+
+
+def panda_urdf_path() -> str:
+    return os.path.join(panda_dir(), "panda.urdf")
+
+
+@dataclass(frozen=True)
+class RobotSpec:
+    """Arm description: URDF plus the names the controller and backends need."""
+
+    urdf: str = field(default_factory=panda_urdf_path)
+    base_link: str = "panda_link0"
+    tip_link: str = "panda_grasptarget"  # tool centre point between the fingertips
+    arm_joints: tuple = tuple(f"panda_joint{i}" for i in range(1, 8))
+    finger_joints: tuple = ("panda_finger_joint1", "panda_finger_joint2")
+    hand_link: str = "panda_hand"
+    # posture with the tool 0.5 m in front of the base, ~0.25 m above the table, pointing down, yaw 0
+    q_home: tuple = (0.0, 0.15, 0.0, -2.2, 0.0, 2.35, 0.785398)
+    kp: tuple = (4500.0, 4500.0, 3500.0, 3500.0, 2000.0, 2000.0, 2000.0)
+    kv: tuple = (450.0, 450.0, 350.0, 350.0, 200.0, 200.0, 200.0)
+    max_width: float = 0.08
+    finger_force: float = 20.0  # N, URDF effort limit of the finger joints
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """A free rigid box. ``half_size`` (3,) [m], ``mass`` [kg], ``friction`` sliding coefficient."""
+
+    name: str
+    half_size: tuple = (0.02, 0.02, 0.02)
+    mass: float = 0.05
+    friction: float = 1.0
+    rgba: tuple = (0.85, 0.2, 0.2, 1.0)
+
+
+@dataclass(frozen=True)
+class MarkerSpec:
+    """A visual-only disk lying on the table (no collision), e.g. a placement target. ``radius`` [m]."""
+
+    name: str
+    radius: float = 0.01
+    rgba: tuple = (0.1, 0.8, 0.2, 0.6)
+
+
+@dataclass(frozen=True)
+class CameraSpec:
+    """A pinhole camera. ``fovy`` vertical field of view [deg]. If ``parent`` is a link name the pose is in
+    that link's frame (wrist camera); otherwise ``pos``/``lookat`` are in the world frame."""
+
+    name: str
+    pos: tuple = (1.05, 0.0, 0.5)
+    lookat: tuple = (0.5, 0.0, 0.0)
+    up: tuple = (0.0, 0.0, 1.0)
+    fovy: float = 45.0
+    parent: str | None = None
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    robot: RobotSpec = field(default_factory=RobotSpec)
+    objects: tuple = ()
+    markers: tuple = ()
+    cameras: tuple = (CameraSpec("front"), CameraSpec("wrist", pos=(0.06, 0.0, 0.0), lookat=(0.0, 0.0, 0.2),
+                                                       up=(1.0, 0.0, 0.0), fovy=75.0, parent="panda_hand"))
+    table_half_size: tuple = (0.55, 0.6, 0.02)
+    table_center_xy: tuple = (0.35, 0.0)
+    physics_dt: float = 0.002  # s
+    control_dt: float = 0.1  # s (10 Hz)
+
+    @property
+    def n_substeps(self) -> int:
+        return max(1, int(round(self.control_dt / self.physics_dt)))
+
+
+def look_at_matrix(pos, lookat, up) -> np.ndarray:
+    """Camera rotation (3,3) in the OpenGL convention: columns = camera x (right), y (up), z (backward)."""
+    pos, lookat, up = (np.asarray(v, dtype=np.float64) for v in (pos, lookat, up))
+    z = pos - lookat
+    z /= np.linalg.norm(z)
+    x = np.cross(up, z)
+    x /= np.linalg.norm(x)
+    return np.stack([x, np.cross(z, x), z], axis=1)

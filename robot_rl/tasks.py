@@ -1,0 +1,136 @@
+"""Tasks: reset distribution, observation of task objects, success predicate and sparse reward.
+
+A task is backend-independent: it only uses the :class:`~robot_rl.backend.Backend` interface, so the same
+task object code runs on MuJoCo, PyBullet and (through ROS 2) a real arm. Frames: robot base frame; SI units.
+
+Tasks
+- ``lift``  pick the cube and raise its centre ``lift_height`` above the table (Chi et al. style "lift").
+- ``place`` precision pick-and-place: put the cube down with its centre within ``tolerance`` (default 1 cm)
+  of a target marker on the table, resting flat and released by the gripper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from robot_rl.errors import ConfigError
+from robot_rl.scene import MarkerSpec, ObjectSpec
+
+CUBE = ObjectSpec("cube", half_size=(0.02, 0.02, 0.02), mass=0.05, friction=1.0)
+
+
+def canonical_quat(q: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Flip the sign of quaternion q (xyzw) so that it lies in the same hemisphere as ``ref`` (no double cover jumps)."""
+    return q if float(np.dot(q, ref)) >= 0.0 else -q
+
+
+@dataclass
+class Task:
+    """Base class. Subclasses define objects/markers, the reset distribution and success.
+
+    Attributes:
+        max_steps: time limit in control steps (the episode is truncated after it).
+    """
+
+    name: str = "task"
+    max_steps: int = 80
+    cube_x: tuple = (0.42, 0.6)
+    cube_y: tuple = (-0.18, 0.02)
+    cube_yaw: tuple = (-np.pi / 6, np.pi / 6)
+
+    objects = (CUBE,)
+    markers = ()
+    task_obs_keys: tuple = ("cube_pos", "cube_quat")
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        """Sample episode parameters (object poses, targets) as plain floats (stored in episode metadata)."""
+        return {"cube_xy": [float(rng.uniform(*self.cube_x)), float(rng.uniform(*self.cube_y))],
+                "cube_yaw": float(rng.uniform(*self.cube_yaw))}
+
+    def apply(self, backend, params: dict) -> None:
+        """Place objects/markers in ``backend`` according to sampled params."""
+        hz = CUBE.half_size[2]
+        quat = Rotation.from_euler("z", params["cube_yaw"]).as_quat()
+        backend.set_object_pose("cube", np.array([*params["cube_xy"], hz]), quat)
+
+    def observe(self, backend, params: dict) -> dict[str, np.ndarray]:
+        """Task part of the observation: ``cube_pos`` (3,) [m], ``cube_quat`` (4,) xyzw, float32."""
+        pos, quat = backend.object_pose("cube")
+        return {"cube_pos": pos.astype(np.float32),
+                "cube_quat": canonical_quat(quat, np.array([0.0, 0.0, 0.0, 1.0])).astype(np.float32)}
+
+    def is_success(self, obs: dict, params: dict) -> bool:
+        raise NotImplementedError
+
+    def obs_dims(self) -> dict[str, int]:
+        return {"cube_pos": 3, "cube_quat": 4}
+
+
+@dataclass
+class LiftTask(Task):
+    name: str = "lift"
+    max_steps: int = 60
+    lift_height: float = 0.08  # m the cube centre must rise above its resting height
+
+    def is_success(self, obs, params):
+        return bool(obs["cube_pos"][2] >= CUBE.half_size[2] + self.lift_height)
+
+
+@dataclass
+class PlaceTask(Task):
+    """Precision place. Success: |cube_xy - target_xy| <= tolerance, cube resting (centre within 5 mm of its
+    resting height, tilt < 0.1 rad) and released (gripper width > cube width + 1 cm)."""
+
+    name: str = "place"
+    max_steps: int = 100
+    tolerance: float = 0.01
+    target_x: tuple = (0.42, 0.6)
+    target_y: tuple = (0.06, 0.2)
+    markers = (MarkerSpec("target", radius=0.01),)
+    task_obs_keys: tuple = ("cube_pos", "cube_quat", "target_pos")
+
+    def __post_init__(self):
+        if not 0.0 < self.tolerance <= 0.05:
+            raise ConfigError("tolerance", f"{self.tolerance} m is outside (0, 0.05]", "use e.g. tolerance=0.01")
+
+    def sample(self, rng):
+        p = super().sample(rng)
+        p["target_xy"] = [float(rng.uniform(*self.target_x)), float(rng.uniform(*self.target_y))]
+        return p
+
+    def apply(self, backend, params):
+        super().apply(backend, params)
+        backend.set_marker("target", np.array([*params["target_xy"], 0.0005]))
+
+    def observe(self, backend, params):
+        o = super().observe(backend, params)
+        o["target_pos"] = np.array([*params["target_xy"], CUBE.half_size[2]], dtype=np.float32)
+        return o
+
+    def obs_dims(self):
+        return {**super().obs_dims(), "target_pos": 3}
+
+    def is_success(self, obs, params):
+        cube, tgt = obs["cube_pos"], obs["target_pos"]
+        q = obs["cube_quat"]
+        tilt = 2.0 * np.arccos(np.clip(np.sqrt(q[2] ** 2 + q[3] ** 2), -1.0, 1.0))  # angle away from pure yaw
+        return bool(np.linalg.norm(cube[:2] - tgt[:2]) <= self.tolerance
+                    and abs(cube[2] - CUBE.half_size[2]) < 0.005 and tilt < 0.1
+                    and obs["gripper_width"][0] > 2 * CUBE.half_size[1] + 0.01)
+
+
+TASKS = {"lift": LiftTask, "place": PlaceTask}
+
+
+def make_task(name: str, **overrides) -> Task:
+    """Create a task by name with field overrides. Raises ConfigError for unknown names or fields."""
+    if name not in TASKS:
+        raise ConfigError("task", f"unknown task {name!r}", f"choose one of {', '.join(TASKS)}")
+    task = TASKS[name]()
+    bad = [k for k in overrides if not hasattr(task, k)]
+    if bad:
+        raise ConfigError(f"task.{bad[0]}", f"task {name!r} has no parameter {bad[0]!r}", "remove it or check the spelling")
+    return replace(task, **overrides) if overrides else task

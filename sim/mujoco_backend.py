@@ -1,0 +1,206 @@
+"""MuJoCo backend: builds the scene with ``mujoco.MjSpec`` from the Panda URDF shipped in ``pybullet_data``.
+
+The URDF's ``package://`` mesh paths are rewritten to absolute paths; visual meshes are kept for rendering.
+Arm joints are driven by position servos (gains from :class:`~robot_rl.scene.RobotSpec`) with gravity
+compensation on the arm bodies; the two fingers are coupled by a joint equality (the URDF ``mimic``) and
+driven by one force-limited position servo. Only the hand and fingers collide, which is all the tabletop
+tasks need and keeps contact detection cheap.
+
+MuJoCo stores quaternions as wxyz; conversion to the public xyzw happens only in this module.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+
+from robot_rl.backend import Backend  # noqa: E402
+from robot_rl.errors import ConfigError  # noqa: E402
+from robot_rl.scene import SceneSpec, look_at_matrix, panda_dir  # noqa: E402
+
+
+def _wxyz(q_xyzw) -> np.ndarray:
+    q = np.asarray(q_xyzw, dtype=np.float64)
+    return np.array([q[3], q[0], q[1], q[2]])
+
+
+def _xyzw(q_wxyz) -> np.ndarray:
+    q = np.asarray(q_wxyz, dtype=np.float64)
+    return np.array([q[1], q[2], q[3], q[0]])
+
+
+def _mat_to_wxyz(R: np.ndarray) -> np.ndarray:
+    q = np.empty(4)
+    mujoco.mju_mat2Quat(q, np.ascontiguousarray(R, dtype=np.float64).ravel())
+    return q
+
+
+def load_robot_spec(urdf_path: str) -> mujoco.MjSpec:
+    """Parse a URDF into an MjSpec, resolving ``package://`` paths against the URDF's directory."""
+    base = os.path.dirname(os.path.abspath(urdf_path))
+    text = open(urdf_path).read().replace("package://", base + "/")
+    ext = '<mujoco><compiler discardvisual="false" fusestatic="false" strippath="false"/></mujoco>'
+    head_end = text.index(">", text.index("<robot")) + 1
+    return mujoco.MjSpec.from_string(text[:head_end] + ext + text[head_end:])
+
+
+def build_model(scene: SceneSpec) -> mujoco.MjModel:
+    """Compile the MuJoCo model of a scene (robot + table + objects + markers + cameras)."""
+    r = scene.robot
+    spec = load_robot_spec(r.urdf)
+    spec.option.timestep = scene.physics_dt
+    spec.option.integrator = mujoco.mjtIntegrator.mjINT_IMPLICITFAST
+    spec.option.cone = mujoco.mjtCone.mjCONE_ELLIPTIC
+    spec.option.impratio = 10.0
+    spec.visual.global_.offwidth = 640
+    spec.visual.global_.offheight = 480
+    arm_links = {f"panda_link{i}" for i in range(0, 9)}
+    for b in spec.bodies:
+        if b.name in arm_links or b.name.startswith("panda_"):
+            b.gravcomp = 1.0
+    for g in spec.geoms:
+        body = g.parent.name
+        if g.contype == 0:  # visual geom from the URDF
+            g.group = 2
+            g.rgba = [0.25, 0.25, 0.27, 1] if body in ("panda_hand", "panda_leftfinger", "panda_rightfinger", "panda_link7") else [0.92, 0.92, 0.92, 1]
+        else:
+            g.group = 3
+            keep = body in ("panda_hand", "panda_leftfinger", "panda_rightfinger")
+            g.contype = g.conaffinity = 1 if keep else 0
+            if body in ("panda_leftfinger", "panda_rightfinger"):
+                g.friction = [1.5, 0.01, 0.0001]
+                g.condim = 4
+    for name, kp, kv in zip(r.arm_joints, r.kp, r.kv):
+        j = spec.joint(name)
+        j.armature = 0.1
+        j.damping = [1.0, 0.0, 0.0]
+        act = spec.add_actuator(name=name, target=name, trntype=mujoco.mjtTrn.mjTRN_JOINT)
+        act.set_to_position(kp=kp, kv=kv)
+        act.forcelimited = True
+        act.forcerange = [-87.0, 87.0] if name[-1] in "1234" else [-12.0, 12.0]
+        act.ctrllimited = False
+    f1, f2 = r.finger_joints
+    for fj in (f1, f2):
+        spec.joint(fj).damping = [5.0, 0.0, 0.0]
+        spec.joint(fj).armature = 0.01
+    spec.add_equality(type=mujoco.mjtEq.mjEQ_JOINT, name1=f2, name2=f1, objtype=mujoco.mjtObj.mjOBJ_JOINT,
+                      data=[0, 1] + [0] * 10)
+    fa = spec.add_actuator(name="gripper", target=f1, trntype=mujoco.mjtTrn.mjTRN_JOINT)
+    fa.set_to_position(kp=1000.0, kv=20.0)
+    fa.forcelimited = True
+    fa.forcerange = [-r.finger_force, r.finger_force]
+
+    world = spec.worldbody
+    hx, hy, hz = scene.table_half_size
+    cx, cy = scene.table_center_xy
+    world.add_geom(name="table", type=mujoco.mjtGeom.mjGEOM_BOX, size=[hx, hy, hz], pos=[cx, cy, -hz],
+                   rgba=[0.62, 0.5, 0.38, 1], friction=[1.0, 0.005, 0.0001])
+    world.add_light(name="key", pos=[0.6, 0.3, 1.5], dir=[0, 0, -1], type=mujoco.mjtLightType.mjLIGHT_DIRECTIONAL, diffuse=[0.7, 0.7, 0.7])
+    world.add_light(name="fill", pos=[-0.5, -0.5, 1.2], dir=[0.5, 0.3, -1], type=mujoco.mjtLightType.mjLIGHT_DIRECTIONAL, diffuse=[0.3, 0.3, 0.3])
+    for o in scene.objects:
+        b = world.add_body(name=o.name, pos=[0.5, 0.0, o.half_size[2]])
+        b.add_freejoint(name=o.name + "_free")
+        b.add_geom(name=o.name, type=mujoco.mjtGeom.mjGEOM_BOX, size=list(o.half_size), mass=o.mass,
+                   rgba=list(o.rgba), friction=[o.friction, 0.01, 0.0001], condim=4)
+    for mk in scene.markers:
+        b = world.add_body(name=mk.name, mocap=True, pos=[0.5, 0.0, 0.0])
+        b.add_geom(name=mk.name, type=mujoco.mjtGeom.mjGEOM_CYLINDER, size=[mk.radius, 0.0005, 0],
+                   rgba=list(mk.rgba), contype=0, conaffinity=0, group=2)
+    for c in scene.cameras:
+        parent = world if c.parent is None else spec.body(c.parent)
+        if parent is None:
+            raise ConfigError(f"cameras.{c.name}.parent", f"unknown link {c.parent!r}", "use a link of the robot URDF")
+        R = look_at_matrix(c.pos, c.lookat, c.up)
+        parent.add_camera(name=c.name, pos=list(c.pos), quat=list(_mat_to_wxyz(R)), fovy=c.fovy)
+    return spec.compile()
+
+
+class MujocoBackend(Backend):
+    """MuJoCo implementation of :class:`~robot_rl.backend.Backend`."""
+
+    name = "mujoco"
+
+    def __init__(self, scene: SceneSpec):
+        super().__init__(scene)
+        self.model = build_model(scene)
+        self.data = mujoco.MjData(self.model)
+        m, r = self.model, scene.robot
+        self._arm_qadr = np.array([m.jnt_qposadr[m.joint(j).id] for j in r.arm_joints])
+        self._arm_dadr = np.array([m.jnt_dofadr[m.joint(j).id] for j in r.arm_joints])
+        self._f_qadr = np.array([m.jnt_qposadr[m.joint(j).id] for j in r.finger_joints])
+        self._arm_act = np.array([m.actuator(j).id for j in r.arm_joints])
+        self._grip_act = m.actuator("gripper").id
+        self._obj_qadr = {o.name: m.jnt_qposadr[m.joint(o.name + "_free").id] for o in scene.objects}
+        self._obj_dadr = {o.name: m.jnt_dofadr[m.joint(o.name + "_free").id] for o in scene.objects}
+        self._mocap = {mk.name: m.body_mocapid[m.body(mk.name).id] for mk in scene.markers}
+        self._n_sub = scene.n_substeps
+        self._renderers: dict = {}
+        self._state_spec = mujoco.mjtState.mjSTATE_INTEGRATION
+
+    def reset_robot(self, q_arm, width):
+        d = self.data
+        d.qpos[self._arm_qadr] = q_arm
+        d.qpos[self._f_qadr] = width / 2.0
+        d.qvel[:] = 0.0
+        self.set_targets(q_arm, width)
+        mujoco.mj_forward(self.model, d)
+
+    def set_targets(self, q_arm, width):
+        self.data.ctrl[self._arm_act] = q_arm
+        self.data.ctrl[self._grip_act] = width / 2.0
+
+    def step(self):
+        mujoco.mj_step(self.model, self.data, nstep=self._n_sub)
+
+    def joint_state(self):
+        d = self.data
+        return d.qpos[self._arm_qadr].copy(), d.qvel[self._arm_dadr].copy(), float(d.qpos[self._f_qadr].sum())
+
+    def _obj(self, name):
+        if name not in self._obj_qadr:
+            raise ConfigError("object", f"unknown object {name!r}", f"use one of {sorted(self._obj_qadr)}")
+        return self._obj_qadr[name]
+
+    def object_pose(self, name):
+        a = self._obj(name)
+        q = self.data.qpos
+        return q[a:a + 3].copy(), _xyzw(q[a + 3:a + 7])
+
+    def set_object_pose(self, name, pos, quat_xyzw):
+        a = self._obj(name)
+        self.data.qpos[a:a + 3] = pos
+        self.data.qpos[a + 3:a + 7] = _wxyz(quat_xyzw)
+        dv = self._obj_dadr[name]
+        self.data.qvel[dv:dv + 6] = 0.0
+        mujoco.mj_forward(self.model, self.data)
+
+    def set_marker(self, name, pos):
+        self.data.mocap_pos[self._mocap[name]] = pos
+
+    def render(self, camera, height, width):
+        key = (height, width)
+        if key not in self._renderers:
+            self._renderers[key] = mujoco.Renderer(self.model, height=height, width=width)
+        rd = self._renderers[key]
+        opt = mujoco.MjvOption()
+        opt.geomgroup[:] = [1, 1, 1, 0, 0, 0]  # hide collision geoms (group 3)
+        rd.update_scene(self.data, camera=camera, scene_option=opt)
+        return rd.render().copy()
+
+    def get_state(self):
+        s = np.empty(mujoco.mj_stateSize(self.model, self._state_spec))
+        mujoco.mj_getState(self.model, self.data, s, self._state_spec)
+        return s
+
+    def set_state(self, state):
+        mujoco.mj_setState(self.model, self.data, np.asarray(state, dtype=np.float64), self._state_spec)
+        mujoco.mj_forward(self.model, self.data)
+
+    def close(self):
+        for rd in self._renderers.values():
+            rd.close()
+        self._renderers.clear()
