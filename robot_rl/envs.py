@@ -129,7 +129,7 @@ class RobotEnv(gym.Env):
         obs = self._obs()
         success = self.task.is_success(obs, self.params)
         truncated = (not success) and self.t >= self.max_steps
-        return obs, float(success), success, truncated, {"success": success}
+        return obs, float(success), success, truncated, {"success": success, "t": self.t}
 
     def render(self):
         H, W = self.cfg.render_size

@@ -12,6 +12,7 @@ MuJoCo stores quaternions as wxyz; conversion to the public xyzw happens only in
 from __future__ import annotations
 
 import os
+import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -116,7 +117,9 @@ def build_model(scene: SceneSpec) -> mujoco.MjModel:
             raise ConfigError(f"cameras.{c.name}.parent", f"unknown link {c.parent!r}", "use a link of the robot URDF")
         R = look_at_matrix(c.pos, c.lookat, c.up)
         parent.add_camera(name=c.name, pos=list(c.pos), quat=list(_mat_to_wxyz(R)), fovy=c.fovy)
-    return spec.compile()
+    with warnings.catch_warnings():  # pybullet_data's visual .obj files lack some texture coordinates
+        warnings.filterwarnings("ignore", message="obj_decoder")
+        return spec.compile()
 
 
 class MujocoBackend(Backend):

@@ -92,3 +92,44 @@ def residual_input(normalizer, obs: dict, keys: list, base_action_n: np.ndarray 
     parts = [normalizer.normalize(k, torch.as_tensor(np.asarray(obs[k]), dtype=torch.float32)) for k in keys]
     parts.append(torch.as_tensor(base_action_n, dtype=torch.float32))
     return torch.cat(parts, dim=-1)
+
+
+RESIDUAL_FORMAT = "robot_rl.residual"
+
+
+def save_residual(policy: ResidualPolicy, path_dir, extra: dict | None = None):
+    """Save as ``model.safetensors`` + ``config.json`` (no pickle). ``extra`` e.g. the base checkpoint path."""
+    from robot_rl.policies.checkpoint import save_module_safetensors
+
+    cfg = asdict(policy.config)
+    cfg["hidden"] = list(cfg["hidden"])
+    return save_module_safetensors(policy, path_dir, cfg, format_name=RESIDUAL_FORMAT, extra=extra)
+
+
+def load_residual(path, base=None) -> ResidualPolicy:
+    """Load a frozen residual; with ``base`` given, check it matches the base's obs keys and action dim.
+
+    Raises ConfigError for pickle/corrupt/mismatched checkpoints.
+    """
+    from robot_rl.policies.checkpoint import load_module_safetensors
+
+    def build(c: dict) -> ResidualPolicy:
+        names = set(ResidualConfig.__dataclass_fields__)
+        bad = sorted(set(c) - names)
+        if bad:
+            raise ConfigError(f"residual.{bad[0]}", "unknown residual config field", f"use only {sorted(names)}")
+        return ResidualPolicy(ResidualConfig(**{**c, "hidden": tuple(c.get("hidden", (256, 256)))}))
+
+    pol, _ = load_module_safetensors(path, build, format_name=RESIDUAL_FORMAT)
+    if base is not None:
+        bc = base.config
+        if pol.config.action_dim != bc.action_dim:
+            raise ConfigError("residual.action_dim", f"{pol.config.action_dim} != base action_dim {bc.action_dim}",
+                              "use a residual trained on this base checkpoint")
+        if list(pol.config.obs_keys) != list(bc.obs_keys):
+            raise ConfigError("residual.obs_keys", f"{pol.config.obs_keys} != base obs_keys {bc.obs_keys}",
+                              "use a residual trained on this base checkpoint")
+    pol.eval()
+    for p in pol.parameters():
+        p.requires_grad_(False)
+    return pol

@@ -1,0 +1,196 @@
+"""Evaluation: N seeded episodes from a held-out seed range -> success rate with a 95 % Wilson interval, mean
+episode length (cycle time), JSON + Markdown report, learning-curve plot and mp4 rollout videos.
+
+Held-out seeds start at :data:`EVAL_SEED_START`, disjoint from demonstration seeds (from 0) and residual-RL
+training seeds (from ``robot_rl.rl.ppo.TRAIN_SEED_START``). The residual acts deterministically (its mean).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import binomtest
+from tqdm import tqdm
+
+from robot_rl.errors import ConfigError
+from robot_rl.envs import make_env
+from robot_rl.policies.residual import residual_input
+from robot_rl.rollout import ChunkExecutor, SeedSchedule, make_vector_env, reset_some
+
+EVAL_SEED_START = 1_000_000
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (Wilson 1927), via SciPy."""
+    if n == 0:
+        return 0.0, 1.0
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+class CombinedPolicy:
+    """Frozen base + optional residual, executed per step on batched raw observations (N envs)."""
+
+    def __init__(self, base, residual=None, n_envs: int = 1, seed: int = 0):
+        self.base, self.residual = base, residual
+        self.ex = ChunkExecutor(base, n_envs, seed=seed)
+        self.keys = list(base.config.obs_keys)
+
+    def reset(self, mask, obs):
+        self.ex.reset(mask, obs)
+
+    def observe(self, obs, mask):
+        self.ex.observe(obs, mask)
+
+    @torch.no_grad()
+    def act(self, obs) -> np.ndarray:
+        """Executed raw actions (N, A) float32."""
+        base_raw = self.ex.actions()
+        if self.residual is None:
+            return base_raw
+        norm = self.base.normalizer
+        base_n = norm.normalize("action", torch.as_tensor(base_raw))
+        x = residual_input(norm, obs, self.keys, base_n)
+        return norm.unnormalize("action", self.residual.combine(base_n, self.residual.actor(x))).numpy()
+
+
+def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_start: int = EVAL_SEED_START,
+             n_envs: int = 4, task_kwargs: dict | None = None, env_kwargs: dict | None = None, seed: int = 0,
+             progress: bool = True, desc: str = "eval") -> dict:
+    """Run ``n_episodes`` seeded episodes; returns {success_rate, ci95, successes, episodes, mean_length, seeds...}."""
+    if n_episodes < 1:
+        raise ConfigError("episodes", f"{n_episodes} < 1", "evaluate at least one episode")
+    n_envs = min(n_envs, n_episodes)
+    venv = make_vector_env(task, n_envs, task_kwargs=task_kwargs, **(env_kwargs or {}))
+    pol = CombinedPolicy(base, residual, n_envs, seed=seed)
+    seeds = SeedSchedule(seed_start, n_episodes)
+    cur = [seeds.take() for _ in range(n_envs)]
+    active = np.ones(n_envs, dtype=bool)
+    obs = reset_some(venv, active, cur, None)
+    pol.reset(active, obs)
+    results = []
+    bar = tqdm(total=n_episodes, desc=desc, unit="ep", disable=not progress)
+    try:
+        while active.any():
+            a = pol.act(obs)
+            obs, _, term, trunc, info = venv.step(a)
+            done = np.logical_or(term, trunc) & active
+            if done.any():
+                for i in np.flatnonzero(done):
+                    results.append({"seed": cur[i], "success": bool(term[i]), "length": int(info["t"][i])})
+                    cur[i] = seeds.take()
+                    if cur[i] is None:
+                        active[i] = False
+                bar.update(int(done.sum()))
+                reset_mask = done & active
+                if reset_mask.any():
+                    obs = reset_some(venv, reset_mask, cur, obs)
+                    pol.reset(reset_mask, obs)
+                pol.observe(obs, ~reset_mask)
+            else:
+                pol.observe(obs, None)
+    finally:
+        bar.close()
+        venv.close()
+    results.sort(key=lambda r: r["seed"])
+    k = sum(r["success"] for r in results)
+    lo, hi = wilson_interval(k, len(results))
+    lengths = [r["length"] for r in results if r["length"] is not None]
+    succ_len = [r["length"] for r in results if r["success"] and r["length"] is not None]
+    return {"task": task, "episodes": len(results), "successes": int(k), "success_rate": k / len(results),
+            "ci95": [lo, hi], "mean_length": float(np.mean(lengths)) if lengths else None,
+            "mean_success_length": float(np.mean(succ_len)) if succ_len else None,
+            "seed_range": [seed_start, seed_start + n_episodes - 1], "residual": residual is not None,
+            "per_episode": results}
+
+
+def record_videos(base, task: str, out_dir: str | Path, *, residual=None, seeds=(EVAL_SEED_START,),
+                  task_kwargs: dict | None = None, fps: int = 10, prefix: str = "rollout") -> list[str]:
+    """Roll out the given seeds in-process, rendering the front camera, and write one mp4 per episode."""
+    import imageio.v2 as imageio
+
+    env = make_env(task, task_kwargs=task_kwargs)
+    pol = CombinedPolicy(base, residual, 1)
+    paths = []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    one = np.ones(1, dtype=bool)
+    for s in seeds:
+        o, _ = env.reset(seed=int(s))
+        batch = lambda o: {k: v[None] for k, v in o.items()}
+        pol.reset(one, batch(o))
+        frames = [env.render()]
+        while True:
+            o, _, term, trunc, info = env.step(pol.act(batch(o))[0])
+            frames.append(env.render())
+            if term or trunc:
+                break
+            pol.observe(batch(o), None)
+        tag = "success" if info["success"] else "failure"
+        p = out / f"{prefix}_seed{s}_{tag}.mp4"
+        imageio.mimwrite(p, frames, fps=fps, macro_block_size=8)
+        paths.append(str(p))
+    env.close()
+    return paths
+
+
+def plot_learning_curve(curve: list[dict], path: str | Path, base_rate: float | None = None,
+                        final: dict | None = None) -> str:
+    """Success rate of training episodes vs env steps (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["env_steps"] for r in curve]
+    y = [r["success_rate"] for r in curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, y, label="residual PPO (training episodes, stochastic)")
+    if len(y) >= 5:
+        k = 5
+        sm = np.convolve(np.nan_to_num(y, nan=0.0), np.ones(k) / k, mode="valid")
+        ax.plot(x[k - 1:], sm, label=f"moving average ({k} updates)")
+    if base_rate is not None:
+        ax.axhline(base_rate, color="gray", ls="--", label=f"frozen base (eval) {base_rate:.2f}")
+    if final is not None:
+        ax.errorbar([x[-1]], [final["success_rate"]], yerr=[[final["success_rate"] - final["ci95"][0]],
+                    [final["ci95"][1] - final["success_rate"]]], fmt="o", color="C3", capsize=4,
+                    label=f"base + residual (eval) {final['success_rate']:.2f}")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def write_report(out_dir: str | Path, results: dict[str, dict], extra: dict | None = None) -> tuple[str, str]:
+    """Write ``report.json`` and ``report.md`` (a table of success rates with Wilson intervals)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slim = {k: {kk: vv for kk, vv in v.items() if kk != "per_episode"} for k, v in results.items()}
+    payload = {"results": slim, **(extra or {})}
+    (out / "report.json").write_text(json.dumps(payload, indent=1, default=str))
+    lines = ["# robot_rl evaluation report", ""]
+    for k, v in (extra or {}).items():
+        if isinstance(v, (str, int, float)):
+            lines.append(f"- **{k}**: {v}")
+    lines += ["", "| policy | task | episodes (seeds) | success | 95 % Wilson CI | mean length (steps) |",
+              "|---|---|---|---|---|---|"]
+    for name, r in slim.items():
+        lines.append(f"| {name} | {r['task']} | {r['episodes']} ({r['seed_range'][0]}–{r['seed_range'][1]}) | "
+                     f"{r['success_rate']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
+                     f"{r['mean_length']:.1f} |")
+    for p in (extra or {}).get("figures", []):
+        lines += ["", f"![{Path(p).stem}]({Path(p).name})"]
+    vids = (extra or {}).get("videos", [])
+    if vids:
+        lines += ["", "Videos: " + ", ".join(f"[{Path(v).name}]({Path(v).relative_to(out) if Path(v).is_relative_to(out) else v})" for v in vids)]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return str(out / "report.json"), str(out / "report.md")

@@ -1,0 +1,136 @@
+"""Base policy training (diffusion or BC) from the zarr store.
+
+Train/val split by episode, normalization statistics from the training episodes, AdamW with a cosine
+schedule and warm-up (diffusers ``get_scheduler``), EMA of the weights (diffusion), TensorBoard logs, and a
+safetensors checkpoint whose inference weights are the EMA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from robot_rl.errors import ConfigError
+from robot_rl.policies.base import PolicyConfig, make_policy
+from robot_rl.policies.checkpoint import save_policy
+from robot_rl.policies.diffusion import make_ema
+from robot_rl.sampler import SequenceSampler, WindowDataset, compute_normalization, split_episodes
+from robot_rl.store import ZarrStore
+
+DEFAULT_OBS_KEYS = {"place": ["ee_pos", "ee_quat", "gripper_width", "cube_pos", "cube_quat", "target_pos"],
+                    "lift": ["ee_pos", "ee_quat", "gripper_width", "cube_pos", "cube_quat"]}
+
+
+@dataclass
+class BaseTrainConfig:
+    """steps: gradient steps; batch_size; lr; weight_decay; warmup_steps; val_ratio: fraction of episodes held out."""
+
+    kind: str = "diffusion"
+    obs_keys: list = field(default_factory=list)
+    image_keys: list = field(default_factory=list)
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    warmup_steps: int = 200
+    val_ratio: float = 0.05
+    val_every: int = 500
+    seed: int = 0
+    policy: dict = field(default_factory=dict)  # PolicyConfig overrides (horizon, down_dims, ...)
+
+
+def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig, *, writer=None,
+               progress: bool = True) -> dict:
+    """Train a base policy and save it to ``out_dir/checkpoint``. Returns a summary dict.
+
+    Raises:
+        ConfigError: missing/malformed store, unknown keys, impossible config.
+    """
+    torch.manual_seed(cfg.seed)
+    store = ZarrStore.open(store_path, mode="r")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ConfigError("steps", "steps and batch_size must be >= 1", "use e.g. steps=3000 batch_size=256")
+    if store.n_episodes < 2:
+        raise ConfigError("store", f"{store_path} has {store.n_episodes} episode(s)", "collect at least 2 episodes")
+    if not cfg.obs_keys:
+        task = store.episode_meta(0)["task"]
+        cfg.obs_keys = list(DEFAULT_OBS_KEYS.get(task, []))
+    for k in [*cfg.obs_keys, *cfg.image_keys, "action"]:
+        if k not in store.schema:
+            raise ConfigError("obs_keys", f"{k!r} is not in the store {store_path}", f"use keys from {store.keys}")
+    schema = store.schema
+    image_shape = list(schema[cfg.image_keys[0]]["shape"]) if cfg.image_keys else None
+    pcfg = PolicyConfig.from_dict({
+        "kind": cfg.kind, "obs_keys": list(cfg.obs_keys),
+        "obs_dims": {k: int(np.prod(schema[k]["shape"])) for k in cfg.obs_keys},
+        "image_keys": list(cfg.image_keys), "image_shape": image_shape,
+        "action_dim": int(schema["action"]["shape"][0]), **cfg.policy})
+    train_eps, val_eps = split_episodes(store.n_episodes, cfg.val_ratio, cfg.seed)
+    stats = compute_normalization(store, [*cfg.obs_keys, "action"], train_eps)
+    keys = [*cfg.obs_keys, *cfg.image_keys, "action"]
+    obs = [*cfg.obs_keys, *cfg.image_keys]
+    mk = lambda eps: WindowDataset(SequenceSampler(store, keys, obs, pcfg.horizon, pcfg.n_obs_steps, eps))
+    train_ds = mk(train_eps)
+    val_ds = mk(val_eps) if len(val_eps) else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
+                                         generator=gen, num_workers=0)
+    policy = make_policy(pcfg, stats)
+    ema = make_ema(policy) if cfg.kind == "diffusion" else None
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.95, 0.999))
+    from diffusers.optimization import get_scheduler
+
+    sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=min(cfg.warmup_steps, cfg.steps // 10),
+                          num_training_steps=cfg.steps)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    history, step, t0 = [], 0, time.time()
+    bar = tqdm(total=cfg.steps, desc=f"train {cfg.kind}", unit="step", disable=not progress)
+    policy.train()
+    while step < cfg.steps:
+        for batch in loader:
+            loss = policy.compute_loss(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.step(policy.parameters())
+            step += 1
+            bar.update(1)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if writer is not None:
+                    writer.add_scalar("base/train_loss", loss.item(), step)
+            if val_ds is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                vl = _val_loss(policy, val_ds, cfg.batch_size)
+                history.append({"step": step, "train_loss": loss.item(), "val_loss": vl})
+                if writer is not None:
+                    writer.add_scalar("base/val_loss", vl, step)
+            if step >= cfg.steps:
+                break
+    bar.close()
+    ck = save_policy(policy, out / "checkpoint", ema=ema,
+                     extra={"store": str(store_path), "train_episodes": len(train_eps), "steps": cfg.steps})
+    summary = {"checkpoint": str(ck), "train_episodes": int(len(train_eps)), "val_episodes": int(len(val_eps)),
+               "windows": len(train_ds), "final_loss": float(loss.item()), "history": history,
+               "wall_s": time.time() - t0}
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+@torch.no_grad()
+def _val_loss(policy, ds, bs) -> float:
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False)
+    losses = [float(policy.compute_loss(b)) for b in loader]
+    torch.random.set_rng_state(torch_state)
+    return float(np.mean(losses))
