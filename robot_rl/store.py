@@ -1,0 +1,527 @@
+"""Zarr v3 demonstration store: episodes of per-step arrays plus per-episode metadata.
+
+Layout (a directory store, diffusion_policy ReplayBuffer idea)::
+
+    <root>/                      group attrs: format="robot_rl.store", version=1, schema={key: {dtype, shape}}
+      data/<key>                 (N, *shape) arrays concatenated over time (N = total steps)
+        action                   float32 (N, A)           always present
+        intervention             bool    (N,)             always present (False unless a human took over)
+        human_action             float32 (N, A)           present once any episode gave it; NaN where absent
+        image_<cam>              uint8   (N, H, W, 3)     one frame per chunk, Blosc-zstd
+        <low-dim>                any     (N, *shape)      time-chunked (<=1024 steps), Blosc-zstd
+      meta/episode_ends          int64 (E,)  exclusive cumulative end of each episode -- the COMMIT MARKER
+      meta/episode_seed          int64 (E,)
+      meta/episode_success       bool  (E,)
+      meta/episode_length        int64 (E,)
+      meta/episode_task|source|backend|robot   variable-length UTF-8 strings (E,)
+      meta/episode_extra         variable-length UTF-8 strings (E,), one JSON object per episode
+
+String metadata uses zarr v3's variable-length UTF-8 data type (``dtype=str``, vlen-utf8 codec): no length limit (a
+fixed ``<U16`` would truncate or force a rewrite), no ``UnstableSpecificationWarning`` (fixed-length UTF-32 has no v3
+spec yet), and a single array per field, so a crash cannot leave a bytes array and its offsets array out of sync.
+``episode_extra`` holds ``json.dumps(extra, sort_keys=True)`` (strict JSON: no NaN/inf).
+
+Crash safety: ``add_episode`` resizes and fills every data array and every per-episode metadata array first and
+appends to ``meta/episode_ends`` last. zarr's local store replaces every file atomically (temp file + rename), so a
+SIGKILL leaves committed data byte-identical. Readers trust only the committed prefix of ``episode_ends`` (strictly
+increasing, positive: a resize whose chunk write never landed reads as the fill value 0 and is ignored). Opening in
+mode ``"a"`` truncates whatever lies beyond the commit (a "torn tail"), never anything committed.
+One writer at a time; any number of readers (call :meth:`ZarrStore.refresh` to see newly committed episodes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from robot_rl.errors import ConfigError
+
+FORMAT, VERSION = "robot_rl.store", 1
+SOURCES = ("scripted", "teleop", "policy", "intervention")
+META_NUM = {"episode_seed": np.int64, "episode_success": np.bool_, "episode_length": np.int64}
+META_STR = ("episode_task", "episode_source", "episode_backend", "episode_robot", "episode_extra")
+META_CHUNK, TIME_CHUNK, MAX_CHUNK_BYTES = 1024, 1024, 4 << 20
+_FIX_CREATE = "create it with `robot-rl collect` (or ZarrStore.create(path)) first"
+
+
+def is_image(dtype: np.dtype, shape: tuple[int, ...]) -> bool:
+    """True for per-step uint8 (H, W, C) arrays with C in {1, 3, 4}: stored one frame per chunk."""
+    return np.dtype(dtype) == np.uint8 and len(shape) == 3 and shape[-1] in (1, 3, 4)
+
+
+class CommittedArray:
+    """Lazy read-only view of ``data/<key>`` truncated to the committed steps.
+
+    Supports ``len``, ``shape``, ``dtype``, ``np.asarray(view)`` and indexing on the first axis by int, slice or an
+    integer array (further axes may follow in a tuple). Only the requested frames are read from disk.
+    """
+
+    def __init__(self, array: zarr.Array, n: int):
+        self.array, self.n = array, n
+        self.dtype, self.shape = array.dtype, (n, *array.shape[1:])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, index):
+        first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        if isinstance(first, slice):
+            start, stop, step = first.indices(self.n)
+            if step == 1:
+                return self.array[(slice(start, max(start, stop)), *rest)]
+            first = np.arange(start, stop, step)
+        if isinstance(first, (int, np.integer)):
+            if not -self.n <= first < self.n:
+                raise IndexError(f"index {first} out of range for {self.n} committed steps")
+            return self.array[(int(first) % self.n, *rest)]
+        idx = np.asarray(first, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -self.n or idx.max() >= self.n):
+            raise IndexError(f"indices out of range for {self.n} committed steps")
+        idx = idx % max(self.n, 1)
+        if idx.size == 0:
+            return np.empty((0, *self.shape[1:]), self.dtype)[(slice(None), *rest)]
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        return self.array[(slice(lo, hi), *rest)][idx - lo]  # one contiguous read, then gather
+
+    def __repr__(self) -> str:
+        return f"CommittedArray(shape={self.shape}, dtype={self.dtype})"
+
+
+class ZarrStore:
+    """A demonstration store on disk. Build with :meth:`create` or :meth:`open`, not the constructor.
+
+    Attributes:
+        path: store directory.
+        mode: ``"r"`` (read-only) or ``"a"`` (append; a torn tail was repaired at open).
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, mode: str):
+        self.path, self._root, self.mode = path, group, mode
+        self.refresh()
+
+    # ------------------------------------------------------------------ open / create
+    @classmethod
+    def create(cls, path: str | os.PathLike, overwrite: bool = False) -> "ZarrStore":
+        """Create an empty store at ``path`` and return it open in mode ``"a"``.
+
+        Raises:
+            ConfigError: ``path`` exists and is non-empty without ``overwrite=True``, or ``overwrite=True`` but the
+                directory is not a robot_rl store (only robot_rl stores are ever deleted).
+        """
+        path = Path(path)
+        if path.exists() and (path.is_file() or any(path.iterdir())):
+            if not overwrite:
+                raise ConfigError("path", f"{path} already exists (store data is never deleted implicitly)",
+                                  "pick a new path, open it with ZarrStore.open(path, mode='a'), or pass overwrite=True")
+            if not _is_store(path):
+                raise ConfigError("path", f"{path} exists and is not a robot_rl store; refusing to delete it",
+                                  "pick a new path or remove the directory yourself")
+            shutil.rmtree(path)
+        root = zarr.open_group(str(path), mode="w")
+        root.attrs.update({"format": FORMAT, "version": VERSION, "schema": {}})
+        root.create_group("data")
+        meta = root.create_group("meta")
+        meta.create_array("episode_ends", shape=(0,), dtype=np.int64, chunks=(META_CHUNK,), fill_value=0)
+        for name, dt in META_NUM.items():
+            meta.create_array(name, shape=(0,), dtype=dt, chunks=(META_CHUNK,), fill_value=dt(0))
+        for name in META_STR:
+            meta.create_array(name, shape=(0,), dtype=str, chunks=(META_CHUNK,))
+        return cls(path, root, "a")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> "ZarrStore":
+        """Open an existing store. ``mode="a"`` repairs a torn tail (see module doc) before returning.
+
+        Raises:
+            ConfigError: bad ``mode``; ``path`` missing, or not a robot_rl store, or a newer format version.
+        """
+        if mode not in ("r", "a"):
+            raise ConfigError("mode", f"{mode!r} is not a store mode", "use 'r' (read) or 'a' (append)")
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError("path", f"store {path} does not exist", _FIX_CREATE)
+        if not _is_store(path):
+            raise ConfigError("path", f"{path} is not a robot_rl store (no zarr group with format={FORMAT!r})",
+                              f"point at a store directory; {_FIX_CREATE}")
+        root = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+        version = root.attrs.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise ConfigError("path", f"{path} has store version {version!r}; this code reads <= {VERSION}",
+                              "upgrade robot_rl")
+        store = cls(path, root, mode)
+        if mode == "a":
+            store._repair()
+        return store
+
+    def refresh(self) -> None:
+        """Re-read the commit marker and reopen arrays (shows episodes committed by another process since open)."""
+        root = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+")
+        self._root = root
+        raw = np.asarray(root["meta/episode_ends"][:], dtype=np.int64)  # the commit marker is read FIRST
+        self._ends = raw[: _committed_prefix(raw)]
+        self._meta = {k: root["meta"][k] for k in ("episode_ends", *META_NUM, *META_STR)}
+        self._schema = {k: {"dtype": v["dtype"], "shape": tuple(v["shape"])}
+                        for k, v in dict(root.attrs.get("schema", {})).items()}
+        self._data = {k: root["data"][k] for k in self._schema if k in root["data"]}
+
+    # ------------------------------------------------------------------ read
+    @property
+    def n_episodes(self) -> int:
+        """Number of committed episodes."""
+        return len(self._ends)
+
+    @property
+    def n_steps(self) -> int:
+        """Number of committed steps (``episode_ends[-1]``, 0 when empty)."""
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        """int64 (E,) exclusive cumulative end index of each committed episode (a copy)."""
+        return self._ends.copy()
+
+    @property
+    def keys(self) -> list[str]:
+        """Sorted data keys of the schema (empty before the first episode)."""
+        return sorted(self._schema)
+
+    @property
+    def schema(self) -> dict[str, dict[str, Any]]:
+        """``{key: {"dtype": str, "shape": tuple}}`` (per-step shape), fixed by the first episode."""
+        return {k: dict(v) for k, v in self._schema.items()}
+
+    def __len__(self) -> int:
+        return self.n_episodes
+
+    def __repr__(self) -> str:
+        return f"ZarrStore({str(self.path)!r}, mode={self.mode!r}, episodes={self.n_episodes}, steps={self.n_steps})"
+
+    def __getitem__(self, key: str) -> CommittedArray:
+        """Lazy view of ``data/<key>`` truncated to committed steps. Raises ConfigError for an unknown key."""
+        if key not in self._data:
+            raise ConfigError("key", f"{key!r} is not in the store", f"use one of {self.keys}")
+        return CommittedArray(self._data[key], self.n_steps)
+
+    def episode_slice(self, i: int) -> slice:
+        """Steps ``slice(start, end)`` of episode ``i`` (negative indices allowed). Raises ConfigError if out of range."""
+        i = self._check_episode(i)
+        return slice(int(self._ends[i - 1]) if i else 0, int(self._ends[i]))
+
+    def get_episode(self, i: int, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+        """All (or the given) data arrays of episode ``i``: ``{key: (T, *shape)}`` numpy arrays."""
+        sl = self.episode_slice(i)
+        return {k: self[k][sl] for k in (keys or self.keys)}
+
+    def episode_meta(self, i: int) -> dict[str, Any]:
+        """Metadata of episode ``i``: index, seed, success, length, start, end, task, source, backend, robot, extra."""
+        i = self._check_episode(i)
+        return self._meta_rows(slice(i, i + 1), first=i)[0]
+
+    def episodes_meta(self) -> list[dict[str, Any]]:
+        """Metadata of every committed episode (one read per field), see :meth:`episode_meta`."""
+        return self._meta_rows(slice(0, self.n_episodes), first=0) if self.n_episodes else []
+
+    def _meta_rows(self, sl: slice, first: int) -> list[dict[str, Any]]:
+        cols = {k: self._meta[k][sl] for k in (*META_NUM, *META_STR)}
+        ends = self._ends[sl]
+        rows = []
+        for j, end in enumerate(ends):
+            i = first + j
+            rows.append({"index": i, "seed": int(cols["episode_seed"][j]),
+                         "success": bool(cols["episode_success"][j]), "length": int(cols["episode_length"][j]),
+                         "start": int(self._ends[i - 1]) if i else 0, "end": int(end),
+                         **{k[len("episode_"):]: str(cols[k][j]) for k in META_STR if k != "episode_extra"},
+                         "extra": json.loads(str(cols["episode_extra"][j]) or "{}")})
+        return rows
+
+    def _check_episode(self, i: int) -> int:
+        if not isinstance(i, (int, np.integer)) or not -self.n_episodes <= i < self.n_episodes:
+            raise ConfigError("episode", f"index {i!r} out of range for {self.n_episodes} episodes",
+                              f"use 0..{self.n_episodes - 1}")
+        return int(i) % self.n_episodes
+
+    # ------------------------------------------------------------------ write
+    def add_episode(self, data: dict[str, np.ndarray], *, seed: int, task: str, source: str, success: bool,
+                    backend: str, robot: str = "panda", extra: dict | None = None) -> int:
+        """Append one episode atomically (for readers) and return its index.
+
+        Args:
+            data: ``{key: (T, *shape) array}``, T >= 1 and equal for all keys. ``action`` (float, (T, A), finite) is
+                required; ``intervention`` (bool (T,)) defaults to all False; ``human_action`` (T, A) is optional
+                (NaN-filled when absent). Keys/dtypes/per-step shapes must match the store schema (fixed by the
+                first episode); floating arrays are cast to the schema's float dtype (float32 for actions).
+            seed: reset seed. task/backend/robot: non-empty names. source: one of ``SOURCES``.
+            success: task success. extra: JSON-serialisable dict (e.g. randomisation parameters).
+
+        Raises:
+            ConfigError: read-only store or any bad input (names the field/key, expected vs got). Nothing is
+                written when validation fails.
+        """
+        if self.mode != "a":
+            raise ConfigError("mode", "store is open read-only", "open it with ZarrStore.open(path, mode='a')")
+        data, schema = self._validated(data)
+        meta_str = {"episode_task": _name("task", task), "episode_source": source,
+                    "episode_backend": _name("backend", backend), "episode_robot": _name("robot", robot),
+                    "episode_extra": _encode_extra(extra)}
+        if source not in SOURCES:
+            raise ConfigError("source", f"{source!r} is not a known episode source", f"use one of {list(SOURCES)}")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise ConfigError("seed", f"expected an int, got {type(seed).__name__}", "pass the integer reset seed")
+        if not isinstance(success, (bool, np.bool_)):
+            raise ConfigError("success", f"expected a bool, got {type(success).__name__}", "pass True or False")
+
+        T, E, n0 = len(data["action"]), self.n_episodes, self.n_steps
+        if schema != self._schema:  # first episode, or first episode with human_action
+            if E == 0:
+                for k in list(self._root["data"].array_keys()):
+                    del self._root["data"][k]
+                self._data = {}
+            self._root.attrs["schema"] = {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in schema.items()}
+            self._schema = schema
+        for k, spec in schema.items():
+            if k not in self._data:
+                self._data[k] = _create_data_array(self._root["data"], k, spec)
+            arr = self._data[k]
+            arr.resize((n0 + T, *spec["shape"]))
+            arr[n0:n0 + T] = data[k]
+        for k, value in {"episode_seed": int(seed), "episode_success": bool(success), "episode_length": T,
+                         **meta_str}.items():
+            self._meta[k].resize((E + 1,))
+            self._meta[k][E] = value
+        ends = self._meta["episode_ends"]  # commit marker LAST
+        ends.resize((E + 1,))
+        ends[E] = n0 + T
+        self._ends = np.append(self._ends, np.int64(n0 + T))
+        return E
+
+    def _validated(self, data: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+        """Check ``data`` against the schema; return (arrays ready to write, schema after this episode)."""
+        if not isinstance(data, dict) or "action" not in data:
+            raise ConfigError("data", "an episode needs a dict with an 'action' array", "pass {'action': (T, A), ...}")
+        out = {}
+        for k, v in data.items():
+            if not isinstance(k, str) or not k or "/" in k or k.startswith((".", "__")):
+                raise ConfigError("data", f"bad key {k!r}", "use a non-empty name without '/' (e.g. 'image_front')")
+            v = np.asarray(v)
+            if v.ndim == 0 or v.dtype.kind not in "biuf":
+                raise ConfigError(f"data[{k!r}]", f"expected a numeric (T, ...) array, got dtype {v.dtype} "
+                                  f"shape {v.shape}", "stack per-step values along a first time axis")
+            out[k] = v
+        T = len(out["action"])
+        bad = {k: len(v) for k, v in out.items() if len(v) != T}
+        if T == 0 or bad:
+            raise ConfigError("data", f"arrays must share one length >= 1; action has {T}, others {bad}",
+                              "pass the same number of steps for every key")
+        out["action"] = out["action"].astype(np.float32)
+        if not np.all(np.isfinite(out["action"])):
+            raise ConfigError("data['action']", "contains NaN or inf", "fix the controller/teleop output")
+        out["intervention"] = out.get("intervention", np.zeros(T, bool))
+        if out["intervention"].dtype.kind != "b" or out["intervention"].shape != (T,):
+            raise ConfigError("data['intervention']", f"expected bool ({T},), got {out['intervention'].dtype} "
+                              f"{out['intervention'].shape}", "pass a boolean per-step flag array")
+        a_shape = out["action"].shape[1:]
+        schema = dict(self._schema) if self.n_episodes else {}
+        if not schema:
+            schema = {k: {"dtype": "float32" if k in ("action", "human_action") else str(v.dtype),
+                          "shape": v.shape[1:]} for k, v in out.items()}
+        if "human_action" in out and "human_action" not in schema:
+            schema["human_action"] = {"dtype": "float32", "shape": a_shape}
+        if "human_action" in schema and "human_action" not in out:
+            out["human_action"] = np.full((T, *a_shape), np.nan, np.float32)
+        if "human_action" in schema and out["human_action"].shape[1:] != tuple(a_shape):
+            raise ConfigError("data['human_action']", f"shape {out['human_action'].shape} does not match action "
+                              f"{out['action'].shape}", "give the human command in the action space")
+        if set(out) != set(schema):
+            raise ConfigError("data", f"keys {sorted(out)} do not match the store schema {sorted(schema)} "
+                              f"(missing {sorted(set(schema) - set(out))}, unexpected {sorted(set(out) - set(schema))})",
+                              "record the same keys as the first episode, or use a new store")
+        for k, spec in schema.items():
+            v, want = out[k], np.dtype(spec["dtype"])
+            if v.dtype != want and v.dtype.kind == want.kind == "f":
+                v = out[k] = v.astype(want)
+            if v.dtype != want or v.shape[1:] != tuple(spec["shape"]):
+                raise ConfigError(f"data[{k!r}]", f"expected {want} per-step shape {tuple(spec['shape'])}, "
+                                  f"got {v.dtype} {v.shape[1:]}", "match the store schema (see `robot-rl info`)")
+        return out, schema
+
+    # ------------------------------------------------------------------ repair / inspect
+    def _repair(self) -> None:
+        """Truncate everything beyond the commit (mode 'a' only). Committed data is never touched: a store with
+        errors (not just a torn tail) is refused before anything is modified."""
+        errors = [p for p in self.validate() if p.startswith("error")]
+        if errors:
+            raise ConfigError("path", f"{self.path} is damaged, not appending ({'; '.join(errors[:3])})",
+                              "open it with mode='r' and copy the good episodes into a new store; nothing was modified")
+        E, N = self.n_episodes, self.n_steps
+        for arr in self._meta.values():
+            if arr.shape[0] > E:
+                arr.resize((E,))
+        if E == 0 and self._schema:  # a first episode that never committed: forget its schema and arrays
+            for k in list(self._root["data"].array_keys()):
+                del self._root["data"][k]
+            self._root.attrs["schema"] = {}
+            self._schema, self._data = {}, {}
+        for arr in self._data.values():
+            if arr.shape[0] > N:
+                arr.resize((N, *arr.shape[1:]))
+        for p in self.path.rglob("*.partial"):  # temp files of writes killed before their rename
+            p.unlink(missing_ok=True)
+
+    def validate(self) -> list[str]:
+        """Check the store; return problems, each prefixed ``"error: "`` or ``"warning: "`` (empty = healthy).
+
+        Errors: bad format attrs, non-monotonic ``episode_ends``, arrays shorter than the commit, schema mismatch,
+        per-episode length mismatch, unknown source, bad extra JSON, NaN/inf in ``action``. Warnings: a torn tail
+        (uncommitted data from an interrupted write; harmless, truncated by opening in mode ``"a"``).
+        """
+        root = zarr.open_group(str(self.path), mode="r")
+        out: list[str] = []
+        if root.attrs.get("format") != FORMAT or root.attrs.get("version") != VERSION:
+            out.append(f"error: group attrs format/version are {root.attrs.get('format')!r}/{root.attrs.get('version')!r}")
+        raw = np.asarray(root["meta/episode_ends"][:], dtype=np.int64)
+        E = _committed_prefix(raw)
+        ends, N = raw[:E], int(raw[E - 1]) if E else 0
+        torn = E == len(raw) - 1 and raw[-1] == 0
+        if E < len(raw) and torn:
+            out.append(f"warning: torn tail: meta/episode_ends has an unwritten entry {E} (not committed)")
+        elif E < len(raw):  # corrupt, not a crash: check lengths against what the marker claims
+            out.append(f"error: meta/episode_ends is not strictly increasing at index {E} "
+                       f"({raw[max(E - 1, 0):E + 1].tolist()}); only {E} episodes are trusted")
+            ends, E, N = raw, len(raw), int(raw.max())
+        for k in (*META_NUM, *META_STR):
+            n = root["meta"][k].shape[0]
+            if n < E:
+                out.append(f"error: meta/{k} has {n} entries, {E} episodes are committed")
+            elif n > E:
+                out.append(f"warning: torn tail: meta/{k} has {n - E} uncommitted entries")
+        schema = dict(root.attrs.get("schema", {}))
+        if E and "action" not in schema:
+            out.append("error: schema has no 'action' key")
+        for k in sorted(set(schema) | set(root["data"].array_keys())):
+            if k not in schema:
+                out.append(f"error: data/{k} is not in the schema")
+                continue
+            if k not in root["data"]:
+                if E:
+                    out.append(f"error: data/{k} is missing")
+                continue
+            arr, spec = root["data"][k], schema[k]
+            if str(arr.dtype) != spec["dtype"] or list(arr.shape[1:]) != list(spec["shape"]):
+                out.append(f"error: data/{k} is {arr.dtype} {arr.shape[1:]}, schema says {spec['dtype']} "
+                           f"{tuple(spec['shape'])}")
+            if arr.shape[0] < N:
+                out.append(f"error: data/{k} has {arr.shape[0]} steps, {N} are committed")
+            elif arr.shape[0] > N:
+                out.append(f"warning: torn tail: data/{k} has {arr.shape[0] - N} uncommitted steps")
+        if E:
+            lengths = root["meta/episode_length"][:E]
+            bad = np.flatnonzero(np.diff(ends, prepend=0) != lengths)
+            if bad.size:
+                out.append(f"error: meta/episode_length disagrees with episode_ends at episodes {bad[:10].tolist()}")
+            sources = {str(s) for s in root["meta/episode_source"][:E]}
+            if sources - set(SOURCES):
+                out.append(f"error: unknown episode sources {sorted(sources - set(SOURCES))}")
+            for i, s in enumerate(root["meta/episode_extra"][:E]):
+                try:
+                    json.loads(str(s) or "{}")
+                except ValueError:
+                    out.append(f"error: meta/episode_extra[{i}] is not valid JSON")
+            if "action" in root["data"] and root["data/action"].shape[0] >= N:
+                act = root["data/action"][:N]
+                bad_steps = np.flatnonzero(~np.isfinite(act.reshape(N, -1)).all(axis=1))
+                if bad_steps.size:
+                    out.append(f"error: data/action has NaN/inf at {bad_steps.size} steps (first {bad_steps[0]})")
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """Summary: path, episodes, steps, keys ({key: {dtype, shape}}), success_rate (None when empty),
+        sources / tasks / backends (episode counts), size_bytes (on disk)."""
+        meta = self.episodes_meta()
+        return {"path": str(self.path), "episodes": self.n_episodes, "steps": self.n_steps,
+                "keys": self.schema,
+                "success_rate": float(np.mean([m["success"] for m in meta])) if meta else None,
+                "sources": dict(Counter(m["source"] for m in meta)),
+                "tasks": dict(Counter(m["task"] for m in meta)),
+                "backends": dict(Counter(m["backend"] for m in meta)),
+                "size_bytes": sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())}
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """Short human-readable text for :meth:`ZarrStore.info`."""
+    rate = "n/a" if info["success_rate"] is None else f"{100 * info['success_rate']:.1f}%"
+    counts = lambda d: ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
+    size = next(f"{info['size_bytes'] / 2**e:.1f} {u}" for e, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
+                if info["size_bytes"] >= 2**e or e == 0)
+    lines = [f"store    {info['path']}",
+             f"         {info['episodes']} episodes, {info['steps']} steps, success {rate}, {size} on disk",
+             f"sources  {counts(info['sources'])}", f"tasks    {counts(info['tasks'])}",
+             f"backends {counts(info.get('backends', {}))}", "keys"]
+    lines += [f"  {k:<20} {v['dtype']:<8} {tuple(v['shape'])}" for k, v in sorted(info["keys"].items())]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- helpers
+def _is_store(path: Path) -> bool:
+    try:
+        attrs = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(attrs, dict) and attrs.get("node_type") == "group" and \
+        attrs.get("attributes", {}).get("format") == FORMAT
+
+
+def _committed_prefix(raw: np.ndarray) -> int:
+    """Length of the prefix of ``raw`` that is positive and strictly increasing (the committed episodes)."""
+    ok = np.diff(raw, prepend=0) > 0
+    return int(np.argmin(ok)) if not ok.all() else len(raw)
+
+
+def _create_data_array(group: zarr.Group, key: str, spec: dict) -> zarr.Array:
+    dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
+    if is_image(dtype, shape):
+        chunks, codec = (1, *shape), BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle")  # bitshuffle: slower, larger
+    else:
+        step_bytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        chunks = (max(1, min(TIME_CHUNK, MAX_CHUNK_BYTES // max(step_bytes, 1))), *shape)
+        codec = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+    fill = np.nan if key == "human_action" else dtype.type(0)
+    return group.create_array(key, shape=(0, *shape), dtype=dtype, chunks=chunks, compressors=codec,
+                              fill_value=fill)
+
+
+def _name(field: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(field, f"expected a non-empty string, got {value!r}", f"pass the {field} name")
+    return value
+
+
+def _encode_extra(extra: dict | None) -> str:
+    if extra is None:
+        return "{}"
+    if not isinstance(extra, dict):
+        raise ConfigError("extra", f"expected a dict, got {type(extra).__name__}", "pass a JSON-serialisable dict")
+
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+    try:
+        return json.dumps(extra, sort_keys=True, default=default, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("extra", f"not JSON-serialisable ({e})",
+                          "use str/int/float (finite)/bool/list/dict/numpy values") from None
