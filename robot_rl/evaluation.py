@@ -64,6 +64,7 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     if n_episodes < 1:
         raise ConfigError("episodes", f"{n_episodes} < 1", "evaluate at least one episode")
     n_envs = min(n_envs, n_episodes)
+    torch.set_num_threads(1)  # the env workers own the other cores; OpenMP oversubscription is catastrophic
     venv = make_vector_env(task, n_envs, task_kwargs=task_kwargs, **(env_kwargs or {}))
     pol = CombinedPolicy(base, residual, n_envs, seed=seed)
     seeds = SeedSchedule(seed_start, n_episodes)

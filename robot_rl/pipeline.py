@@ -20,14 +20,14 @@ PRESETS = {
     "full": {
         "task": "place", "task_kwargs": {}, "seed": 0,
         "collect": {"episodes": 100, "noise": 0.3, "bias": 0.0},
-        "base": {"kind": "diffusion", "steps": 3000, "batch_size": 256},
+        "base": {"kind": "diffusion", "steps": 2500, "batch_size": 128, "policy": {"down_dims": [32, 64, 128]}},
         "residual": {"total_env_steps": 300_000, "n_envs": 8, "n_steps": 100},
         "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
     },
     "quick": {
         "task": "place", "task_kwargs": {}, "seed": 0,
         "collect": {"episodes": 20, "noise": 0.3, "bias": 0.0},
-        "base": {"kind": "diffusion", "steps": 400, "batch_size": 128},
+        "base": {"kind": "diffusion", "steps": 300, "batch_size": 64, "policy": {"down_dims": [32, 64, 128]}},
         "residual": {"total_env_steps": 8_000, "n_envs": 4, "n_steps": 100},
         "eval": {"episodes": 20, "n_envs": 4, "videos": 1},
     },

@@ -77,6 +77,7 @@ def train_residual(base, task: str, cfg: PPOConfig, out_dir: str | Path, *, task
     """
     cfg.validate()
     torch.manual_seed(cfg.seed)
+    torch.set_num_threads(1)  # the env workers own the other cores; OpenMP oversubscription is catastrophic
     base.freeze()
     bc = base.config
     if bc.image_keys:
@@ -175,8 +176,8 @@ def _ppo_update(pol, opt, cfg, X, RES, LOGP, ADV, RET) -> dict:
             with torch.no_grad():
                 kls.append(float(((ratio - 1) - (logp - LOGP[idx])).mean()))
                 clipfracs.append(float(((ratio - 1).abs() > cfg.clip_coef).float().mean()))
-            vlosses.append(float(vl))
-            plosses.append(float(pl))
+            vlosses.append(float(vl.detach()))
+            plosses.append(float(pl.detach()))
         if cfg.target_kl and np.mean(kls[-cfg.n_minibatches:]) > cfg.target_kl:
             break
     return {"approx_kl": float(np.mean(kls)), "clipfrac": float(np.mean(clipfracs)),
