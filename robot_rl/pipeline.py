@@ -34,11 +34,17 @@ PRESETS = {
 }
 
 
+OPEN_SECTIONS = ("base", "residual", "policy", "task_kwargs")  # free keys, checked by their dataclasses
+
+
 def _merge(a: dict, b: dict, path: str = "") -> dict:
     out = copy.deepcopy(a)
     for k, v in b.items():
-        if k not in out:
+        if k not in out and path.rstrip(".").split(".")[-1] not in OPEN_SECTIONS:
             raise ConfigError(f"{path}{k}", "unknown pipeline config key", f"use one of {sorted(out)}")
+        if k not in out:
+            out[k] = v
+            continue
         out[k] = _merge(out[k], v, f"{path}{k}.") if isinstance(out[k], dict) and isinstance(v, dict) and out[k] else v
     return out
 
@@ -72,6 +78,25 @@ def resolve_config(preset: str = "quick", yaml_path: str | None = None, override
     return cfg
 
 
+def validate_config(cfg: dict) -> None:
+    """Check every section before any work starts (ConfigError naming the field)."""
+    from robot_rl.rl.ppo import PPOConfig
+    from robot_rl.tasks import make_task
+    from robot_rl.train_base import BaseTrainConfig
+
+    make_task(cfg["task"], **cfg["task_kwargs"])
+    for name, cls in (("base", BaseTrainConfig), ("residual", PPOConfig)):
+        fields = cls.__dataclass_fields__
+        bad = [k for k in cfg[name] if k not in fields]
+        if bad:
+            raise ConfigError(f"{name}.{bad[0]}", "unknown field", f"use one of {', '.join(fields)}")
+    PPOConfig(**cfg["residual"]).validate()
+    for sec, key in (("collect", "episodes"), ("eval", "episodes"), ("eval", "n_envs"), ("base", "steps")):
+        v = cfg[sec].get(key, 1)
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{sec}.{key}", f"{v!r} is not a positive integer", "use e.g. 20")
+
+
 def run_pipeline(cfg: dict, out_dir: str | Path, progress: bool = True) -> dict:
     """Run all stages; returns the report dict (also written to ``<out>/report.{json,md}``)."""
     from torch.utils.tensorboard import SummaryWriter
@@ -83,6 +108,7 @@ def run_pipeline(cfg: dict, out_dir: str | Path, progress: bool = True) -> dict:
     from robot_rl.rl.ppo import PPOConfig, train_residual
     from robot_rl.train_base import BaseTrainConfig, train_base
 
+    validate_config(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -1,0 +1,95 @@
+"""The robot-rl CLI end to end (real subprocesses): a tiny pipeline run, store commands, and bad input."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "robot_rl.cli"]
+
+
+def run(*args, cwd=None, timeout=600):
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    sets = ["collect.episodes=4", "base.steps=20", "base.batch_size=32", "residual.total_env_steps=400",
+            "residual.n_envs=2", "residual.n_steps=100", "eval.episodes=4", "eval.n_envs=2", "eval.videos=1"]
+    r = run("pipeline", "--preset", "quick", "--out", out, *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_tiny_pipeline_outputs(tiny_run):
+    rep = json.loads((tiny_run / "report.json").read_text())
+    assert set(rep["results"]) == {"base (diffusion)", "base + residual"}
+    for v in rep["results"].values():
+        assert v["episodes"] == 4 and 0.0 <= v["ci95"][0] <= v["success_rate"] <= v["ci95"][1] <= 1.0
+    assert (tiny_run / "report.md").read_text().count("|") > 10
+    assert (tiny_run / "learning_curve.png").stat().st_size > 1000
+    vids = list((tiny_run / "videos").glob("*.mp4"))
+    assert len(vids) == 2 and all(v.stat().st_size > 1000 for v in vids)
+    assert (tiny_run / "config.yaml").exists() and list((tiny_run / "tb").iterdir())
+    assert (tiny_run / "base" / "checkpoint" / "model.safetensors").exists()
+    assert (tiny_run / "residual" / "checkpoint" / "model.safetensors").exists()
+
+
+def test_store_info_and_validate(tiny_run):
+    r = run("store", "info", tiny_run / "demos.zarr")
+    assert r.returncode == 0 and "episodes" in r.stdout
+    r = run("store", "validate", tiny_run / "demos.zarr")
+    assert r.returncode == 0 and "OK" in r.stdout
+
+
+def test_eval_command_with_residual(tiny_run, tmp_path):
+    r = run("eval", "--base", tiny_run / "base" / "checkpoint", "--residual", tiny_run / "residual" / "checkpoint",
+            "--out", tmp_path / "ev", "--episodes", 2, "--n-envs", 1, "--videos", 0)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "success" in r.stdout and (tmp_path / "ev" / "report.json").exists()
+
+
+def _one_line_error(r, field):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("robot-rl: error:"), r.stderr
+    assert field in lines[0], lines[0]
+
+
+def test_bad_input_errors(tmp_path, tiny_run):
+    store = tiny_run / "demos.zarr"
+    before = sorted(p.name for p in store.rglob("*"))
+    _one_line_error(run("collect", "--task", "stack", "--store", tmp_path / "s", "--episodes", 1), "task")
+    _one_line_error(run("store", "info", tmp_path / "missing.zarr"), "missing.zarr")
+    (tmp_path / "notastore").mkdir()
+    (tmp_path / "notastore" / "x.txt").write_text("hi")
+    _one_line_error(run("train-base", "--store", tmp_path / "notastore", "--out", tmp_path / "o"), "notastore")
+    _one_line_error(run("train-base", "--store", store, "--out", tmp_path / "o", "--obs-keys", "ee_pos", "nope"), "obs_keys")
+    _one_line_error(run("train-base", "--store", store, "--out", tmp_path / "o", "--policy", "{n_action_steps: 40}"), "n_action_steps")
+    # a pickled checkpoint is refused without being executed
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "ck"
+    bad.mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (bad / "model.safetensors").write_bytes(pickle.dumps(Evil()))
+    (bad / "config.json").write_text("{}")
+    _one_line_error(run("eval", "--base", bad, "--out", tmp_path / "e"), "pickle")
+    assert not marker.exists()
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{corrupt")
+    _one_line_error(run("eval", "--base", bad, "--out", tmp_path / "e"), "config.json")
+    _one_line_error(run("pipeline", "--out", tmp_path / "p", "--set", "residual.n_minibatches=3"), "n_minibatches")
+    _one_line_error(run("pipeline", "--out", tmp_path / "p", "--set", "colect.episodes=3"), "colect")
+    # creating a store over an existing non-store directory never deletes it
+    _one_line_error(run("collect", "--store", tmp_path / "notastore", "--episodes", 1, "--overwrite"), "notastore")
+    assert (tmp_path / "notastore" / "x.txt").read_text() == "hi"
+    assert sorted(p.name for p in store.rglob("*")) == before
