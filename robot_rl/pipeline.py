@@ -152,7 +152,7 @@ def run_pipeline(cfg: dict, out_dir: str | Path, progress: bool = True) -> dict:
     extra = {"task": task, "demos": col["episodes"], "expert_success_rate": col["expert_success_rate"],
              "residual_env_steps": curve[-1]["env_steps"], "wall_time_min": round(timings["total_s"] / 60, 1),
              "timings_s": {k: round(v, 1) for k, v in timings.items()}, "figures": [fig], "videos": videos}
-    results = {"base (diffusion)": r_base, "base + residual": r_res}
+    results = {f"base ({base.config.kind})": r_base, "base + residual": r_res}
     write_report(out, results, extra)
     (out / "eval_per_episode.json").write_text(json.dumps({k: v["per_episode"] for k, v in results.items()}))
     return {"results": results, **extra}

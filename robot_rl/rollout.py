@@ -29,7 +29,11 @@ def _env_fn(task, backend, task_kwargs, env_kwargs):
 
 def make_vector_env(task: str, n_envs: int, backend: str = "mujoco", *, task_kwargs: dict | None = None,
                     asynchronous: bool = True, **env_kwargs) -> gym.vector.VectorEnv:
-    """``n_envs`` copies of ``make_env(task, backend, ...)`` with autoreset disabled."""
+    """``n_envs`` copies of ``make_env(task, backend, ...)`` with autoreset disabled.
+
+    Workers start with the ``forkserver`` method (safe with torch's thread pools), so a script that calls this
+    must guard its entry point with ``if __name__ == "__main__":`` (standard multiprocessing rule).
+    """
     fns = [partial(_env_fn, task, backend, task_kwargs or {}, env_kwargs) for _ in range(n_envs)]
     mode = gym.vector.AutoresetMode.DISABLED
     if asynchronous and n_envs > 1:

@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_pipeline_outputs(tiny_run):
     rep = json.loads((tiny_run / "report.json").read_text())
-    assert set(rep["results"]) == {"base (diffusion)", "base + residual"}
+    assert set(rep["results"]) == {"base (diffusion)", "base + residual"}  # quick preset: diffusion base
     for v in rep["results"].values():
         assert v["episodes"] == 4 and 0.0 <= v["ci95"][0] <= v["success_rate"] <= v["ci95"][1] <= 1.0
     assert (tiny_run / "report.md").read_text().count("|") > 10
