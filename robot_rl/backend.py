@@ -79,7 +79,8 @@ def make_backend(name: str, scene: SceneSpec) -> Backend:
     if name == "pybullet":
         try:
             from robot_rl.sim.pybullet_backend import PybulletBackend
-        except ImportError:
-            raise ConfigError("backend", "the pybullet backend is not implemented yet", "use backend='mujoco'") from None
+        except ImportError as e:
+            raise ConfigError("backend", f"the pybullet backend cannot be imported ({e})",
+                              "pip install pybullet, or use backend='mujoco'") from None
         return PybulletBackend(scene)
     raise ConfigError("backend", f"unknown backend {name!r}", f"choose one of {', '.join(BACKENDS)}")

@@ -5,7 +5,7 @@ distribution, the success predicate and the controller are the same objects for 
 
 Observation (dict of float32 arrays unless noted; robot base frame, SI units, quaternions xyzw):
     joint_pos (7,) rad · joint_vel (7,) rad/s · ee_pos (3,) m · ee_quat (4,) · gripper_width (1,) m ·
-    cube_pos (3,) m · cube_quat (4,) · target_pos (3,) m [place only] ·
+    cube_pos (3,) m · cube_quat (4,) · target_pos (3,) m, cube_to_target (3,) m [place only] ·
     image_<camera> uint8 (H, W, 3) RGB for every requested camera.
 Action: float32 Box (5,) in [-1, 1] — see :mod:`robot_rl.controller` for units.
 Reward: sparse, 1.0 on the step that reaches success (the episode then terminates), else 0.0.
@@ -153,7 +153,8 @@ def make_env(task: str = "place", backend: str = "mujoco", *, task_kwargs: dict 
 
     Args:
         task: ``lift`` or ``place``.
-        backend: ``mujoco`` (``pybullet`` and ``ros2`` arrive with their issues).
+        backend: ``mujoco`` or ``pybullet`` (same scene, servos, task and controller; ``ros2`` arrives with
+            its issue).
         task_kwargs: task field overrides (e.g. ``{"tolerance": 0.007}``).
         **cfg: :class:`EnvConfig` fields (``cameras``, ``image_size``, ``control_dt``, ...).
     Raises:

@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from robot_rl.errors import ConfigError
 from robot_rl.envs import make_env
-from robot_rl.policies.residual import residual_input
 from robot_rl.rollout import ChunkExecutor, SeedSchedule, make_vector_env, reset_some
 
 EVAL_SEED_START = 1_000_000
@@ -53,20 +52,23 @@ class CombinedPolicy:
             return base_raw
         norm = self.base.normalizer
         base_n = norm.normalize("action", torch.as_tensor(base_raw))
-        x = residual_input(norm, obs, self.keys, base_n)
-        return norm.unnormalize("action", self.residual.combine(base_n, self.residual.actor(x))).numpy()
+        return norm.unnormalize("action", self.residual.act(norm, obs, base_n)).numpy()
 
 
 def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_start: int = EVAL_SEED_START,
              n_envs: int = 4, task_kwargs: dict | None = None, env_kwargs: dict | None = None, seed: int = 0,
-             progress: bool = True, desc: str = "eval") -> dict:
-    """Run ``n_episodes`` seeded episodes; returns {success_rate, ci95, successes, episodes, mean_length, seeds...}."""
+             progress: bool = True, desc: str = "eval", policy=None) -> dict:
+    """Run ``n_episodes`` seeded episodes; returns {success_rate, ci95, successes, episodes, mean_length, seeds...}.
+
+    ``policy``: an object with CombinedPolicy's reset/observe/act for ``n_envs`` envs used instead of
+    ``CombinedPolicy(base, residual)`` (e.g. :class:`robot_rl.serve.client.RemotePolicy`; then ``base`` may be None).
+    """
     if n_episodes < 1:
         raise ConfigError("episodes", f"{n_episodes} < 1", "evaluate at least one episode")
     n_envs = min(n_envs, n_episodes)
     torch.set_num_threads(1)  # the env workers own the other cores; OpenMP oversubscription is catastrophic
     venv = make_vector_env(task, n_envs, task_kwargs=task_kwargs, **(env_kwargs or {}))
-    pol = CombinedPolicy(base, residual, n_envs, seed=seed)
+    pol = policy if policy is not None else CombinedPolicy(base, residual, n_envs, seed=seed)
     seeds = SeedSchedule(seed_start, n_episodes)
     cur = [seeds.take() for _ in range(n_envs)]
     active = np.ones(n_envs, dtype=bool)
@@ -104,17 +106,19 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     return {"task": task, "episodes": len(results), "successes": int(k), "success_rate": k / len(results),
             "ci95": [lo, hi], "mean_length": float(np.mean(lengths)) if lengths else None,
             "mean_success_length": float(np.mean(succ_len)) if succ_len else None,
-            "seed_range": [seed_start, seed_start + n_episodes - 1], "residual": residual is not None,
+            "seed_range": [seed_start, seed_start + n_episodes - 1],
+            "residual": residual is not None or getattr(policy, "has_residual", False),
             "per_episode": results}
 
 
 def record_videos(base, task: str, out_dir: str | Path, *, residual=None, seeds=(EVAL_SEED_START,),
-                  task_kwargs: dict | None = None, fps: int = 10, prefix: str = "rollout") -> list[str]:
-    """Roll out the given seeds in-process, rendering the front camera, and write one mp4 per episode."""
+                  task_kwargs: dict | None = None, fps: int = 10, prefix: str = "rollout", policy=None) -> list[str]:
+    """Roll out the given seeds in-process, rendering the front camera, and write one mp4 per episode.
+    ``policy``: a one-env reset/observe/act object used instead of ``CombinedPolicy(base, residual, 1)``."""
     import imageio.v2 as imageio
 
     env = make_env(task, task_kwargs=task_kwargs)
-    pol = CombinedPolicy(base, residual, 1)
+    pol = policy if policy is not None else CombinedPolicy(base, residual, 1)
     paths = []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,15 @@ class RobotSpec:
     kv: tuple = (450.0, 450.0, 350.0, 350.0, 200.0, 200.0, 200.0)
     max_width: float = 0.08
     finger_force: float = 20.0  # N, URDF effort limit of the finger joints
+    # servo and joint parameters every simulator backend uses (MuJoCo and PyBullet read them from here)
+    tau_max: tuple = (87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0)  # N m, arm servo torque limits (URDF efforts)
+    joint_damping: float = 1.0  # N m s/rad, passive damping of every arm joint
+    armature: float = 0.1  # kg m^2, reflected rotor inertia of every arm joint
+    finger_kp: float = 1000.0  # N/m, gripper servo on the opening of one finger (both fingers coupled)
+    finger_kv: float = 20.0  # N s/m
+    finger_damping: float = 5.0  # N s/m, passive, per finger joint
+    finger_armature: float = 0.01  # kg, per finger joint
+    finger_friction: float = 1.5  # sliding friction coefficient of the finger pads
 
 
 @dataclass(frozen=True)

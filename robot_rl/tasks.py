@@ -90,7 +90,7 @@ class PlaceTask(Task):
     target_x: tuple = (0.42, 0.6)
     target_y: tuple = (0.06, 0.2)
     markers = (MarkerSpec("target", radius=0.01),)
-    task_obs_keys: tuple = ("cube_pos", "cube_quat", "target_pos")
+    task_obs_keys: tuple = ("cube_pos", "cube_quat", "target_pos", "cube_to_target")
 
     def __post_init__(self):
         if not 0.0 < self.tolerance <= 0.05:
@@ -106,12 +106,15 @@ class PlaceTask(Task):
         backend.set_marker("target", np.array([*params["target_xy"], 0.0005]))
 
     def observe(self, backend, params):
+        """Adds ``target_pos`` (3,) m (target centre at cube-centre height) and ``cube_to_target`` (3,) m
+        (= target_pos - cube_pos, the goal-relative vector, like robosuite's ``cube_to_goal``)."""
         o = super().observe(backend, params)
         o["target_pos"] = np.array([*params["target_xy"], CUBE.half_size[2]], dtype=np.float32)
+        o["cube_to_target"] = (o["target_pos"] - o["cube_pos"]).astype(np.float32)
         return o
 
     def obs_dims(self):
-        return {**super().obs_dims(), "target_pos": 3}
+        return {**super().obs_dims(), "target_pos": 3, "cube_to_target": 3}
 
     def is_success(self, obs, params):
         cube, tgt = obs["cube_pos"], obs["target_pos"]

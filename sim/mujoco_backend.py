@@ -73,25 +73,25 @@ def build_model(scene: SceneSpec) -> mujoco.MjModel:
             keep = body in ("panda_hand", "panda_leftfinger", "panda_rightfinger")
             g.contype = g.conaffinity = 1 if keep else 0
             if body in ("panda_leftfinger", "panda_rightfinger"):
-                g.friction = [1.5, 0.01, 0.0001]
+                g.friction = [r.finger_friction, 0.01, 0.0001]
                 g.condim = 4
-    for name, kp, kv in zip(r.arm_joints, r.kp, r.kv):
+    for name, kp, kv, tau in zip(r.arm_joints, r.kp, r.kv, r.tau_max):
         j = spec.joint(name)
-        j.armature = 0.1
-        j.damping = [1.0, 0.0, 0.0]
+        j.armature = r.armature
+        j.damping = [r.joint_damping, 0.0, 0.0]
         act = spec.add_actuator(name=name, target=name, trntype=mujoco.mjtTrn.mjTRN_JOINT)
         act.set_to_position(kp=kp, kv=kv)
         act.forcelimited = True
-        act.forcerange = [-87.0, 87.0] if name[-1] in "1234" else [-12.0, 12.0]
+        act.forcerange = [-tau, tau]
         act.ctrllimited = False
     f1, f2 = r.finger_joints
     for fj in (f1, f2):
-        spec.joint(fj).damping = [5.0, 0.0, 0.0]
-        spec.joint(fj).armature = 0.01
+        spec.joint(fj).damping = [r.finger_damping, 0.0, 0.0]
+        spec.joint(fj).armature = r.finger_armature
     spec.add_equality(type=mujoco.mjtEq.mjEQ_JOINT, name1=f2, name2=f1, objtype=mujoco.mjtObj.mjOBJ_JOINT,
                       data=[0, 1] + [0] * 10)
     fa = spec.add_actuator(name="gripper", target=f1, trntype=mujoco.mjtTrn.mjTRN_JOINT)
-    fa.set_to_position(kp=1000.0, kv=20.0)
+    fa.set_to_position(kp=r.finger_kp, kv=r.finger_kv)
     fa.forcelimited = True
     fa.forcerange = [-r.finger_force, r.finger_force]
 

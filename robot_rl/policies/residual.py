@@ -1,8 +1,11 @@
 """Residual policy on top of a frozen base (ResiP: Ankile et al. 2024, "From Imitation to Refinement -- Residual
 RL for Precise Assembly"; see also Policy Decorator, Yuan et al. 2024, and ResFiT, Ankile et al. 2025).
 
-The residual sees the normalized current observation and the normalized base action and outputs a per-step
-correction. Executed action, in the base policy's normalized action space ([-1, 1] per dimension):
+The residual sees the normalized current observation, optional *fine features* and the normalized base action and
+outputs a per-step correction. Fine features are goal-relative observation keys (e.g. ``cube_to_target``, metres)
+fed as ``tanh(x / scale)``: min-max normalization over a whole workspace puts a 3 mm error at ~0.02 input units,
+which on-policy RL picks up slowly; at ``scale = 1 cm`` the same error is ~0.3 and errors beyond a few
+centimetres saturate (the base handles those). Executed action, in the base policy's normalized action space ([-1, 1] per dimension):
 
     a_exec = clip(a_base + alpha * a_res, -1, 1)
 
@@ -23,10 +26,13 @@ from robot_rl.errors import ConfigError
 
 @dataclass
 class ResidualConfig:
-    """obs_keys/obs_dims: low-dim observation keys (same order as the base), action_dim, alpha = residual scale."""
+    """obs_keys: low-dim observation keys (same order as the base); obs_dims: key -> dim for obs_keys and
+    fine_keys; fine_keys: key -> scale (in the key's units, e.g. metres) of the fine features; action_dim;
+    alpha = residual scale."""
 
     obs_keys: list = field(default_factory=list)
     obs_dims: dict = field(default_factory=dict)
+    fine_keys: dict = field(default_factory=dict)
     action_dim: int = 5
     alpha: float = 0.1
     hidden: tuple = (256, 256)
@@ -37,12 +43,17 @@ class ResidualConfig:
             raise ConfigError("residual.obs_keys", "empty", "list the low-dim observation keys")
         if not 0.0 < self.alpha <= 1.0:
             raise ConfigError("residual.alpha", f"{self.alpha} outside (0, 1]", "use e.g. alpha=0.1")
+        for k, sc in self.fine_keys.items():
+            if k not in self.obs_dims:
+                raise ConfigError(f"residual.fine_keys.{k}", "no dimension given in obs_dims", "add it to obs_dims")
+            if not float(sc) > 0:
+                raise ConfigError(f"residual.fine_keys.{k}", f"scale {sc} <= 0", "use a positive scale, e.g. 0.01 (m)")
         if self.action_dim < 1:
             raise ConfigError("residual.action_dim", f"{self.action_dim} < 1", "set the base policy's action_dim")
 
     @property
     def in_dim(self) -> int:
-        return sum(self.obs_dims[k] for k in self.obs_keys) + self.action_dim
+        return sum(self.obs_dims[k] for k in [*self.obs_keys, *self.fine_keys]) + self.action_dim
 
 
 def mlp(sizes, act=nn.Tanh) -> nn.Sequential:
@@ -76,6 +87,16 @@ class ResidualPolicy(nn.Module):
     def dist(self, x: torch.Tensor) -> torch.distributions.Normal:
         return torch.distributions.Normal(self.actor(x), self.log_std.exp().expand(x.shape[0], -1))
 
+    def features(self, normalizer, obs: dict, base_action_n) -> torch.Tensor:
+        """Residual input (B, in_dim) float32 from raw batched obs (B, d_k) and the normalized base action (B, A)."""
+        return residual_input(normalizer, obs, self.config.obs_keys, base_action_n, self.config.fine_keys)
+
+    @torch.no_grad()
+    def act(self, normalizer, obs: dict, base_action_n) -> torch.Tensor:
+        """Deterministic executed normalized action (B, A): ``clip(base + alpha * mean_residual, -1, 1)``."""
+        return self.combine(torch.as_tensor(base_action_n, dtype=torch.float32),
+                            self.actor(self.features(normalizer, obs, base_action_n)))
+
     def value(self, x: torch.Tensor) -> torch.Tensor:
         return self.critic(x).squeeze(-1)
 
@@ -87,9 +108,15 @@ class ResidualPolicy(nn.Module):
         return asdict(self.config)
 
 
-def residual_input(normalizer, obs: dict, keys: list, base_action_n: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Build the residual input (B, D + A) from raw batched obs (B, d_k) using the base policy's normalizer."""
+def residual_input(normalizer, obs: dict, keys: list, base_action_n: np.ndarray | torch.Tensor,
+                   fine_keys: dict | None = None) -> torch.Tensor:
+    """Build the residual input (B, D + F + A) from raw batched obs (B, d_k): base-normalized ``keys``, then
+    ``tanh(obs[k] / scale)`` for each fine key, then the normalized base action."""
     parts = [normalizer.normalize(k, torch.as_tensor(np.asarray(obs[k]), dtype=torch.float32)) for k in keys]
+    for k, sc in (fine_keys or {}).items():
+        if k not in obs:
+            raise ConfigError(f"residual.fine_keys.{k}", "not in the observation", "use keys the env provides")
+        parts.append(torch.tanh(torch.as_tensor(np.asarray(obs[k]), dtype=torch.float32) / float(sc)))
     parts.append(torch.as_tensor(base_action_n, dtype=torch.float32))
     return torch.cat(parts, dim=-1)
 

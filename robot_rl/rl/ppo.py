@@ -17,10 +17,11 @@ import torch
 from tqdm import tqdm
 
 from robot_rl.errors import ConfigError
-from robot_rl.policies.residual import ResidualConfig, ResidualPolicy, residual_input
+from robot_rl.policies.residual import ResidualConfig, ResidualPolicy
 from robot_rl.rollout import ChunkExecutor, SeedSchedule, make_vector_env, reset_some
 
 TRAIN_SEED_START = 100_000  # training episodes use seeds from here; evaluation uses a disjoint range
+DEFAULT_FINE_KEYS = {"place": {"cube_to_target": 0.01}, "lift": {}}  # residual fine features per task (key: scale m)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class PPOConfig:
     alpha: float = 0.1
     log_std_init: float = -1.0
     hidden: tuple = (256, 256)
+    fine_keys: dict | None = None  # None: the task's default (DEFAULT_FINE_KEYS); {} for none
     seed: int = 0
 
     def validate(self):
@@ -83,21 +85,29 @@ def train_residual(base, task: str, cfg: PPOConfig, out_dir: str | Path, *, task
     if bc.image_keys:
         raise ConfigError("base.image_keys", "residual RL currently runs on state observations only",
                           "train the base on low-dim obs keys")
-    rcfg = ResidualConfig(obs_keys=list(bc.obs_keys), obs_dims=dict(bc.obs_dims), action_dim=bc.action_dim,
-                          alpha=cfg.alpha, hidden=tuple(cfg.hidden), log_std_init=cfg.log_std_init)
+    fine = dict(DEFAULT_FINE_KEYS.get(task, {}) if cfg.fine_keys is None else cfg.fine_keys)
+    N, T = cfg.n_envs, cfg.n_steps
+    venv = make_vector_env(task, N, task_kwargs=task_kwargs, **(env_kwargs or {}))
+    space = venv.single_observation_space
+    for k in fine:
+        if k not in space.spaces:
+            venv.close()
+            raise ConfigError(f"residual.fine_keys.{k}", f"task {task!r} has no observation {k!r}",
+                              f"use keys from {sorted(space.spaces)} or fine_keys={{}}")
+    rcfg = ResidualConfig(obs_keys=list(bc.obs_keys),
+                          obs_dims={**bc.obs_dims, **{k: int(space[k].shape[0]) for k in fine}},
+                          fine_keys=fine, action_dim=bc.action_dim, alpha=cfg.alpha, hidden=tuple(cfg.hidden),
+                          log_std_init=cfg.log_std_init)
     pol = ResidualPolicy(rcfg)
     opt = torch.optim.Adam([{"params": pol.actor.parameters(), "lr": cfg.lr_actor},
                             {"params": [pol.log_std], "lr": cfg.lr_actor},
                             {"params": pol.critic.parameters(), "lr": cfg.lr_critic}], eps=1e-5)
     norm = base.normalizer
-    N, T = cfg.n_envs, cfg.n_steps
-    venv = make_vector_env(task, N, task_kwargs=task_kwargs, **(env_kwargs or {}))
     seeds = SeedSchedule(TRAIN_SEED_START + cfg.seed * 10_000_000)
     ex = ChunkExecutor(base, N, seed=cfg.seed)
     all_mask = np.ones(N, dtype=bool)
     obs = reset_some(venv, all_mask, [seeds.take() for _ in range(N)], None)
     ex.reset(all_mask, obs)
-    keys = list(bc.obs_keys)
     n_updates = max(1, cfg.total_env_steps // (N * T))
     curve, steps, t0 = [], 0, time.time()
     bar = tqdm(total=n_updates * N * T, desc="residual PPO", unit="step", disable=not progress)
@@ -109,7 +119,7 @@ def train_residual(base, task: str, cfg: PPOConfig, out_dir: str | Path, *, task
             ep_succ = []
             for _ in range(T):
                 base_n = norm.normalize("action", torch.as_tensor(ex.actions()))
-                x = residual_input(norm, obs, keys, base_n)
+                x = pol.features(norm, obs, base_n)
                 with torch.no_grad():
                     d = pol.dist(x)
                     res = d.sample()
@@ -128,7 +138,7 @@ def train_residual(base, task: str, cfg: PPOConfig, out_dir: str | Path, *, task
             steps += N * T
             bar.update(N * T)
             with torch.no_grad():
-                x_last = residual_input(norm, obs, keys, norm.normalize("action", torch.as_tensor(ex.peek())))
+                x_last = pol.features(norm, obs, norm.normalize("action", torch.as_tensor(ex.peek())))
                 last_v = pol.value(x_last)
             X, RES, LOGP, VAL, REW, DONE = (torch.stack(buf[k]) for k in buf)
             adv, ret = gae(REW, VAL, DONE, last_v, cfg.gamma, cfg.gae_lambda)
@@ -136,7 +146,7 @@ def train_residual(base, task: str, cfg: PPOConfig, out_dir: str | Path, *, task
             stats = _ppo_update(pol, opt, cfg, X, RES, LOGP, ADV, RET)
             row = {"env_steps": steps, "episodes": len(ep_succ),
                    "success_rate": float(np.mean(ep_succ)) if ep_succ else float("nan"),
-                   "wall_s": time.time() - t0, **stats, "std": float(pol.log_std.exp().mean())}
+                   "wall_s": time.time() - t0, **stats, "std": float(pol.log_std.detach().exp().mean())}
             curve.append(row)
             bar.set_postfix(success=f"{row['success_rate']:.2f}", kl=f"{stats['approx_kl']:.3f}")
             if writer is not None:

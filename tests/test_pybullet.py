@@ -1,0 +1,203 @@
+"""Real PyBullet (and MuJoCo for parity): the PyBullet twin of the MuJoCo env.
+
+The >= 100-seed expert figures live in ``bench/bench_pybullet.py``; here 10 seeds per backend.
+"""
+
+import numpy as np
+import pybullet as p
+import pytest
+
+from robot_rl.backend import make_backend
+from robot_rl.envs import make_env
+from robot_rl.errors import ConfigError
+from robot_rl.experts import ScriptedExpert
+from robot_rl.scene import SceneSpec, look_at_matrix
+from robot_rl.sim.parity import cube_centroid_difference, free_space_parity, scene_for
+from robot_rl.sim.pybullet_backend import PybulletBackend, camera_projection_matrix, camera_view_matrix
+from robot_rl.tasks import CUBE, make_task
+
+
+@pytest.fixture(scope="module")
+def pb_env():
+    e = make_env("place", backend="pybullet")
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def mj_env():
+    e = make_env("place", backend="mujoco")
+    yield e
+    e.close()
+
+
+@pytest.mark.parametrize("task", ["lift", "place"])
+def test_make_env_every_task(task):
+    e = make_env(task, backend="pybullet", cameras=("front", "wrist"), image_size=(64, 80))
+    assert isinstance(e.backend, PybulletBackend)
+    obs, _ = e.reset(seed=0)
+    assert e.observation_space.contains(obs)
+    for cam in ("front", "wrist"):
+        img = obs[f"image_{cam}"]
+        assert img.shape == (64, 80, 3) and img.dtype == np.uint8 and img.std() > 5
+    obs, *_ = e.step(np.zeros(5, dtype=np.float32))
+    assert e.observation_space.contains(obs)
+    e.close()
+
+
+def test_fk_matches_bullet_tip_link(pb_env):
+    """Our URDF kinematics (used by the shared controller) agree with Bullet's own link pose."""
+    pb_env.reset(seed=1)
+    b = pb_env.backend
+    q, _, _ = b.joint_state()
+    pos, quat = pb_env.controller.ee_pose(q)
+    ls = p.getLinkState(b.robot, b._link_idx[b.scene.robot.tip_link], computeForwardKinematics=True,
+                        physicsClientId=b.cid)
+    assert np.allclose(pos, ls[4], atol=1e-6)
+    assert abs(abs(np.dot(quat, ls[5])) - 1.0) < 1e-6
+
+
+def test_camera_matrices_follow_opengl_conventions():
+    assert np.allclose(camera_projection_matrix(75.0, 240, 320, 0.02, 10.0),
+                       p.computeProjectionMatrixFOV(75.0, 320 / 240, 0.02, 10.0), atol=1e-6)
+    eye, at, up = (1.05, 0.0, 0.5), (0.5, 0.0, 0.0), (0.0, 0.0, 1.0)
+    assert np.allclose(camera_view_matrix(look_at_matrix(eye, at, up), np.array(eye)),
+                       p.computeViewMatrix(eye, at, up), atol=1e-6)
+
+
+def test_free_space_parity_within_5mm_rms():
+    """The same joint-target sequence (200 control steps, incl. a saturating step) on both backends."""
+    sc = scene_for(make_task("place"))
+    a, b = make_backend("mujoco", sc), make_backend("pybullet", sc)
+    r = free_space_parity(a, b, n_steps=200, seed=0)
+    a.close()
+    b.close()
+    travel = np.linalg.norm(np.diff(r["ee_a"], axis=0), axis=1).sum()
+    assert travel > 1.0  # the sequence really moves the tool (metres of path)
+    assert r["rms_m"] < 0.005, f"tool RMS distance {r['rms_m'] * 1e3:.2f} mm"
+
+
+@pytest.mark.parametrize("backend", ["mujoco", "pybullet"])
+def test_scripted_expert_place_both_backends(backend):
+    """>= 9 of 10 seeds at the default 1 cm tolerance (the >= 100-seed figure: bench/bench_pybullet.py)."""
+    e = make_env("place", backend=backend)
+    wins = 0
+    for s in range(10):
+        obs, _ = e.reset(seed=s)
+        ex = ScriptedExpert("place", seed=s)
+        while True:
+            obs, r, term, trunc, info = e.step(ex.act(obs))
+            if term or trunc:
+                break
+        wins += info["success"]
+        assert (r == 1.0) == info["success"]
+    e.close()
+    assert wins >= 9, f"{backend}: {wins}/10"
+
+
+def test_scripted_expert_lift_pybullet():
+    e = make_env("lift", backend="pybullet")
+    wins = 0
+    for s in range(5):
+        obs, _ = e.reset(seed=s)
+        ex = ScriptedExpert("lift", seed=s)
+        while True:
+            obs, _, term, trunc, info = e.step(ex.act(obs))
+            if term or trunc:
+                break
+        wins += info["success"]
+    e.close()
+    assert wins == 5
+
+
+def test_render_parity_cube_centroid_within_3px(mj_env, pb_env):
+    for seed in range(3):
+        mj_env.reset(seed=seed)
+        obs, _ = pb_env.reset(seed=seed)
+        r = cube_centroid_difference(mj_env.backend, pb_env.backend, "front", (96, 96))
+        assert min(r["pixels_a"], r["pixels_b"]) > 20
+        assert r["diff_px"] < 3.0, f"front, seed {seed}: {r}"
+        ee = obs["ee_pos"]
+        for e in (mj_env, pb_env):  # the cube in the middle of the wrist view
+            e.backend.set_object_pose("cube", np.array([ee[0] + 0.03, ee[1] - 0.01, CUBE.half_size[2]]),
+                                      np.array([0.0, 0.0, np.sin(0.2 * seed), np.cos(0.2 * seed)]))
+        r = cube_centroid_difference(mj_env.backend, pb_env.backend, "wrist", (96, 96))
+        assert min(r["pixels_a"], r["pixels_b"]) > 20
+        assert r["diff_px"] < 3.0, f"wrist, seed {seed}: {r}"
+
+
+def _rollout(env, seed, n=40):
+    obs, _ = env.reset(seed=seed)
+    ex = ScriptedExpert("place", noise=0.2, seed=seed)
+    traj = []
+    for _ in range(n):
+        obs, *_ = env.step(ex.act(obs))
+        traj.append(np.concatenate([obs["ee_pos"], obs["cube_pos"], obs["joint_pos"], obs["gripper_width"]]))
+    return np.array(traj)
+
+
+def test_same_seed_same_trajectory(pb_env):
+    a, b, c = _rollout(pb_env, 7), _rollout(pb_env, 7), _rollout(pb_env, 8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a[-1], c[-1])
+
+
+def test_two_envs_in_one_process_do_not_interact(pb_env):
+    """Private physics clients: interleaving two envs gives the same trajectory as one env alone."""
+    alone = _rollout(pb_env, 3, n=20)
+    other = make_env("place", backend="pybullet")
+    other.reset(seed=99)
+    obs, _ = pb_env.reset(seed=3)
+    ex = ScriptedExpert("place", noise=0.2, seed=3)
+    traj = []
+    for i in range(20):
+        other.step(np.random.default_rng(i).uniform(-1, 1, 5).astype(np.float32))
+        obs, *_ = pb_env.step(ex.act(obs))
+        traj.append(np.concatenate([obs["ee_pos"], obs["cube_pos"], obs["joint_pos"], obs["gripper_width"]]))
+    other.close()
+    np.testing.assert_array_equal(alone, np.array(traj))
+
+
+@pytest.mark.parametrize("n_before", [15, 30])
+def test_save_restore_round_trip(pb_env, n_before):
+    """Restore in the same env -> bit-identical continuation (also while the cube is held: 30 steps)."""
+    obs, _ = pb_env.reset(seed=5)
+    ex = ScriptedExpert("place", seed=5)
+    for _ in range(n_before):
+        obs, *_ = pb_env.step(ex.act(obs))
+    state = pb_env.get_state()
+    acts = [np.random.default_rng(i).uniform(-1, 1, 5).astype(np.float32) for i in range(10)]
+    first = [pb_env.step(a)[0] for a in acts]
+    pb_env.set_state(state)
+    second = [pb_env.step(a)[0] for a in acts]
+    for x, y in zip(first, second):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_state_vector_restores_positions_in_another_env(pb_env):
+    """A state vector carries positions/velocities explicitly: another env reproduces them exactly."""
+    obs, _ = pb_env.reset(seed=11)
+    ex = ScriptedExpert("place", seed=11)
+    for _ in range(25):
+        obs, *_ = pb_env.step(ex.act(obs))
+    state = pb_env.get_state()
+    other = make_env("place", backend="pybullet")
+    other.reset(seed=0)
+    other.set_state(state)
+    for x, y in zip(pb_env.backend.joint_state(), other.backend.joint_state()):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(pb_env.backend.object_pose("cube"), other.backend.object_pose("cube")):
+        np.testing.assert_allclose(x, y, atol=1e-12)
+    with pytest.raises(ConfigError, match="state"):
+        other.backend.set_state(np.zeros(10))
+    other.close()
+
+
+def test_unknown_backend_is_a_one_line_config_error():
+    with pytest.raises(ConfigError) as ei:
+        make_env("place", backend="gazebo")
+    msg = str(ei.value)
+    assert ei.value.field == "backend" and "\n" not in msg and "pybullet" in msg
+    with pytest.raises(ConfigError, match="backend"):
+        make_backend("bullet", SceneSpec())
