@@ -1,4 +1,4 @@
-"""``robot-rl`` command line: collect, train-base, train-residual, eval, pipeline, store.
+"""``robot-rl`` command line: collect, train-base, train-residual, eval, pipeline, store, serve.
 
 Bad input ends with one line ``robot-rl: error: <field>: <problem> -> <fix>`` and exit code 2.
 Every command that produces outputs writes its resolved arguments to ``<out>/config.yaml``.
@@ -68,6 +68,10 @@ def cmd_train_residual(a):
 
 
 def cmd_eval(a):
+    if a.server:
+        return _eval_server(a)
+    if not a.base:
+        raise ConfigError("base", "missing", "pass --base CHECKPOINT (or --server ADDR to evaluate a running server)")
     from robot_rl.evaluation import evaluate, record_videos, write_report
     from robot_rl.policies.checkpoint import load_policy
     from robot_rl.policies.residual import load_residual
@@ -83,6 +87,68 @@ def cmd_eval(a):
     write_report(out, {name: r}, {"videos": vids})
     print(f"{name}: success {r['success_rate']:.3f} 95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
           f"over {r['episodes']} episodes; report in {out / 'report.md'}")
+
+
+def _eval_server(a):
+    """``eval --server ADDR``: the same evaluation, every action from a running policy server."""
+    from robot_rl.evaluation import evaluate, record_videos, write_report
+    from robot_rl.serve.client import PolicyClient, RemotePolicy, ServerError, ServerTimeout
+
+    if a.base or a.residual:
+        raise ConfigError("server", "--server cannot be combined with --base/--residual",
+                          "the server already holds the checkpoints; drop --base/--residual")
+    client = PolicyClient(a.server, timeout_s=a.timeout)
+    try:
+        meta = client.metadata()
+        out = Path(a.out)
+        _write_cfg(out, a)
+        pol = RemotePolicy(client, min(a.n_envs, a.episodes), seed=0)
+        r = evaluate(None, a.task, n_episodes=a.episodes, n_envs=a.n_envs, seed_start=a.seed_start, policy=pol)
+        pol.close()
+        vids = []
+        if a.videos:
+            one = RemotePolicy(client, 1, seed=0)
+            vids = record_videos(None, a.task, out / "videos", seeds=range(a.seed_start, a.seed_start + a.videos),
+                                 policy=one)
+            one.close()
+    except ServerTimeout as e:
+        raise ConfigError("server", str(e), f"start it with `robot-rl serve --checkpoint ...` at {a.server}") from None
+    except ServerError as e:
+        raise ConfigError("server", str(e), "check that the server's policy matches this task") from None
+    finally:
+        client.close()
+    res = meta["residual"]
+    name = "server: base + residual" if res["loaded"] else "server: base"
+    write_report(out, {name: r}, {"videos": vids, "server": a.server, "base_version": meta["base"]["version"],
+                                  "residual_version": res["version"]})
+    print(f"{name}: success {r['success_rate']:.3f} 95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
+          f"over {r['episodes']} episodes; report in {out / 'report.md'}")
+
+
+def cmd_serve(a):
+    import os
+
+    import torch
+
+    from robot_rl.serve.server import ServeConfig, serve
+
+    token = None
+    if a.token_file:
+        try:
+            token = Path(a.token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError("token-file", f"cannot read {a.token_file} ({e.strerror})",
+                              "pass a readable file holding the shared token") from None
+        if not token:
+            raise ConfigError("token-file", f"{a.token_file} is empty", "write the shared token into it")
+    else:
+        token = os.environ.get("ROBOT_RL_SERVER_TOKEN") or None
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = ServeConfig(host=a.host, port=a.port, max_batch=a.max_batch, batch_window_ms=a.batch_window_ms,
+                      max_message_bytes=int(a.max_message_mb * 2**20), token=token, control_rate_hz=a.control_rate,
+                      max_sessions=a.max_sessions, allow_push=not a.no_weight_push, seed=a.seed)
+    serve(a.checkpoint, a.residual, cfg.validate(), device=a.device, ready=lambda line: print(line, flush=True))
 
 
 def cmd_pipeline(a):
@@ -154,8 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_train_residual)
 
     e = sub.add_parser("eval", help="held-out seeded evaluation with Wilson intervals, report and videos")
-    e.add_argument("--base", required=True)
+    e.add_argument("--base", help="base checkpoint (required unless --server)")
     e.add_argument("--residual")
+    e.add_argument("--server", metavar="ADDR", help="evaluate the policy served at host:port (robot-rl serve)")
+    e.add_argument("--timeout", type=float, default=5.0, help="with --server: deadline of one request (s)")
     e.add_argument("--task", default="place")
     e.add_argument("--out", required=True)
     e.add_argument("--episodes", type=int, default=200)
@@ -175,6 +243,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["info", "validate"])
     s.add_argument("path")
     s.set_defaults(func=cmd_store)
+
+    sv = sub.add_parser("serve", help="serve a frozen base (+ residual) over ZeroMQ: batching, async chunks, "
+                                      "weight push (see robot_rl/serve)")
+    sv.add_argument("--checkpoint", required=True, help="base policy checkpoint directory")
+    sv.add_argument("--residual", help="residual checkpoint directory (trained on this base)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=5555, help="TCP port (0 = any free port, printed at start)")
+    sv.add_argument("--max-batch", type=int, default=16, help="most sessions per batched base call")
+    sv.add_argument("--batch-window-ms", type=float, default=10.0,
+                    help="longest wait (ms) for more sessions once one needs a base call; skipped when every "
+                         "recently active session is already waiting")
+    sv.add_argument("--max-message-mb", type=float, default=16.0, help="largest request accepted (MiB)")
+    sv.add_argument("--token-file", help="file with a shared token every request must carry "
+                                         "(default: $ROBOT_RL_SERVER_TOKEN, else no authentication)")
+    sv.add_argument("--control-rate", type=float, default=10.0, help="control rate the policy runs at (Hz)")
+    sv.add_argument("--max-sessions", type=int, default=1024)
+    sv.add_argument("--no-weight-push", action="store_true", help="refuse push_weights requests")
+    sv.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--seed", type=int, default=0, help="added to every session's default noise seed")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -1,0 +1,515 @@
+"""Client side of the policy server (:mod:`robot_rl.serve.server`).
+
+- :class:`PolicyClient` — synchronous calls with a deadline, retries and reconnect. A call that gets no reply
+  within its deadline raises :class:`ServerTimeout` (a ``TimeoutError``); after each failed attempt the socket is
+  closed and a fresh one connected, so a restarted server is picked up by the next attempt or call. Retries re-send
+  the same request id: the server answers a repeated ``act`` id from its cache instead of stepping twice. When a
+  restarted server no longer knows a session, :meth:`PolicyClient.act` re-creates it from the frames it sent last
+  (``reset`` with the last ``n_obs_steps`` frames; the session's noise generator restarts from its seed).
+- :class:`AsyncChunkClient` — asynchronous chunk execution for a control loop: returns one action per call,
+  requests the next chunk in the background once fewer than ``threshold`` actions are queued, and blends
+  overlapping chunks with temporal ensembling (ACT, Zhao et al. 2023: the action for step t is the weighted mean of
+  every chunk's prediction for t, weight ``exp(-m * i)`` with i = 0 for the oldest prediction) — or, with
+  ``ensemble_decay=None``, switches to the newest chunk.
+- :class:`RemotePolicy` — the :class:`robot_rl.evaluation.CombinedPolicy` interface (reset/observe/act on N envs)
+  backed by a server, one session per env, one pipelined round of requests per step (``robot-rl eval --server``).
+
+A client object is not thread-safe: use one per thread. ``token`` defaults to ``$ROBOT_RL_SERVER_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from robot_rl.errors import ConfigError
+from robot_rl.serve import protocol as P
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error reply: ``code`` (one of protocol.ERROR_CODES), ``field``, ``message``."""
+
+    def __init__(self, code: str, field: str, message: str):
+        self.code, self.field, self.message = code, field, message
+        super().__init__(f"policy server error [{code}] {field}: {message}")
+
+
+class ServerTimeout(TimeoutError):
+    """No reply within the call's deadline (server down, unreachable or overloaded)."""
+
+
+@dataclass
+class ActResult:
+    """One ``act`` reply. Arrays are float32 (n, A), row i for control step ``chunk_start + i`` (n >= 1):
+    ``base`` raw base actions, ``residual`` the residual's mean output (normalized action space, before alpha),
+    ``executed`` = unnormalize(clip(normalize(base) + alpha * residual, -1, 1)) (== base without a residual).
+    ``timing``: server-side ms (queue_ms, base_ms, residual_ms, server_ms) and batch_size; ``rtt_ms``: client
+    round trip."""
+
+    session: str
+    step: int
+    chunk_start: int
+    base: np.ndarray
+    residual: np.ndarray
+    executed: np.ndarray
+    base_version: str
+    residual_version: int
+    new_chunk: bool
+    timing: dict
+    rtt_ms: float = 0.0
+    recovered: bool = False
+
+    @property
+    def action(self) -> np.ndarray:
+        """The executed action for ``step``, float32 (A,)."""
+        return self.executed[0]
+
+
+def normalize_address(address: str) -> str:
+    """``host:port`` / ``tcp://host:port`` / ``[::1]:port`` -> ``tcp://host:port``. Raises ConfigError."""
+    a = str(address).strip()
+    if not a.startswith("tcp://"):
+        if "://" in a:
+            raise ConfigError("server", f"{address!r}: only tcp:// addresses are supported",
+                              "use host:port, e.g. 127.0.0.1:5555")
+        a = "tcp://" + a
+    host, _, port = a[6:].rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("server", f"{address!r} is not host:port", "use e.g. 127.0.0.1:5555")
+    return a
+
+
+def prepare_frames(meta: dict, obs: dict, frames: bool = False) -> dict[str, np.ndarray]:
+    """Observation dict -> {key: (F, *shape)} arrays in the server's dtypes, checked against its spec.
+
+    ``meta``: the server's metadata. ``obs``: one frame per key (the env's observation, spec shape) or, with
+    ``frames=True``, (F, *shape) with F <= n_obs_steps. Only the spec's keys are sent (extra keys are ignored).
+    Floats/ints are cast to the spec's float32; images must already be uint8. Raises ConfigError naming the key on
+    a missing key, a wrong dtype or shape, or NaN/inf.
+    """
+    spec = meta["obs_spec"]
+    out = {}
+    for k, s in spec.items():
+        if k not in obs:
+            raise ConfigError(f"obs['{k}']", f"missing (the server needs {sorted(spec)})",
+                              "pass every key of the server's obs_spec")
+        a = np.asarray(obs[k])
+        if s["dtype"] != a.dtype.name:
+            if s["dtype"] == "float32" and a.dtype.kind in "fiu":
+                a = a.astype(np.float32)
+            else:
+                raise ConfigError(f"obs['{k}']", f"dtype {a.dtype}, the server expects {s['dtype']}",
+                                  f"convert it to {s['dtype']}")
+        out[k] = a if frames else a[None]
+    try:
+        P.check_obs(out, spec, meta["n_obs_steps"])
+    except P.ProtocolError as e:
+        raise ConfigError(e.field, e.message, "send arrays matching the server's obs_spec (metadata())") from None
+    return out
+
+
+class PolicyClient:
+    """Synchronous client of one policy server.
+
+    Args:
+        address: ``host:port`` or ``tcp://host:port``.
+        token: shared token (default ``$ROBOT_RL_SERVER_TOKEN``; None: no authentication).
+        timeout_s: default deadline of one call (s), retries included.
+        retries: re-sends within the deadline; each attempt gets ``timeout_s / (retries + 1)``.
+        recover_sessions: transparently re-create sessions a restarted server lost (see module docstring).
+        max_reply_bytes: replies larger than this are refused by ZeroMQ (protects the client).
+    """
+
+    def __init__(self, address: str = f"127.0.0.1:{P.DEFAULT_PORT}", *, token: str | None = None,
+                 timeout_s: float = 2.0, retries: int = 2, recover_sessions: bool = True,
+                 max_reply_bytes: int = 256 * 2**20, context=None):
+        import zmq
+
+        if not timeout_s > 0:
+            raise ConfigError("timeout_s", f"{timeout_s!r} <= 0", "pass a positive deadline in seconds")
+        if not (isinstance(retries, int) and retries >= 0):
+            raise ConfigError("retries", f"{retries!r} is not a non-negative int", "e.g. 2")
+        self.zmq = zmq
+        self.address = normalize_address(address)
+        self.token = token if token is not None else os.environ.get("ROBOT_RL_SERVER_TOKEN") or None
+        self.timeout_s, self.retries, self.recover = float(timeout_s), retries, recover_sessions
+        self.max_reply_bytes = max_reply_bytes
+        self.ctx = context or zmq.Context.instance()
+        self.sock = None
+        self._next_id = random.SystemRandom().randrange(1, 2**62)
+        self._meta: dict | None = None
+        self._hist: dict[str, deque] = {}  # session -> last n_obs_steps frames sent (for recovery)
+        self._seeds: dict[str, int | None] = {}
+        self.reconnects = 0
+
+    # --- socket -------------------------------------------------------------------------------------------------
+    def _connect(self):
+        zmq = self.zmq
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, self.max_reply_bytes)
+        s.setsockopt(zmq.RECONNECT_IVL, 50)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        if self.address.startswith("tcp://["):
+            s.setsockopt(zmq.IPV6, 1)
+        s.connect(self.address)
+        self.sock = s
+
+    def _reset_socket(self):
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+            self.reconnects += 1
+
+    def close(self) -> None:
+        """Close the socket (pending requests are dropped)."""
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _new_id(self) -> int:
+        self._next_id = self._next_id + 1 if self._next_id < P.MAX_ID else 1
+        return self._next_id
+
+    # --- calls --------------------------------------------------------------------------------------------------
+    def _call_many(self, payloads: dict[int, bytes], timeout_s: float | None) -> dict[int, dict]:
+        """Send every payload, collect the replies by id. Raises ServerTimeout when the deadline passes."""
+        zmq = self.zmq
+        timeout = self.timeout_s if timeout_s is None else float(timeout_s)
+        t_start = time.monotonic()
+        deadline = t_start + timeout
+        per_attempt = timeout / (self.retries + 1)
+        outstanding, results = dict(payloads), {}
+        for attempt in range(self.retries + 1):
+            if self.sock is None:
+                self._connect()
+            try:
+                for pl in outstanding.values():
+                    self.sock.send(pl, zmq.NOBLOCK)
+            except zmq.Again:  # send queue full (server gone for long): treat as a failed attempt
+                pass
+            end = deadline if attempt == self.retries else min(deadline, time.monotonic() + per_attempt)
+            while outstanding:
+                left = end - time.monotonic()
+                if left <= 0 or not self.sock.poll(max(1, int(math.ceil(left * 1e3)))):
+                    break
+                raw = self.sock.recv(zmq.NOBLOCK)
+                try:
+                    m = P.parse_reply(P.unpack(raw, self.max_reply_bytes))
+                except P.ProtocolError as e:
+                    raise ServerError(e.code, e.field, f"malformed reply from {self.address}: {e.message}") from None
+                rid = m.get("id")
+                if rid in outstanding:
+                    results[rid] = m
+                    del outstanding[rid]
+                elif m["type"] == "error" and rid is None:  # an error the server could not attribute to an id
+                    raise ServerError(m["code"], m["field"], m["message"])
+                # else: a late reply to an earlier, already answered or abandoned request: drop it
+            if not outstanding:
+                return results
+            self._reset_socket()  # discard queued requests and stale replies; reconnect on the next attempt
+            if time.monotonic() >= deadline:
+                break
+        raise ServerTimeout(f"no reply from the policy server at {self.address} within {timeout:.3f} s "
+                            f"({self.retries + 1} attempt(s)); is it running? (robot-rl serve ...)")
+
+    def _call(self, type_: str, timeout_s: float | None = None, **fields) -> dict:
+        rid = self._new_id()
+        m = self._call_many({rid: P.pack(P.request(type_, rid, self.token, **fields))}, timeout_s)[rid]
+        if m["type"] == "error":
+            raise ServerError(m["code"], m["field"], m["message"])
+        return m
+
+    def metadata(self, refresh: bool = False, timeout_s: float | None = None) -> dict:
+        """The server's metadata (cached): obs_spec, action_spec, n_obs_steps, n_action_steps, horizon,
+        control_rate_hz, normalization, base/residual versions, batching, limits. See PolicyService.metadata."""
+        if self._meta is None or refresh:
+            self._meta = self._call("metadata", timeout_s)
+        return self._meta
+
+    def ping(self, timeout_s: float | None = None) -> dict:
+        """``{"time": server wall clock (s), "stats": {...}, "sessions": int}``."""
+        return self._call("ping", timeout_s)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> dict:
+        """Poll ``metadata`` until the server answers (or raise ServerTimeout after ``timeout_s``)."""
+        end = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.metadata(refresh=True, timeout_s=min(1.0, max(0.05, end - time.monotonic())))
+            except ServerTimeout:
+                if time.monotonic() >= end:
+                    raise
+
+    # --- observations -------------------------------------------------------------------------------------------
+    def prepare_frames(self, obs: dict, frames: bool = False) -> dict[str, np.ndarray]:
+        """:func:`prepare_frames` with this server's metadata."""
+        return prepare_frames(self.metadata(), obs, frames)
+
+    # --- act ----------------------------------------------------------------------------------------------------
+    def act(self, session: str, step: int, obs: dict, *, reset: bool = False, seed: int | None = None,
+            new_chunk: bool = False, frames: bool = False, timeout_s: float | None = None) -> ActResult:
+        """Send the observation of control step ``step`` for ``session`` and get the action chunk from there.
+
+        ``reset=True`` starts the session's episode (history filled with the first frame, new noise generator
+        seeded with ``seed``; default seed ``crc32(session)``). ``new_chunk=True`` runs the base policy now even
+        if the session has queued actions. Raises ConfigError (bad obs, checked locally), ServerError (error
+        reply), ServerTimeout.
+        """
+        return self.act_many([dict(session=session, step=step, obs=obs, reset=reset, seed=seed,
+                                   new_chunk=new_chunk, frames=frames)], timeout_s=timeout_s)[0]
+
+    def act_many(self, items: list[dict], timeout_s: float | None = None) -> list[ActResult]:
+        """Pipelined :meth:`act` for several sessions (dicts with the keys of :meth:`act`): all requests are sent
+        before any reply is awaited, so the server can batch them. Results in the same order."""
+        meta = self.metadata(timeout_s=timeout_s)
+        to = meta["n_obs_steps"]
+        reqs = []
+        for it in items:
+            fr = self.prepare_frames(it["obs"], it.get("frames", False))
+            rid = self._new_id()
+            body = dict(session=it["session"], step=int(it["step"]), obs=fr, reset=bool(it.get("reset", False)),
+                        seed=it.get("seed") if it.get("reset") else None,
+                        new_chunk=bool(it.get("new_chunk", False)) or None)
+            reqs.append((rid, body, fr))
+        t0 = time.perf_counter()
+        replies = self._call_many({rid: P.pack(P.request("act", rid, self.token, **b)) for rid, b, _ in reqs},
+                                  timeout_s)
+        out = []
+        for rid, body, fr in reqs:
+            m = replies[rid]
+            recovered = False
+            sid = body["session"]
+            if (m["type"] == "error" and m["code"] == "unknown_session" and self.recover and sid in self._hist
+                    and not body["reset"]):
+                hist = deque(self._hist[sid], maxlen=to)
+                for i in range(next(iter(fr.values())).shape[0]):
+                    hist.append({k: v[i] for k, v in fr.items()})
+                stacked = {k: np.stack([f[k] for f in hist]) for k in fr}
+                rid2 = self._new_id()
+                b2 = dict(body, obs=stacked, reset=True, seed=self._seeds.get(sid), new_chunk=None)
+                m = self._call_many({rid2: P.pack(P.request("act", rid2, self.token, **b2))}, timeout_s)[rid2]
+                body, fr, recovered = b2, stacked, True
+            if m["type"] == "error":
+                raise ServerError(m["code"], m["field"], m["message"])
+            self._remember(sid, body, fr, to)
+            out.append(ActResult(session=m["session"], step=m["step"], chunk_start=m["chunk_start"],
+                                 base=m["base"], residual=m["residual"], executed=m["executed"],
+                                 base_version=m["base_version"], residual_version=m["residual_version"],
+                                 new_chunk=m["new_chunk"], timing=m["timing"],
+                                 rtt_ms=(time.perf_counter() - t0) * 1e3, recovered=recovered))
+        return out
+
+    def _remember(self, sid, body, fr, to):
+        if body["reset"] or sid not in self._hist:
+            self._hist[sid] = deque(maxlen=to)
+            self._seeds[sid] = body.get("seed")
+        h = self._hist[sid]
+        for i in range(next(iter(fr.values())).shape[0]):
+            h.append({k: v[i] for k, v in fr.items()})
+
+    # --- other requests -----------------------------------------------------------------------------------------
+    def close_session(self, session: str, timeout_s: float | None = None) -> bool:
+        """Free a session on the server; True if it existed."""
+        self._hist.pop(session, None)
+        self._seeds.pop(session, None)
+        return bool(self._call("close", timeout_s, session=session)["closed"])
+
+    def push_weights(self, weights, version: int, config: dict | None = None,
+                     timeout_s: float | None = None) -> int:
+        """Push new residual weights; returns the served residual version (== ``version``).
+
+        ``weights``: a ResidualPolicy (its config is sent too unless ``config`` is given), a {name: tensor}
+        state dict, or the bytes of a safetensors file. ``version`` must exceed the served version. Raises
+        ServerError ``push_rejected`` (stale version, weights not matching the config, config not matching the
+        base, push disabled) and ServerTimeout.
+        """
+        from safetensors.torch import save as st_save
+
+        if hasattr(weights, "state_dict"):
+            if config is None and hasattr(weights, "config"):
+                from robot_rl.serve.server import residual_config_dict
+
+                config = residual_config_dict(weights)
+            weights = weights.state_dict()
+        if isinstance(weights, dict):
+            weights = st_save({k: v.detach().cpu().contiguous() for k, v in weights.items()})
+        if not isinstance(weights, (bytes, bytearray)):
+            raise ConfigError("weights", f"{type(weights).__name__} is not a module, state dict or bytes",
+                              "pass the residual policy, its state_dict() or safetensors bytes")
+        m = self._call("push_weights", timeout_s, version=int(version), weights=bytes(weights), config=config)
+        return int(m["residual_version"])
+
+
+class AsyncChunkClient:
+    """Asynchronous chunk execution for one control loop (one server session).
+
+    Call :meth:`act` once per control step with the newest observation (``reset=True`` on the first step of an
+    episode); it returns the action to execute, float32 (A,). The first call of an episode blocks for a chunk.
+    Afterwards, once at most ``threshold`` actions remain for the coming steps, the next chunk is requested in a
+    background thread (``new_chunk`` at the current step, carrying the frames since the previous request), and the
+    loop keeps executing queued actions meanwhile. A chunk computed for step s and received at step t > s is used
+    from step t on (its rows for steps < t are stale and dropped). Overlapping predictions are blended by temporal
+    ensembling with decay ``ensemble_decay`` (m; ACT uses 0.01); ``None`` switches to the newest chunk instead.
+    Residual rows beyond the request step use the observation at the request step (zero-order hold, see
+    :mod:`robot_rl.serve.server`). Raises ServerTimeout when no action for the current step arrives within
+    ``timeout_s``, ServerError on an error reply.
+    """
+
+    def __init__(self, address: str, session: str, *, token: str | None = None, threshold: int = 2,
+                 ensemble_decay: float | None = 0.01, timeout_s: float = 2.0, retries: int = 2):
+        if ensemble_decay is not None and not ensemble_decay >= 0:
+            raise ConfigError("ensemble_decay", f"{ensemble_decay!r} < 0", "use e.g. 0.01, or None to switch")
+        self.session, self.decay, self.timeout_s = session, ensemble_decay, timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robot_rl-chunk-client")
+        self._client = None
+        kw = dict(token=token, timeout_s=timeout_s, retries=retries)
+
+        def make():
+            self._client = PolicyClient(address, **kw)
+            return self._client.metadata()
+
+        self.meta = self._pool.submit(make).result()
+        self.To, self.Ta = self.meta["n_obs_steps"], self.meta["n_action_steps"]
+        if not (isinstance(threshold, int) and 0 <= threshold < self.Ta):
+            raise ConfigError("threshold", f"{threshold!r} not in 0..n_action_steps-1 = {self.Ta - 1}",
+                              "request the next chunk when e.g. 2 actions are left")
+        self.threshold = threshold
+        self.t = -1
+        self._unsent: deque = deque(maxlen=self.To)
+        self._preds: dict[int, list] = {}
+        self._covered_until = -1  # last step covered by the newest chunk
+        self._inflight = None
+        self.last_result: ActResult | None = None
+        self.requests = 0
+
+    def _submit(self, reset: bool, seed: int | None):
+        frames = {k: np.stack([f[k] for f in self._unsent]) for k in self._unsent[0]}
+        self._unsent.clear()
+        step = self.t
+        self.requests += 1
+        self._inflight = self._pool.submit(
+            lambda: self._client.act(self.session, step, frames, reset=reset, seed=seed, new_chunk=True,
+                                     frames=True))
+
+    def _integrate(self, r: ActResult):
+        self.last_result = r
+        for i, a in enumerate(r.executed):
+            s = r.chunk_start + i
+            if s >= self.t:
+                self._preds.setdefault(s, []).append(a)
+        self._covered_until = max(self._covered_until, r.chunk_start + len(r.executed) - 1)
+
+    def act(self, obs: dict, reset: bool = False, seed: int | None = None) -> np.ndarray:
+        """Observation of the current step (one frame per key) -> action float32 (A,)."""
+        if reset:
+            if self._inflight is not None:
+                try:
+                    self._inflight.result(timeout=self.timeout_s)
+                except Exception:
+                    pass
+            self.t, self._inflight, self._covered_until = 0, None, -1
+            self._preds.clear()
+            self._unsent.clear()
+        elif self.t < 0:
+            raise ConfigError("reset", "the first act() of an episode needs reset=True", "pass reset=True")
+        else:
+            self.t += 1
+        frame = prepare_frames(self.meta, obs)  # on this thread: the worker may be busy with a request
+        self._unsent.append({k: v[0] for k, v in frame.items()})
+        if self._inflight is not None and self._inflight.done():
+            r, self._inflight = self._inflight.result(), None
+            self._integrate(r)
+        if reset:
+            self._submit(True, seed)
+        elif self._inflight is None and self._covered_until - self.t + 1 <= self.threshold:
+            self._submit(False, None)
+        end = time.monotonic() + self.timeout_s
+        while self.t not in self._preds:
+            if self._inflight is None:
+                self._submit(False, None)
+            try:
+                r = self._inflight.result(timeout=max(0.0, end - time.monotonic()))
+            except FutureTimeout:
+                raise ServerTimeout(f"no action for step {self.t} within {self.timeout_s} s") from None
+            except BaseException:
+                self._inflight = None
+                raise
+            self._inflight = None
+            self._integrate(r)
+        for s in [s for s in self._preds if s < self.t]:
+            del self._preds[s]
+        preds = self._preds[self.t]
+        if self.decay is None or len(preds) == 1:
+            return np.asarray(preds[-1], dtype=np.float32)
+        w = np.exp(-self.decay * np.arange(len(preds)))
+        return (np.tensordot(w / w.sum(), np.stack(preds), axes=1)).astype(np.float32)
+
+    def close(self) -> None:
+        def _close():
+            if self._client is not None:
+                self._client.close()
+
+        self._pool.submit(_close).result()
+        self._pool.shutdown(wait=True)
+
+
+@dataclass
+class RemotePolicy:
+    """:class:`robot_rl.evaluation.CombinedPolicy`'s interface on a server: ``reset(mask, obs)``,
+    ``observe(obs, mask)``, ``act(obs) -> (N, A)`` for N envs, one session per env and one pipelined round of
+    ``act`` requests per step (the server batches the sessions that need a new chunk). Env i's sessions are seeded
+    ``seed + i`` at every reset (its k-th episode: ``seed + i + 1_000_003 * k``)."""
+
+    client: PolicyClient
+    n_envs: int
+    seed: int = 0
+    prefix: str = field(default_factory=lambda: f"eval-{os.getpid()}-{random.randrange(16**8):08x}")
+
+    def __post_init__(self):
+        self.has_residual = bool(self.client.metadata()["residual"]["loaded"])
+        self.steps = [0] * self.n_envs
+        self.need_reset = [True] * self.n_envs
+        self.episodes = [0] * self.n_envs
+        self.last: list[ActResult] = []
+
+    def reset(self, mask, obs) -> None:
+        for i in np.flatnonzero(mask):
+            self.steps[i], self.need_reset[i] = 0, True
+
+    def observe(self, obs, mask=None) -> None:
+        for i in range(self.n_envs) if mask is None else np.flatnonzero(mask):
+            self.steps[i] += 1
+
+    def act(self, obs) -> np.ndarray:
+        items = []
+        for i in range(self.n_envs):
+            it = dict(session=f"{self.prefix}-{i}", step=self.steps[i], obs={k: v[i] for k, v in obs.items()})
+            if self.need_reset[i]:
+                it.update(reset=True, seed=self.seed + i + 1_000_003 * self.episodes[i])
+                self.episodes[i] += 1
+                self.need_reset[i] = False
+            items.append(it)
+        self.last = self.client.act_many(items)
+        return np.stack([r.action for r in self.last]).astype(np.float32)
+
+    def close(self) -> None:
+        for i in range(self.n_envs):
+            try:
+                self.client.close_session(f"{self.prefix}-{i}", timeout_s=0.5)
+            except (ServerTimeout, ServerError):
+                pass

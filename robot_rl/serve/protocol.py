@@ -1,0 +1,321 @@
+"""Wire protocol of the policy server, version :data:`PROTOCOL_VERSION` (ZeroMQ transport, msgpack messages).
+
+Transport: one ZeroMQ ROUTER socket on the server, one DEALER socket per client (``tcp://host:port``). Every message
+is ONE ZeroMQ frame holding ONE msgpack map (``use_bin_type``: ``str`` is text, ``bytes`` is binary). Nothing on the
+wire is ever unpickled: msgpack only yields nil/bool/int/float/str/bin/array/map (extension types are refused), and
+every field is checked here against an explicit schema before the server looks at it.
+
+Common fields of every request::
+
+    {"v": 1, "type": <str>, "id": <int 0..2**63-1, echoed in the reply>, "token": <str, only if the server wants one>}
+
+Request types (extra fields):
+
+- ``metadata`` — none. Reply: observation/action spec, horizons, control rate, normalization, versions, limits.
+- ``act`` — ``session`` (str, 1..128 printable ASCII chars), ``step`` (int >= 0, the control step of the newest
+  frame), ``obs`` ({key: array} with a leading frames axis: shape (F, *spec shape), 1 <= F <= n_obs_steps, the
+  frames of steps ``step-F+1 .. step``), optional ``reset`` (bool: start the session's episode here), ``seed``
+  (int, with reset: seeds the session's diffusion noise generator), ``new_chunk`` (bool: run the base policy now
+  even if the session still has queued actions). Reply ``act`` (see :func:`act_reply`).
+- ``push_weights`` — ``version`` (int, strictly greater than the served residual version), ``weights`` (bin:
+  a safetensors file of the residual's ``state_dict``), optional ``config`` (map of ``ResidualConfig`` fields;
+  default: the served residual's config). Reply: ``{"residual_version": int}``.
+- ``close`` — ``session``: forget a session's state. Reply ``{"closed": bool}``.
+- ``ping`` — none. Reply ``{"time": float (server wall clock, s)}``.
+
+Arrays are maps ``{"dtype": <name in DTYPES>, "shape": [int, ...], "data": <bin, C order, little endian>}``.
+Errors are replies ``{"v": 1, "type": "error", "id": <id or nil>, "code": <ERROR_CODES>, "field": str,
+"message": str}``; the server answers every request, malformed ones included, and never dies of one.
+A change of any of this bumps :data:`PROTOCOL_VERSION`; a request with another ``v`` gets a ``version`` error.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+DEFAULT_PORT = 5555
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20  # 16 MiB: e.g. 2 frames of two 480x640 RGB cameras with room to spare
+
+#: dtype names allowed on the wire -> numpy little-endian dtype
+DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "uint8": "|u1", "int8": "|i1", "int16": "<i2",
+          "int32": "<i4", "int64": "<i8", "uint16": "<u2", "bool": "|b1"}
+MAX_NDIM = 6
+MAX_SESSION_LEN = 128
+MAX_ID = 2**63 - 1
+REQUEST_TYPES = ("metadata", "act", "push_weights", "close", "ping")
+ERROR_CODES = ("decode", "too_large", "version", "schema", "auth", "dtype", "shape", "value", "unknown_session",
+               "stale_step", "capacity", "push_rejected", "internal")
+_SESSION_CHARS = frozenset(string.ascii_letters + string.digits + "-_.:/@+=")
+
+
+class ProtocolError(Exception):
+    """A request (or reply) that breaks the protocol. ``code`` is one of :data:`ERROR_CODES`, ``field`` names the
+    offending field (dotted path), ``message`` says what is wrong and how to fix it."""
+
+    def __init__(self, code: str, field: str, message: str):
+        assert code in ERROR_CODES, code
+        self.code, self.field, self.message = code, field, message
+        super().__init__(f"{code}: {field}: {message}")
+
+
+# --- bytes <-> message ------------------------------------------------------------------------------------------
+def pack(msg: dict) -> bytes:
+    """Message map -> msgpack bytes (str as text, bytes as bin). Values must be msgpack-native (no numpy)."""
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def _no_ext(code, data):
+    raise ProtocolError("decode", "message", f"msgpack extension type {code} is not allowed")
+
+
+def unpack(raw: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict:
+    """msgpack bytes -> message map. Raises ProtocolError ``too_large`` past ``max_bytes``, ``decode`` for anything
+    that is not exactly one well-formed msgpack map with string keys (extension types, trailing bytes, too deep)."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise ProtocolError("decode", "message", f"expected bytes, got {type(raw).__name__}")
+    if len(raw) > max_bytes:
+        raise ProtocolError("too_large", "message", f"{len(raw)} bytes > limit {max_bytes} bytes; send smaller "
+                            "observations (fewer frames, smaller images) or raise the server's --max-message-mb")
+    try:
+        obj = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True, ext_hook=_no_ext,
+                              timestamp=0)
+    except ProtocolError:
+        raise
+    except Exception as e:  # FormatError, ExtraData, StackError, ValueError, UnicodeDecodeError, TypeError...
+        raise ProtocolError("decode", "message", f"not a single msgpack message ({type(e).__name__}: {e})"[:300])
+    if not isinstance(obj, dict):
+        raise ProtocolError("decode", "message", f"expected a msgpack map, got {type(obj).__name__}")
+    return obj
+
+
+# --- arrays -----------------------------------------------------------------------------------------------------
+def encode_array(a) -> dict:
+    """numpy array (dtype in :data:`DTYPES`) -> ``{"dtype", "shape", "data"}`` (C order, little endian).
+    Raises ProtocolError ``dtype`` for other dtypes."""
+    a = np.asarray(a)
+    name = a.dtype.name
+    if name not in DTYPES:
+        raise ProtocolError("dtype", "array", f"dtype {a.dtype} is not allowed; use one of {sorted(DTYPES)}")
+    a = np.ascontiguousarray(a, dtype=np.dtype(DTYPES[name]))
+    return {"dtype": name, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def decode_array(obj, field: str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> np.ndarray:
+    """``{"dtype", "shape", "data"}`` -> read-only numpy array (native byte order). Raises ProtocolError (``schema``,
+    ``dtype``, ``shape``, ``too_large``) naming ``field``."""
+    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+        raise ProtocolError("schema", field, "an array must be a map with exactly the keys dtype, shape, data")
+    dt, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if not isinstance(dt, str) or dt not in DTYPES:
+        raise ProtocolError("dtype", field, f"dtype {dt!r} is not allowed; use one of {sorted(DTYPES)}")
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 2**31 for s in shape)):
+        raise ProtocolError("shape", field, f"shape must be a list of at most {MAX_NDIM} non-negative ints")
+    if not isinstance(data, bytes):
+        raise ProtocolError("schema", field + ".data", "must be binary (msgpack bin)")
+    npdt = np.dtype(DTYPES[dt])
+    n = math.prod(shape) * npdt.itemsize
+    if n > max_bytes:
+        raise ProtocolError("too_large", field, f"array of {n} bytes exceeds {max_bytes} bytes")
+    if len(data) != n:
+        raise ProtocolError("shape", field, f"{len(data)} data bytes do not match dtype {dt} x shape {shape} "
+                                            f"= {n} bytes")
+    a = np.frombuffer(data, dtype=npdt).reshape(shape)
+    return a.astype(a.dtype.newbyteorder("="), copy=False) if not a.dtype.isnative else a
+
+
+# --- field checks -----------------------------------------------------------------------------------------------
+_REQ = object()
+
+
+def _int(m: dict, name: str, lo: int = 0, hi: int = MAX_ID, default=_REQ, where: str = "") -> int:
+    if name not in m:
+        if default is _REQ:
+            raise ProtocolError("schema", where + name, "missing (required int)")
+        return default
+    v = m[name]
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError("schema", where + name, f"must be an int in [{lo}, {hi}], got {_show(v)}")
+    return v
+
+
+def _bool(m: dict, name: str, default=False) -> bool:
+    v = m.get(name, default)
+    if not isinstance(v, bool):
+        raise ProtocolError("schema", name, f"must be a bool, got {_show(v)}")
+    return v
+
+
+def _str(m: dict, name: str, max_len: int, default=_REQ) -> str:
+    if name not in m:
+        if default is _REQ:
+            raise ProtocolError("schema", name, "missing (required string)")
+        return default
+    v = m[name]
+    if not isinstance(v, str) or len(v) > max_len:
+        raise ProtocolError("schema", name, f"must be a string of at most {max_len} chars, got {_show(v)}")
+    return v
+
+
+def _show(v) -> str:
+    s = repr(v) if isinstance(v, (int, float, bool, type(None))) else type(v).__name__
+    return s[:60]
+
+
+def _check_fields(m: dict, allowed: set, kind: str) -> None:
+    extra = sorted(str(k) for k in set(m) - allowed)
+    if extra:
+        raise ProtocolError("schema", extra[0][:60], f"unknown field for a {kind!r} message "
+                                                     f"(allowed: {sorted(allowed)})")
+
+
+def check_session(s) -> str:
+    if not isinstance(s, str) or not 1 <= len(s) <= MAX_SESSION_LEN or not set(s) <= _SESSION_CHARS:
+        raise ProtocolError("schema", "session", f"must be 1..{MAX_SESSION_LEN} chars of letters, digits and "
+                                                 "-_.:/@+=")
+    return s
+
+
+# --- requests ---------------------------------------------------------------------------------------------------
+_COMMON = {"v", "type", "id", "token"}
+_FIELDS = {"metadata": set(), "ping": set(), "close": {"session"},
+           "act": {"session", "step", "obs", "reset", "seed", "new_chunk"},
+           "push_weights": {"version", "weights", "config"}}
+
+
+def request_id(m) -> int | None:
+    """The request's ``id`` if it is a valid one (so that even an error reply can echo it), else None."""
+    if isinstance(m, dict):
+        v = m.get("id")
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ID:
+            return v
+    return None
+
+
+def parse_request(m: dict, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict:
+    """Check a decoded request map against the schema and return a clean dict
+    ``{"type", "id", "token", ...type fields}`` with ``obs`` arrays decoded (numpy, not yet checked against the
+    policy spec: see :func:`check_obs`). Raises ProtocolError naming the first bad field."""
+    if not isinstance(m, dict):
+        raise ProtocolError("decode", "message", "expected a msgpack map")
+    v = m.get("v")
+    if v != PROTOCOL_VERSION or isinstance(v, bool):
+        raise ProtocolError("version", "v", f"protocol version {_show(v)} is not supported; this server speaks "
+                                            f"v{PROTOCOL_VERSION} (upgrade the client)")
+    t = m.get("type")
+    if t not in REQUEST_TYPES:
+        raise ProtocolError("schema", "type", f"{_show(t) if not isinstance(t, str) else t[:40]!r} is not a "
+                                              f"request type; use one of {list(REQUEST_TYPES)}")
+    _check_fields(m, _COMMON | _FIELDS[t], t)
+    out = {"type": t, "id": _int(m, "id"), "token": _str(m, "token", 256, default=None)}
+    if t in ("act", "close"):
+        out["session"] = check_session(m.get("session"))
+    if t == "act":
+        out["step"] = _int(m, "step", 0, 2**53)
+        out["reset"] = _bool(m, "reset")
+        out["new_chunk"] = _bool(m, "new_chunk")
+        out["seed"] = _int(m, "seed", 0, 2**63 - 1, default=None)
+        if out["seed"] is not None and not out["reset"]:
+            raise ProtocolError("schema", "seed", "only allowed together with reset=true")
+        obs = m.get("obs")
+        if not isinstance(obs, dict) or not obs or len(obs) > 64:
+            raise ProtocolError("schema", "obs", "must be a map {key: array} with 1..64 keys")
+        out["obs"] = {}
+        for k, a in obs.items():
+            if not isinstance(k, str) or not k.isidentifier() or len(k) > 64:
+                shown = repr(k[:64]) if isinstance(k, str) else _show(k)
+                raise ProtocolError("schema", "obs", f"bad observation key {shown}; keys are identifiers")
+            out["obs"][k] = decode_array(a, f"obs.{k}", max_bytes)
+    elif t == "push_weights":
+        out["version"] = _int(m, "version", 1)
+        w = m.get("weights")
+        if not isinstance(w, bytes) or not w:
+            raise ProtocolError("schema", "weights", "must be non-empty binary (safetensors file bytes)")
+        out["weights"] = w
+        cfg = m.get("config")
+        if cfg is not None and not isinstance(cfg, dict):
+            raise ProtocolError("schema", "config", "must be a map of ResidualConfig fields or absent")
+        out["config"] = cfg
+    return out
+
+
+def check_obs(obs: dict, spec: dict, max_frames: int) -> int:
+    """Check decoded observation frames against the server's spec; returns the number of frames F.
+
+    Args:
+        obs: {key: array (F, *shape)}; spec: {key: {"dtype": str, "shape": [int, ...]}} (the metadata's
+            ``obs_spec``); max_frames: n_obs_steps.
+    Raises ProtocolError: ``schema`` for missing/unknown keys, ``dtype`` for a dtype other than the spec's,
+    ``shape`` for a wrong shape or inconsistent F, ``value`` for non-finite floats.
+    """
+    missing, extra = sorted(set(spec) - set(obs)), sorted(set(obs) - set(spec))
+    if missing:
+        raise ProtocolError("schema", f"obs.{missing[0]}", f"missing; the server needs exactly {sorted(spec)}")
+    if extra:
+        raise ProtocolError("schema", f"obs.{extra[0]}", f"not an observation of this policy; send only "
+                                                         f"{sorted(spec)}")
+    frames = None
+    for k, s in spec.items():
+        a = obs[k]
+        if a.dtype.name != s["dtype"]:
+            raise ProtocolError("dtype", f"obs.{k}", f"dtype {a.dtype.name}, expected {s['dtype']}")
+        if a.ndim != len(s["shape"]) + 1 or list(a.shape[1:]) != list(s["shape"]):
+            want = ", ".join(map(str, s["shape"]))
+            raise ProtocolError("shape", f"obs.{k}", f"shape {list(a.shape)}, expected [F, {want}] with "
+                                                     f"1 <= F <= {max_frames} frames")
+        f = a.shape[0]
+        if not 1 <= f <= max_frames or (frames is not None and f != frames):
+            raise ProtocolError("shape", f"obs.{k}", f"{f} frames; every key needs the same F in 1..{max_frames}")
+        frames = f
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise ProtocolError("value", f"obs.{k}", "contains NaN or inf")
+    return frames
+
+
+def request(type_: str, id_: int, token: str | None = None, **fields) -> dict:
+    """Build a request map (numpy arrays inside ``obs`` are encoded). Client side; no validation of values."""
+    m = {"v": PROTOCOL_VERSION, "type": type_, "id": int(id_)}
+    if token is not None:
+        m["token"] = token
+    for k, v in fields.items():
+        if v is None:
+            continue
+        m[k] = {kk: encode_array(vv) for kk, vv in v.items()} if k == "obs" else v
+    return m
+
+
+# --- replies ----------------------------------------------------------------------------------------------------
+def error_reply(id_: int | None, code: str, field: str, message: str) -> dict:
+    return {"v": PROTOCOL_VERSION, "type": "error", "id": id_, "code": code, "field": str(field)[:200],
+            "message": str(message)[:1000]}
+
+
+def reply(type_: str, id_: int | None, **fields) -> dict:
+    return {"v": PROTOCOL_VERSION, "type": type_, "id": id_, **fields}
+
+
+_REPLY_TYPES = set(REQUEST_TYPES) | {"error"}
+_ACT_ARRAYS = ("base", "residual", "executed")
+
+
+def parse_reply(m: dict, max_bytes: int = 2**31) -> dict:
+    """Check a reply map (client side) and decode the act arrays in place. Raises ProtocolError on a malformed
+    reply (a server speaking another version, or not a robot_rl server at all)."""
+    if m.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError("version", "v", f"server speaks protocol {_show(m.get('v'))}, this client "
+                                            f"v{PROTOCOL_VERSION}")
+    if m.get("type") not in _REPLY_TYPES:
+        raise ProtocolError("schema", "type", f"unknown reply type {_show(m.get('type'))}")
+    if m["type"] == "error":
+        for k in ("code", "field", "message"):
+            if not isinstance(m.get(k), str):
+                raise ProtocolError("schema", k, "error reply without a string " + k)
+    if m["type"] == "act":
+        for k in _ACT_ARRAYS:
+            m[k] = decode_array(m.get(k), k, max_bytes)
+    return m

@@ -1,0 +1,360 @@
+"""Policy server against real server processes (``python -m robot_rl.serve.server``) on loopback.
+
+Round trip == in-process inference exactly; batching across concurrent clients == unbatched; weight push changes
+versions and actions without dropping in-flight requests; a killed server -> ServerTimeout within the deadline and
+a restarted one is reconnected to; malformed / oversized / unauthenticated requests get error replies and never
+kill the server; CLI bad input -> one-line errors; ``robot-rl eval --server`` == in-process evaluation.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+from robot_rl.evaluation import CombinedPolicy, evaluate
+from robot_rl.policies.base import PolicyConfig, make_policy
+from robot_rl.policies.checkpoint import load_policy, save_policy
+from robot_rl.policies.residual import ResidualConfig, ResidualPolicy, load_residual, save_residual
+from robot_rl.serve import protocol as P
+from robot_rl.serve.client import AsyncChunkClient, PolicyClient, RemotePolicy, ServerError, ServerTimeout
+
+KEYS = {"ee_pos": 3, "cube_pos": 3}
+TOKEN = "test-token-0123456789"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ROBOT_RL_SERVER_TOKEN": TOKEN}
+
+
+def _stats(d, lo=-1.0, hi=1.0):
+    return {"min": np.full(d, lo, np.float32), "max": np.full(d, hi, np.float32)}
+
+
+def _residual(seed, **kw):
+    torch.manual_seed(seed)
+    r = ResidualPolicy(ResidualConfig(obs_keys=list(KEYS), obs_dims=KEYS, action_dim=kw.pop("action_dim", 5),
+                                      hidden=(32, 32), **kw))
+    with torch.no_grad():
+        for p in r.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # a "trained" residual: nonzero corrections
+    return r
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("ck")
+    torch.manual_seed(0)
+    stats = {"ee_pos": _stats(3, -1, 1), "cube_pos": _stats(3, -1, 1), "action": _stats(5, -0.5, 0.8)}
+    diff = make_policy(PolicyConfig(kind="diffusion", obs_keys=list(KEYS), obs_dims=KEYS, action_dim=5,
+                                    down_dims=[16, 32], diffusion_step_embed_dim=16, num_inference_steps=4,
+                                    n_action_steps=4, horizon=8), stats)
+    bc = make_policy(PolicyConfig(kind="bc", obs_keys=list(KEYS), obs_dims=KEYS, action_dim=5, bc_hidden=[32],
+                                  n_action_steps=4, horizon=8),
+                     {"ee_pos": _stats(3, 0, 0.8), "cube_pos": _stats(3, 0, 0.8), "action": _stats(5)})
+    save_policy(diff, d / "diff")
+    save_policy(bc, d / "bc")
+    save_residual(_residual(1), d / "res1")
+    save_residual(_residual(2), d / "res2")
+    save_residual(_residual(3, action_dim=4), d / "res_bad")
+    return d
+
+
+def start_server(*args, port=0, env=ENV):
+    """Start ``python -m robot_rl.serve.server ARGS``; returns (process, "127.0.0.1:PORT") once it is listening."""
+    p = subprocess.Popen([sys.executable, "-m", "robot_rl.serve.server", "--port", str(port), "--threads", "1",
+                          *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = p.stdout.readline()
+    m = re.search(r"listening on tcp://([\d.]+:\d+)", line)
+    if m is None:
+        p.kill()
+        raise AssertionError(f"server did not start: {line!r} {p.stderr.read()[-2000:]}")
+    return p, m.group(1)
+
+
+def stop(p):
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture(scope="module")
+def server(ckpts):
+    p, addr = start_server("--checkpoint", ckpts / "diff", "--residual", ckpts / "res1", "--batch-window-ms", 30,
+                           "--max-batch", 8, "--max-message-mb", 1)
+    c = PolicyClient(addr, token=TOKEN, timeout_s=10)
+    c.wait_ready(30)
+    yield p, addr
+    c.close()
+    stop(p)
+    assert p.returncode == 0, p.stderr.read()[-2000:]  # clean shutdown on SIGTERM, no crash on the way
+
+
+@pytest.fixture(scope="module")
+def models(ckpts):
+    base = load_policy(ckpts / "diff")
+    return base, load_residual(ckpts / "res1", base), load_residual(ckpts / "res2", base)
+
+
+def _obs(rng):
+    return {k: rng.uniform(-1, 1, size=d).astype(np.float32) for k, d in KEYS.items()}
+
+
+def _reference(base, res, seed, obs_seq, new_chunk_every_step=False):
+    """In-process CombinedPolicy (one env, generator seeded ``seed``): executed actions (S, A) and base (S, A)."""
+    ref = CombinedPolicy(base, res, 1, seed=seed)
+    one = np.ones(1, bool)
+    out, bases = [], []
+    for t, o in enumerate(obs_seq):
+        ob = {k: v[None] for k, v in o.items()}
+        ref.reset(one, ob) if t == 0 else ref.observe(ob, None)
+        if new_chunk_every_step:
+            ref.ex.queue[0].clear()
+        bases.append(ref.ex.peek()[0].copy())
+        out.append(ref.act(ob)[0])
+    return np.stack(out), np.stack(bases), ref
+
+
+def test_metadata(server, ckpts):
+    _, addr = server
+    with PolicyClient(addr, token=TOKEN) as c:
+        m = c.metadata()
+    assert m["protocol"] == P.PROTOCOL_VERSION and m["obs_spec"] == {k: {"dtype": "float32", "shape": [d]}
+                                                                     for k, d in KEYS.items()}
+    assert m["action_spec"]["shape"] == [5] and m["action_spec"]["low"] == pytest.approx([-0.5] * 5)
+    assert (m["n_obs_steps"], m["n_action_steps"], m["horizon"]) == (2, 4, 8)
+    assert m["control_rate_hz"] == 10.0 and m["normalization"]["ee_pos"]["max"] == [1.0] * 3
+    assert m["residual"]["loaded"] and m["residual"]["version"] == 0 and m["auth_required"]
+    assert m["batching"] == {"max_batch": 8, "window_ms": 30.0}
+
+
+def test_round_trip_equals_in_process(server, models):
+    _, addr = server
+    base, res1, _ = models
+    rng = np.random.default_rng(0)
+    obs = [_obs(rng) for _ in range(11)]
+    want, want_base, ref = _reference(base, res1, 5, obs)
+    with PolicyClient(addr, token=TOKEN) as c:
+        got = [c.act("rt", t, o, reset=t == 0, seed=5 if t == 0 else None) for t, o in enumerate(obs)]
+    assert np.array_equal(np.stack([r.action for r in got]), want)  # bit-exact, residual included
+    assert np.array_equal(np.stack([r.base[0] for r in got]), want_base)
+    assert not np.array_equal(want, want_base)  # the residual does change the actions
+    assert [r.new_chunk for r in got] == [t % 4 == 0 for t in range(11)]  # a base call every Ta = 4 steps
+    assert np.array_equal(got[-1].base[1:], np.stack(list(ref.ex.queue[0])))  # the rest of the chunk
+    assert all(r.residual_version == 0 and r.executed.shape == (4 - t % 4, 5) for t, r in enumerate(got))
+
+
+def test_batching_across_concurrent_clients_equals_unbatched(server, models):
+    _, addr = server
+    base, res1, _ = models
+    n, steps = 6, 6
+    rng = np.random.default_rng(1)
+    obs = [[_obs(rng) for _ in range(steps)] for _ in range(n)]
+    results, errors = [[] for _ in range(n)], []
+    barrier = threading.Barrier(n)
+
+    def client(i):
+        try:
+            with PolicyClient(addr, token=TOKEN, timeout_s=10) as c:
+                c.metadata()
+                for t in range(steps):
+                    barrier.wait()
+                    results[i].append(c.act(f"b{i}", t, obs[i][t], reset=t == 0, seed=100 + i if t == 0 else None,
+                                            new_chunk=True))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not errors, errors
+    sizes = [r.timing["batch_size"] for rs in results for r in rs]
+    assert max(sizes) >= 4, sizes  # the server did batch across clients
+    for i in range(n):
+        want, want_base, _ = _reference(base, res1, 100 + i, obs[i], new_chunk_every_step=True)
+        np.testing.assert_allclose(np.stack([r.action for r in results[i]]), want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.stack([r.base[0] for r in results[i]]), want_base, rtol=0, atol=1e-6)
+
+
+def test_async_chunk_client(server):
+    _, addr = server
+    rng = np.random.default_rng(2)
+    ac = AsyncChunkClient(addr, "async", token=TOKEN, threshold=1, ensemble_decay=0.01, timeout_s=10)
+    try:
+        acts = [ac.act(_obs(rng), reset=t == 0, seed=3) for t in range(16)]
+    finally:
+        ac.close()
+    a = np.stack(acts)
+    assert a.shape == (16, 5) and a.dtype == np.float32 and np.all(np.isfinite(a))
+    assert np.all(a >= -0.5 - 1e-6) and np.all(a <= 0.8 + 1e-6)  # blends of in-range actions stay in range
+    assert 4 <= ac.requests <= 8  # one request per ~Ta - threshold steps, not one per step
+
+
+def _raw_socket(addr):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect("tcp://" + addr)
+    return s
+
+
+def _raw_call(s, frames, timeout_ms=5000):
+    s.send_multipart(frames)
+    assert s.poll(timeout_ms), "no reply"
+    return P.parse_reply(P.unpack(s.recv()))
+
+
+def test_bad_requests_get_error_replies_and_server_survives(server):
+    p, addr = server
+    s = _raw_socket(addr)
+    act = P.request("act", 1, TOKEN, session="bad", step=0, reset=True,
+                    obs={k: np.zeros((1, d), np.float32) for k, d in KEYS.items()})
+    wrong_dtype = {**act, "obs": {**act["obs"], "ee_pos": P.encode_array(np.zeros((1, 3), np.float64))}}
+    wrong_shape = {**act, "obs": {**act["obs"], "ee_pos": P.encode_array(np.zeros((1, 7), np.float32))}}
+    too_many_frames = {**act, "obs": {k: P.encode_array(np.zeros((3, d), np.float32)) for k, d in KEYS.items()}}
+    oversized = {**act, "pad": b"\0" * (3 * 2**20 // 2)}  # 1.5 MiB > --max-message-mb 1
+    cases = [([b"\xc1\xc1garbage"], "decode"), ([P.pack([1, 2, 3])], "decode"),
+             ([P.pack({**act, "v": 99})], "version"), ([P.pack({**act, "token": "nope"})], "auth"),
+             ([P.pack({k: v for k, v in act.items() if k != "token"})], "auth"),
+             ([P.pack({**act, "type": "explode"})], "schema"), ([P.pack(wrong_dtype)], "dtype"),
+             ([P.pack(wrong_shape)], "shape"), ([P.pack(too_many_frames)], "shape"),
+             ([P.pack(oversized)], "too_large"), ([P.pack(act), b"second frame"], "decode")]
+    for frames, code in cases:
+        m = _raw_call(s, frames)
+        assert m["type"] == "error" and m["code"] == code, (code, m)
+    s.close()
+    # far beyond the limit: ZeroMQ drops the connection before reading it into memory; nobody else notices
+    s = _raw_socket(addr)
+    s.send(b"\0" * (5 * 2**20))
+    s.close()
+    with PolicyClient(addr) as c:  # no token
+        with pytest.raises(ServerError, match="auth"):
+            c.metadata()
+    with PolicyClient(addr, token=TOKEN) as c:
+        with pytest.raises(Exception, match="ee_pos"):  # client-side check before sending
+            c.act("x", 0, {"ee_pos": np.zeros(4), "cube_pos": np.zeros(3)}, reset=True)
+        assert c.act("ok", 0, {"ee_pos": np.zeros(3), "cube_pos": np.zeros(3)}, reset=True).executed.shape == (4, 5)
+        assert c.ping()["stats"]["errors"] >= len(cases)
+    assert p.poll() is None
+
+
+def test_weight_push_changes_version_and_actions_without_dropping_requests(server, models, ckpts):
+    _, addr = server
+    base, res1, res2 = models
+    rng = np.random.default_rng(3)
+    obs = [_obs(rng) for _ in range(8)]
+    seen, errors, stop_flag = [], [], threading.Event()
+
+    def hammer():  # a client stepping continuously while the learner pushes
+        try:
+            with PolicyClient(addr, token=TOKEN, timeout_s=10) as c:
+                t = 0
+                while not stop_flag.is_set() or t < 30:
+                    r = c.act("hammer", t, obs[t % 8], reset=t == 0)
+                    seen.append(r.residual_version)
+                    t += 1
+        except Exception as e:
+            errors.append(e)
+
+    th = threading.Thread(target=hammer)
+    th.start()
+    time.sleep(0.2)
+    with PolicyClient(addr, token=TOKEN, timeout_s=10) as c:
+        assert c.push_weights(res2, version=1) == 1
+        time.sleep(0.2)
+        stop_flag.set()
+        th.join(60)
+        assert not errors, errors
+        assert seen[0] == 0 and seen[-1] == 1 and seen == sorted(seen)  # every request answered, in order
+        with pytest.raises(ServerError, match="push_rejected"):
+            c.push_weights(res1, version=1)  # versions must increase
+        with pytest.raises(ServerError, match="push_rejected"):
+            c.push_weights(_residual(4, action_dim=4), version=2)  # does not fit the base
+        with pytest.raises(ServerError, match="push_rejected"):
+            c.push_weights(b"not safetensors", version=2)
+        got = [c.act("after-push", t, o, reset=t == 0, seed=9 if t == 0 else None) for t, o in enumerate(obs)]
+        assert c.metadata(refresh=True)["residual"]["version"] == 1
+    want2, _, _ = _reference(base, res2, 9, obs)
+    want1, _, _ = _reference(base, res1, 9, obs)
+    acts = np.stack([r.action for r in got])
+    assert all(r.residual_version == 1 for r in got)
+    assert np.array_equal(acts, want2) and not np.allclose(acts, want1)
+
+
+def test_killed_server_times_out_within_deadline_then_reconnects(ckpts):
+    p, addr = start_server("--checkpoint", ckpts / "diff", "--residual", ckpts / "res1")
+    port = int(addr.rsplit(":", 1)[1])
+    rng = np.random.default_rng(4)
+    c = PolicyClient(addr, token=TOKEN, timeout_s=1.0, retries=1)
+    try:
+        c.wait_ready(30)
+        c.act("f", 0, _obs(rng), reset=True, seed=1)
+        c.act("f", 1, _obs(rng))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        t0 = time.monotonic()
+        with pytest.raises(ServerTimeout):
+            c.act("f", 2, _obs(rng))
+        assert time.monotonic() - t0 <= 1.0 + 0.2
+        p, _ = start_server("--checkpoint", ckpts / "diff", "--residual", ckpts / "res1", port=port)
+        c.wait_ready(30)
+        r = c.act("f", 3, _obs(rng))  # the new server lost the session: the client re-creates it transparently
+        assert r.recovered and r.step == 3 and r.executed.shape[1] == 5
+        assert not c.act("f", 4, _obs(rng)).recovered
+    finally:
+        c.close()
+        stop(p)
+
+
+def _one_line_error(r, field):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("robot-rl: error:") and field in lines[0], r.stderr
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "robot_rl.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def test_cli_bad_input(ckpts, tmp_path):
+    _one_line_error(_cli("serve", "--checkpoint", tmp_path / "missing"), "missing")
+    _one_line_error(_cli("serve", "--checkpoint", ckpts / "diff", "--residual", ckpts / "res_bad", "--port", 0),
+                    "action_dim")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        _one_line_error(_cli("serve", "--checkpoint", ckpts / "diff", "--port", held.getsockname()[1]), "in use")
+    _one_line_error(_cli("eval", "--server", "127.0.0.1:1", "--out", tmp_path / "e", "--timeout", 0.3), "server")
+
+
+def test_eval_through_server_equals_in_process(ckpts, tmp_path):
+    """BC base (deterministic): the same held-out episodes, in-process and through `robot-rl eval --server`."""
+    p, addr = start_server("--checkpoint", ckpts / "bc", "--residual", ckpts / "res1")
+    try:
+        base = load_policy(ckpts / "bc")
+        want = evaluate(base, "place", residual=load_residual(ckpts / "res1", base), n_episodes=2, n_envs=1,
+                        progress=False)
+        with PolicyClient(addr, token=TOKEN) as c:
+            c.wait_ready(30)
+            got = evaluate(None, "place", n_episodes=2, n_envs=1, progress=False, policy=RemotePolicy(c, 1))
+        assert got["per_episode"] == want["per_episode"]
+        r = _cli("eval", "--server", addr, "--out", tmp_path / "ev", "--episodes", 2, "--n-envs", 1, "--videos", 0)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rep = json.loads((tmp_path / "ev" / "report.json").read_text())["results"]["server: base + residual"]
+        assert rep["success_rate"] == want["success_rate"] and rep["mean_length"] == want["mean_length"]
+    finally:
+        stop(p)
