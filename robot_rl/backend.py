@@ -66,6 +66,37 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Release renderers and native resources."""
 
+    # -- domain randomization setters (see robot_rl.randomization; simulators implement them) ------------------
+    def set_physics(self, params: dict) -> None:
+        """Set physical parameters as factors on the scene's nominal values (absolute, not cumulative; a factor
+        of 1 restores the nominal value). Keys, each optional (absent keys keep their current value):
+        ``object_mass`` (float, every free object, inertia scaled alike), ``object_friction`` (float, every contact
+        pair involving an object), ``joint_damping`` ((7,) passive arm-joint damping), ``actuator_gain`` ((7,)
+        arm servo stiffness kp)."""
+        raise self._unsupported("physics")
+
+    def get_physics(self) -> dict:
+        """Current values in SI units: ``object_mass`` {name: kg}, ``object_friction`` {name: effective
+        object-table coefficient}, ``joint_damping`` (7,) [N m s/rad], ``actuator_gain`` (7,) kp [N m/rad]."""
+        raise self._unsupported("physics")
+
+    def set_camera_pose(self, camera: str, pos: np.ndarray, R: np.ndarray) -> None:
+        """Camera pose in its parent frame (world frame for fixed cameras): position (3,) [m] and rotation (3, 3)
+        with columns = camera x (right), y (up), z (backward), as :func:`robot_rl.scene.look_at_matrix`."""
+        raise self._unsupported("camera pose")
+
+    def set_colors(self, rgba: dict) -> None:
+        """Visual colours ``{name: (r, g, b, a)}`` in [0, 1] for free objects (by name) and ``"table"``."""
+        raise self._unsupported("colors")
+
+    def set_lighting(self, intensity: float) -> None:
+        """Scene light intensity as a factor on the nominal lighting (1 = nominal)."""
+        raise self._unsupported("lighting")
+
+    def _unsupported(self, what: str) -> ConfigError:
+        return ConfigError("randomization", f"the {self.name} backend cannot randomize {what}",
+                           "use backend='mujoco' or 'pybullet', or drop that randomization group")
+
 
 BACKENDS = ("mujoco", "pybullet")
 

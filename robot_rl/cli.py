@@ -1,4 +1,4 @@
-"""``robot-rl`` command line: collect, train-base, train-residual, eval, pipeline, store, serve.
+"""``robot-rl`` command line: collect, train-base, train-residual, eval, transfer, pipeline, store, serve.
 
 Bad input ends with one line ``robot-rl: error: <field>: <problem> -> <fix>`` and exit code 2.
 Every command that produces outputs writes its resolved arguments to ``<out>/config.yaml``.
@@ -27,7 +27,7 @@ def cmd_collect(a):
 
     r = collect(a.store, a.task, a.episodes, seed=a.seed, noise=a.noise, bias=a.bias, backend=a.backend,
                 cameras=a.cameras, image_size=(a.image_size, a.image_size), overwrite=a.overwrite,
-                only_success=not a.keep_failures)
+                only_success=not a.keep_failures, randomization=_randomization_arg(a.randomization))
     print(json.dumps(r, indent=1))
 
 
@@ -56,11 +56,17 @@ def cmd_train_residual(a):
     from robot_rl.rl.ppo import PPOConfig, train_residual
 
     out = Path(a.out)
+    rnd = _randomization_arg(a.randomization)
+    if rnd is not None:
+        from robot_rl.envs import check_env_options
+
+        check_env_options(a.task, None, randomization=rnd)  # before anything is written
     base = load_policy(a.base)
     _write_cfg(out, a)
     w = SummaryWriter(str(out / "tb"))
     cfg = PPOConfig(total_env_steps=a.env_steps, n_envs=a.n_envs, n_steps=a.n_steps, alpha=a.alpha, seed=a.seed)
-    res, curve = train_residual(base, a.task, cfg, out, writer=w)
+    res, curve = train_residual(base, a.task, cfg, out, writer=w,
+                                env_kwargs={"randomization": rnd} if rnd is not None else None)
     w.close()
     ck = save_residual(res, out / "checkpoint", extra={"base_checkpoint": str(a.base)})
     plot_learning_curve(curve, out / "learning_curve.png")
@@ -151,6 +157,57 @@ def cmd_serve(a):
     serve(a.checkpoint, a.residual, cfg.validate(), device=a.device, ready=lambda line: print(line, flush=True))
 
 
+def _randomization_arg(text: str | None):
+    """``--randomization`` value: a preset name (``default``, ``none``) or a YAML/JSON dict of overrides."""
+    if text is None:
+        return None
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("randomization", f"{text!r} is not a preset name or YAML ({str(e).splitlines()[0]})",
+                          "pass e.g. --randomization default or '{physics: {object_mass: [0.7, 1.3]}}'") from None
+    return v
+
+
+def cmd_transfer(a):
+    from robot_rl.envs import check_env_options
+    from robot_rl.policies.checkpoint import load_policy
+    from robot_rl.policies.residual import load_residual
+    from robot_rl.transfer import transfer_report
+
+    rnd = _randomization_arg(a.randomization)
+    rnd = {"preset": rnd} if isinstance(rnd, str) else dict(rnd or {})
+    task_kwargs, env_kwargs = {}, {}
+    for ov in a.set or []:
+        key, eq, val = ov.partition("=")
+        head, _, rest = key.partition(".")
+        if not eq or not rest or head not in ("task_kwargs", "randomization", "env"):
+            raise ConfigError("--set", f"{ov!r} is not task_kwargs.<field>=V, randomization.<group>.<key>=V or "
+                              "env.<field>=V", "write e.g. --set task_kwargs.tolerance=0.003")
+        try:
+            value = yaml.safe_load(val)
+        except yaml.YAMLError:
+            raise ConfigError("--set", f"{ov!r}: value is not YAML", "write e.g. --set env.max_steps=120") from None
+        {"task_kwargs": task_kwargs, "randomization": rnd, "env": env_kwargs}[head][rest] = value
+    for b in (a.train_backend, a.eval_backend):  # fail on bad input before loading anything
+        if b not in ("mujoco", "pybullet"):
+            raise ConfigError("backend", f"unknown backend {b!r}", "choose mujoco or pybullet")
+    check_env_options(a.task, task_kwargs, randomization=rnd, **env_kwargs)
+    base = load_policy(a.checkpoint)
+    res = load_residual(a.residual, base) if a.residual else None
+    out = Path(a.out)
+    _write_cfg(out, a)
+    r = transfer_report(base, a.task, out, residual=res, train_backend=a.train_backend, eval_backend=a.eval_backend,
+                        randomization=rnd, task_kwargs=task_kwargs, env_kwargs=env_kwargs, n_episodes=a.episodes,
+                        n_envs=a.n_envs, seed_start=a.seed_start, videos=a.videos,
+                        extra={"base": str(a.checkpoint), "residual": str(a.residual) if a.residual else None})
+    for row in r["rows"]:
+        print(f"{row['backend']:<9} {row['role']:<5} randomization {'on ' if row['randomized'] else 'off'}  "
+              f"success {row['success_rate']:.3f} 95% CI [{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}] "
+              f"over {row['episodes']} episodes")
+    print(f"report: {r['report_md']}")
+
+
 def cmd_pipeline(a):
     from robot_rl.pipeline import resolve_config, run_pipeline
 
@@ -193,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image-size", type=int, default=96)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--keep-failures", action="store_true")
+    c.add_argument("--randomization", help="domain randomization: a preset (default, none) or a YAML dict, "
+                                           "e.g. '{physics: {object_mass: [0.7, 1.3]}}'; stored per episode")
     c.set_defaults(func=cmd_collect)
 
     t = sub.add_parser("train-base", help="train a diffusion / BC base policy on a store")
@@ -217,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n-steps", type=int, default=100)
     r.add_argument("--alpha", type=float, default=0.1)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--randomization", help="train under domain randomization: a preset (default) or a YAML dict")
     r.set_defaults(func=cmd_train_residual)
 
     e = sub.add_parser("eval", help="held-out seeded evaluation with Wilson intervals, report and videos")
@@ -231,6 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed-start", type=int, default=1_000_000)
     e.add_argument("--videos", type=int, default=3)
     e.set_defaults(func=cmd_eval)
+
+    tr = sub.add_parser("transfer", help="sim-to-sim transfer: train vs eval backend, with and without domain "
+                                         "randomization, one table with Wilson intervals + videos")
+    tr.add_argument("--checkpoint", required=True, help="base policy checkpoint directory")
+    tr.add_argument("--residual", help="residual checkpoint directory (trained on this base)")
+    tr.add_argument("--train-backend", default="mujoco")
+    tr.add_argument("--eval-backend", default="pybullet")
+    tr.add_argument("--task", default="place")
+    tr.add_argument("--randomization", default="default",
+                    help="randomized conditions: a preset (default) or a YAML dict of overrides")
+    tr.add_argument("--set", action="append", help="task_kwargs.<field>=V, randomization.<group>.<key>=V or "
+                                                   "env.<field>=V, e.g. --set task_kwargs.tolerance=0.003")
+    tr.add_argument("--episodes", type=int, default=100, help="episodes per condition (same seeds in each)")
+    tr.add_argument("--n-envs", type=int, default=2)
+    tr.add_argument("--seed-start", type=int, default=1_000_000)
+    tr.add_argument("--videos", type=int, default=1, help="videos per condition")
+    tr.add_argument("--out", default="runs/transfer")
+    tr.set_defaults(func=cmd_transfer)
 
     pp = sub.add_parser("pipeline", help="collect -> train base -> residual RL -> evaluate, end to end")
     pp.add_argument("--preset", default="quick", help="quick | full")

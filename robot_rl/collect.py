@@ -1,7 +1,8 @@
 """Scripted demonstration collection into the zarr store.
 
 Each episode is rolled out with the scripted expert from a seed, and committed atomically with its metadata
-(seed, task, source="scripted", success, backend, the sampled reset parameters and the expert's noise).
+(seed, task, source="scripted", success, backend, the sampled reset parameters, the expert's noise and, with
+domain randomization on, the episode's randomization sample: ``extra["randomization"]``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from robot_rl.envs import make_env
+from robot_rl.envs import check_env_options, make_env
 from robot_rl.errors import ConfigError
 from robot_rl.experts import ScriptedExpert
 from robot_rl.store import ZarrStore
@@ -42,17 +43,20 @@ def rollout_expert(env, expert: ScriptedExpert, seed: int) -> tuple[dict[str, np
 def collect(store_path: str | Path, task: str, n_episodes: int, *, seed: int = 0, noise: float = 0.3,
             bias: float = 0.0, only_success: bool = True, backend: str = "mujoco", cameras=(),
             image_size=(96, 96), overwrite: bool = False, max_attempts: int | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, randomization=None) -> dict:
     """Collect ``n_episodes`` scripted demonstrations (successful ones only when ``only_success``).
 
     Seeds are ``seed, seed+1, ...``; failed attempts are skipped (and counted) when ``only_success``.
     Appends to an existing store unless ``overwrite``; raises ConfigError on an impossible request.
+    ``randomization``: domain randomization spec (see :mod:`robot_rl.randomization`); each episode's sample is
+    stored in its metadata as ``extra["randomization"]`` ({} when off).
     """
     if n_episodes < 1:
         raise ConfigError("episodes", f"{n_episodes} < 1", "ask for at least one episode")
     path = Path(store_path)
+    check_env_options(task, None, randomization=randomization)  # bad input fails before the store is touched
     store = ZarrStore.open(path, mode="a") if (path.exists() and not overwrite) else ZarrStore.create(path, overwrite=overwrite)
-    env = make_env(task, backend, cameras=tuple(cameras), image_size=tuple(image_size))
+    env = make_env(task, backend, cameras=tuple(cameras), image_size=tuple(image_size), randomization=randomization)
     expert = ScriptedExpert(task, noise=noise, bias=bias, pos_scale=env.controller.cfg.pos_scale,
                             yaw_scale=env.controller.cfg.yaw_scale)
     max_attempts = max_attempts or 4 * n_episodes
@@ -64,7 +68,8 @@ def collect(store_path: str | Path, task: str, n_episodes: int, *, seed: int = 0
             attempts += 1
             if ok or not only_success:
                 store.add_episode(data, seed=s, task=task, source="scripted", success=ok, backend=backend,
-                                  extra={"params": env.params, "noise": noise, "bias": bias})
+                                  extra={"params": env.params, "noise": noise, "bias": bias,
+                                         "randomization": env.randomization})
                 kept += 1
                 bar.update(1)
             s += 1

@@ -8,7 +8,8 @@ Observation (dict of float32 arrays unless noted; robot base frame, SI units, qu
     cube_pos (3,) m · cube_quat (4,) · target_pos (3,) m, cube_to_target (3,) m [place only] ·
     image_<camera> uint8 (H, W, 3) RGB for every requested camera.
 Action: float32 Box (5,) in [-1, 1] — see :mod:`robot_rl.controller` for units.
-Reward: sparse, 1.0 on the step that reaches success (the episode then terminates), else 0.0.
+Reward: sparse, 1.0 on the step that reaches success, else 0.0. The episode terminates on success or on the
+task's irrecoverable failure (``info["failure"]``, e.g. place: released off target) and is truncated at the limit.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from robot_rl.backend import make_backend
 from robot_rl.controller import ControllerConfig, DiffIKController
 from robot_rl.errors import ConfigError
 from robot_rl.kinematics import KinematicChain
+from robot_rl.randomization import Randomizer
 from robot_rl.scene import SceneSpec
 from robot_rl.tasks import Task, canonical_quat, make_task
 
@@ -37,6 +39,8 @@ class EnvConfig:
     image_size: (H, W) of observation images. control_dt / physics_dt in seconds.
     init_joint_noise: uniform half-range [rad] added to the home posture at reset.
     max_steps: overrides the task's time limit when set.
+    randomization: domain randomization: None (off), a preset name (``"default"``) or a dict of overrides;
+        see :mod:`robot_rl.randomization`. The episode's sample is ``info["randomization"]`` at reset.
     """
 
     cameras: tuple = ()
@@ -47,6 +51,32 @@ class EnvConfig:
     max_steps: int | None = None
     render_size: tuple = (240, 320)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    randomization: str | dict | None = None
+
+
+def assemble_observation(controller: DiffIKController, task: Task, joint_state: tuple, objects, params: dict,
+                         images: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """THE observation assembly, shared by :class:`RobotEnv` and the ROS 2 policy node / recorder.
+
+    Args:
+        controller: gives the tool pose from joint positions (URDF forward kinematics).
+        task: adds its keys via ``task.observe(objects, params)``.
+        joint_state: (q (7,) rad, dq (7,) rad/s, gripper width m).
+        objects: anything with ``object_pose(name) -> (pos (3,), quat xyzw (4,))`` (a Backend, or a cache of ROS
+            PoseStamped messages).
+        params: the episode's task parameters (``target_xy`` for ``place``).
+        images: {camera: uint8 (H, W, 3) RGB}; stored as ``image_<camera>``.
+    """
+    q, dq, width = joint_state
+    q, dq = np.asarray(q, dtype=np.float64), np.asarray(dq, dtype=np.float64)
+    pos, quat = controller.ee_pose(q)
+    obs = {"joint_pos": q.astype(np.float32), "joint_vel": dq.astype(np.float32),
+           "ee_pos": pos.astype(np.float32), "ee_quat": canonical_quat(quat, EE_QUAT_REF).astype(np.float32),
+           "gripper_width": np.array([width], dtype=np.float32)}
+    obs.update(task.observe(objects, params))
+    for cam, img in (images or {}).items():
+        obs[f"image_{cam}"] = img
+    return obs
 
 
 class RobotEnv(gym.Env):
@@ -70,6 +100,9 @@ class RobotEnv(gym.Env):
         self.scene = SceneSpec(objects=task.objects, markers=task.markers, control_dt=cfg.control_dt,
                                physics_dt=cfg.physics_dt)
         self.backend_name = backend
+        lowdim = [*ROBOT_OBS_DIMS, *task.obs_dims()]
+        self.randomizer = Randomizer(cfg.randomization, self.scene, lowdim, task.derived_keys, task.derive)
+        self.randomization: dict = {}  # this episode's sample (plain JSON), {} when randomization is off
         self.backend = make_backend(backend, self.scene)
         r = self.scene.robot
         self.chain = KinematicChain(r.urdf, r.base_link, r.tip_link)
@@ -89,16 +122,10 @@ class RobotEnv(gym.Env):
 
     # -- observation -------------------------------------------------------------------------------------------
     def _obs(self) -> dict[str, np.ndarray]:
-        q, dq, width = self.backend.joint_state()
-        pos, quat = self.controller.ee_pose(q)
-        obs = {"joint_pos": q.astype(np.float32), "joint_vel": dq.astype(np.float32),
-               "ee_pos": pos.astype(np.float32), "ee_quat": canonical_quat(quat, EE_QUAT_REF).astype(np.float32),
-               "gripper_width": np.array([width], dtype=np.float32)}
-        obs.update(self.task.observe(self.backend, self.params))
         H, W = self.cfg.image_size
-        for cam in self.cfg.cameras:
-            obs[f"image_{cam}"] = self.backend.render(cam, H, W)
-        return obs
+        images = {cam: self.backend.render(cam, H, W) for cam in self.cfg.cameras}
+        return assemble_observation(self.controller, self.task, self.backend.joint_state(), self.backend,
+                                    self.params, images)
 
     # -- gymnasium API -----------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -109,11 +136,20 @@ class RobotEnv(gym.Env):
         self.params = self.task.sample(rng)
         q0 = self.q_home + rng.uniform(-1, 1, size=7) * self.cfg.init_joint_noise
         self.params["q0"] = [float(v) for v in q0]
+        self.randomization = {}
+        if self.randomizer.active:  # one draw from the reset RNG seeds everything randomized in this episode
+            ep_seed = int(rng.integers(2**63))
+            self.randomization = self.randomizer.sample(ep_seed)
+            self.randomizer.apply(self.backend, self.randomization)
         self.backend.reset_robot(q0, self.scene.robot.max_width)
         self.task.apply(self.backend, self.params)
         self.t = 0
         obs = self._obs()
-        return obs, {"success": False, "params": self.params}
+        if self.randomizer.active:
+            hold = np.zeros(5)  # executed until the first (delayed) command arrives: stay, gripper as at reset
+            hold[4] = 1.0 - 2.0 * self.scene.robot.max_width / self.controller.cfg.max_width
+            obs = self.randomizer.start_episode(ep_seed, self.randomization, obs, hold)
+        return obs, {"success": False, "params": self.params, "randomization": self.randomization}
 
     def step(self, action):
         a = np.asarray(action, dtype=np.float64).reshape(-1)
@@ -121,6 +157,8 @@ class RobotEnv(gym.Env):
             raise ConfigError("action", f"shape {a.shape} != (5,)", "send [dx, dy, dz, dyaw, gripper] in [-1, 1]")
         if not np.all(np.isfinite(a)):
             raise ConfigError("action", "contains NaN or inf", "check the policy output")
+        if self.randomizer.active:
+            a = self.randomizer.delay_action(a)
         q, _, _ = self.backend.joint_state()
         q_t, width = self.controller.compute(q, a)
         self.backend.set_targets(q_t, width)
@@ -128,18 +166,28 @@ class RobotEnv(gym.Env):
         self.t += 1
         obs = self._obs()
         success = self.task.is_success(obs, self.params)
-        truncated = (not success) and self.t >= self.max_steps
-        return obs, float(success), success, truncated, {"success": success, "t": self.t}
+        failure = (not success) and self.task.is_failure(obs, self.params)
+        truncated = not (success or failure) and self.t >= self.max_steps
+        if self.randomizer.active:  # success / failure above use the true state; the agent sees the sensors
+            obs = self.randomizer.observe(obs)
+        return obs, float(success), success or failure, truncated, {"success": success, "failure": failure, "t": self.t}
 
     def render(self):
         H, W = self.cfg.render_size
         return self.backend.render("front", H, W)
 
     def get_state(self) -> dict:
-        """Everything needed to resume this episode exactly: backend state, step counter, task params."""
-        return {"backend": self.backend.get_state(), "t": self.t, "params": dict(self.params)}
+        """Everything needed to resume this episode exactly: backend state, step counter, task params (and, with
+        randomization on, the episode's sample, latency buffers and sensor-noise generator)."""
+        st = {"backend": self.backend.get_state(), "t": self.t, "params": dict(self.params)}
+        if self.randomizer.active:
+            st["randomization"] = self.randomizer.get_state()
+        return st
 
     def set_state(self, state: dict) -> None:
+        if self.randomizer.active and "randomization" in state:
+            self.randomizer.set_state(self.backend, state["randomization"])  # physics first (MuJoCo setConst)
+            self.randomization = self.randomizer.sample_
         self.backend.set_state(state["backend"])
         self.t, self.params = state["t"], dict(state["params"])
 
@@ -156,10 +204,18 @@ def make_env(task: str = "place", backend: str = "mujoco", *, task_kwargs: dict 
         backend: ``mujoco`` or ``pybullet`` (same scene, servos, task and controller; ``ros2`` arrives with
             its issue).
         task_kwargs: task field overrides (e.g. ``{"tolerance": 0.007}``).
-        **cfg: :class:`EnvConfig` fields (``cameras``, ``image_size``, ``control_dt``, ...).
+        **cfg: :class:`EnvConfig` fields (``cameras``, ``image_size``, ``control_dt``, ``randomization``, ...).
     Raises:
         ConfigError: unknown task/backend/field or an impossible value.
     """
+    t, cfg = check_env_options(task, task_kwargs, **cfg)
+    return RobotEnv(t, backend, EnvConfig(**cfg), render_mode=render_mode)
+
+
+def check_env_options(task: str, task_kwargs: dict | None = None, **cfg) -> tuple[Task, dict]:
+    """Validate task name/kwargs, :class:`EnvConfig` field names and the randomization spec without building a
+    simulator (vector envs call this in the parent process so bad input fails there, on one line).
+    Returns (task, normalised cfg). Raises ConfigError."""
     t = make_task(task, **(task_kwargs or {}))
     fields = EnvConfig.__dataclass_fields__
     for k in cfg:
@@ -168,4 +224,7 @@ def make_env(task: str = "place", backend: str = "mujoco", *, task_kwargs: dict 
     cfg = dict(cfg)
     if "cameras" in cfg:
         cfg["cameras"] = tuple(cfg["cameras"])
-    return RobotEnv(t, backend, EnvConfig(**cfg), render_mode=render_mode)
+    if cfg.get("randomization") is not None:
+        Randomizer(cfg["randomization"], SceneSpec(objects=t.objects, markers=t.markers),
+                   [*ROBOT_OBS_DIMS, *t.obs_dims()], t.derived_keys)
+    return t, cfg

@@ -57,8 +57,11 @@ class CombinedPolicy:
 
 def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_start: int = EVAL_SEED_START,
              n_envs: int = 4, task_kwargs: dict | None = None, env_kwargs: dict | None = None, seed: int = 0,
-             progress: bool = True, desc: str = "eval", policy=None) -> dict:
+             progress: bool = True, desc: str = "eval", policy=None, backend: str = "mujoco") -> dict:
     """Run ``n_episodes`` seeded episodes; returns {success_rate, ci95, successes, episodes, mean_length, seeds...}.
+
+    ``backend``: simulator of the envs (``mujoco`` / ``pybullet``; a ``"backend"`` key in ``env_kwargs`` wins);
+    ``env_kwargs``: :class:`~robot_rl.envs.EnvConfig` fields (e.g. ``{"randomization": "default"}``).
 
     ``policy``: an object with CombinedPolicy's reset/observe/act for ``n_envs`` envs used instead of
     ``CombinedPolicy(base, residual)`` (e.g. :class:`robot_rl.serve.client.RemotePolicy`; then ``base`` may be None).
@@ -67,7 +70,9 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
         raise ConfigError("episodes", f"{n_episodes} < 1", "evaluate at least one episode")
     n_envs = min(n_envs, n_episodes)
     torch.set_num_threads(1)  # the env workers own the other cores; OpenMP oversubscription is catastrophic
-    venv = make_vector_env(task, n_envs, task_kwargs=task_kwargs, **(env_kwargs or {}))
+    env_kwargs = dict(env_kwargs or {})
+    backend = env_kwargs.pop("backend", backend)  # as train_residual's env_kwargs may carry it
+    venv = make_vector_env(task, n_envs, backend, task_kwargs=task_kwargs, **env_kwargs)
     pol = policy if policy is not None else CombinedPolicy(base, residual, n_envs, seed=seed)
     seeds = SeedSchedule(seed_start, n_episodes)
     cur = [seeds.take() for _ in range(n_envs)]
@@ -83,7 +88,7 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
             done = np.logical_or(term, trunc) & active
             if done.any():
                 for i in np.flatnonzero(done):
-                    results.append({"seed": cur[i], "success": bool(term[i]), "length": int(info["t"][i])})
+                    results.append({"seed": cur[i], "success": bool(info["success"][i]), "length": int(info["t"][i])})
                     cur[i] = seeds.take()
                     if cur[i] is None:
                         active[i] = False
@@ -103,7 +108,8 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     lo, hi = wilson_interval(k, len(results))
     lengths = [r["length"] for r in results if r["length"] is not None]
     succ_len = [r["length"] for r in results if r["success"] and r["length"] is not None]
-    return {"task": task, "episodes": len(results), "successes": int(k), "success_rate": k / len(results),
+    return {"task": task, "backend": backend, "episodes": len(results), "successes": int(k),
+            "success_rate": k / len(results),
             "ci95": [lo, hi], "mean_length": float(np.mean(lengths)) if lengths else None,
             "mean_success_length": float(np.mean(succ_len)) if succ_len else None,
             "seed_range": [seed_start, seed_start + n_episodes - 1],
@@ -112,12 +118,15 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
 
 
 def record_videos(base, task: str, out_dir: str | Path, *, residual=None, seeds=(EVAL_SEED_START,),
-                  task_kwargs: dict | None = None, fps: int = 10, prefix: str = "rollout", policy=None) -> list[str]:
+                  task_kwargs: dict | None = None, fps: int = 10, prefix: str = "rollout", policy=None,
+                  backend: str = "mujoco", env_kwargs: dict | None = None) -> list[str]:
     """Roll out the given seeds in-process, rendering the front camera, and write one mp4 per episode.
-    ``policy``: a one-env reset/observe/act object used instead of ``CombinedPolicy(base, residual, 1)``."""
+    ``policy``: a one-env reset/observe/act object used instead of ``CombinedPolicy(base, residual, 1)``;
+    ``backend`` / ``env_kwargs`` as in :func:`evaluate`."""
     import imageio.v2 as imageio
 
-    env = make_env(task, task_kwargs=task_kwargs)
+    env_kwargs = dict(env_kwargs or {})
+    env = make_env(task, env_kwargs.pop("backend", backend), task_kwargs=task_kwargs, **env_kwargs)
     pol = policy if policy is not None else CombinedPolicy(base, residual, 1)
     paths = []
     out = Path(out_dir)

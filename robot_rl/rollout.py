@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from robot_rl.envs import make_env
+from robot_rl.envs import check_env_options, make_env
 
 
 def _env_fn(task, backend, task_kwargs, env_kwargs):
@@ -34,6 +34,7 @@ def make_vector_env(task: str, n_envs: int, backend: str = "mujoco", *, task_kwa
     Workers start with the ``forkserver`` method (safe with torch's thread pools), so a script that calls this
     must guard its entry point with ``if __name__ == "__main__":`` (standard multiprocessing rule).
     """
+    check_env_options(task, task_kwargs, **env_kwargs)  # bad input fails here, not in a worker
     fns = [partial(_env_fn, task, backend, task_kwargs or {}, env_kwargs) for _ in range(n_envs)]
     mode = gym.vector.AutoresetMode.DISABLED
     if asynchronous and n_envs > 1:

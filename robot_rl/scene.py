@@ -93,6 +93,7 @@ class SceneSpec:
                                                        up=(1.0, 0.0, 0.0), fovy=75.0, parent="panda_hand"))
     table_half_size: tuple = (0.55, 0.6, 0.02)
     table_center_xy: tuple = (0.35, 0.0)
+    table_rgba: tuple = (0.62, 0.5, 0.38, 1.0)
     physics_dt: float = 0.002  # s
     control_dt: float = 0.1  # s (10 Hz)
 

@@ -62,8 +62,17 @@ class Task:
         return {"cube_pos": pos.astype(np.float32),
                 "cube_quat": canonical_quat(quat, np.array([0.0, 0.0, 0.0, 1.0])).astype(np.float32)}
 
+    derived_keys: tuple = ()  # observation keys computed from other keys (see :meth:`derive`)
+
+    def derive(self, obs: dict) -> None:
+        """Recompute the derived keys of an observation in place (after sensor noise changed their inputs)."""
+
     def is_success(self, obs: dict, params: dict) -> bool:
         raise NotImplementedError
+
+    def is_failure(self, obs: dict, params: dict) -> bool:
+        """Irrecoverable failure (the episode terminates with reward 0). Default: never."""
+        return False
 
     def obs_dims(self) -> dict[str, int]:
         return {"cube_pos": 3, "cube_quat": 4}
@@ -110,8 +119,13 @@ class PlaceTask(Task):
         (= target_pos - cube_pos, the goal-relative vector, like robosuite's ``cube_to_goal``)."""
         o = super().observe(backend, params)
         o["target_pos"] = np.array([*params["target_xy"], CUBE.half_size[2]], dtype=np.float32)
-        o["cube_to_target"] = (o["target_pos"] - o["cube_pos"]).astype(np.float32)
+        self.derive(o)
         return o
+
+    derived_keys: tuple = ("cube_to_target",)
+
+    def derive(self, obs):
+        obs["cube_to_target"] = (obs["target_pos"] - obs["cube_pos"]).astype(np.float32)
 
     def obs_dims(self):
         return {**super().obs_dims(), "target_pos": 3, "cube_to_target": 3}
@@ -123,6 +137,18 @@ class PlaceTask(Task):
         return bool(np.linalg.norm(cube[:2] - tgt[:2]) <= self.tolerance
                     and abs(cube[2] - CUBE.half_size[2]) < 0.005 and tilt < 0.1
                     and obs["gripper_width"][0] > 2 * CUBE.half_size[1] + 0.01)
+
+
+    def is_failure(self, obs, params):
+        """Placed and missed (one release per episode, like a real place): the cube was carried (> 2 cm from its
+        start) to within 3 cm of the target, rests on the table and is released, but is off by more than
+        ``tolerance``. Ending here saves the steps a policy would spend nudging a released cube."""
+        cube, tgt = obs["cube_pos"], obs["target_pos"]
+        moved = np.linalg.norm(cube[:2] - np.asarray(params["cube_xy"])) > 0.02
+        near = np.linalg.norm(cube[:2] - tgt[:2]) <= 0.03
+        resting = abs(cube[2] - CUBE.half_size[2]) < 0.005
+        released = obs["gripper_width"][0] > 2 * CUBE.half_size[1] + 0.01
+        return bool(moved and near and resting and released and not self.is_success(obs, params))
 
 
 TASKS = {"lift": LiftTask, "place": PlaceTask}

@@ -99,7 +99,7 @@ def build_model(scene: SceneSpec) -> mujoco.MjModel:
     hx, hy, hz = scene.table_half_size
     cx, cy = scene.table_center_xy
     world.add_geom(name="table", type=mujoco.mjtGeom.mjGEOM_BOX, size=[hx, hy, hz], pos=[cx, cy, -hz],
-                   rgba=[0.62, 0.5, 0.38, 1], friction=[1.0, 0.005, 0.0001])
+                   rgba=list(scene.table_rgba), friction=[1.0, 0.005, 0.0001])
     world.add_light(name="key", pos=[0.6, 0.3, 1.5], dir=[0, 0, -1], type=mujoco.mjtLightType.mjLIGHT_DIRECTIONAL, diffuse=[0.7, 0.7, 0.7])
     world.add_light(name="fill", pos=[-0.5, -0.5, 1.2], dir=[0.5, 0.3, -1], type=mujoco.mjtLightType.mjLIGHT_DIRECTIONAL, diffuse=[0.3, 0.3, 0.3])
     for o in scene.objects:
@@ -143,6 +143,14 @@ class MujocoBackend(Backend):
         self._n_sub = scene.n_substeps
         self._renderers: dict = {}
         self._state_spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        # nominal values for the randomization setters (factors always apply to these)
+        self._obj_body = {o.name: m.body(o.name).id for o in scene.objects}
+        self._obj_geom = {o.name: m.geom(o.name).id for o in scene.objects}
+        self._nominal = {"body_mass": m.body_mass.copy(), "body_inertia": m.body_inertia.copy(),
+                         "geom_friction": m.geom_friction.copy(), "dof_damping": m.dof_damping.copy(),
+                         "gainprm": m.actuator_gainprm.copy(), "biasprm": m.actuator_biasprm.copy(),
+                         "light_diffuse": m.light_diffuse.copy(), "light_specular": m.light_specular.copy(),
+                         "head_diffuse": m.vis.headlight.diffuse.copy(), "head_ambient": m.vis.headlight.ambient.copy()}
 
     def reset_robot(self, q_arm, width):
         d = self.data
@@ -183,6 +191,7 @@ class MujocoBackend(Backend):
 
     def set_marker(self, name, pos):
         self.data.mocap_pos[self._mocap[name]] = pos
+        mujoco.mj_kinematics(self.model, self.data)  # else the first rendered frame shows the old marker pose
 
     def render(self, camera, height, width):
         key = (height, width)
@@ -202,6 +211,62 @@ class MujocoBackend(Backend):
     def set_state(self, state):
         mujoco.mj_setState(self.model, self.data, np.asarray(state, dtype=np.float64), self._state_spec)
         mujoco.mj_forward(self.model, self.data)
+
+    # -- randomization setters ---------------------------------------------------------------------------------
+    def set_physics(self, params):
+        """See :meth:`Backend.set_physics`. Friction: MuJoCo takes the larger coefficient of a contact pair, so
+        ``object_friction`` scales every geom's sliding friction (a pair with an object then gets exactly factor x
+        its nominal value; contacts without an object, e.g. finger-table, scale too). Constant model fields that
+        depend on masses are recomputed (``mj_setConst``) with the simulation state preserved."""
+        m, nom = self.model, self._nominal
+        if "object_mass" in params:
+            f = float(params["object_mass"])
+            for b in self._obj_body.values():
+                m.body_mass[b] = nom["body_mass"][b] * f
+                m.body_inertia[b] = nom["body_inertia"][b] * f
+        if "object_friction" in params:
+            m.geom_friction[:, 0] = nom["geom_friction"][:, 0] * float(params["object_friction"])
+        if "joint_damping" in params:
+            m.dof_damping[self._arm_dadr] = nom["dof_damping"][self._arm_dadr] * np.asarray(params["joint_damping"])
+        if "actuator_gain" in params:
+            f, a = np.asarray(params["actuator_gain"], dtype=np.float64), self._arm_act
+            m.actuator_gainprm[a, 0] = nom["gainprm"][a, 0] * f
+            m.actuator_biasprm[a, 1] = nom["biasprm"][a, 1] * f  # -kp
+        state = self.get_state()  # integration state: qpos, qvel, ctrl, mocap, warm start, ...
+        mujoco.mj_setConst(m, self.data)  # overwrites qpos with qpos0: restore the state afterwards
+        self.set_state(state)
+
+    def get_physics(self):
+        m = self.model
+        table = m.geom("table").id
+        return {"object_mass": {n: float(m.body_mass[b]) for n, b in self._obj_body.items()},
+                "object_friction": {n: float(max(m.geom_friction[g, 0], m.geom_friction[table, 0]))
+                                    for n, g in self._obj_geom.items()},
+                "joint_damping": [float(v) for v in m.dof_damping[self._arm_dadr]],
+                "actuator_gain": [float(v) for v in m.actuator_gainprm[self._arm_act, 0]]}
+
+    def set_camera_pose(self, camera, pos, R):
+        try:
+            cid = self.model.camera(camera).id
+        except KeyError:
+            raise ConfigError("camera", f"unknown camera {camera!r}",
+                              f"use one of {[c.name for c in self.scene.cameras]}") from None
+        self.model.cam_pos[cid] = np.asarray(pos, dtype=np.float64)
+        self.model.cam_quat[cid] = _mat_to_wxyz(np.asarray(R, dtype=np.float64))
+
+    def set_colors(self, rgba):
+        for name, c in rgba.items():
+            if name != "table" and name not in self._obj_geom:
+                raise ConfigError("colors", f"unknown object {name!r}",
+                                  f"use 'table' or one of {sorted(self._obj_geom)}")
+            self.model.geom_rgba[self.model.geom(name).id] = np.asarray(c, dtype=np.float32)
+
+    def set_lighting(self, intensity):
+        m, nom, f = self.model, self._nominal, float(intensity)
+        m.light_diffuse[:] = np.clip(nom["light_diffuse"] * f, 0.0, 1.0)
+        m.light_specular[:] = np.clip(nom["light_specular"] * f, 0.0, 1.0)
+        m.vis.headlight.diffuse[:] = np.clip(nom["head_diffuse"] * f, 0.0, 1.0)
+        m.vis.headlight.ambient[:] = np.clip(nom["head_ambient"] * f, 0.0, 1.0)
 
     def close(self):
         for rd in self._renderers.values():

@@ -150,7 +150,7 @@ class PybulletBackend(Backend):
         hx, hy, hz = sc.table_half_size
         cx, cy = sc.table_center_xy
         col = p.createCollisionShape(p.GEOM_BOX, halfExtents=[hx, hy, hz], physicsClientId=c)
-        vis = p.createVisualShape(p.GEOM_BOX, halfExtents=[hx, hy, hz], rgbaColor=[0.62, 0.5, 0.38, 1],
+        vis = p.createVisualShape(p.GEOM_BOX, halfExtents=[hx, hy, hz], rgbaColor=list(sc.table_rgba),
                                   physicsClientId=c)
         self.table = p.createMultiBody(0.0, col, vis, [cx, cy, -hz], physicsClientId=c)
         p.changeDynamics(self.table, -1, lateralFriction=1.0, physicsClientId=c)
@@ -176,20 +176,30 @@ class PybulletBackend(Backend):
                                   "use a link of the robot URDF")
             self._cams[cam.name] = (cam, look_at_matrix(cam.pos, cam.lookat, cam.up), np.asarray(cam.pos, float))
 
-        dt = sc.physics_dt
-        # per-joint servo (7 arm + 2 finger joints); the gripper servo's force is split over the two fingers
-        kp = np.concatenate([r.kp, [0.5 * r.finger_kp] * 2])
-        kv = np.concatenate([np.asarray(r.kv) + r.joint_damping, [0.5 * r.finger_kv + r.finger_damping] * 2])
         q0 = list(r.q_home) + [0.5 * r.max_width] * 2
-        M = (np.diag(p.calculateMassMatrix(self.robot, q0, physicsClientId=c))
-             + np.array([r.armature] * 7 + [r.finger_armature] * 2))
-        self._motor_kp = (dt * dt * kp / (M + dt * kv)).tolist()
-        self._motor_kd = (dt * kv / (M + dt * kv)).tolist()
+        self._M = (np.diag(p.calculateMassMatrix(self.robot, q0, physicsClientId=c))
+                   + np.array([r.armature] * 7 + [r.finger_armature] * 2))
+        self._kp_factor, self._damping_factor = np.ones(7), np.ones(7)
+        self._set_motor_gains()
+        self._obj_nominal = {n: p.getDynamicsInfo(b, -1, physicsClientId=c) for n, b in self._objects.items()}
+        self._obj_friction = {o.name: float(o.friction) for o in sc.objects}
+        self._light = 1.0
         self._motor_fmax = [float(v) for v in r.tau_max] + [0.5 * r.finger_force] * 2
         self._q_t = np.array(r.q_home, dtype=np.float64)
         self._w_t = float(r.max_width)
         self._zeros9 = [0.0] * 9
         self.reset_robot(self._q_t, self._w_t)
+
+    def _set_motor_gains(self) -> None:
+        """Bullet motor gains from the servo law (module docstring) with the current kp / damping factors."""
+        r, dt = self.scene.robot, self.scene.physics_dt
+        # per-joint servo (7 arm + 2 finger joints); the gripper servo's force is split over the two fingers
+        kp = np.concatenate([np.asarray(r.kp) * self._kp_factor, [0.5 * r.finger_kp] * 2])
+        kv = np.concatenate([np.asarray(r.kv) + r.joint_damping * self._damping_factor,
+                             [0.5 * r.finger_kv + r.finger_damping] * 2])
+        M = self._M
+        self._motor_kp = (dt * dt * kp / (M + dt * kv)).tolist()
+        self._motor_kd = (dt * kv / (M + dt * kv)).tolist()
 
     # -- Backend API -------------------------------------------------------------------------------------------
     def reset_robot(self, q_arm, width):
@@ -274,9 +284,60 @@ class PybulletBackend(Backend):
         _, _, rgba, _, _ = p.getCameraImage(
             width, height, camera_view_matrix(R, pos), camera_projection_matrix(cam.fovy, height, width),
             renderer=p.ER_TINY_RENDERER, shadow=0, lightDirection=[0.3, 0.2, 1.0], lightColor=[1, 1, 1],
-            lightAmbientCoeff=0.5, lightDiffuseCoeff=0.5, lightSpecularCoeff=0.05,
+            lightAmbientCoeff=0.5 * self._light, lightDiffuseCoeff=0.5 * self._light,
+            lightSpecularCoeff=0.05 * self._light,
             flags=p.ER_NO_SEGMENTATION_MASK, physicsClientId=self.cid)
         return np.ascontiguousarray(np.reshape(rgba, (height, width, 4))[:, :, :3], dtype=np.uint8)
+
+    # -- randomization setters ---------------------------------------------------------------------------------
+    def set_physics(self, params):
+        """See :meth:`Backend.set_physics`. Bullet multiplies the two coefficients of a contact pair, so
+        ``object_friction`` scales the objects' own coefficient only (finger-table contacts are unchanged).
+        Passive joint damping is part of the motor's velocity gain here (module docstring), so ``joint_damping``
+        and ``actuator_gain`` recompute the motor gains."""
+        c = self.cid
+        for name, b in self._objects.items():
+            nom = self._obj_nominal[name]
+            if "object_mass" in params:
+                f = float(params["object_mass"])
+                p.changeDynamics(b, -1, mass=nom[0] * f, localInertiaDiagonal=[v * f for v in nom[2]],
+                                 physicsClientId=c)
+            if "object_friction" in params:
+                self._obj_friction[name] = nom[1] * float(params["object_friction"])
+                p.changeDynamics(b, -1, lateralFriction=self._obj_friction[name], physicsClientId=c)
+        if "joint_damping" in params or "actuator_gain" in params:
+            if "joint_damping" in params:
+                self._damping_factor = np.asarray(params["joint_damping"], dtype=np.float64).reshape(7)
+            if "actuator_gain" in params:
+                self._kp_factor = np.asarray(params["actuator_gain"], dtype=np.float64).reshape(7)
+            self._set_motor_gains()
+            self._write_motors()
+
+    def get_physics(self):
+        r, c = self.scene.robot, self.cid
+        return {"object_mass": {n: float(p.getDynamicsInfo(b, -1, physicsClientId=c)[0])
+                                for n, b in self._objects.items()},
+                "object_friction": {n: float(p.getDynamicsInfo(b, -1, physicsClientId=c)[1])  # x table's 1.0
+                                    for n, b in self._objects.items()},
+                "joint_damping": [float(v) for v in r.joint_damping * self._damping_factor],
+                "actuator_gain": [float(v) for v in np.asarray(r.kp) * self._kp_factor]}
+
+    def set_camera_pose(self, camera, pos, R):
+        if camera not in self._cams:
+            raise ConfigError("camera", f"unknown camera {camera!r}", f"use one of {sorted(self._cams)}")
+        cam = self._cams[camera][0]
+        self._cams[camera] = (cam, np.asarray(R, dtype=np.float64).reshape(3, 3), np.asarray(pos, dtype=np.float64))
+
+    def set_colors(self, rgba):
+        for name, col in rgba.items():
+            body = self.table if name == "table" else self._objects.get(name)
+            if body is None:
+                raise ConfigError("colors", f"unknown object {name!r}",
+                                  f"use 'table' or one of {sorted(self._objects)}")
+            p.changeVisualShape(body, -1, rgbaColor=[float(v) for v in col], physicsClientId=self.cid)
+
+    def set_lighting(self, intensity):
+        self._light = float(intensity)
 
     # -- save / restore ----------------------------------------------------------------------------------------
     def _explicit_state(self) -> np.ndarray:

@@ -131,7 +131,7 @@ def train_residual(base, task: str, cfg: PPOConfig, out_dir: str | Path, *, task
                                       torch.as_tensor(done, dtype=torch.float32))):
                     buf[k].append(v)
                 if done.any():
-                    ep_succ.extend(bool(s) for s in np.asarray(term)[done])
+                    ep_succ.extend(bool(s) for s in np.asarray(info["success"])[done])
                     obs = reset_some(venv, done, [seeds.take() if m else None for m in done], obs)
                     ex.reset(done, obs)
                 ex.observe(obs, ~done)
