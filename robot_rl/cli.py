@@ -219,6 +219,12 @@ def cmd_pipeline(a):
     print(f"wall time {r['wall_time_min']} min; report: {Path(a.out) / 'report.md'}")
 
 
+def cmd_bringup(a):
+    from robot_rl.ros.bringup import bringup
+
+    return bringup(a.config, a.set or [], grace=a.grace, dry_run=a.dry_run)
+
+
 def cmd_store(a):
     from robot_rl.store import ZarrStore, format_info
 
@@ -342,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--seed", type=int, default=0, help="added to every session's default noise seed")
     sv.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bringup", help="start the ROS 2 nodes of a launch/*.yaml config as supervised subprocesses "
+                                       "(ros2 launch without the launch package); Ctrl-C stops them cleanly")
+    b.add_argument("config", help="bringup YAML, e.g. launch/sim_bringup.yaml")
+    b.add_argument("--set", action="append", help="NODE.PARAM=VALUE parameter override (repeatable)")
+    b.add_argument("--grace", type=float, default=5.0, help="seconds each node gets to stop after SIGINT")
+    b.add_argument("--dry-run", action="store_true", help="print the node command lines and exit")
+    b.set_defaults(func=cmd_bringup)
     return p
 
 

@@ -1,0 +1,183 @@
+"""ROS 2 layer benchmarks (every node its own process, Fast DDS on localhost, a random ROS domain).
+
+``latency``: sim_robot (one 96x96 ``front`` camera at 10 Hz) + arm_bridge + policy_node (in-process image policy,
+10 Hz) for ``--seconds``. Reports observation -> command latency (oldest input's stamp -> the bridge publishing the
+joint command, from the bridge's ``~/latency`` topic) p50/p99, the policy node's loop time, observation age and
+deadline misses; reference in the same run: the in-process cost of one policy step on the same observation
+(``CombinedPolicy.act``) and the control period (100 ms).
+
+``success``: ``--episodes`` episodes of ``place`` on sim_robot with ``--backend`` (default pybullet) driven by the
+policy node with ``--checkpoint`` (trained in MuJoCo), over ROS; reference in the same run: the in-process
+``robot_rl.evaluation.evaluate`` on the same backend and seeds.
+
+    python bench/bench_ros.py latency --seconds 30
+    python bench/bench_ros.py success --checkpoint runs/place3mm_bc/base/checkpoint --episodes 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from ros_helpers import Driver, NodeProcess, new_domain, ros_env  # noqa: E402
+
+
+def diag_sink(drv):
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from robot_rl.ros.common import COMMAND_QOS
+
+    diags = {}
+    drv.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: diags.update(
+        {s.name: {kv.key: kv.value for kv in s.values} for s in m.status}), COMMAND_QOS)
+    return diags
+
+
+def bench_latency(a):
+    import torch
+    from std_msgs.msg import Float64
+
+    from robot_rl.envs import make_env
+    from robot_rl.evaluation import CombinedPolicy
+    from robot_rl.policies.checkpoint import load_policy
+    from robot_rl.ros.common import COMMAND_QOS
+    from test_ros_faults import image_policy
+
+    tmp = Path(tempfile.mkdtemp())
+    ck = image_policy(tmp) if not a.checkpoint else Path(a.checkpoint)
+    # reference: one in-process policy step on a real observation
+    torch.set_num_threads(1)
+    pol = load_policy(ck)
+    env = make_env("place", a.backend, cameras=("front",))
+    obs, _ = env.reset(seed=0)
+    b = {k: v[None] for k, v in obs.items()}
+    cp = CombinedPolicy(pol, None, 1)
+    cp.reset(np.array([True]), b)
+    ref = []
+    for _ in range(50):
+        cp.ex.queue[0].clear()  # every step a new chunk: the worst case
+        t0 = time.perf_counter()
+        cp.act(b)
+        ref.append((time.perf_counter() - t0) * 1e3)
+    env.close()
+    d = new_domain()
+    envv = ros_env(d)
+    procs = [NodeProcess("robot_rl.hw_drivers.sim_robot", {"backend": a.backend, "cameras": ["front"]}, tmp, envv),
+             NodeProcess("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands"}, tmp, envv),
+             NodeProcess("robot_rl.ros.policy_node", {"checkpoint": str(ck), "autostart": True}, tmp, envv)]
+    drv = Driver(d)
+    diags = diag_sink(drv)
+    drv.subscribe(Float64, "/arm_bridge/latency", COMMAND_QOS, keep=True)
+    try:
+        drv.wait_for(lambda: len(drv.log.get("/arm_bridge/latency", [])) > 5, 120, "commands")
+        n0 = len(drv.log["/arm_bridge/latency"])
+        drv.spin(a.seconds)
+        drv.spin(1.2)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        drv.close()
+    lat = np.array([m.data for _, m in drv.log["/arm_bridge/latency"][n0:]]) * 1e3
+    pn = diags.get("policy_node: control loop", {})
+    r = {"commands": int(lat.size), "obs_to_command_ms_p50": float(np.percentile(lat, 50)),
+         "obs_to_command_ms_p99": float(np.percentile(lat, 99)), "obs_to_command_ms_max": float(lat.max()),
+         "policy_loop_ms_p50": float(pn.get("loop_ms_p50", "nan")), "policy_loop_ms_p99": float(pn.get("loop_ms_p99",
+                                                                                                       "nan")),
+         "obs_age_ms_p50": float(pn.get("obs_age_ms_p50", "nan")),
+         "deadline_misses": int(pn.get("deadline_misses", 0)), "policy_steps": int(pn.get("steps", 0)),
+         "holds": int(pn.get("holds", 0)), "stale_holds": int(pn.get("stale", 0)),
+         "sim": diags.get("sim_robot: simulation", {}),
+         "reference_in_process_step_ms_p50": float(np.median(ref)), "control_period_ms": 100.0}
+    r["ratio_p50_latency_to_in_process_step"] = r["obs_to_command_ms_p50"] / r["reference_in_process_step_ms_p50"]
+    r["ratio_p99_latency_to_period"] = r["obs_to_command_ms_p99"] / 100.0
+    print(json.dumps(r, indent=1))
+
+
+def bench_success(a):
+    from std_msgs.msg import Bool
+    from std_srvs.srv import Trigger
+
+    from robot_rl.evaluation import evaluate
+    from robot_rl.policies.checkpoint import load_policy
+    from robot_rl.ros.common import COMMAND_QOS
+
+    seeds = list(range(a.seed_start, a.seed_start + a.episodes))
+    ref = evaluate(load_policy(a.checkpoint), "place", n_episodes=a.episodes, seed_start=a.seed_start, n_envs=1,
+                   env_kwargs={"backend": a.backend}, progress=False)
+    tmp = Path(tempfile.mkdtemp())
+    d = new_domain()
+    env = ros_env(d)
+    clock = {"use_sim_time": True} if a.rtf != 1.0 else {}
+    procs = [NodeProcess("robot_rl.hw_drivers.sim_robot", {"backend": a.backend, "publish_clock": bool(clock),
+                                                            "real_time_factor": a.rtf}, tmp, env),
+             NodeProcess("robot_rl.hw_drivers.arm_bridge", {**clock, "command_interface": a.interface}, tmp, env),
+             NodeProcess("robot_rl.ros.policy_node", {**clock, "checkpoint": a.checkpoint}, tmp, env)]
+    drv = Driver(d)
+    diags = diag_sink(drv)
+    drv.subscribe(Bool, "/sim/privileged/success", COMMAND_QOS)
+    res = []
+    try:
+        assert drv.lifecycle("policy_node", "configure", 90)
+        for s in seeds:
+            drv.set_params("sim_robot", seed=s)
+            drv.call(Trigger, "/sim_robot/reset")
+            drv.spin(0.2)
+            t0 = time.monotonic()
+            drv.lifecycle("policy_node", "activate")
+            ok = False
+            while time.monotonic() - t0 < a.max_seconds / a.rtf:
+                drv.spin(0.1)
+                m = drv.last.get("/sim/privileged/success")
+                if m and m[0] > t0 + 0.3 and m[1].data:
+                    ok = True
+                    break
+            drv.lifecycle("policy_node", "deactivate")
+            res.append(ok)
+            print(f"seed {s}: {'success' if ok else 'fail'} ({time.monotonic() - t0:.1f} s)", flush=True)
+        drv.spin(1.2)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        drv.close()
+    from robot_rl.evaluation import wilson_interval
+
+    k = sum(res)
+    out = {"backend": a.backend, "interface": a.interface, "episodes": len(res), "ros_successes": k,
+           "ros_success_rate": k / len(res), "ros_ci95": wilson_interval(k, len(res)),
+           "reference_in_process_successes": ref["successes"],
+           "reference_in_process_rate": ref["success_rate"],
+           "ratio_ros_to_in_process": (k / len(res)) / max(ref["success_rate"], 1e-9),
+           "per_seed_ros": [int(x) for x in res], "per_seed_in_process": [int(r["success"]) for r in ref["per_episode"]],
+           "bridge": diags.get("arm_bridge: commands", {})}
+    print(json.dumps(out, indent=1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    lt = sub.add_parser("latency")
+    lt.add_argument("--seconds", type=float, default=30.0)
+    lt.add_argument("--backend", default="mujoco")
+    lt.add_argument("--checkpoint", default="", help="image policy (default: a tiny untrained one)")
+    sc = sub.add_parser("success")
+    sc.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/place_bc_mujoco"))
+    sc.add_argument("--backend", default="pybullet")
+    sc.add_argument("--interface", default="commands", choices=["commands", "trajectory"])
+    sc.add_argument("--episodes", type=int, default=20)
+    sc.add_argument("--seed-start", type=int, default=1_000_001)
+    sc.add_argument("--max-seconds", type=float, default=12.0, help="per episode, simulated")
+    sc.add_argument("--rtf", type=float, default=1.0, help="real-time factor (!= 1 uses /clock + use_sim_time)")
+    a = p.parse_args()
+    bench_latency(a) if a.mode == "latency" else bench_success(a)
+
+
+if __name__ == "__main__":
+    main()

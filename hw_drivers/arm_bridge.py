@@ -1,0 +1,243 @@
+"""``arm_bridge`` node: end-effector delta actions -> joint targets for a ros2_control arm, through the safety filter.
+
+The SAME :class:`~robot_rl.controller.DiffIKController` as the simulated envs (robot model read from the URDF by
+:class:`~robot_rl.kinematics.KinematicChain`) turns each 5-D action (env units: x/y/z x ``pos_scale`` m, yaw x
+``yaw_scale`` rad per control step, gripper -1 open ... +1 closed) into joint-position targets from the measured
+joint positions; :class:`~robot_rl.safety.SafetyFilter` then enforces URDF position/velocity limits, a per-step
+delta cap and the tool workspace box, and the result goes to the configured controller.
+
+Subscribes
+  /joint_states            sensor_msgs/JointState (measured arm + gripper joints)
+  ~/action                 sensor_msgs/JointState  the action message of :mod:`robot_rl.ros.common`
+                           (name = ee_dx ee_dy ee_dz ee_dyaw gripper, position in [-1, 1], stamp = observation time)
+  ~/hold                   std_msgs/Empty  hold the measured posture now (until the next action)
+Publishes
+  /<arm_controller>/joint_trajectory   trajectory_msgs/JointTrajectory  (command_interface = trajectory): one point,
+                                       time_from_start = control_period, header.stamp 0 (start on receipt)
+  /<arm_controller>/commands           std_msgs/Float64MultiArray       (command_interface = commands)
+  /<gripper_controller>/commands       std_msgs/Float64MultiArray [width / len(gripper_joints)]
+  ~/latency                            std_msgs/Float64  observation -> command latency per command [s]
+  /diagnostics                         diagnostic_msgs/DiagnosticArray  state, safety counters, latency p50/p99
+Services
+  ~/estop, ~/clear_estop   std_srvs/Trigger  latched emergency stop (hold; actions refused until cleared)
+
+Hold = command the measured joint positions (once, at the transition), on: ``~/hold``, e-stop, a rejected action
+(NaN/inf, wrong names), missing or stale joint states (older than ``joint_state_timeout``), and the command watchdog
+(no action for ``command_timeout`` seconds while commands were flowing).
+
+    python -m robot_rl.hw_drivers.arm_bridge --ros-args -p command_interface:=trajectory
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+from robot_rl.controller import ControllerConfig, DiffIKController
+from robot_rl.errors import ConfigError
+from robot_rl.ros.common import (COMMAND_QOS, JointStateCache, declare, diagnostic, msg_to_action, now_sec,
+                                 robot_model, run_node, sec_to_duration, sec_to_stamp, stamp_to_sec)
+from robot_rl.safety import EStopLatch, JointLimits, SafetyConfig, SafetyFilter, Watchdog
+
+
+def make_node():
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.node import Node
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Empty, Float64, Float64MultiArray
+    from std_srvs.srv import Trigger
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+    class ArmBridge(Node):
+        def __init__(self):
+            super().__init__("arm_bridge")
+            self.robot, self.chain = robot_model(self)
+            cc = ControllerConfig()
+            ccfg = ControllerConfig(
+                pos_scale=float(declare(self, "pos_scale", cc.pos_scale, "m per unit action per control step")),
+                yaw_scale=float(declare(self, "yaw_scale", cc.yaw_scale, "rad per unit action per control step")),
+                max_width=float(declare(self, "max_width", cc.max_width, "gripper opening at action -1 [m]")),
+                workspace_low=tuple(declare(self, "controller_workspace_low", list(cc.workspace_low),
+                                            "controller clip of the target tool position [m]")),
+                workspace_high=tuple(declare(self, "controller_workspace_high", list(cc.workspace_high),
+                                             "controller clip of the target tool position [m]")),
+                ik_iters=int(declare(self, "ik_iters", cc.ik_iters, "DLS iterations per command")),
+                damping=float(declare(self, "ik_damping", cc.damping, "DLS damping")),
+                max_joint_delta=float(declare(self, "controller_max_joint_delta", cc.max_joint_delta,
+                                              "controller's own per-step joint delta cap [rad]")))
+            self.controller = DiffIKController(self.chain, np.array(self.robot.q_home), ccfg)
+            sc = SafetyConfig()
+            scfg = SafetyConfig(
+                joint_margin=float(declare(self, "joint_margin", sc.joint_margin, "kept from URDF limits [rad]")),
+                velocity_scale=float(declare(self, "velocity_scale", sc.velocity_scale,
+                                             "fraction of URDF velocity limits")),
+                max_joint_delta=float(declare(self, "max_joint_delta", sc.max_joint_delta,
+                                              "safety cap per command [rad]")),
+                workspace_low=tuple(declare(self, "workspace_low", list(sc.workspace_low), "tool box low [m]")),
+                workspace_high=tuple(declare(self, "workspace_high", list(sc.workspace_high), "tool box high [m]")),
+                command_timeout=float(declare(self, "command_timeout", sc.command_timeout,
+                                              "hold when no action for this long [s]")))
+            self.limits = JointLimits.from_urdf(self.robot.urdf, self.robot.arm_joints)
+            self.safety = SafetyFilter(self.limits, lambda q: self.chain.pose(q)[0], scfg)
+            self.watchdog = Watchdog(scfg.command_timeout)
+            self.estop = EStopLatch()
+            self.period = float(declare(self, "control_period", 0.1, "seconds each action is given [s]"))
+            self.traj_duration = float(declare(self, "trajectory_duration", 0.0,
+                                               "time_from_start of each trajectory point [s] (0 = control_period)"))
+            self.traj_duration = self.traj_duration if self.traj_duration > 0 else self.period
+            self.js_timeout = float(declare(self, "joint_state_timeout", 0.2, "hold when joint states are older [s]"))
+            self.interface = declare(self, "command_interface", "trajectory", "trajectory | commands")
+            if self.interface not in ("trajectory", "commands"):
+                raise ConfigError("command_interface", f"{self.interface!r}", "use trajectory or commands")
+            arm_ctrl = declare(self, "arm_controller", "arm_controller", "ros2_control arm controller name")
+            grip_ctrl = declare(self, "gripper_controller", "gripper_controller", "gripper controller name ('' none)")
+            if not self.period > 0:
+                raise ConfigError("control_period", f"{self.period} <= 0", "use e.g. 0.1")
+
+            self.js = JointStateCache()
+            self.js_rx: float | None = None  # receive time (node clock) of the last joint state
+            self.state = "idle"  # idle | active | holding | estop
+            self.hold_reason = ""
+            self.counts = {"actions": 0, "commands": 0, "rejected": 0, "holds": 0, "watchdog": 0}
+            self.latencies: deque = deque(maxlen=2000)
+            if self.interface == "trajectory":
+                self.pub_arm = self.create_publisher(JointTrajectory, f"/{arm_ctrl}/joint_trajectory", COMMAND_QOS)
+            else:
+                self.pub_arm = self.create_publisher(Float64MultiArray, f"/{arm_ctrl}/commands", COMMAND_QOS)
+            self.pub_grip = (self.create_publisher(Float64MultiArray, f"/{grip_ctrl}/commands", COMMAND_QOS)
+                             if grip_ctrl else None)
+            self.pub_lat = self.create_publisher(Float64, "~/latency", COMMAND_QOS)
+            self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
+            self.create_subscription(JointState, "/joint_states", self._on_js, COMMAND_QOS)
+            self.create_subscription(JointState, "~/action", self._on_action, COMMAND_QOS)
+            self.create_subscription(Empty, "~/hold", lambda m: self.hold("hold requested"), COMMAND_QOS)
+            self.create_service(Trigger, "~/estop", self._on_estop)
+            self.create_service(Trigger, "~/clear_estop", self._on_clear)
+            self.create_timer(min(0.02, scfg.command_timeout / 4), self._check_watchdog)
+            self.create_timer(1.0, self._diag)
+            self._JT, self._JTP, self._F64A, self._F64 = JointTrajectory, JointTrajectoryPoint, Float64MultiArray, Float64
+            self.get_logger().info(f"arm_bridge: {self.interface} -> /{arm_ctrl}, gripper -> /{grip_ctrl}, "
+                                   f"period {self.period} s, watchdog {scfg.command_timeout} s")
+
+        # -- inputs --------------------------------------------------------------------------------------------
+        def _on_js(self, m):
+            self.js.update(m, now_sec(self))
+            self.js_rx = now_sec(self)
+
+        def _measured(self):
+            now = now_sec(self)
+            if self.js_rx is None or not self.js.has(self.robot.arm_joints):
+                return None, "no joint states received"
+            if now - self.js_rx > self.js_timeout:
+                return None, f"joint states {now - self.js_rx:.3f} s old"
+            q, dq, w, _ = self.js.get(self.robot.arm_joints, [j for j in self.robot.gripper_joints if j in self.js.pos])
+            return (q, w), ""
+
+        def _on_action(self, m):
+            now = now_sec(self)
+            self.counts["actions"] += 1
+            if self.estop.active:
+                return
+            try:
+                a = msg_to_action(m)
+            except ConfigError as e:
+                self.counts["rejected"] += 1
+                self.get_logger().error(f"action rejected: {e}")
+                self.hold("malformed action")
+                return
+            if not np.all(np.isfinite(a)):
+                self.counts["rejected"] += 1
+                self.get_logger().error("action rejected: NaN/inf")
+                self.hold("non-finite action")
+                return
+            meas, why = self._measured()
+            if meas is None:
+                self.hold(why)
+                return
+            q, _ = meas
+            q_t, width = self.controller.compute(q, np.clip(a, -1.0, 1.0))
+            q_safe, rep = self.safety.filter(q_t, q, self.period)
+            width = float(np.clip(width, 0.0, self.controller.cfg.max_width))
+            self.watchdog.kick(now)
+            self._send(q_safe, width)
+            self.state = "active"
+            obs_t = stamp_to_sec(m.header.stamp)
+            if obs_t > 0:
+                lat = now - obs_t
+                self.latencies.append(lat)
+                self.pub_lat.publish(self._F64(data=float(lat)))
+
+        def _send(self, q, width=None, duration=None):
+            if self.interface == "trajectory":
+                jt = self._JT()
+                jt.joint_names = list(self.robot.arm_joints)
+                pt = self._JTP()
+                pt.positions = [float(v) for v in q]
+                pt.time_from_start = sec_to_duration(self.traj_duration if duration is None else duration)
+                jt.points = [pt]
+                self.pub_arm.publish(jt)
+            else:
+                self.pub_arm.publish(self._F64A(data=[float(v) for v in q]))
+            if width is not None and self.pub_grip is not None:
+                n = max(1, len(self.robot.gripper_joints))
+                self.pub_grip.publish(self._F64A(data=[width / n]))
+            self.counts["commands"] += 1
+
+        # -- holding -------------------------------------------------------------------------------------------
+        def hold(self, reason: str):
+            """Command the measured posture (once per transition into holding)."""
+            if self.state in ("holding", "estop") and reason != "e-stop":
+                return
+            self.state = "estop" if self.estop.active else "holding"
+            self.hold_reason = reason
+            self.counts["holds"] += 1
+            self.watchdog.reset()
+            if self.js.has(self.robot.arm_joints):
+                q, _, _, _ = self.js.get(self.robot.arm_joints, [])
+                self._send(q, None, duration=0.5 * self.period)
+            self.get_logger().warning(f"holding: {reason}")
+
+        def _check_watchdog(self):
+            if self.state == "active" and self.watchdog.expired(now_sec(self)):
+                self.counts["watchdog"] += 1
+                self.hold(f"no action for {self.watchdog.timeout} s (watchdog)")
+
+        def _on_estop(self, req, res):
+            self.estop.trigger("e-stop service")
+            self.hold("e-stop")
+            res.success, res.message = True, "e-stop latched: holding; call ~/clear_estop to release"
+            return res
+
+        def _on_clear(self, req, res):
+            was = self.estop.clear()
+            if self.state == "estop":
+                self.state = "holding"
+            res.success, res.message = True, "e-stop cleared" if was else "e-stop was not active"
+            return res
+
+        def _diag(self):
+            lat = np.array(self.latencies) if self.latencies else np.zeros(1)
+            level = 2 if self.estop.active else (1 if self.state == "holding" else 0)
+            vals = {"state": self.state, "hold_reason": self.hold_reason, **self.counts,
+                    **{f"safety_{k}": v for k, v in self.safety.stats.items()},
+                    "latency_p50_ms": float(np.percentile(lat, 50) * 1e3),
+                    "latency_p99_ms": float(np.percentile(lat, 99) * 1e3)}
+            self.pub_diag.publish(diagnostic("arm_bridge: commands", "arm", level, self.state, vals,
+                                             sec_to_stamp(now_sec(self))))
+
+        def close(self):
+            if self.state == "active":  # leave the arm holding, not mid-motion
+                self.hold("shutdown")
+                time.sleep(0.05)
+
+    return ArmBridge()
+
+
+def main(args=None) -> int:
+    return run_node(make_node, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

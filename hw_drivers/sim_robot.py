@@ -1,0 +1,321 @@
+"""``sim_robot`` node: a simulated arm (MuJoCo or PyBullet backend) exposed over ROS 2 like a ros2_control arm.
+
+Runs ``make_env(task, backend)``'s backend, task reset distribution and scene in (scaled) real time and exposes it
+with the topics a ros2_control robot has, so the same policy node / arm bridge / recorder drive the simulated and
+the real arm.
+
+Publishes
+  /joint_states                              sensor_msgs/JointState   arm + gripper joints, every tick
+  /cameras/<cam>/image_raw                   sensor_msgs/Image rgb8   sensor QoS, at ``camera_rate``
+  /cameras/<cam>/camera_info                 sensor_msgs/CameraInfo   pinhole from the scene camera's fovy
+  <privileged_namespace>/<object>_pose       geometry_msgs/PoseStamped  ground-truth object poses (base frame)
+  <privileged_namespace>/<marker>_pose       geometry_msgs/PoseStamped  task markers (e.g. the place target)
+  <privileged_namespace>/success             std_msgs/Bool            the task's success predicate
+  <privileged_namespace>/episode             std_msgs/String (latched) JSON {seed, task, params} of the episode
+  /clock                                     rosgraph_msgs/Clock      when ``publish_clock`` (use_sim_time)
+  /diagnostics                               diagnostic_msgs/DiagnosticArray  real-time factor, late ticks
+  ``privileged_namespace`` (default ``/sim/privileged``) holds what a real robot cannot observe directly; a policy
+  that subscribes to it is a state-based (privileged) policy.
+Subscribes
+  /<arm_controller>/joint_trajectory         trajectory_msgs/JointTrajectory  (joint_trajectory_controller-like)
+  /<arm_controller>/commands                 std_msgs/Float64MultiArray  positions in ``arm_joints`` order
+                                                                         (forward_command_controller-like)
+  /<gripper_controller>/commands             std_msgs/Float64MultiArray  [finger joint position, m]; the
+                                                                         gripper width is ``len(gripper_joints)`` x it
+Services
+  ~/reset                                    std_srvs/Trigger  new episode with the next seed (``seed``,
+                                                               ``seed + 1``, ...); message = the episode JSON
+
+Trajectories are followed like ros2_control's joint_trajectory_controller with position-only points: the reference
+starts at the current command at the trajectory start (header.stamp, or the receive time when zero) and is linearly
+interpolated between points by ``time_from_start``; after the last point the last position is held; a new
+trajectory replaces the active one; an empty trajectory holds the measured position. Targets are clipped to the
+URDF joint limits (like hardware-interface limit enforcement); non-finite commands are refused and logged.
+
+Time: one tick = ``sim_dt`` simulated seconds (physics at the scene's ``physics_dt``), paced at
+``real_time_factor`` x real time. With ``publish_clock`` the stamps and /clock are simulated time from 0 (run the
+other nodes with ``use_sim_time:=true``); otherwise stamps are the system clock and the factor must be 1.
+
+    python -m robot_rl.hw_drivers.sim_robot --ros-args -p backend:=pybullet -p cameras:="['front']"
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from robot_rl.errors import ConfigError
+from robot_rl.ros.common import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, camera_info_from_fovy, declare, diagnostic,
+                                 duration_to_sec, image_to_msg, json_param, pose_msg, run_node, sec_to_stamp,
+                                 stamp_to_sec)
+from robot_rl.safety import JointLimits
+
+
+class TrajectoryFollower:
+    """Position reference of a joint_trajectory_controller with position-only points (linear interpolation)."""
+
+    def __init__(self, q0):
+        self.hold = np.array(q0, dtype=np.float64)
+        self.ts: np.ndarray | None = None
+        self.qs: np.ndarray | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.ts is not None
+
+    def command(self, q) -> None:
+        """Constant position command (forward controller); cancels any trajectory."""
+        self.hold, self.ts, self.qs = np.array(q, dtype=np.float64), None, None
+
+    def trajectory(self, t_start: float, q_start, points: list[tuple[float, np.ndarray]]) -> None:
+        """Follow ``points`` [(time_from_start s, positions)] from ``q_start`` at ``t_start``."""
+        ts, qs = [t_start], [np.asarray(q_start, dtype=np.float64)]
+        for tfs, q in points:
+            t = t_start + tfs
+            if t <= ts[-1]:  # a point at (or before) the start replaces the start knot
+                ts[-1], qs[-1] = t, np.asarray(q, dtype=np.float64)
+            else:
+                ts.append(t)
+                qs.append(np.asarray(q, dtype=np.float64))
+        self.ts, self.qs = np.array(ts), np.stack(qs)
+
+    def target(self, t: float) -> np.ndarray:
+        if self.ts is None:
+            return self.hold
+        if t >= self.ts[-1]:
+            self.command(self.qs[-1])
+            return self.hold
+        if t <= self.ts[0]:
+            return self.qs[0]
+        i = int(np.searchsorted(self.ts, t, side="right"))
+        a = (t - self.ts[i - 1]) / (self.ts[i] - self.ts[i - 1])
+        return (1 - a) * self.qs[i - 1] + a * self.qs[i]
+
+
+def make_node():
+    from geometry_msgs.msg import PoseStamped
+    from rclpy.node import Node
+    from rosgraph_msgs.msg import Clock
+    from sensor_msgs.msg import CameraInfo, Image, JointState
+    from std_msgs.msg import Bool, Float64MultiArray, String
+    from std_srvs.srv import Trigger
+    from trajectory_msgs.msg import JointTrajectory
+
+    from robot_rl.envs import make_env
+    from robot_rl.scene import SceneSpec
+
+    class SimRobot(Node):
+        def __init__(self):
+            super().__init__("sim_robot")
+            self.backend_name = declare(self, "backend", "mujoco", "simulator: mujoco or pybullet")
+            self.task_name = declare(self, "task", "place", "task (lift | place): scene, reset distribution, success")
+            task_kwargs = json_param(self, "task_json", declare(self, "task_json", "", "task overrides as JSON"))
+            self.next_seed = int(declare(self, "seed", 0, "seed of the next ~/reset (then incremented)"))
+            self.dt = float(declare(self, "sim_dt", 0.01, "simulated seconds per tick (servo/command update)"))
+            physics_dt = float(declare(self, "physics_dt", 0.002, "physics step [s]"))
+            self.rtf = float(declare(self, "real_time_factor", 1.0, "simulated / wall time"))
+            self.publish_clock = bool(declare(self, "publish_clock", False, "publish /clock (sim time from 0)"))
+            self.arm_ctrl = declare(self, "arm_controller", "arm_controller", "ros2_control arm controller name")
+            self.grip_ctrl = declare(self, "gripper_controller", "gripper_controller", "gripper controller name")
+            self.cameras = list(declare(self, "cameras", [""], "cameras to publish (front, wrist); [''] = none"))
+            self.cameras = [c for c in self.cameras if c]
+            self.image_size = list(declare(self, "image_size", [96, 96], "camera image [height, width]"))
+            self.camera_rate = float(declare(self, "camera_rate", 10.0, "camera frames per (simulated) second"))
+            self.pose_rate = float(declare(self, "pose_rate", 50.0, "privileged pose/success rate (Hz, sim time)"))
+            self.priv = declare(self, "privileged_namespace", "/sim/privileged", "ground-truth topics namespace")
+            self.frame_id = declare(self, "frame_id", "panda_link0", "frame of poses (the robot base)")
+            if self.dt <= 0 or not 0 < physics_dt <= self.dt:
+                raise ConfigError("sim_dt", f"sim_dt={self.dt}, physics_dt={physics_dt}",
+                                  "use 0 < physics_dt <= sim_dt, e.g. 0.002 and 0.01")
+            if not self.rtf > 0:
+                raise ConfigError("real_time_factor", f"{self.rtf} <= 0", "use e.g. 1.0")
+            if not self.publish_clock and self.rtf != 1.0:
+                raise ConfigError("real_time_factor", f"{self.rtf} != 1 with system-clock stamps",
+                                  "set publish_clock:=true (and use_sim_time:=true on the other nodes)")
+            self.env = make_env(self.task_name, self.backend_name, task_kwargs=task_kwargs, control_dt=self.dt,
+                                physics_dt=physics_dt)
+            self.backend, self.spec = self.env.backend, self.env.scene.robot
+            known = {c.name: c for c in SceneSpec().cameras}
+            for c in self.cameras:
+                if c not in known:
+                    raise ConfigError("cameras", f"unknown camera {c!r}", f"use some of {sorted(known)}")
+            self.cam_specs = known
+            self.arm_joints, self.finger_joints = list(self.spec.arm_joints), list(self.spec.finger_joints)
+            self.limits = JointLimits.from_urdf(self.spec.urdf, self.arm_joints)
+            self.t_sim = 0.0
+            self.ticks, self.late = 0, 0
+            self.cam_every = max(1, int(round(1.0 / (self.camera_rate * self.dt))))
+            self.pose_every = max(1, int(round(1.0 / (self.pose_rate * self.dt))))
+            self.episode: dict = {}
+
+            self.pub_js = self.create_publisher(JointState, "/joint_states", COMMAND_QOS)
+            self.pub_clock = self.create_publisher(Clock, "/clock", COMMAND_QOS) if self.publish_clock else None
+            self.pub_img = {c: self.create_publisher(Image, f"/cameras/{c}/image_raw", SENSOR_QOS) for c in self.cameras}
+            self.pub_info = {c: self.create_publisher(CameraInfo, f"/cameras/{c}/camera_info", SENSOR_QOS)
+                             for c in self.cameras}
+            names = [o.name for o in self.env.scene.objects] + [m.name for m in self.env.scene.markers]
+            self.pub_pose = {n: self.create_publisher(PoseStamped, f"{self.priv}/{n}_pose", COMMAND_QOS)
+                             for n in names}
+            self.pub_success = self.create_publisher(Bool, f"{self.priv}/success", COMMAND_QOS)
+            self.pub_episode = self.create_publisher(String, f"{self.priv}/episode", LATCHED_QOS)
+            from diagnostic_msgs.msg import DiagnosticArray
+
+            self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
+            self.create_subscription(JointTrajectory, f"/{self.arm_ctrl}/joint_trajectory", self._on_traj, COMMAND_QOS)
+            self.create_subscription(Float64MultiArray, f"/{self.arm_ctrl}/commands", self._on_cmd, COMMAND_QOS)
+            self.create_subscription(Float64MultiArray, f"/{self.grip_ctrl}/commands", self._on_grip, COMMAND_QOS)
+            self.create_service(Trigger, "~/reset", self._on_reset)
+            self.add_on_set_parameters_callback(self._on_params)
+
+            self._reset_episode()
+            self._wall0, self._sim0 = time.perf_counter(), 0.0
+            self._last_wall = self._wall0
+            self.timer = self.create_timer(self.dt / self.rtf, self._tick)
+            self.create_timer(1.0, self._diag)
+            self.get_logger().info(f"sim_robot: {self.backend_name} {self.task_name}, tick {self.dt * 1e3:.0f} ms, "
+                                   f"rtf {self.rtf}, cameras {self.cameras}, clock {self.publish_clock}")
+
+        # -- time ----------------------------------------------------------------------------------------------
+        def now(self) -> float:
+            return self.t_sim if self.publish_clock else time.time()
+
+        # -- commands ------------------------------------------------------------------------------------------
+        def _q_cmd(self) -> np.ndarray:
+            return self.follower.target(self.now())
+
+        def _on_traj(self, m):
+            if not m.points:
+                q, _, _ = self.backend.joint_state()
+                self.follower.command(q)
+                return
+            idx = {n: i for i, n in enumerate(m.joint_names)}
+            if sorted(idx) != sorted(self.arm_joints):
+                self.get_logger().error(f"trajectory joint_names {list(m.joint_names)} != {self.arm_joints}: ignored")
+                return
+            order = [idx[n] for n in self.arm_joints]
+            pts = []
+            for p in m.points:
+                q = np.asarray(p.positions, dtype=np.float64)
+                if q.shape != (len(order),) or not np.all(np.isfinite(q)):
+                    self.get_logger().error("trajectory point with missing or non-finite positions: ignored")
+                    return
+                pts.append((duration_to_sec(p.time_from_start),
+                            np.clip(q[order], self.limits.lower, self.limits.upper)))
+            t0 = stamp_to_sec(m.header.stamp)
+            t0 = self.now() if t0 == 0.0 else t0
+            self.follower.trajectory(t0, self.follower.target(t0), pts)
+
+        def _on_cmd(self, m):
+            q = np.asarray(m.data, dtype=np.float64)
+            if q.shape != (len(self.arm_joints),) or not np.all(np.isfinite(q)):
+                self.get_logger().error(f"/{self.arm_ctrl}/commands needs {len(self.arm_joints)} finite positions")
+                return
+            self.follower.command(np.clip(q, self.limits.lower, self.limits.upper))
+
+        def _on_grip(self, m):
+            d = np.asarray(m.data, dtype=np.float64)
+            if d.size != 1 or not np.isfinite(d[0]):
+                self.get_logger().error(f"/{self.grip_ctrl}/commands needs one finite finger position [m]")
+                return
+            self.width_t = float(np.clip(d[0] * len(self.finger_joints), 0.0, self.spec.max_width))
+
+        # -- episodes ------------------------------------------------------------------------------------------
+        def _reset_episode(self):
+            seed = self.next_seed
+            self.env.reset(seed=seed)
+            self.next_seed += 1
+            q, _, _ = self.backend.joint_state()
+            self.follower = TrajectoryFollower(q)
+            self.width_t = float(self.spec.max_width)
+            self.episode = {"seed": seed, "task": self.task_name, "backend": self.backend_name,
+                            "params": self.env.params, "t_start": self.now()}
+            self.pub_episode.publish(String(data=json.dumps(self.episode)))
+            self._publish_state(poses=True)
+            return self.episode
+
+        def _on_reset(self, req, res):
+            try:
+                ep = self._reset_episode()
+                res.success, res.message = True, json.dumps(ep)
+            except Exception as e:  # noqa: BLE001 - reported to the caller
+                res.success, res.message = False, f"reset failed: {e}"
+            return res
+
+        def _on_params(self, params):
+            from rcl_interfaces.msg import SetParametersResult
+
+            for p in params:
+                if p.name == "seed":
+                    self.next_seed = int(p.value)
+            return SetParametersResult(successful=True)
+
+        # -- loop ----------------------------------------------------------------------------------------------
+        def _tick(self):
+            self.backend.set_targets(self._q_cmd(), self.width_t)
+            self.backend.step()
+            self.t_sim += self.dt
+            self.ticks += 1
+            wall = time.perf_counter()
+            if wall - self._last_wall > 1.5 * self.dt / self.rtf:  # this tick came late (CPU busy)
+                self.late += 1
+            self._last_wall = wall
+            self._publish_state(poses=self.ticks % self.pose_every == 0, cams=self.ticks % self.cam_every == 0)
+
+        def _publish_state(self, poses=False, cams=False):
+            stamp = sec_to_stamp(self.now())
+            if self.pub_clock is not None:
+                c = Clock()
+                c.clock = stamp
+                self.pub_clock.publish(c)
+            q, dq, w = self.backend.joint_state()
+            js = JointState()
+            js.header.stamp = stamp
+            js.name = self.arm_joints + self.finger_joints
+            nf = len(self.finger_joints)
+            js.position = [float(v) for v in q] + [w / nf] * nf
+            js.velocity = [float(v) for v in dq] + [0.0] * nf
+            self.pub_js.publish(js)
+            if poses:
+                for n, pub in self.pub_pose.items():
+                    pub.publish(pose_msg(*self._pose_of(n), stamp, self.frame_id))
+                obs = self.env._obs()
+                self.pub_success.publish(Bool(data=bool(self.env.task.is_success(obs, self.env.params))))
+            if cams:
+                H, W = int(self.image_size[0]), int(self.image_size[1])
+                for c in self.cameras:
+                    img = self.backend.render(c, H, W)
+                    frame = f"{c}_camera_optical_frame"
+                    self.pub_img[c].publish(image_to_msg(img, stamp, frame))
+                    self.pub_info[c].publish(camera_info_from_fovy(H, W, self.cam_specs[c].fovy, stamp, frame))
+
+        def _pose_of(self, name):
+            if name in {o.name for o in self.env.scene.objects}:
+                return self.backend.object_pose(name)
+            xy = self.env.params.get(f"{name}_xy", [0.0, 0.0])  # a task marker, e.g. the place target
+            return np.array([xy[0], xy[1], 0.0]), np.array([0.0, 0.0, 0.0, 1.0])  # lying on the table (z = 0)
+
+        def _diag(self):
+            wall = time.perf_counter() - self._wall0
+            rtf = (self.t_sim - self._sim0) / wall if wall > 0 else 0.0
+            level = 0 if rtf >= 0.9 * self.rtf else 1
+            self.pub_diag.publish(diagnostic(
+                "sim_robot: simulation", self.backend_name, level,
+                "ok" if level == 0 else "running slower than real_time_factor",
+                {"real_time_factor": rtf, "target_real_time_factor": self.rtf, "late_ticks": self.late,
+                 "ticks": self.ticks, "sim_time": self.t_sim, "seed": self.episode.get("seed", -1)},
+                sec_to_stamp(self.now())))
+
+        def close(self):
+            self.env.close()
+
+    return SimRobot()
+
+
+def main(args=None) -> int:
+    return run_node(make_node, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,306 @@
+"""Helpers shared by every robot_rl ROS 2 node: QoS profiles, message <-> numpy conversions, the action message,
+parameter helpers and a ``main`` that shuts a node down cleanly on SIGINT / SIGTERM.
+
+Conventions (see ``../shared/DESIGN.md``): SI units, quaternions xyzw, images ``rgb8`` (uint8 H x W x 3),
+ros2_control topic names (``/joint_states``, ``/<controller>/joint_trajectory``, ``/<controller>/commands``), sensor
+QoS (best effort, keep last) for cameras, reliable QoS for commands.
+
+**The action message.** End-effector delta actions travel as ``sensor_msgs/JointState`` with
+``name = ACTION_NAMES`` (``ee_dx ee_dy ee_dz ee_dyaw gripper``), ``position`` = the env's 5-D action in [-1, 1]
+(units in :mod:`robot_rl.controller`: x/y/z x ``pos_scale`` m, yaw x ``yaw_scale`` rad per control step; gripper -1
+open ... +1 closed) and ``header.stamp`` = the time of the OLDEST observation the action was computed from (teleop:
+the time of the input). A standard message with a header and named fields: a bridge can check the field order,
+and every hop can measure observation -> command latency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Callable
+
+import numpy as np
+
+try:
+    import rclpy
+    from builtin_interfaces.msg import Duration, Time
+    from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                           qos_profile_sensor_data)
+    from sensor_msgs.msg import CameraInfo, Image, JointState
+except ImportError as e:  # pragma: no cover - exercised only without the [ros] extra
+    from robot_rl.errors import ConfigError
+
+    raise ConfigError("ros", f"ROS 2 Python packages are not installed ({e})",
+                      "pip install -e '.[ros]' (rclpy + Fast DDS wheels, no ROS install needed)") from None
+
+from robot_rl.errors import ConfigError
+
+ACTION_NAMES = ("ee_dx", "ee_dy", "ee_dz", "ee_dyaw", "gripper")
+
+#: cameras: best effort, keep last 5 (rclpy's qos_profile_sensor_data)
+SENSOR_QOS = qos_profile_sensor_data
+#: commands and state: reliable, keep last 10
+COMMAND_QOS = QoSProfile(reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST, depth=10)
+#: "latched" topics (the last message is delivered to late subscribers): reliable + transient local, depth 1
+LATCHED_QOS = QoSProfile(reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST, depth=1,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+# --------------------------------------------------------------------------------------------------- time
+def stamp_to_sec(stamp) -> float:
+    return float(stamp.sec) + 1e-9 * float(stamp.nanosec)
+
+
+def sec_to_stamp(t: float) -> Time:
+    sec = int(np.floor(t))
+    return Time(sec=sec, nanosec=min(int(round((t - sec) * 1e9)), 999_999_999))
+
+
+def sec_to_duration(t: float) -> Duration:
+    sec = int(np.floor(t))
+    return Duration(sec=sec, nanosec=min(int(round((t - sec) * 1e9)), 999_999_999))
+
+
+def duration_to_sec(d) -> float:
+    return float(d.sec) + 1e-9 * float(d.nanosec)
+
+
+def now_sec(node) -> float:
+    """The node's clock (ROS time: /clock when use_sim_time is true, else the system clock) in seconds."""
+    return node.get_clock().now().nanoseconds * 1e-9
+
+
+# --------------------------------------------------------------------------------------------------- messages
+def image_to_msg(img: np.ndarray, stamp, frame_id: str) -> Image:
+    """uint8 (H, W, 3) RGB -> sensor_msgs/Image ``rgb8``."""
+    img = np.ascontiguousarray(img, dtype=np.uint8)
+    m = Image()
+    m.header.stamp, m.header.frame_id = stamp, frame_id
+    m.height, m.width = int(img.shape[0]), int(img.shape[1])
+    m.encoding, m.is_bigendian, m.step = "rgb8", 0, int(img.shape[1] * 3)
+    m.data = img.tobytes()
+    return m
+
+
+def msg_to_image(m: Image) -> np.ndarray:
+    """sensor_msgs/Image (rgb8 / bgr8 / rgba8 / bgra8 / mono8) -> uint8 (H, W, 3) RGB. Raises ConfigError."""
+    enc = m.encoding.lower()
+    ch = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}.get(enc)
+    if ch is None:
+        raise ConfigError("image.encoding", f"{m.encoding!r} is not supported",
+                          "publish rgb8, bgr8, rgba8, bgra8 or mono8")
+    buf = np.frombuffer(bytes(m.data), dtype=np.uint8)
+    if buf.size < m.height * m.step:
+        raise ConfigError("image.data", f"{buf.size} bytes < height*step = {m.height * m.step}", "fix the publisher")
+    a = buf[: m.height * m.step].reshape(m.height, m.step)[:, : m.width * ch].reshape(m.height, m.width, ch)
+    if enc == "mono8":
+        return np.repeat(a, 3, axis=2)
+    if enc.startswith("bgr"):
+        a = a[:, :, 2::-1]
+    return np.ascontiguousarray(a[:, :, :3])
+
+
+def camera_info_from_fovy(height: int, width: int, fovy_deg: float, stamp, frame_id: str) -> CameraInfo:
+    """Pinhole CameraInfo (no distortion) of a camera with vertical field of view ``fovy_deg`` and square pixels."""
+    f = 0.5 * height / np.tan(np.deg2rad(fovy_deg) / 2.0)
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    m = CameraInfo()
+    m.header.stamp, m.header.frame_id = stamp, frame_id
+    m.height, m.width, m.distortion_model = int(height), int(width), "plumb_bob"
+    m.d = [0.0] * 5
+    m.k = [f, 0.0, cx, 0.0, f, cy, 0.0, 0.0, 1.0]
+    m.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    m.p = [f, 0.0, cx, 0.0, 0.0, f, cy, 0.0, 0.0, 0.0, 1.0, 0.0]
+    return m
+
+
+def action_to_msg(action, stamp) -> JointState:
+    m = JointState()
+    m.header.stamp = stamp
+    m.name = list(ACTION_NAMES)
+    m.position = [float(v) for v in np.asarray(action, dtype=np.float64).reshape(-1)]
+    return m
+
+
+def msg_to_action(m: JointState) -> np.ndarray:
+    """The 5-D action of an action message, in ACTION_NAMES order (reordered by name when names are given).
+    Raises ConfigError for missing fields; NaN/inf pass through (the receiver decides to reject them)."""
+    pos = np.asarray(m.position, dtype=np.float64)
+    if len(m.name):
+        idx = {n: i for i, n in enumerate(m.name)}
+        missing = [n for n in ACTION_NAMES if n not in idx]
+        if missing or len(pos) != len(m.name):
+            raise ConfigError("action.name", f"missing {missing} or {len(pos)} positions for {len(m.name)} names",
+                              f"send name={list(ACTION_NAMES)} with one position each")
+        return pos[[idx[n] for n in ACTION_NAMES]]
+    if pos.shape != (5,):
+        raise ConfigError("action.position", f"{pos.size} values, expected 5", f"send {list(ACTION_NAMES)}")
+    return pos
+
+
+class JointStateCache:
+    """Latest joint positions/velocities by name from ``/joint_states`` (several publishers may each send a
+    subset of joints, as ros2_control's joint_state_broadcaster and a gripper driver do).
+
+    ``arm(names)`` -> (q, dq) in the given order; ``width(gripper_joints)`` = sum of the gripper joints' positions
+    (Panda: two fingers, each half the opening). ``stamp`` is the oldest stamp among the joints used.
+    """
+
+    def __init__(self):
+        self.pos: dict[str, float] = {}
+        self.vel: dict[str, float] = {}
+        self.t: dict[str, float] = {}
+
+    def update(self, m: JointState, t: float | None = None) -> None:
+        t = stamp_to_sec(m.header.stamp) if t is None else t
+        for i, n in enumerate(m.name):
+            if i < len(m.position):
+                self.pos[n] = float(m.position[i])
+            self.vel[n] = float(m.velocity[i]) if i < len(m.velocity) else 0.0
+            self.t[n] = t
+
+    def has(self, names) -> bool:
+        return all(n in self.pos for n in names)
+
+    def get(self, arm, gripper) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """(q (n,), dq (n,), gripper width, oldest stamp). Raises KeyError when a joint was never received."""
+        q = np.array([self.pos[n] for n in arm])
+        dq = np.array([self.vel[n] for n in arm])
+        width = float(sum(self.pos[n] for n in gripper))
+        return q, dq, width, min(self.t[n] for n in (*arm, *gripper))
+
+
+class PoseCache:
+    """Latest object poses from PoseStamped topics, usable where a Backend is expected for ``object_pose``
+    (see :func:`robot_rl.envs.assemble_observation`)."""
+
+    def __init__(self):
+        self.poses: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.t: dict[str, float] = {}
+
+    def update(self, name: str, m, t: float | None = None) -> None:
+        p, o = m.pose.position, m.pose.orientation
+        self.poses[name] = (np.array([p.x, p.y, p.z]), np.array([o.x, o.y, o.z, o.w]))
+        self.t[name] = stamp_to_sec(m.header.stamp) if t is None else t
+
+    def object_pose(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self.poses:
+            raise KeyError(name)
+        pos, quat = self.poses[name]
+        return pos.copy(), quat.copy()
+
+
+def pose_msg(pos, quat_xyzw, stamp, frame_id: str):
+    from geometry_msgs.msg import PoseStamped
+
+    m = PoseStamped()
+    m.header.stamp, m.header.frame_id = stamp, frame_id
+    m.pose.position.x, m.pose.position.y, m.pose.position.z = (float(v) for v in pos)
+    o = m.pose.orientation
+    o.x, o.y, o.z, o.w = (float(v) for v in quat_xyzw)
+    return m
+
+
+def diagnostic(name: str, hardware_id: str, level: int, message: str, values: dict, stamp):
+    """A diagnostic_msgs/DiagnosticArray with one status (level 0 OK, 1 WARN, 2 ERROR, 3 STALE)."""
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+    arr = DiagnosticArray()
+    arr.header.stamp = stamp
+    st = DiagnosticStatus(level=bytes([int(level)]), name=name, message=message, hardware_id=hardware_id)
+    st.values = [KeyValue(key=str(k), value=(f"{v:.6g}" if isinstance(v, float) else str(v))) for k, v in values.items()]
+    arr.status = [st]
+    return arr
+
+
+# --------------------------------------------------------------------------------------------------- parameters
+def declare(node, name: str, default, description: str = ""):
+    """Declare a parameter (with a description) and return its value. Lists of float default to DOUBLE_ARRAY."""
+    from rcl_interfaces.msg import ParameterDescriptor
+
+    return node.declare_parameter(name, default, ParameterDescriptor(description=description)).value
+
+
+def json_param(node, name: str, value: str) -> dict:
+    """Parse a JSON-object string parameter; ConfigError naming the parameter on bad JSON."""
+    if not value:
+        return {}
+    try:
+        d = json.loads(value)
+    except ValueError as e:
+        raise ConfigError(name, f"not valid JSON ({e})", "pass a JSON object, e.g. '{\"tolerance\": 0.01}'") from None
+    if not isinstance(d, dict):
+        raise ConfigError(name, "not a JSON object", "pass a JSON object, e.g. '{\"tolerance\": 0.01}'")
+    return d
+
+
+def robot_model(node):
+    """Declare the robot-model parameters (urdf, base_link, tip_link, arm_joints, gripper_joints, q_home) and
+    return (RobotSpec-like namespace, KinematicChain). Defaults: the Franka Panda shipped in pybullet_data."""
+    from types import SimpleNamespace
+
+    from robot_rl.kinematics import KinematicChain
+    from robot_rl.scene import RobotSpec
+
+    r = RobotSpec()
+    urdf = declare(node, "urdf", "", "robot URDF file (empty: the Franka Panda shipped in pybullet_data)") or r.urdf
+    base = declare(node, "base_link", r.base_link, "URDF link of the robot base frame")
+    tip = declare(node, "tip_link", r.tip_link, "URDF link of the tool centre point")
+    arm = list(declare(node, "arm_joints", list(r.arm_joints), "arm joint names, in command order"))
+    grip = list(declare(node, "gripper_joints", list(r.finger_joints),
+                        "gripper joints; gripper width = sum of their positions"))
+    q_home = list(declare(node, "q_home", list(r.q_home), "home posture [rad] (IK null-space target)"))
+    chain = KinematicChain(urdf, base, tip)
+    if chain.joint_names != arm:
+        raise ConfigError("arm_joints", f"{arm} differ from the URDF chain {base}->{tip}: {chain.joint_names}",
+                          "list the active joints between base_link and tip_link in order")
+    if len(q_home) != chain.n:
+        raise ConfigError("q_home", f"{len(q_home)} values for {chain.n} joints", "give one value per arm joint")
+    return SimpleNamespace(urdf=urdf, base_link=base, tip_link=tip, arm_joints=tuple(arm),
+                           gripper_joints=tuple(grip), q_home=tuple(q_home), max_width=r.max_width), chain
+
+
+# --------------------------------------------------------------------------------------------------- main
+def run_node(make: Callable, args: list[str] | None = None, executor: str = "single") -> int:
+    """``rclpy.init`` -> ``node = make()`` -> spin until SIGINT/SIGTERM -> ``node.close()`` (if any) -> shutdown.
+
+    A ConfigError while building the node prints one line ``<node>: error: field: problem -> fix`` and returns 2.
+    """
+    import signal
+
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+
+    args = sys.argv if args is None else args
+    # our own handlers: SIGINT/SIGTERM raise KeyboardInterrupt in the spinning thread while the context is still
+    # alive, so node.close() can still publish (e.g. a final hold command) before shutdown
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    node = None
+    prog = os.path.basename(args[0]) if args else "node"
+    try:
+        node = make()
+        ex = MultiThreadedExecutor(num_threads=3) if executor == "multi" else SingleThreadedExecutor()
+        ex.add_node(node)
+        ex.spin()
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            try:
+                if hasattr(node, "close"):
+                    node.close()
+                node.destroy_node()
+            except Exception:  # noqa: BLE001 - best effort during shutdown
+                pass
+        rclpy.try_shutdown()
+    return 0

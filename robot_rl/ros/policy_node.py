@@ -1,0 +1,422 @@
+"""``policy_node``: a lifecycle node that runs a base (+ residual) policy on a ROS 2 robot at the control rate.
+
+Every control tick (``control_rate`` Hz on the node clock: /clock with ``use_sim_time``) it takes the latest joint
+states, camera images and (optional, privileged) object poses, assembles THE SAME observation dict as the simulated
+env (:func:`robot_rl.envs.assemble_observation`), gets the action for this step, and publishes it to the arm bridge
+(``action_topic``, the action message of :mod:`robot_rl.ros.common`, stamped with the oldest input's time).
+
+Action source (``server`` parameter):
+  ``""`` (default) in-process: ``checkpoint`` (+ ``residual``) loaded here and executed with
+      :class:`robot_rl.evaluation.CombinedPolicy` (chunk queue, one base call every ``n_action_steps`` steps).
+  ``host:port`` a policy server (``robot-rl serve``): one :meth:`PolicyClient.act` per step with a deadline of
+      ``server_timeout`` seconds and no retries; the server answers from its chunk queue (and runs the base when
+      the chunk is used up). A missed deadline holds THIS step — no stale action is ever applied — and the
+      next tick tries again (the client reconnects; a restarted server gets its session re-created).
+
+Holds (publishes ``std_msgs/Empty`` on ``hold_topic``: the bridge commands the measured posture) when an input is
+missing or older than ``max_obs_age`` (camera stopped, joint states stalled), on a server timeout or error, on an
+action with NaN/inf or the wrong shape, on ``~/estop``, and on deactivation. After a hold the next action starts a
+fresh chunk from the current observation.
+
+Lifecycle (rclpy.lifecycle, standard ``lifecycle_msgs`` services ``~/change_state`` / ``~/get_state``):
+  configure  load the policy / connect to the server and check its observation spec; create subscriptions
+  activate   start a new episode (observation history and chunk cleared, new server session) and the control loop
+  deactivate stop the loop and hold;  cleanup  release the policy / connection
+``autostart:=true`` configures and activates at start-up (for bring-up without a lifecycle manager).
+Services ``~/estop`` / ``~/clear_estop`` (std_srvs/Trigger): latched; after a clear the node stays holding until the
+next activate. Diagnostics (1 Hz, ``/diagnostics``): loop time p50/p99/max, observation age p50/max, deadline misses
+(a tick whose processing exceeded the control period, or that started more than 1.5 periods after the previous
+one), holds by cause, steps.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, deque
+
+import numpy as np
+
+from robot_rl.controller import DiffIKController
+from robot_rl.envs import assemble_observation
+from robot_rl.errors import ConfigError
+from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, JointStateCache, PoseCache, action_to_msg, declare,
+                                 diagnostic, json_param, msg_to_image, now_sec, robot_model, run_node, sec_to_stamp,
+                                 stamp_to_sec)
+from robot_rl.safety import EStopLatch
+from robot_rl.tasks import make_task
+
+
+class _NaNObjects:
+    """``object_pose`` for objects nobody publishes (an image-only policy on a real robot): NaN poses."""
+
+    def object_pose(self, name):
+        return np.full(3, np.nan), np.full(4, np.nan)
+
+
+class InProcessSource:
+    """Base (+ residual) in this process via :class:`robot_rl.evaluation.CombinedPolicy` (one env)."""
+
+    def __init__(self, checkpoint: str, residual: str = "", seed: int = 0):
+        import torch
+
+        from robot_rl.evaluation import CombinedPolicy
+        from robot_rl.policies.checkpoint import load_policy
+        from robot_rl.policies.residual import load_residual
+
+        torch.set_num_threads(1)
+        if not checkpoint:
+            raise ConfigError("checkpoint", "empty", "set checkpoint:=DIR (a base policy) or server:=HOST:PORT")
+        self.base = load_policy(checkpoint)
+        self.res = load_residual(residual, self.base) if residual else None
+        self.seed = seed
+        cfg = self.base.config
+        self.keys = list(cfg.obs_keys) + list(cfg.image_keys)
+        self.image_shape = {k: tuple(cfg.image_shape[:2]) for k in cfg.image_keys}
+        self.pol = None
+        self.episode = 0
+
+    def start(self):
+        from robot_rl.evaluation import CombinedPolicy
+
+        self.pol = CombinedPolicy(self.base, self.res, n_envs=1, seed=self.seed + self.episode)
+        self.episode += 1
+        self.first = True
+
+    def drop_chunk(self):
+        if self.pol is not None:
+            self.pol.ex.queue[0].clear()
+
+    def act(self, obs: dict, timeout_s: float) -> np.ndarray:
+        b = {k: v[None] for k, v in obs.items() if k in self.keys}
+        if self.first:
+            self.pol.reset(np.array([True]), b)
+            self.first = False
+        else:
+            self.pol.observe(b, None)
+        return np.asarray(self.pol.act(b)[0])
+
+    def close(self):
+        pass
+
+
+class ServerSource:
+    """One :class:`robot_rl.serve.client.PolicyClient` session per episode, one ``act`` per step."""
+
+    def __init__(self, address: str, token: str | None, name: str, seed: int = 0, connect_timeout: float = 10.0):
+        from robot_rl.serve.client import PolicyClient
+
+        self.client = PolicyClient(address, token=token, timeout_s=connect_timeout, retries=0)
+        meta = self.client.wait_ready(connect_timeout)
+        self.keys = list(meta["obs_spec"])
+        self.image_shape = {k: tuple(s["shape"][:2]) for k, s in meta["obs_spec"].items() if len(s["shape"]) == 3}
+        self.name, self.seed, self.episode = name, seed, 0
+        self.connect_timeout = connect_timeout
+
+    def start(self):
+        self.session = f"{self.name}-{os.getpid()}-{self.episode}"
+        self.episode += 1
+        self.step, self.first, self.fresh = 0, True, False
+
+    def drop_chunk(self):
+        self.fresh = True
+
+    def act(self, obs: dict, timeout_s: float) -> np.ndarray:
+        r = self.client.act(self.session, self.step, obs, reset=self.first,
+                            seed=self.seed + self.episode if self.first else None, new_chunk=self.fresh,
+                            timeout_s=self.connect_timeout if self.first else timeout_s)
+        self.step += 1
+        self.first = self.fresh = False
+        return np.asarray(r.action)
+
+    def close(self):
+        try:
+            self.client.close_session(self.session, timeout_s=0.2)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        self.client.close()
+
+
+def make_node():
+    from diagnostic_msgs.msg import DiagnosticArray
+    from geometry_msgs.msg import PoseStamped
+    from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
+    from sensor_msgs.msg import Image, JointState
+    from std_msgs.msg import Empty
+    from std_srvs.srv import Trigger
+
+    class PolicyNode(LifecycleNode):
+        def __init__(self):
+            super().__init__("policy_node")
+            self.robot, self.chain = robot_model(self)
+            self.controller = DiffIKController(self.chain, np.array(self.robot.q_home))
+            self.p = {
+                "checkpoint": declare(self, "checkpoint", "", "base policy checkpoint dir (in-process mode)"),
+                "residual": declare(self, "residual", "", "residual checkpoint dir (in-process mode, optional)"),
+                "server": declare(self, "server", "", "policy server host:port ('' = in-process)"),
+                "server_timeout": float(declare(self, "server_timeout", 0.05, "deadline of one step's request [s]")),
+                "connect_timeout": float(declare(self, "connect_timeout", 10.0, "server start-up / first-step "
+                                                                               "deadline [s]")),
+                "token_file": declare(self, "token_file", "", "file with the server token ('' = env/none)"),
+                "task": declare(self, "task", "place", "task whose observation keys are assembled"),
+                "task_json": declare(self, "task_json", "", "task overrides (JSON)"),
+                "control_rate": float(declare(self, "control_rate", 10.0, "control loop rate [Hz]")),
+                "max_obs_age": float(declare(self, "max_obs_age", 0.25, "hold when an input is older [s]")),
+                "image_topic": declare(self, "image_topic", "/cameras/{camera}/image_raw", "image topic pattern"),
+                "privileged_namespace": declare(self, "privileged_namespace", "/sim/privileged",
+                                                "where <object>_pose / <marker>_pose topics are"),
+                "target_xy": list(declare(self, "target_xy", [0.0], "fixed place target [x, y] (m); [0.0] = "
+                                                                      "from <privileged_namespace>/target_pose")),
+                "action_topic": declare(self, "action_topic", "/arm_bridge/action", "where actions go"),
+                "hold_topic": declare(self, "hold_topic", "/arm_bridge/hold", "std_msgs/Empty: hold now"),
+                "seed": int(declare(self, "seed", 0, "noise seed (episode k uses seed + k)")),
+                "autostart": bool(declare(self, "autostart", False, "configure + activate at start-up")),
+            }
+            self.period = 1.0 / self.p["control_rate"]
+            self.task = make_task(self.p["task"], **json_param(self, "task_json", self.p["task_json"]))
+            self.source = None
+            self.timer = None
+            self.estop = EStopLatch()
+            self.js, self.poses = JointStateCache(), PoseCache()
+            self.images: dict[str, tuple[np.ndarray, float]] = {}
+            self.subs = []
+            self.holding, self.hold_reason = True, "inactive"
+            self.counts: Counter = Counter()
+            self.loop_ms: deque = deque(maxlen=1000)
+            self.obs_age: deque = deque(maxlen=1000)
+            self.last_tick: float | None = None
+            self.steps = 0
+            self.pub_action = self.create_publisher(JointState, self.p["action_topic"], COMMAND_QOS)
+            self.pub_hold = self.create_publisher(Empty, self.p["hold_topic"], COMMAND_QOS)
+            self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
+            self.create_service(Trigger, "~/estop", self._on_estop)
+            self.create_service(Trigger, "~/clear_estop", self._on_clear)
+            self.create_timer(1.0, self._diag)
+            self._Empty, self._PoseStamped, self._Image, self._JointState = Empty, PoseStamped, Image, JointState
+            if self.p["autostart"]:
+                self.create_timer(0.0, self._autostart)  # after the executor starts spinning
+                self._autostarted = False
+
+        def _autostart(self):
+            if getattr(self, "_autostarted", True):
+                return
+            self._autostarted = True
+            if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                self.trigger_activate()
+
+        # -- lifecycle -----------------------------------------------------------------------------------------
+        def on_configure(self, state):
+            p = self.p
+            try:
+                if p["server"]:
+                    token = None
+                    if p["token_file"]:
+                        token = open(p["token_file"]).read().strip()
+                    self.source = ServerSource(p["server"], token, self.get_name(), p["seed"], p["connect_timeout"])
+                else:
+                    self.source = InProcessSource(p["checkpoint"], p["residual"], p["seed"])
+                self._setup_inputs(self.source.keys)
+            except Exception as e:  # noqa: BLE001 - a failed configure must say why
+                self.get_logger().error(f"configure failed: {e}")
+                if self.source is not None:
+                    self.source.close()
+                    self.source = None
+                return TransitionCallbackReturn.FAILURE
+            self.get_logger().info(f"configured: {'server ' + p['server'] if p['server'] else 'in-process'}, "
+                                   f"keys {self.source.keys}, cameras {self.cameras}")
+            return TransitionCallbackReturn.SUCCESS
+
+        def _setup_inputs(self, keys):
+            p = self.p
+            self.keys = list(keys)
+            task_keys = set(self.task.task_obs_keys)
+            self.cameras = [k[len("image_"):] for k in keys if k.startswith("image_")]
+            self.need_objects = bool(task_keys & set(keys))
+            self.fixed_target = (list(map(float, p["target_xy"])) if len(p["target_xy"]) == 2 else None)
+            self.need_target = self.need_objects and bool({"target_pos", "cube_to_target"} & set(keys)) \
+                and self.fixed_target is None
+            self.subs.append(self.create_subscription(
+                self._JointState, "/joint_states", lambda m: self.js.update(m), COMMAND_QOS))
+            self.objects = [o.name for o in self.task.objects] if self.need_objects else []
+            for name in self.objects + (["target"] if self.need_target else []):
+                self.subs.append(self.create_subscription(
+                    self._PoseStamped, f"{p['privileged_namespace']}/{name}_pose",
+                    lambda m, n=name: self.poses.update(n, m), COMMAND_QOS))
+            for cam in self.cameras:
+                self.subs.append(self.create_subscription(
+                    self._Image, p["image_topic"].format(camera=cam), lambda m, c=cam: self._on_image(c, m),
+                    SENSOR_QOS))
+
+        def _on_image(self, cam, m):
+            try:
+                self.images[cam] = (msg_to_image(m), stamp_to_sec(m.header.stamp))
+            except ConfigError as e:
+                self.counts["bad_images"] += 1
+                self.get_logger().error(f"image from {cam}: {e}", throttle_duration_sec=5.0)
+
+        def on_activate(self, state):
+            if self.source is None:
+                return TransitionCallbackReturn.FAILURE
+            self.source.start()
+            self.steps, self.last_tick = 0, None
+            self.holding, self.hold_reason = False, ""
+            self.timer = self.create_timer(self.period, self._tick)
+            self.get_logger().info("activated: new episode")
+            return super().on_activate(state)
+
+        def on_deactivate(self, state):
+            if self.timer is not None:
+                self.destroy_timer(self.timer)
+                self.timer = None
+            self._hold("deactivated")
+            return super().on_deactivate(state)
+
+        def on_cleanup(self, state):
+            for s in self.subs:
+                self.destroy_subscription(s)
+            self.subs = []
+            if self.source is not None:
+                self.source.close()
+                self.source = None
+            return TransitionCallbackReturn.SUCCESS
+
+        def on_shutdown(self, state):
+            self._hold("shutdown")
+            if self.source is not None:
+                self.source.close()
+                self.source = None
+            return TransitionCallbackReturn.SUCCESS
+
+        # -- control loop --------------------------------------------------------------------------------------
+        def _hold(self, reason: str, count: str | None = None):
+            if count:
+                self.counts[count] += 1
+            if not self.holding:
+                self.counts["holds"] += 1
+                self.get_logger().warning(f"holding: {reason}")
+            self.pub_hold.publish(self._Empty())
+            if self.source is not None:
+                self.source.drop_chunk()
+            self.holding, self.hold_reason = True, reason
+
+        def _inputs(self, now):
+            """(joint_state, objects, params, images, oldest stamp) or raise _Stale(reason)."""
+            arm, grip = self.robot.arm_joints, self.robot.gripper_joints
+            if not self.js.has((*arm, *grip)):
+                raise _Stale("no joint states yet")
+            q, dq, w, t_js = self.js.get(arm, grip)
+            stamps = {"joint_states": t_js}
+            params = {}
+            objects = self.poses if self.need_objects else _NaNObjects()
+            for n in self.objects + (["target"] if self.need_target else []):
+                if n not in self.poses.t:
+                    raise _Stale(f"no {n} pose yet")
+                stamps[f"{n}_pose"] = self.poses.t[n]
+            if self.need_target:
+                params["target_xy"] = [float(v) for v in self.poses.poses["target"][0][:2]]
+            elif self.fixed_target is not None:
+                params["target_xy"] = self.fixed_target
+            else:
+                params["target_xy"] = [np.nan, np.nan]
+            images = {}
+            for c in self.cameras:
+                if c not in self.images:
+                    raise _Stale(f"no image from {c} yet")
+                img, t = self.images[c]
+                want = self.source.image_shape.get(f"image_{c}")
+                if want and img.shape[:2] != want:
+                    import cv2
+
+                    img = cv2.resize(img, (want[1], want[0]), interpolation=cv2.INTER_AREA)
+                images[c] = img
+                stamps[f"image_{c}"] = t
+            ages = {k: now - t for k, t in stamps.items()}
+            worst = max(ages, key=ages.get)
+            if ages[worst] > self.p["max_obs_age"]:
+                raise _Stale(f"{worst} is {ages[worst]:.3f} s old (max_obs_age {self.p['max_obs_age']})")
+            return (q, dq, w), objects, params, images, min(stamps.values()), ages[worst]
+
+        def _tick(self):
+            t0 = time.perf_counter()
+            now = now_sec(self)
+            if self.last_tick is not None and now - self.last_tick > 1.5 * self.period:
+                self.counts["deadline_misses"] += 1
+                self.counts["late_ticks"] += 1
+            self.last_tick = now
+            if self.estop.active:
+                return
+            try:
+                js, objects, params, images, t_obs, age = self._inputs(now)
+            except _Stale as e:
+                self._hold(f"stale observation: {e}", "stale")
+                return
+            obs = assemble_observation(self.controller, self.task, js, objects, params, images)
+            bad = [k for k in self.keys if k in obs and not np.all(np.isfinite(obs[k]))]
+            if bad:
+                self._hold(f"non-finite observation {bad}", "bad_obs")
+                return
+            try:
+                a = self.source.act({k: obs[k] for k in self.keys}, self.p["server_timeout"])
+            except TimeoutError as e:
+                self._hold(f"policy server timeout: {e}", "server_timeouts")
+                return
+            except Exception as e:  # noqa: BLE001 - any policy failure holds the arm
+                self._hold(f"policy error: {e}", "policy_errors")
+                return
+            a = np.asarray(a, dtype=np.float64).reshape(-1)
+            if a.shape != (5,) or not np.all(np.isfinite(a)):
+                self._hold(f"rejected action {a.tolist()} (NaN/inf or shape != (5,))", "rejected_actions")
+                return
+            self.pub_action.publish(action_to_msg(np.clip(a, -1.0, 1.0), sec_to_stamp(t_obs)))
+            self.holding, self.hold_reason = False, ""
+            self.steps += 1
+            ms = (time.perf_counter() - t0) * 1e3
+            self.loop_ms.append(ms)
+            self.obs_age.append(age)
+            if ms > self.period * 1e3:
+                self.counts["deadline_misses"] += 1
+
+        # -- services / diagnostics ----------------------------------------------------------------------------
+        def _on_estop(self, req, res):
+            self.estop.trigger("e-stop service")
+            self._hold("e-stop", "estops")
+            res.success, res.message = True, "e-stop latched: holding; clear with ~/clear_estop, then re-activate"
+            return res
+
+        def _on_clear(self, req, res):
+            was = self.estop.clear()
+            res.success, res.message = True, "e-stop cleared (re-activate to resume)" if was else "not active"
+            return res
+
+        def _diag(self):
+            lm = np.array(self.loop_ms) if self.loop_ms else np.zeros(1)
+            ag = np.array(self.obs_age) if self.obs_age else np.zeros(1)
+            level = 2 if self.estop.active else (1 if self.holding and self.timer is not None else 0)
+            vals = {"steps": self.steps, "holding": self.holding, "hold_reason": self.hold_reason,
+                    "loop_ms_p50": float(np.percentile(lm, 50)), "loop_ms_p99": float(np.percentile(lm, 99)),
+                    "loop_ms_max": float(lm.max()), "obs_age_ms_p50": float(np.percentile(ag, 50) * 1e3),
+                    "obs_age_ms_max": float(ag.max() * 1e3), **dict(self.counts)}
+            self.pub_diag.publish(diagnostic("policy_node: control loop", "policy", level,
+                                             self.hold_reason or "running", vals, sec_to_stamp(now_sec(self))))
+
+        def close(self):
+            if self.timer is not None:
+                self._hold("shutdown")
+                time.sleep(0.05)
+            if self.source is not None:
+                self.source.close()
+                self.source = None
+
+    return PolicyNode()
+
+
+class _Stale(Exception):
+    pass
+
+
+def main(args=None) -> int:
+    return run_node(make_node, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""``recorder`` node: ROS 2 topics -> episodes in the zarr store, at the control rate, with the SAME keys as the
+simulated env's collection (:mod:`robot_rl.collect`), so ``robot-rl train-base`` trains on them unchanged.
+
+Every control period while recording it assembles the observation with :func:`robot_rl.envs.assemble_observation`
+from the latest ``/joint_states``, camera images (``cameras``, resized to ``image_size``) and, with
+``record_privileged``, object poses from ``<privileged_namespace>`` (sim only; a real robot records robot state +
+images), and pairs it with the action in effect:
+  action        the latest message on ``action_topic`` (what the arm bridge executes) if younger than
+                ``action_timeout``; otherwise zero motion with the last gripper command (the arm held still)
+  intervention  the latest /robot_rl/intervention (std_msgs/Bool, the teleop mux) if fresh, else False
+  human_action  the latest /robot_rl/human_action where fresh, else NaN (only stored when ``record_human_action``)
+Steps with an incomplete observation (a topic never received, or older than ``max_obs_age``) are skipped and
+counted. Episode metadata: seed/params/backend from the sim's latched ``<privileged_namespace>/episode`` JSON when
+present (else seed -1, ``backend`` parameter), ``source`` parameter (teleop | policy | intervention | scripted;
+``intervention`` automatically when any step was flagged), success = the latest ``<privileged_namespace>/success``
+(False without it).
+
+Services (std_srvs/Trigger): ``~/start`` begin an episode (an unfinished one is discarded), ``~/stop`` commit it
+atomically (message: JSON with index, length, success), ``~/discard`` drop it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from robot_rl.controller import DiffIKController
+from robot_rl.envs import assemble_observation
+from robot_rl.errors import ConfigError
+from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, JointStateCache, PoseCache, declare, json_param,
+                                 msg_to_action, msg_to_image, robot_model, run_node)
+from robot_rl.store import SOURCES, ZarrStore
+from robot_rl.tasks import make_task
+
+
+def make_node():
+    from geometry_msgs.msg import PoseStamped
+    from rclpy.node import Node
+    from sensor_msgs.msg import Image, JointState
+    from std_msgs.msg import Bool, String
+    from std_srvs.srv import Trigger
+
+    from robot_rl.ros.common import LATCHED_QOS
+
+    class Recorder(Node):
+        def __init__(self):
+            super().__init__("recorder")
+            self.robot, self.chain = robot_model(self)
+            self.controller = DiffIKController(self.chain, np.array(self.robot.q_home))
+            self.store_path = declare(self, "store", "", "zarr store directory (created if missing)")
+            if not self.store_path:
+                raise ConfigError("store", "empty", "set store:=/path/demos.zarr")
+            self.task_name = declare(self, "task", "place", "task name (observation keys, metadata)")
+            self.task = make_task(self.task_name, **json_param(self, "task_json",
+                                                               declare(self, "task_json", "", "task overrides")))
+            self.source = declare(self, "source", "teleop", f"episode source: {', '.join(SOURCES)}")
+            if self.source not in SOURCES:
+                raise ConfigError("source", f"{self.source!r}", f"use one of {list(SOURCES)}")
+            self.backend_label = declare(self, "backend", "real", "backend name when the sim does not say")
+            self.robot_label = declare(self, "robot", "panda", "robot name in the metadata")
+            self.dt = 1.0 / float(declare(self, "control_rate", 10.0, "recording rate [Hz]"))
+            self.cameras = [c for c in declare(self, "cameras", [""], "cameras to record ([''] = none)") if c]
+            self.image_size = [int(v) for v in declare(self, "image_size", [96, 96], "[H, W] of stored images")]
+            self.image_topic = declare(self, "image_topic", "/cameras/{camera}/image_raw", "image topic pattern")
+            self.privileged = bool(declare(self, "record_privileged", True, "record object poses (sim)"))
+            ns = declare(self, "privileged_namespace", "/sim/privileged", "object pose / success / episode topics")
+            self.action_timeout = float(declare(self, "action_timeout", 0.3, "older actions count as none [s]"))
+            self.max_obs_age = float(declare(self, "max_obs_age", 0.5, "skip steps with older inputs [s]"))
+            self.record_human = bool(declare(self, "record_human_action", True, "store human_action"))
+            action_topic = declare(self, "action_topic", "/arm_bridge/action", "executed actions")
+            self.js, self.poses = JointStateCache(), PoseCache()
+            self.images: dict = {}
+            self.last = {}  # topic kind -> (receive time, value)
+            self.episode_info: dict = {}
+            self.success = False
+            self.buf: dict | None = None
+            self.gripper = -1.0
+            self.skipped = 0
+            self.create_subscription(JointState, "/joint_states", lambda m: self.js.update(m, time.monotonic()),
+                                     COMMAND_QOS)
+            self.create_subscription(JointState, action_topic, lambda m: self._keep("action", m), COMMAND_QOS)
+            self.create_subscription(JointState, "/robot_rl/human_action", lambda m: self._keep("human", m),
+                                     COMMAND_QOS)
+            self.create_subscription(Bool, "/robot_rl/intervention", lambda m: self._keep("intervention", m.data),
+                                     COMMAND_QOS)
+            self.objects = [o.name for o in self.task.objects] if self.privileged else []
+            self.markers = [m.name for m in self.task.markers] if self.privileged else []
+            for n in self.objects + self.markers:
+                self.create_subscription(PoseStamped, f"{ns}/{n}_pose",
+                                         lambda m, n=n: self.poses.update(n, m, time.monotonic()), COMMAND_QOS)
+            if self.privileged:
+                self.create_subscription(Bool, f"{ns}/success", lambda m: setattr(self, "success", bool(m.data)),
+                                         COMMAND_QOS)
+                self.create_subscription(String, f"{ns}/episode", self._on_episode, LATCHED_QOS)
+            for c in self.cameras:
+                self.create_subscription(Image, self.image_topic.format(camera=c),
+                                         lambda m, c=c: self.images.__setitem__(c, (m, time.monotonic())), SENSOR_QOS)
+            self.create_service(Trigger, "~/start", self._on_start)
+            self.create_service(Trigger, "~/stop", self._on_stop)
+            self.create_service(Trigger, "~/discard", self._on_discard)
+            self.create_timer(self.dt, self._tick)
+            self.get_logger().info(f"recorder -> {self.store_path} ({self.task_name}, source {self.source}, "
+                                   f"cameras {self.cameras}, privileged {self.privileged})")
+
+        def _keep(self, kind, value):
+            self.last[kind] = (time.monotonic(), value)
+
+        def _on_episode(self, m):
+            try:
+                self.episode_info = json.loads(m.data)
+            except ValueError:
+                self.get_logger().error("episode JSON unreadable: metadata falls back to parameters")
+
+        def _fresh(self, kind, timeout):
+            v = self.last.get(kind)
+            return v[1] if v is not None and time.monotonic() - v[0] <= timeout else None
+
+        # -- recording -----------------------------------------------------------------------------------------
+        def _observation(self):
+            now = time.monotonic()
+            arm, grip = self.robot.arm_joints, self.robot.gripper_joints
+            if not self.js.has((*arm, *grip)):
+                return None, "no joint states"
+            q, dq, w, t = self.js.get(arm, grip)
+            if now - t > self.max_obs_age:
+                return None, "joint states stale"
+            params = {}
+            if self.privileged:
+                for n in self.objects + self.markers:
+                    if n not in self.poses.t or now - self.poses.t[n] > self.max_obs_age:
+                        return None, f"{n} pose missing/stale"
+                for n in self.markers:
+                    params[f"{n}_xy"] = [float(v) for v in self.poses.poses[n][0][:2]]
+            images = {}
+            for c in self.cameras:
+                if c not in self.images or now - self.images[c][1] > self.max_obs_age:
+                    return None, f"image {c} missing/stale"
+                img = msg_to_image(self.images[c][0])
+                H, W = self.image_size
+                if img.shape[:2] != (H, W):
+                    import cv2
+
+                    img = cv2.resize(img, (W, H), interpolation=cv2.INTER_AREA)
+                images[c] = img
+            if self.privileged:
+                obs = assemble_observation(self.controller, self.task, (q, dq, w), self.poses, params, images)
+            else:  # robot state + images only (no object poses on a real robot)
+                obs = assemble_observation(self.controller, _NoTask(), (q, dq, w), None, {}, images)
+            return obs, ""
+
+        def _tick(self):
+            if self.buf is None:
+                return
+            obs, why = self._observation()
+            if obs is None:
+                self.skipped += 1
+                self.get_logger().warning(f"step skipped: {why}", throttle_duration_sec=2.0)
+                return
+            m = self._fresh("action", self.action_timeout)
+            if m is not None:
+                a = msg_to_action(m)
+                if not np.all(np.isfinite(a)):
+                    a = None
+            else:
+                a = None
+            if a is None:
+                a = np.array([0.0, 0.0, 0.0, 0.0, self.gripper])
+            self.gripper = float(a[4])
+            inter = bool(self._fresh("intervention", self.action_timeout) or False)
+            hm = self._fresh("human", self.action_timeout)
+            human = msg_to_action(hm) if (hm is not None and inter) else np.full(5, np.nan)
+            for k, v in obs.items():
+                self.buf.setdefault(k, []).append(v)
+            self.buf.setdefault("action", []).append(a.astype(np.float32))
+            self.buf.setdefault("intervention", []).append(inter)
+            self.buf.setdefault("human_action", []).append(human.astype(np.float32))
+
+        def _on_start(self, req, res):
+            dropped = self.buf is not None and len(self.buf.get("action", []))
+            self.buf, self.skipped = {}, 0
+            self.gripper = -1.0
+            res.success = True
+            res.message = "recording" + (f" (dropped an unfinished episode of {dropped} steps)" if dropped else "")
+            return res
+
+        def _on_discard(self, req, res):
+            n = len(self.buf.get("action", [])) if self.buf is not None else 0
+            self.buf = None
+            res.success, res.message = True, f"discarded {n} steps"
+            return res
+
+        def _on_stop(self, req, res):
+            if self.buf is None or not self.buf.get("action"):
+                res.success, res.message = False, "nothing recorded (call ~/start first, and check the inputs)"
+                self.buf = None
+                return res
+            data = {k: np.stack(v) for k, v in self.buf.items()}
+            data["intervention"] = data["intervention"].astype(bool)
+            if not self.record_human:
+                data.pop("human_action")
+            info = self.episode_info
+            source = "intervention" if data["intervention"].any() and self.source != "scripted" else self.source
+            try:
+                from pathlib import Path
+
+                p = Path(self.store_path)
+                store = ZarrStore.open(p, mode="a") if p.exists() else ZarrStore.create(p)
+                idx = store.add_episode(
+                    data, seed=int(info.get("seed", -1)), task=self.task_name, source=source,
+                    success=bool(self.success), backend=str(info.get("backend", self.backend_label)),
+                    robot=self.robot_label, extra={"params": info.get("params", {}), "recorder": "ros2",
+                                                   "control_rate": 1.0 / self.dt, "skipped_steps": self.skipped})
+            except ConfigError as e:
+                res.success, res.message = False, f"not committed: {e}"
+                return res
+            finally:
+                self.buf = None
+            n = len(data["action"])
+            res.success = True
+            res.message = json.dumps({"index": idx, "length": n, "success": bool(self.success), "source": source,
+                                      "skipped_steps": self.skipped})
+            self.get_logger().info(f"episode {idx} committed: {n} steps, success {self.success}")
+            return res
+
+    return Recorder()
+
+
+class _NoTask:
+    """Task stand-in without object keys (real-robot recording without privileged poses)."""
+
+    def observe(self, objects, params):
+        return {}
+
+
+def main(args=None) -> int:
+    return run_node(make_node, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

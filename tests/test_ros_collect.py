@@ -1,0 +1,110 @@
+"""Teleop collection over real DDS: a scripted Twist publisher -> teleop node (takeover mux in front of a stand-in
+policy) -> arm bridge -> sim_robot, while the recorder writes episodes to a zarr store that ``robot-rl train-base``
+accepts. Keys are the sim env's keys; interventions and the human's actions are flagged per step."""
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ros_helpers import Driver, NodeProcess, new_domain, ros_env
+
+
+@pytest.fixture()
+def ros(tmp_path):
+    d = new_domain()
+    procs = []
+    drv = Driver(d)
+
+    def start(module, params, name=None):
+        p = NodeProcess(module, params, tmp_path, ros_env(d), name)
+        procs.append(p)
+        return p
+
+    yield drv, start, tmp_path
+    for p in reversed(procs):
+        p.stop()
+    drv.close()
+
+
+def test_twist_teleop_recorder_store_trains(ros):
+    from geometry_msgs.msg import Twist
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Float64
+    from std_srvs.srv import Trigger
+
+    from robot_rl.envs import make_env
+    from robot_rl.ros.common import COMMAND_QOS, action_to_msg
+    from robot_rl.store import ZarrStore
+
+    drv, start, tmp = ros
+    store = tmp / "teleop.zarr"
+    start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet", "cameras": ["front"], "seed": 7})
+    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands"})
+    start("robot_rl.hw_drivers.teleop", {"policy_action_topic": "/policy/action"})
+    start("robot_rl.ros.recorder", {"store": str(store), "cameras": ["front"], "source": "teleop"})
+    twist = drv.node.create_publisher(Twist, "/teleop/twist", COMMAND_QOS)
+    grip = drv.node.create_publisher(Float64, "/teleop/gripper", COMMAND_QOS)
+    policy = drv.node.create_publisher(JointState, "/policy/action", COMMAND_QOS)
+    drv.subscribe(JointState, "/arm_bridge/action", COMMAND_QOS, keep=True)
+    for pub in (twist, grip, policy):  # DDS discovery: messages published before a match are lost
+        drv.wait_for(lambda: pub.get_subscription_count() > 0, 30, f"a subscriber on {pub.topic_name}")
+    drv.wait_for(lambda: drv.node.count_subscribers("/arm_bridge/action") >= 3, 30, "bridge + recorder")
+    drv.call(Trigger, "/sim_robot/reset")
+
+    def drive(seconds, vel=None, policy_action=None):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if vel is not None:
+                t = Twist()
+                t.linear.x, t.linear.y, t.linear.z = vel
+                twist.publish(t)
+            if policy_action is not None:
+                policy.publish(action_to_msg(policy_action, drv.node.get_clock().now().to_msg()))
+            drv.spin(0.05)
+
+    lengths = []
+    for ep in range(3):
+        assert drv.call(Trigger, "/recorder/start").success
+        drive(1.0, policy_action=[0.0, 0.0, 0.3, 0.0, -1.0])      # the policy drives (up)
+        drive(1.0, vel=(0.05, 0.0, -0.05))                       # the human takes over (forward, down)
+        grip.publish(Float64(data=1.0))
+        drive(0.6, vel=(0.0, 0.0, 0.0))                          # human closes the gripper
+        drive(0.8, policy_action=[0.0, 0.0, 0.0, 0.0, 1.0])      # back to the policy after the takeover timeout
+        if ep == 1:
+            assert drv.call(Trigger, "/recorder/discard").success
+            continue
+        r = drv.call(Trigger, "/recorder/stop")
+        assert r.success, r.message
+        lengths.append(json.loads(r.message)["length"])
+        drv.call(Trigger, "/sim_robot/reset")
+
+    st = ZarrStore.open(store)
+    assert st.n_episodes == 2 and [m["length"] for m in st.episodes_meta()] == lengths
+    assert all(25 <= n <= 40 for n in lengths), lengths  # ~3.4 s at 10 Hz
+    assert [p for p in st.validate() if p.startswith("error")] == []
+    env = make_env("place", cameras=("front",))
+    assert set(st.keys) == set(env.observation_space.spaces) | {"action", "intervention", "human_action"}
+    for k, sp in env.observation_space.spaces.items():
+        assert st.schema[k]["shape"] == sp.shape and st.schema[k]["dtype"] == str(sp.dtype), k
+    m = st.episode_meta(0)
+    assert m["source"] == "intervention" and m["backend"] == "pybullet" and m["seed"] == 8
+    assert "target_xy" in m["extra"]["params"]
+    ep = st.get_episode(0)
+    inter = ep["intervention"]
+    assert 5 <= inter.sum() < len(inter)  # the human's stretch, not the policy's
+    assert np.all(np.isfinite(ep["human_action"][inter])) and np.all(np.isnan(ep["human_action"][~inter]))
+    # the human moved the tool forward and down: positive x, negative z actions while intervening
+    assert ep["action"][inter][:, 0].max() > 0.1 and ep["action"][inter][:, 2].min() < -0.1
+    assert ep["ee_pos"][-1][2] < ep["ee_pos"][0][2] + 0.1
+    assert ep["image_front"].shape[1:] == (96, 96, 3) and ep["image_front"].std() > 5
+
+    out = tmp / "base"
+    r = subprocess.run([sys.executable, "-m", "robot_rl.cli", "train-base", "--store", str(store), "--out", str(out),
+                        "--kind", "bc", "--steps", "3", "--batch-size", "8"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "checkpoint" / "model.safetensors").exists()

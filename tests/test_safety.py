@@ -1,0 +1,94 @@
+"""Safety module: 10 000 random (partly hostile) commands through the filter -> zero limit violations."""
+
+import numpy as np
+import pytest
+
+from robot_rl.errors import ConfigError
+from robot_rl.kinematics import KinematicChain
+from robot_rl.safety import EStopLatch, JointLimits, SafetyConfig, SafetyFilter, Watchdog
+from robot_rl.scene import RobotSpec
+
+
+@pytest.fixture(scope="module")
+def panda():
+    r = RobotSpec()
+    chain = KinematicChain(r.urdf, r.base_link, r.tip_link)
+    return r, chain, JointLimits.from_urdf(r.urdf, r.arm_joints)
+
+
+def test_limits_parsed_from_urdf(panda):
+    r, chain, lim = panda
+    assert lim.names == r.arm_joints
+    np.testing.assert_allclose(lim.lower, chain.lower)
+    np.testing.assert_allclose(lim.upper, chain.upper)
+    np.testing.assert_allclose(lim.velocity, [2.175] * 4 + [2.61] * 3)
+    with pytest.raises(ConfigError, match="panda_joint99"):
+        JointLimits.from_urdf(r.urdf, ["panda_joint99"])
+
+
+def test_10000_random_commands_zero_violations(panda):
+    r, chain, lim = panda
+    cfg = SafetyConfig(joint_margin=0.01, velocity_scale=0.8, max_joint_delta=0.2,
+                       workspace_low=(0.3, -0.3, 0.05), workspace_high=(0.7, 0.3, 0.4))
+    f = SafetyFilter(lim, lambda q: chain.pose(q)[0], cfg)
+    rng = np.random.default_rng(0)
+    q = np.array(r.q_home)
+    assert f.box_distance(q) == 0.0
+    viol = {"position": 0, "velocity": 0, "delta": 0, "workspace": 0, "nonfinite": 0}
+    span = lim.upper - lim.lower
+    for i in range(10_000):
+        dt = float(rng.choice([0.0, 0.01, 0.1, 0.5, rng.uniform(0, 1)]))
+        kind = i % 5
+        if kind == 0:  # anywhere in (and beyond) the joint range
+            cmd = lim.lower - 0.5 * span + rng.uniform(size=7) * 2 * span
+        elif kind == 1:  # small plausible step
+            cmd = q + rng.normal(0, 0.05, 7)
+        elif kind == 2:  # huge values
+            cmd = q + rng.normal(0, 1e6, 7)
+        elif kind == 3:  # NaN / inf somewhere
+            cmd = q.copy()
+            cmd[rng.integers(7)] = rng.choice([np.nan, np.inf, -np.inf])
+        else:  # step toward a random joint-space point (often leaves the workspace box)
+            cmd = q + 0.3 * (rng.uniform(lim.lower, lim.upper) - q)
+        out, rep = f.filter(cmd, q, dt)
+        if not np.all(np.isfinite(out)):
+            viol["nonfinite"] += 1
+        if np.any(out < lim.lower + cfg.joint_margin - 1e-12) or np.any(out > lim.upper - cfg.joint_margin + 1e-12):
+            viol["position"] += 1
+        if np.any(np.abs(out - q) > cfg.max_joint_delta + 1e-12):
+            viol["delta"] += 1
+        if np.any(np.abs(out - q) > cfg.velocity_scale * lim.velocity * dt + 1e-12):
+            viol["velocity"] += 1
+        if f.box_distance(out) > 0.0:
+            viol["workspace"] += 1
+        if kind == 3:
+            assert rep.rejected and np.array_equal(out, q)
+        q = out
+    assert viol == {k: 0 for k in viol}, viol
+    s = f.stats
+    assert s["commands"] == 10_000 and s["rejected"] == 2000
+    assert s["clipped_position"] > 0 and s["clipped_delta"] > 0 and s["clipped_workspace"] > 0
+
+
+def test_outside_box_only_moves_back(panda):
+    r, chain, lim = panda
+    f = SafetyFilter(lim, lambda q: chain.pose(q)[0], SafetyConfig(workspace_low=(0.3, -0.3, 0.3)))
+    q = np.array(r.q_home)  # tool z = 0.21 < 0.3: outside
+    d0 = f.box_distance(q)
+    assert d0 > 0
+    out, rep = f.filter(q + np.array([0, 0.1, 0, 0.1, 0, 0, 0]), q, 0.1)  # moves down/forward: refused
+    assert f.box_distance(out) <= d0 + 1e-12
+
+
+def test_watchdog_and_estop():
+    w = Watchdog(0.25)
+    assert w.expired(0.0)
+    w.kick(1.0)
+    assert not w.expired(1.2) and w.expired(1.26)
+    e = EStopLatch()
+    e.trigger("button")
+    assert e.active and e.reason == "button"
+    e.trigger("again")
+    assert e.active and e.clear() and not e.active and e.history == ["button", "again"]
+    with pytest.raises(ConfigError):
+        SafetyConfig(workspace_low=(1, 0, 0), workspace_high=(0, 1, 1)).validate()
