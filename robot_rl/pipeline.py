@@ -18,10 +18,10 @@ from robot_rl.errors import ConfigError
 
 PRESETS = {
     "full": {
-        "task": "place", "task_kwargs": {}, "seed": 0,
+        "task": "place", "task_kwargs": {"tolerance": 0.004}, "seed": 0,
         "collect": {"episodes": 100, "noise": 0.3, "bias": 0.0},
-        "base": {"kind": "diffusion", "steps": 2500, "batch_size": 128, "policy": {"down_dims": [32, 64, 128]}},
-        "residual": {"total_env_steps": 300_000, "n_envs": 8, "n_steps": 100},
+        "base": {"kind": "bc", "steps": 4000, "batch_size": 256, "lr": 1e-3},
+        "residual": {"total_env_steps": 600_000, "n_envs": 8, "n_steps": 100},
         "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
     },
     "quick": {

@@ -40,6 +40,7 @@ class PPOConfig:
     lr_critic: float = 1e-3
     max_grad_norm: float = 0.5
     target_kl: float = 0.05
+    anneal_lr: bool = True  # linear decay of both learning rates to 0 over training (Huang et al. 2022, PPO details)
     vf_coef: float = 0.5
     alpha: float = 0.1
     log_std_init: float = -1.0
@@ -113,7 +114,11 @@ def train_residual(base, task: str, cfg: PPOConfig, out_dir: str | Path, *, task
     bar = tqdm(total=n_updates * N * T, desc="residual PPO", unit="step", disable=not progress)
     buf = {k: [] for k in ("x", "res", "logp", "val", "rew", "done")}
     try:
+        base_lrs = [g["lr"] for g in opt.param_groups]
         for update in range(n_updates):
+            if cfg.anneal_lr:
+                for g, lr0 in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr0 * (1.0 - update / n_updates)
             for k in buf:
                 buf[k].clear()
             ep_succ = []
