@@ -34,6 +34,15 @@ import yaml
 from robot_rl.errors import ConfigError
 
 
+
+def _resolve_executable(exe: str) -> str | None:
+    """Path of a node's console script: first beside the running interpreter (the venv's ``bin/``, which need not
+    be on PATH, e.g. when ``.venv/bin/python`` is called directly), then on PATH; None when absent."""
+    local = Path(sys.executable).parent / exe
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    return shutil.which(exe)
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> list[dict]:
     """Parse a bringup config (+ ``NAME.PARAM=VALUE`` overrides, values parsed as YAML). Raises ConfigError."""
     p = Path(path)
@@ -63,9 +72,12 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
                 raise ConfigError(f"nodes[{i}].params", f"{params} does not exist", "fix the path (relative to "
                                   "the config file)")
         exe = n["executable"]
-        if shutil.which(exe) is None and not exe.startswith("python"):
-            raise ConfigError(f"nodes[{i}].executable", f"{exe!r} is not on PATH",
-                              "pip install -e '.[ros]' (installs the robot-rl-* node scripts)")
+        if not exe.startswith("python"):
+            found = _resolve_executable(exe)
+            if found is None:
+                raise ConfigError(f"nodes[{i}].executable", f"{exe!r} is neither beside {sys.executable} nor on "
+                                  "PATH", "pip install -e '.[ros]' (installs the robot-rl-* node scripts)")
+            exe = found
         nodes.append({"name": n["name"], "executable": exe, "params": params,
                       "parameters": dict(n.get("parameters") or {}), "respawn": bool(n.get("respawn", False))})
     by_name = {n["name"]: n for n in nodes}
@@ -81,7 +93,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 def node_command(node: dict, tmp: Path) -> list[str]:
     exe = node["executable"]
-    cmd = exe.split() if exe.startswith("python") else [exe]
+    cmd = [sys.executable, *exe.split()[1:]] if exe.startswith("python") else [exe]
     cmd += ["--ros-args", "-r", f"__node:={node['name']}"]
     if node["params"]:
         cmd += ["--params-file", str(node["params"])]
