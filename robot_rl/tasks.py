@@ -43,7 +43,6 @@ class Task:
 
     objects = (CUBE,)
     markers = ()
-    task_obs_keys: tuple = ("cube_pos", "cube_quat")
 
     def sample(self, rng: np.random.Generator) -> dict:
         """Sample episode parameters (object poses, targets) as plain floats (stored in episode metadata)."""
@@ -99,7 +98,6 @@ class PlaceTask(Task):
     target_x: tuple = (0.42, 0.6)
     target_y: tuple = (0.06, 0.2)
     markers = (MarkerSpec("target", radius=0.01),)
-    task_obs_keys: tuple = ("cube_pos", "cube_quat", "target_pos", "cube_to_target")
 
     def __post_init__(self):
         if not 0.0 < self.tolerance <= 0.05:

@@ -135,3 +135,22 @@ class Driver:
 
 def new_domain() -> int:
     return random.Random(os.getpid() ^ time.time_ns()).randrange(20, 100)
+
+
+@pytest.fixture()
+def ros(tmp_path):
+    """(Driver, start(module, params, name=None) -> NodeProcess, tmp_path) on a fresh ROS domain; every started
+    node is stopped (in reverse order) and the driver closed at teardown. Import it into a test module to use it."""
+    d = new_domain()
+    procs = []
+    drv = Driver(d)
+
+    def start(module, params, name=None):
+        p = NodeProcess(module, params, tmp_path, ros_env(d), name)
+        procs.append(p)
+        return p
+
+    yield drv, start, tmp_path
+    for p in reversed(procs):
+        p.stop()
+    drv.close()

@@ -10,24 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from ros_helpers import Driver, NodeProcess, new_domain, ros_env
-
-
-@pytest.fixture()
-def ros(tmp_path):
-    d = new_domain()
-    procs = []
-    drv = Driver(d)
-
-    def start(module, params, name=None):
-        p = NodeProcess(module, params, tmp_path, ros_env(d), name)
-        procs.append(p)
-        return p
-
-    yield drv, start, tmp_path
-    for p in reversed(procs):
-        p.stop()
-    drv.close()
+from ros_helpers import ros  # noqa: F401 (pytest fixture)
 
 
 def test_twist_teleop_recorder_store_trains(ros):

@@ -14,28 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ros_helpers import Driver, NodeProcess, new_domain, ros_env
+from ros_helpers import ros  # noqa: F401 (pytest fixture)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "place_bc_mujoco"
 # seeds where the in-process PyBullet env succeeds with the fixture policy (tests/fixtures/README.md)
 SEEDS = [1000002, 1000003, 1000004, 1000007, 1000008]
-
-
-@pytest.fixture()
-def ros(tmp_path):
-    d = new_domain()
-    procs = []
-    drv = Driver(d)
-
-    def start(module, params, name=None):
-        p = NodeProcess(module, params, tmp_path, ros_env(d), name)
-        procs.append(p)
-        return p
-
-    yield drv, start, tmp_path
-    for p in reversed(procs):
-        p.stop()
-    drv.close()
 
 
 def nan_checkpoint(tmp: Path) -> Path:

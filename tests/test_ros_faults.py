@@ -14,27 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ros_helpers import Driver, NodeProcess, new_domain, ros_env
+from ros_helpers import ros  # noqa: F401 (pytest fixture)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "place_bc_mujoco"
 PERIOD, DEADLINE = 0.1, 0.05
-
-
-@pytest.fixture()
-def ros(tmp_path):
-    d = new_domain()
-    procs = []
-    drv = Driver(d)
-
-    def start(module, params, name=None):
-        p = NodeProcess(module, params, tmp_path, ros_env(d), name)
-        procs.append(p)
-        return p
-
-    yield drv, start, tmp_path
-    for p in reversed(procs):
-        p.stop()
-    drv.close()
 
 
 def start_server(checkpoint, port=0):

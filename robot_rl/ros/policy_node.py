@@ -229,7 +229,7 @@ def make_node():
         def _setup_inputs(self, keys):
             p = self.p
             self.keys = list(keys)
-            task_keys = set(self.task.task_obs_keys)
+            task_keys = set(self.task.obs_dims())
             self.cameras = [k[len("image_"):] for k in keys if k.startswith("image_")]
             self.need_objects = bool(task_keys & set(keys))
             self.fixed_target = (list(map(float, p["target_xy"])) if len(p["target_xy"]) == 2 else None)
