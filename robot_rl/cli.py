@@ -56,17 +56,14 @@ def cmd_train_residual(a):
     from robot_rl.rl.ppo import PPOConfig, train_residual
 
     out = Path(a.out)
-    rnd = _randomization_arg(a.randomization)
+    task_kwargs, env_kwargs, rnd = _env_options(a)  # before anything is written
     if rnd is not None:
-        from robot_rl.envs import check_env_options
-
-        check_env_options(a.task, None, randomization=rnd)  # before anything is written
+        env_kwargs["randomization"] = rnd
     base = load_policy(a.base)
     _write_cfg(out, a)
     w = SummaryWriter(str(out / "tb"))
     cfg = PPOConfig(total_env_steps=a.env_steps, n_envs=a.n_envs, n_steps=a.n_steps, alpha=a.alpha, seed=a.seed)
-    res, curve = train_residual(base, a.task, cfg, out, writer=w,
-                                env_kwargs={"randomization": rnd} if rnd is not None else None)
+    res, curve = train_residual(base, a.task, cfg, out, writer=w, task_kwargs=task_kwargs, env_kwargs=env_kwargs)
     w.close()
     ck = save_residual(res, out / "checkpoint", extra={"base_checkpoint": str(a.base)})
     plot_learning_curve(curve, out / "learning_curve.png")
@@ -82,13 +79,19 @@ def cmd_eval(a):
     from robot_rl.policies.checkpoint import load_policy
     from robot_rl.policies.residual import load_residual
 
+    if a.backend not in ("mujoco", "pybullet"):
+        raise ConfigError("backend", f"unknown backend {a.backend!r}", "choose mujoco or pybullet")
+    task_kwargs, env_kwargs, rnd = _env_options(a)
+    if rnd is not None:
+        env_kwargs["randomization"] = rnd
     base = load_policy(a.base)
     res = load_residual(a.residual, base) if a.residual else None
     out = Path(a.out)
     _write_cfg(out, a)
-    r = evaluate(base, a.task, residual=res, n_episodes=a.episodes, n_envs=a.n_envs, seed_start=a.seed_start)
-    vids = record_videos(base, a.task, out / "videos", residual=res,
-                         seeds=range(a.seed_start, a.seed_start + a.videos)) if a.videos else []
+    r = evaluate(base, a.task, residual=res, n_episodes=a.episodes, n_envs=a.n_envs, seed_start=a.seed_start,
+                 task_kwargs=task_kwargs, env_kwargs=env_kwargs, backend=a.backend)
+    vids = record_videos(base, a.task, out / "videos", residual=res, task_kwargs=task_kwargs, backend=a.backend,
+                         env_kwargs=env_kwargs, seeds=range(a.seed_start, a.seed_start + a.videos)) if a.videos else []
     name = "base + residual" if res is not None else "base"
     write_report(out, {name: r}, {"videos": vids})
     print(f"{name}: success {r['success_rate']:.3f} 95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
@@ -103,19 +106,25 @@ def _eval_server(a):
     if a.base or a.residual:
         raise ConfigError("server", "--server cannot be combined with --base/--residual",
                           "the server already holds the checkpoints; drop --base/--residual")
+    if a.backend not in ("mujoco", "pybullet"):
+        raise ConfigError("backend", f"unknown backend {a.backend!r}", "choose mujoco or pybullet")
+    task_kwargs, env_kwargs, rnd = _env_options(a)
+    if rnd is not None:
+        env_kwargs["randomization"] = rnd
     client = PolicyClient(a.server, timeout_s=a.timeout)
     try:
         meta = client.metadata()
         out = Path(a.out)
         _write_cfg(out, a)
         pol = RemotePolicy(client, min(a.n_envs, a.episodes), seed=0)
-        r = evaluate(None, a.task, n_episodes=a.episodes, n_envs=a.n_envs, seed_start=a.seed_start, policy=pol)
+        r = evaluate(None, a.task, n_episodes=a.episodes, n_envs=a.n_envs, seed_start=a.seed_start, policy=pol,
+                     task_kwargs=task_kwargs, env_kwargs=env_kwargs, backend=a.backend)
         pol.close()
         vids = []
         if a.videos:
             one = RemotePolicy(client, 1, seed=0)
             vids = record_videos(None, a.task, out / "videos", seeds=range(a.seed_start, a.seed_start + a.videos),
-                                 policy=one)
+                                 policy=one, task_kwargs=task_kwargs, env_kwargs=env_kwargs, backend=a.backend)
             one.close()
     except ServerTimeout as e:
         raise ConfigError("server", str(e), f"start it with `robot-rl serve --checkpoint ...` at {a.server}") from None
@@ -157,6 +166,39 @@ def cmd_serve(a):
     serve(a.checkpoint, a.residual, cfg.validate(), device=a.device, ready=lambda line: print(line, flush=True))
 
 
+def _env_options(a, randomization_required: bool = False) -> tuple[dict, dict, object]:
+    """``--set`` overrides (``task_kwargs.<field>=V``, ``env.<field>=V``, ``randomization.<group>.<key>=V``) plus
+    ``--randomization``, validated against the task and :class:`~robot_rl.envs.EnvConfig` before anything is
+    loaded or written. Returns (task_kwargs, env_kwargs, randomization spec or None)."""
+    from robot_rl.envs import check_env_options
+
+    rnd = _randomization_arg(getattr(a, "randomization", None))
+    sets = a.set or []
+    if randomization_required or any(ov.startswith("randomization.") for ov in sets):
+        rnd = {"preset": rnd} if isinstance(rnd, str) else dict(rnd or {})
+    task_kwargs, env_kwargs = {}, {}
+    for ov in sets:
+        key, eq, val = ov.partition("=")
+        head, _, rest = key.partition(".")
+        if not eq or not rest or head not in ("task_kwargs", "randomization", "env"):
+            raise ConfigError("--set", f"{ov!r} is not task_kwargs.<field>=V, randomization.<group>.<key>=V or "
+                              "env.<field>=V", "write e.g. --set task_kwargs.tolerance=0.003")
+        try:
+            value = yaml.safe_load(val)
+        except yaml.YAMLError:
+            raise ConfigError("--set", f"{ov!r}: value is not YAML", "write e.g. --set env.max_steps=120") from None
+        {"task_kwargs": task_kwargs, "randomization": rnd, "env": env_kwargs}[head][rest] = value
+    if "randomization" in env_kwargs or "backend" in env_kwargs:
+        raise ConfigError("--set", "env.randomization / env.backend are not --set fields",
+                          "use --randomization (and --backend where the command has it)")
+    check_env_options(a.task, task_kwargs, randomization=rnd, **env_kwargs)
+    return task_kwargs, env_kwargs, rnd
+
+
+SET_HELP = ("override a task or env field, repeatable: task_kwargs.<field>=V, env.<field>=V or "
+            "randomization.<group>.<key>=V, e.g. --set task_kwargs.tolerance=0.004")
+
+
 def _randomization_arg(text: str | None):
     """``--randomization`` value: a preset name (``default``, ``none``) or a YAML/JSON dict of overrides."""
     if text is None:
@@ -170,29 +212,14 @@ def _randomization_arg(text: str | None):
 
 
 def cmd_transfer(a):
-    from robot_rl.envs import check_env_options
     from robot_rl.policies.checkpoint import load_policy
     from robot_rl.policies.residual import load_residual
     from robot_rl.transfer import transfer_report
 
-    rnd = _randomization_arg(a.randomization)
-    rnd = {"preset": rnd} if isinstance(rnd, str) else dict(rnd or {})
-    task_kwargs, env_kwargs = {}, {}
-    for ov in a.set or []:
-        key, eq, val = ov.partition("=")
-        head, _, rest = key.partition(".")
-        if not eq or not rest or head not in ("task_kwargs", "randomization", "env"):
-            raise ConfigError("--set", f"{ov!r} is not task_kwargs.<field>=V, randomization.<group>.<key>=V or "
-                              "env.<field>=V", "write e.g. --set task_kwargs.tolerance=0.003")
-        try:
-            value = yaml.safe_load(val)
-        except yaml.YAMLError:
-            raise ConfigError("--set", f"{ov!r}: value is not YAML", "write e.g. --set env.max_steps=120") from None
-        {"task_kwargs": task_kwargs, "randomization": rnd, "env": env_kwargs}[head][rest] = value
     for b in (a.train_backend, a.eval_backend):  # fail on bad input before loading anything
         if b not in ("mujoco", "pybullet"):
             raise ConfigError("backend", f"unknown backend {b!r}", "choose mujoco or pybullet")
-    check_env_options(a.task, task_kwargs, randomization=rnd, **env_kwargs)
+    task_kwargs, env_kwargs, rnd = _env_options(a, randomization_required=True)
     base = load_policy(a.checkpoint)
     res = load_residual(a.residual, base) if a.residual else None
     out = Path(a.out)
@@ -283,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--alpha", type=float, default=0.1)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--randomization", help="train under domain randomization: a preset (default) or a YAML dict")
+    r.add_argument("--set", action="append", help=SET_HELP)
     r.set_defaults(func=cmd_train_residual)
 
     e = sub.add_parser("eval", help="held-out seeded evaluation with Wilson intervals, report and videos")
@@ -296,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-envs", type=int, default=4)
     e.add_argument("--seed-start", type=int, default=1_000_000)
     e.add_argument("--videos", type=int, default=3)
+    e.add_argument("--backend", default="mujoco", help="simulator to evaluate in: mujoco | pybullet")
+    e.add_argument("--randomization", help="evaluate under domain randomization: a preset (default) or a YAML dict")
+    e.add_argument("--set", action="append", help=SET_HELP)
     e.set_defaults(func=cmd_eval)
 
     tr = sub.add_parser("transfer", help="sim-to-sim transfer: train vs eval backend, with and without domain "
@@ -307,8 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--task", default="place")
     tr.add_argument("--randomization", default="default",
                     help="randomized conditions: a preset (default) or a YAML dict of overrides")
-    tr.add_argument("--set", action="append", help="task_kwargs.<field>=V, randomization.<group>.<key>=V or "
-                                                   "env.<field>=V, e.g. --set task_kwargs.tolerance=0.003")
+    tr.add_argument("--set", action="append", help=SET_HELP)
     tr.add_argument("--episodes", type=int, default=100, help="episodes per condition (same seeds in each)")
     tr.add_argument("--n-envs", type=int, default=2)
     tr.add_argument("--seed-start", type=int, default=1_000_000)

@@ -67,6 +67,7 @@ class DiffIKController:
         self.cfg = config or ControllerConfig()
         self._lo = np.asarray(self.cfg.workspace_low)
         self._hi = np.asarray(self.cfg.workspace_high)
+        self._damp = self.cfg.damping**2 * np.eye(6)
 
     def ee_pose(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tool position (3,) [m] and quaternion xyzw (4,) in the base frame."""
@@ -86,16 +87,18 @@ class DiffIKController:
         cfg = self.cfg
         q = np.array(q, dtype=np.float64)
         R_t = rot_z(yaw) @ R_DOWN
-        lam2 = cfg.damping**2
         for _ in range(iters or cfg.ik_iters):
             T, J = self.chain.jacobian(q)
-            # orientation error: 0.5 * sum_i r_i x r_t_i (Siciliano et al., "Robotics", eq. 3.85), exact
-            # direction and monotone in the angle for errors below 90 degrees
-            e_rot = 0.5 * np.cross(T[:3, :3].T, R_t.T).sum(axis=0)
-            err = np.concatenate([pos - T[:3, 3], e_rot])
-            J_pinv = J.T @ np.linalg.inv(J @ J.T + lam2 * np.eye(6))
-            # damped least squares step + null-space posture term (I - J^+ J) k (q_home - q)
-            dq = J_pinv @ err + (np.eye(self.chain.n) - J_pinv @ J) @ (cfg.nullspace_gain * (self.q_home - q))
+            # orientation error: 0.5 * sum_i r_i x r_t_i over the columns of R and R_t (Siciliano et al.,
+            # "Robotics", eq. 3.85), exact direction and monotone in the angle for errors below 90 degrees;
+            # sum_i a_i x b_i is the axial vector of B A^T - A B^T
+            R = T[:3, :3]
+            M = R_t @ R.T - R @ R_t.T
+            err = np.array([*(pos - T[:3, 3]), 0.5 * M[2, 1], 0.5 * M[0, 2], 0.5 * M[1, 0]])
+            # damped least squares + null-space posture term: dq = J^+ e + (I - J^+ J) v with
+            # J^+ = J^T (J J^T + lambda^2 I)^-1 and v = k (q_home - q), evaluated as J^+ (e - J v) + v
+            v = cfg.nullspace_gain * (self.q_home - q)
+            dq = J.T @ np.linalg.solve(J @ J.T + self._damp, err - J @ v) + v
             q = np.clip(q + dq, self.chain.lower, self.chain.upper)
         return q
 

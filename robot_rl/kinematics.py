@@ -4,6 +4,11 @@ This is the robot model shared by every backend (MuJoCo, PyBullet) and by the re
 controller never asks a simulator for kinematics. Only revolute, continuous, prismatic and fixed joints on the
 path from ``base_link`` to ``tip_link`` are used; everything else in the URDF is ignored.
 
+The chain is parsed from the URDF here, then compiled into a kinematic-only MuJoCo model (bodies, joints, a tip
+site; no geometry, no physics) so forward kinematics (``mj_kinematics``) and the geometric Jacobian
+(``mj_jacSite``) run in MuJoCo's C code: about 10 us per call instead of ~120 us for the same maths in numpy. That
+model is independent of the simulated scene, so the PyBullet backend and the real-arm bridge use it too.
+
 Frames: all poses are expressed in the ``base_link`` frame. Units: metres and radians. Quaternions are xyzw.
 """
 
@@ -13,6 +18,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+import mujoco
 import numpy as np
 from scipy.spatial.transform import Rotation
 
@@ -41,6 +47,10 @@ def _origin(el: ET.Element | None) -> np.ndarray:
     T[:3, :3] = Rotation.from_euler("xyz", rpy).as_matrix()  # URDF rpy = fixed-axis roll, pitch, yaw
     T[:3, 3] = xyz
     return T
+
+
+def _num(v) -> str:
+    return " ".join(f"{float(x):.17g}" for x in v)
 
 
 class KinematicChain:
@@ -85,59 +95,54 @@ class KinematicChain:
         self.upper = np.array([j.upper for j in self.active])
         self.velocity_limit = np.array([j.velocity for j in self.active])
         self.n = len(self.active)
-        self._prismatic = np.array([j.type == "prismatic" for j in self.active])
-        self._steps, self._qidx, i = [], {}, 0
-        for s_, j in enumerate(self.joints):
-            k = None if j.type == "fixed" else j.axis / np.linalg.norm(j.axis)
-            K = None if k is None else np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-            self._steps.append((j.origin[:3, :3].copy(), j.origin[:3, 3].copy(), k, K,
-                                None if K is None else K @ K, j.type == "prismatic"))
-            if k is not None:
-                self._qidx[s_] = i
-                i += 1
+        self._model = mujoco.MjModel.from_xml_string(self._mjcf())
+        self._data = mujoco.MjData(self._model)
+        self._jac = np.zeros((6, self.n))
+        self._quat = np.zeros(4)
 
-    def fk_all(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Tip transform plus each active joint's world axis and origin.
+    def _mjcf(self) -> str:
+        """The chain as a kinematic-only MJCF: nested bodies (fixed joints welded), unit inertias, a tip site."""
+        body = '<site name="tip"/>'
+        for j in reversed(self.joints):
+            quat = np.zeros(4)
+            mujoco.mju_mat2Quat(quat, j.origin[:3, :3].flatten())
+            joint = "" if j.type == "fixed" else (
+                f'<joint name="{j.name}" type="{"slide" if j.type == "prismatic" else "hinge"}" '
+                f'axis="{_num(j.axis)}"/>')
+            body = (f'<body pos="{_num(j.origin[:3, 3])}" quat="{_num(quat)}">'
+                    f'<inertial pos="0 0 0" mass="1" diaginertia="1 1 1"/>{joint}{body}'
+                    f'</body>')
+        return f'<mujoco><compiler angle="radian"/><worldbody>{body}</worldbody></mujoco>'
 
-        Args:
-            q: (n,) joint positions [rad or m].
-        Returns:
-            T_tip (4,4), axes (n,3), origins (n,3) in the base frame.
-        """
-        R, p = np.eye(3), np.zeros(3)
-        axes, origins = np.empty((self.n, 3)), np.empty((self.n, 3))
-        for i, (Ro, po, k, K, KK, prismatic) in enumerate(self._steps):
-            p = p + R @ po
-            R = R @ Ro
-            if k is None:  # fixed joint: only its origin
-                continue
-            qi = q[self._qidx[i]]
-            axes[self._qidx[i]] = R @ k
-            origins[self._qidx[i]] = p
-            if prismatic:
-                p = p + R @ (k * qi)
-            else:  # Rodrigues: exp(qi [k]x) = I + sin(qi) K + (1 - cos(qi)) K^2
-                R = R @ (np.eye(3) + np.sin(qi) * K + (1.0 - np.cos(qi)) * KK)
-        T = np.eye(4)
-        T[:3, :3], T[:3, 3] = R, p
-        return T, axes, origins
+    def _forward(self, q: np.ndarray) -> None:
+        self._data.qpos[:] = q
+        mujoco.mj_kinematics(self._model, self._data)
 
     def fk(self, q: np.ndarray) -> np.ndarray:
-        """Tip pose as a 4x4 homogeneous transform in the base frame."""
-        return self.fk_all(q)[0]
+        """Tip pose as a 4x4 homogeneous transform in the base frame.
+
+        Args:
+            q: (n,) joint positions [rad or m], in ``joint_names`` order.
+        """
+        self._forward(q)
+        T = np.eye(4)
+        T[:3, :3] = self._data.site_xmat[0].reshape(3, 3)
+        T[:3, 3] = self._data.site_xpos[0]
+        return T
 
     def pose(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Tip position (3,) [m] and orientation quaternion xyzw (4,)."""
         T = self.fk(q)
-        return T[:3, 3].copy(), Rotation.from_matrix(T[:3, :3]).as_quat()
+        mujoco.mju_mat2Quat(self._quat, self._data.site_xmat[0])
+        return T[:3, 3].copy(), self._quat[[1, 2, 3, 0]].copy()
 
     def jacobian(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Geometric Jacobian (6, n): rows 0-2 linear velocity, 3-5 angular velocity of the tip, base frame.
 
         Returns (T_tip, J).
         """
-        T, axes, origins = self.fk_all(q)
+        T = self.fk(q)
+        mujoco.mj_comPos(self._model, self._data)  # mj_jac reads cdof / subtree_com
         J = np.empty((6, self.n))
-        J[:3] = np.where(self._prismatic[:, None], axes, np.cross(axes, T[:3, 3] - origins)).T
-        J[3:] = np.where(self._prismatic[:, None], 0.0, axes).T
+        mujoco.mj_jacSite(self._model, self._data, J[:3], J[3:], 0)
         return T, J

@@ -53,6 +53,12 @@ def test_eval_command_with_residual(tiny_run, tmp_path):
             "--out", tmp_path / "ev", "--episodes", 2, "--n-envs", 1, "--videos", 0)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "success" in r.stdout and (tmp_path / "ev" / "report.json").exists()
+    # the same checkpoint in the other simulator, on a tighter task variant
+    r = run("eval", "--base", tiny_run / "base" / "checkpoint", "--out", tmp_path / "ev2", "--episodes", 2,
+            "--n-envs", 1, "--videos", 0, "--backend", "pybullet", "--set", "task_kwargs.tolerance=0.004")
+    assert r.returncode == 0, r.stderr[-2000:]
+    per = json.loads((tmp_path / "ev2" / "report.json").read_text())
+    assert "pybullet" in json.dumps(per) and "0.004" in (tmp_path / "ev2" / "config.yaml").read_text()
 
 
 def _one_line_error(r, field):
@@ -87,6 +93,13 @@ def test_bad_input_errors(tmp_path, tiny_run):
     assert not marker.exists()
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{corrupt")
     _one_line_error(run("eval", "--base", bad, "--out", tmp_path / "e"), "config.json")
+    base = tiny_run / "base" / "checkpoint"
+    _one_line_error(run("eval", "--base", base, "--out", tmp_path / "e", "--backend", "gazebo"), "backend")
+    _one_line_error(run("eval", "--base", base, "--out", tmp_path / "e", "--set", "task_kwargs.tol=1"), "tol")
+    _one_line_error(run("train-residual", "--base", base, "--out", tmp_path / "r", "--set", "env.bogus=1"), "bogus")
+    _one_line_error(run("train-residual", "--base", base, "--out", tmp_path / "r", "--randomization",
+                        "{physics: {object_mass: [2, 1]}}"), "object_mass")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
     _one_line_error(run("pipeline", "--out", tmp_path / "p", "--set", "residual.n_minibatches=3"), "n_minibatches")
     _one_line_error(run("pipeline", "--out", tmp_path / "p", "--set", "colect.episodes=3"), "colect")
     # creating a store over an existing non-store directory never deletes it

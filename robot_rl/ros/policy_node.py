@@ -1,9 +1,18 @@
 """``policy_node``: a lifecycle node that runs a base (+ residual) policy on a ROS 2 robot at the control rate.
 
-Every control tick (``control_rate`` Hz on the node clock: /clock with ``use_sim_time``) it takes the latest joint
-states, camera images and (optional, privileged) object poses, assembles THE SAME observation dict as the simulated
-env (:func:`robot_rl.envs.assemble_observation`), gets the action for this step, and publishes it to the arm bridge
-(``action_topic``, the action message of :mod:`robot_rl.ros.common`, stamped with the oldest input's time).
+Every control tick it takes the latest joint states, camera images and (optional, privileged) object poses,
+assembles THE SAME observation dict as the simulated env (:func:`robot_rl.envs.assemble_observation`), gets the
+action for this step, and publishes it to the arm bridge (``action_topic``, the action message of
+:mod:`robot_rl.ros.common`, stamped with the oldest input's time).
+
+When a tick happens (``trigger`` parameter):
+  ``timer``  every 1/``control_rate`` s on the node clock (/clock with ``use_sim_time``). Images are sampled
+      whenever the timer fires, so an unsynchronised camera adds up to one frame period of observation age.
+  ``image``  on the arrival of each new frame of the policy's first camera (at most ``control_rate`` Hz: frames
+      closer than 0.9 period to the last tick are skipped), so the observation is as fresh as the camera allows;
+      a timer at ``control_rate`` stands in when no frame has come for 1.5 periods (the step then uses the latest
+      inputs, or holds if they are older than ``max_obs_age``).
+  ``auto`` (default) ``image`` when the policy reads a camera, else ``timer``.
 
 Action source (``server`` parameter):
   ``""`` (default) in-process: ``checkpoint`` (+ ``residual``) loaded here and executed with
@@ -171,11 +180,16 @@ def make_node():
                 "hold_topic": declare(self, "hold_topic", "/arm_bridge/hold", "std_msgs/Empty: hold now"),
                 "seed": int(declare(self, "seed", 0, "noise seed (episode k uses seed + k)")),
                 "autostart": bool(declare(self, "autostart", False, "configure + activate at start-up")),
+                "trigger": declare(self, "trigger", "auto", "when a control step runs: timer | image | auto"),
             }
+            if self.p["trigger"] not in ("timer", "image", "auto"):
+                raise ConfigError("trigger", f"{self.p['trigger']!r} is not timer, image or auto",
+                                  "set trigger:=auto (image-triggered when the policy uses a camera)")
             self.period = 1.0 / self.p["control_rate"]
             self.task = make_task(self.p["task"], **json_param(self, "task_json", self.p["task_json"]))
             self.source = None
             self.timer = None
+            self.trigger_camera: str | None = None
             self.estop = EStopLatch()
             self.js, self.poses = JointStateCache(), PoseCache()
             self.images: dict[str, tuple[np.ndarray, float]] = {}
@@ -222,8 +236,16 @@ def make_node():
                     self.source.close()
                     self.source = None
                 return TransitionCallbackReturn.FAILURE
+            trig = p["trigger"] if p["trigger"] != "auto" else ("image" if self.cameras else "timer")
+            if trig == "image" and not self.cameras:
+                self.get_logger().error("configure failed: trigger: image but the policy reads no camera -> "
+                                        "set trigger:=timer (or auto)")
+                self.source.close()
+                self.source = None
+                return TransitionCallbackReturn.FAILURE
+            self.trigger_camera = self.cameras[0] if trig == "image" else None
             self.get_logger().info(f"configured: {'server ' + p['server'] if p['server'] else 'in-process'}, "
-                                   f"keys {self.source.keys}, cameras {self.cameras}")
+                                   f"keys {self.source.keys}, cameras {self.cameras}, trigger {trig}")
             return TransitionCallbackReturn.SUCCESS
 
         def _setup_inputs(self, keys):
@@ -253,6 +275,16 @@ def make_node():
             except ConfigError as e:
                 self.counts["bad_images"] += 1
                 self.get_logger().error(f"image from {cam}: {e}", throttle_duration_sec=5.0)
+                return
+            if cam == self.trigger_camera and self.timer is not None:
+                if self.last_tick is None or now_sec(self) - self.last_tick >= 0.9 * self.period:
+                    self._tick()
+
+        def _on_timer(self):
+            if self.trigger_camera is not None and self.last_tick is not None \
+                    and now_sec(self) - self.last_tick < 1.5 * self.period:
+                return  # frames are driving the loop
+            self._tick()
 
         def on_activate(self, state):
             if self.source is None:
@@ -260,7 +292,7 @@ def make_node():
             self.source.start()
             self.steps, self.last_tick = 0, None
             self.holding, self.hold_reason = False, ""
-            self.timer = self.create_timer(self.period, self._tick)
+            self.timer = self.create_timer(self.period, self._on_timer)
             self.get_logger().info("activated: new episode")
             return super().on_activate(state)
 
