@@ -60,12 +60,13 @@ def collect(store_path: str | Path, task: str, n_episodes: int, *, seed: int = 0
     expert = ScriptedExpert(task, noise=noise, bias=bias, pos_scale=env.controller.cfg.pos_scale,
                             yaw_scale=env.controller.cfg.yaw_scale)
     max_attempts = max_attempts or 4 * n_episodes
-    kept, attempts, s = 0, 0, seed
+    kept, attempts, successes, s = 0, 0, 0, seed
     bar = tqdm(total=n_episodes, desc=f"collect {task}", unit="ep", disable=not progress)
     try:
         while kept < n_episodes and attempts < max_attempts:
             data, ok = rollout_expert(env, expert, s)
             attempts += 1
+            successes += int(ok)
             if ok or not only_success:
                 store.add_episode(data, seed=s, task=task, source="scripted", success=ok, backend=backend,
                                   extra={"params": env.params, "noise": noise, "bias": bias,
@@ -79,5 +80,5 @@ def collect(store_path: str | Path, task: str, n_episodes: int, *, seed: int = 0
     if kept < n_episodes:
         raise ConfigError("noise", f"only {kept}/{n_episodes} successful episodes in {attempts} attempts",
                           "lower the expert noise or raise max_attempts")
-    return {"episodes": kept, "attempts": attempts, "expert_success_rate": kept / attempts if only_success else None,
+    return {"episodes": kept, "attempts": attempts, "successes": successes, "expert_success_rate": successes / attempts,
             "store": str(path), "n_steps": store.n_steps}
