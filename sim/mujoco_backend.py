@@ -14,14 +14,12 @@ from __future__ import annotations
 import os
 import warnings
 
-os.environ.setdefault("MUJOCO_GL", "egl")
+import mujoco
+import numpy as np
 
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
-
-from robot_rl.backend import Backend  # noqa: E402
-from robot_rl.errors import ConfigError  # noqa: E402
-from robot_rl.scene import SceneSpec, look_at_matrix, panda_dir  # noqa: E402
+from robot_rl.backend import Backend
+from robot_rl.errors import ConfigError
+from robot_rl.scene import SceneSpec, look_at_matrix, panda_dir
 
 
 def _wxyz(q_xyzw) -> np.ndarray:

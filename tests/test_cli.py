@@ -13,7 +13,7 @@ CLI = [sys.executable, "-m", "robot_rl.cli"]
 
 
 def run(*args, cwd=None, timeout=600):
-    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}  # as a user's shell: the CLI picks EGL itself
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
