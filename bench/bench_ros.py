@@ -6,6 +6,10 @@ joint command, from the bridge's ``~/latency`` topic) p50/p99, the policy node's
 deadline misses; reference in the same run: the in-process cost of one policy step on the same observation
 (``CombinedPolicy.act``) and the control period (100 ms).
 
+The camera's own share is reported beside it: the age of each frame when the bench process receives it
+(``camera_frame_age_at_receipt``: the simulator's render time after the stamp plus DDS transport); the policy stack's
+part is the difference.
+
 ``success``: ``--episodes`` episodes of ``place`` on sim_robot with ``--backend`` (default pybullet) driven by the
 policy node with ``--checkpoint`` (trained in MuJoCo), over ROS; reference in the same run: the in-process
 ``robot_rl.evaluation.evaluate`` on the same backend and seeds.
@@ -76,8 +80,16 @@ def bench_latency(a):
     drv = Driver(d)
     diags = diag_sink(drv)
     drv.subscribe(Float64, "/arm_bridge/latency", COMMAND_QOS, keep=True)
+    # the camera's share: how old each frame already is when a third process receives it (render + transport)
+    from sensor_msgs.msg import Image
+
+    from robot_rl.ros.common import SENSOR_QOS, stamp_to_sec
+    frame_age = []
+    drv.node.create_subscription(Image, "/cameras/front/image_raw",
+                                 lambda m: frame_age.append(time.time() - stamp_to_sec(m.header.stamp)), SENSOR_QOS)
     try:
         drv.wait_for(lambda: len(drv.log.get("/arm_bridge/latency", [])) > 5, 120, "commands")
+        del frame_age[:]
         n0 = len(drv.log["/arm_bridge/latency"])
         drv.spin(a.seconds)
         drv.spin(1.2)
@@ -92,6 +104,8 @@ def bench_latency(a):
          "policy_loop_ms_p50": float(pn.get("loop_ms_p50", "nan")), "policy_loop_ms_p99": float(pn.get("loop_ms_p99",
                                                                                                        "nan")),
          "obs_age_ms_p50": float(pn.get("obs_age_ms_p50", "nan")),
+         "camera_frame_age_at_receipt_ms_p50": float(np.percentile(np.array(frame_age) * 1e3, 50)),
+         "camera_frame_age_at_receipt_ms_p99": float(np.percentile(np.array(frame_age) * 1e3, 99)),
          "deadline_misses": int(pn.get("deadline_misses", 0)), "policy_steps": int(pn.get("steps", 0)),
          "holds": int(pn.get("holds", 0)), "stale_holds": int(pn.get("stale", 0)),
          "sim": diags.get("sim_robot: simulation", {}),

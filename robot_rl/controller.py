@@ -16,6 +16,7 @@ posture, a few iterations per control step, then clipped to joint limits and a p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,8 +28,8 @@ R_DOWN = np.diag([1.0, -1.0, -1.0])  # tool z axis pointing down, tool x along b
 
 def yaw_of(R: np.ndarray) -> float:
     """Yaw [rad] of a tool rotation matrix relative to ``R_DOWN`` (rotation about base z)."""
-    M = R @ R_DOWN.T
-    return float(np.arctan2(M[1, 0], M[0, 0]))
+    # (R @ R_DOWN.T)[1, 0] and [0, 0]; R_DOWN = diag(1, -1, -1)
+    return math.atan2(float(R[1, 0]), float(R[0, 0]))
 
 
 def rot_z(yaw: float) -> np.ndarray:
@@ -75,11 +76,12 @@ class DiffIKController:
 
     def target_from_action(self, q: np.ndarray, action: np.ndarray) -> tuple[np.ndarray, float, float]:
         """Target tool position (3,), target yaw [rad] and gripper width [m] for a delta action at posture q."""
-        a = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+        cfg = self.cfg
+        a = np.minimum(np.maximum(np.asarray(action, dtype=np.float64), -1.0), 1.0)
         T = self.chain.fk(q)
-        pos = np.clip(T[:3, 3] + a[:3] * self.cfg.pos_scale, self._lo, self._hi)
-        yaw = float(np.clip(yaw_of(T[:3, :3]) + a[3] * self.cfg.yaw_scale, -self.cfg.yaw_limit, self.cfg.yaw_limit))
-        width = float((1.0 - a[4]) * 0.5 * self.cfg.max_width)
+        pos = np.minimum(np.maximum(T[:3, 3] + a[:3] * cfg.pos_scale, self._lo), self._hi)
+        yaw = min(max(yaw_of(T[:3, :3]) + float(a[3]) * cfg.yaw_scale, -cfg.yaw_limit), cfg.yaw_limit)
+        width = (1.0 - float(a[4])) * 0.5 * cfg.max_width
         return pos, yaw, width
 
     def solve_ik(self, q: np.ndarray, pos: np.ndarray, yaw: float, iters: int | None = None) -> np.ndarray:
@@ -99,7 +101,7 @@ class DiffIKController:
             # J^+ = J^T (J J^T + lambda^2 I)^-1 and v = k (q_home - q), evaluated as J^+ (e - J v) + v
             v = cfg.nullspace_gain * (self.q_home - q)
             dq = J.T @ np.linalg.solve(J @ J.T + self._damp, err - J @ v) + v
-            q = np.clip(q + dq, self.chain.lower, self.chain.upper)
+            q = np.minimum(np.maximum(q + dq, self.chain.lower), self.chain.upper)
         return q
 
     def compute(self, q: np.ndarray, action: np.ndarray) -> tuple[np.ndarray, float]:
@@ -111,5 +113,6 @@ class DiffIKController:
         """
         pos, yaw, width = self.target_from_action(q, action)
         q_t = self.solve_ik(q, pos, yaw)
-        q_t = q + np.clip(q_t - q, -self.cfg.max_joint_delta, self.cfg.max_joint_delta)
+        d = self.cfg.max_joint_delta
+        q_t = q + np.minimum(np.maximum(q_t - q, -d), d)
         return q_t, width
