@@ -132,6 +132,11 @@ def run_pipeline(cfg: dict, out_dir: str | Path, progress: bool = True) -> dict:
     r_base = evaluate(base, task, n_episodes=ev["episodes"], n_envs=ev["n_envs"], task_kwargs=tk, seed=seed,
                       progress=progress, desc="eval base")
     timings["eval_base_s"] = time.time() - t
+    # the base's figure is useful before the long residual stage: print it and keep it on disk now
+    (out / "base_eval.json").write_text(json.dumps({k: v for k, v in r_base.items() if k != "per_episode"}, indent=1))
+    if progress:
+        print(f"base ({base.config.kind}): success {r_base['success_rate']:.3f} 95% CI [{r_base['ci95'][0]:.3f}, "
+              f"{r_base['ci95'][1]:.3f}] over {r_base['episodes']} episodes", flush=True)
 
     t = time.time()
     pcfg = PPOConfig(seed=seed, **cfg["residual"])

@@ -33,6 +33,8 @@ def test_tiny_pipeline_outputs(tiny_run):
     for v in rep["results"].values():
         assert v["episodes"] == 4 and 0.0 <= v["ci95"][0] <= v["success_rate"] <= v["ci95"][1] <= 1.0
     assert (tiny_run / "report.md").read_text().count("|") > 10
+    early = json.loads((tiny_run / "base_eval.json").read_text())  # written before the residual stage
+    assert early["success_rate"] == rep["results"]["base (diffusion)"]["success_rate"]
     assert (tiny_run / "learning_curve.png").stat().st_size > 1000
     vids = list((tiny_run / "videos").glob("*.mp4"))
     assert len(vids) == 2 and all(v.stat().st_size > 1000 for v in vids)
