@@ -56,9 +56,7 @@ def cmd_train_residual(a):
     from robot_rl.rl.ppo import PPOConfig, train_residual
 
     out = Path(a.out)
-    task_kwargs, env_kwargs, rnd = _env_options(a)  # before anything is written
-    if rnd is not None:
-        env_kwargs["randomization"] = rnd
+    task_kwargs, env_kwargs = _env_kwargs(a)  # before anything is written
     base = load_policy(a.base)
     _write_cfg(out, a)
     w = SummaryWriter(str(out / "tb"))
@@ -71,19 +69,15 @@ def cmd_train_residual(a):
 
 
 def cmd_eval(a):
+    task_kwargs, env_kwargs = _env_kwargs(a, backends=(a.backend,))
     if a.server:
-        return _eval_server(a)
+        return _eval_server(a, task_kwargs, env_kwargs)
     if not a.base:
         raise ConfigError("base", "missing", "pass --base CHECKPOINT (or --server ADDR to evaluate a running server)")
     from robot_rl.evaluation import evaluate, record_videos, write_report
     from robot_rl.policies.checkpoint import load_policy
     from robot_rl.policies.residual import load_residual
 
-    if a.backend not in ("mujoco", "pybullet"):
-        raise ConfigError("backend", f"unknown backend {a.backend!r}", "choose mujoco or pybullet")
-    task_kwargs, env_kwargs, rnd = _env_options(a)
-    if rnd is not None:
-        env_kwargs["randomization"] = rnd
     base = load_policy(a.base)
     res = load_residual(a.residual, base) if a.residual else None
     out = Path(a.out)
@@ -98,7 +92,7 @@ def cmd_eval(a):
           f"over {r['episodes']} episodes; report in {out / 'report.md'}")
 
 
-def _eval_server(a):
+def _eval_server(a, task_kwargs: dict, env_kwargs: dict):
     """``eval --server ADDR``: the same evaluation, every action from a running policy server."""
     from robot_rl.evaluation import evaluate, record_videos, write_report
     from robot_rl.serve.client import PolicyClient, RemotePolicy, ServerError, ServerTimeout
@@ -106,11 +100,6 @@ def _eval_server(a):
     if a.base or a.residual:
         raise ConfigError("server", "--server cannot be combined with --base/--residual",
                           "the server already holds the checkpoints; drop --base/--residual")
-    if a.backend not in ("mujoco", "pybullet"):
-        raise ConfigError("backend", f"unknown backend {a.backend!r}", "choose mujoco or pybullet")
-    task_kwargs, env_kwargs, rnd = _env_options(a)
-    if rnd is not None:
-        env_kwargs["randomization"] = rnd
     client = PolicyClient(a.server, timeout_s=a.timeout)
     try:
         meta = client.metadata()
@@ -166,11 +155,15 @@ def cmd_serve(a):
     serve(a.checkpoint, a.residual, cfg.validate(), device=a.device, ready=lambda line: print(line, flush=True))
 
 
-def _env_options(a, randomization_required: bool = False) -> tuple[dict, dict, object]:
+def _env_options(a, backends=(), randomization_required: bool = False) -> tuple[dict, dict, object]:
     """``--set`` overrides (``task_kwargs.<field>=V``, ``env.<field>=V``, ``randomization.<group>.<key>=V``) plus
-    ``--randomization``, validated against the task and :class:`~robot_rl.envs.EnvConfig` before anything is
-    loaded or written. Returns (task_kwargs, env_kwargs, randomization spec or None)."""
+    ``--randomization``, validated with ``backends`` against the task and :class:`~robot_rl.envs.EnvConfig` before
+    anything is loaded or written. Returns (task_kwargs, env_kwargs, randomization spec or None)."""
     from robot_rl.envs import check_env_options
+
+    for b in backends:
+        if b not in ("mujoco", "pybullet"):
+            raise ConfigError("backend", f"unknown backend {b!r}", "choose mujoco or pybullet")
 
     rnd = _randomization_arg(getattr(a, "randomization", None))
     sets = a.set or []
@@ -195,6 +188,14 @@ def _env_options(a, randomization_required: bool = False) -> tuple[dict, dict, o
     return task_kwargs, env_kwargs, rnd
 
 
+def _env_kwargs(a, backends=()) -> tuple[dict, dict]:
+    """:func:`_env_options` for commands with one env setting: (task_kwargs, env_kwargs incl. ``randomization``)."""
+    task_kwargs, env_kwargs, rnd = _env_options(a, backends)
+    if rnd is not None:
+        env_kwargs["randomization"] = rnd
+    return task_kwargs, env_kwargs
+
+
 SET_HELP = ("override a task or env field, repeatable: task_kwargs.<field>=V, env.<field>=V or "
             "randomization.<group>.<key>=V, e.g. --set task_kwargs.tolerance=0.004")
 
@@ -216,10 +217,8 @@ def cmd_transfer(a):
     from robot_rl.policies.residual import load_residual
     from robot_rl.transfer import transfer_report
 
-    for b in (a.train_backend, a.eval_backend):  # fail on bad input before loading anything
-        if b not in ("mujoco", "pybullet"):
-            raise ConfigError("backend", f"unknown backend {b!r}", "choose mujoco or pybullet")
-    task_kwargs, env_kwargs, rnd = _env_options(a, randomization_required=True)
+    task_kwargs, env_kwargs, rnd = _env_options(a, backends=(a.train_backend, a.eval_backend),
+                                                randomization_required=True)  # before loading anything
     base = load_policy(a.checkpoint)
     res = load_residual(a.residual, base) if a.residual else None
     out = Path(a.out)

@@ -97,7 +97,6 @@ class KinematicChain:
         self.n = len(self.active)
         self._model = mujoco.MjModel.from_xml_string(self._mjcf())
         self._data = mujoco.MjData(self._model)
-        self._jac = np.zeros((6, self.n))
         self._quat = np.zeros(4)
 
     def _mjcf(self) -> str:

@@ -554,6 +554,22 @@ class PolicyServer:
         busy: list = []  # (envelope, payload, t_recv) of requests for sessions already pending
         deadline = math.inf
         window = self.cfg.batch_window_ms / 1e3
+
+        def dispatch(envelope, payload, t_recv, t_open):
+            """Answer now, queue for the next batch (whose window opens at ``t_open``), or park the request while
+            its session already has one pending."""
+            nonlocal deadline
+            reply, p = svc.handle(payload, t_recv)
+            if reply is not None:
+                self._send(envelope, reply)
+            elif p is not None:
+                p.envelope = envelope
+                if not pending:
+                    deadline = t_open + window
+                pending.append(p)
+            else:
+                busy.append((envelope, payload, t_recv))
+
         try:
             while not self._stop:
                 now = time.perf_counter()
@@ -567,37 +583,20 @@ class PolicyServer:
                             break
                         t_recv = time.perf_counter()
                         envelope, payload = self._split(frames)
-                        if payload is None:
-                            continue
-                        reply, p = svc.handle(payload, t_recv)
-                        if reply is not None:
-                            self._send(envelope, reply)
-                        elif p is not None:
-                            p.envelope = envelope
-                            if not pending:
-                                deadline = t_recv + window
-                            pending.append(p)
-                        else:
-                            busy.append((envelope, payload, t_recv))
+                        if payload is not None:
+                            dispatch(envelope, payload, t_recv, t_recv)
                 if pending and (len(pending) >= self.cfg.max_batch or time.perf_counter() >= deadline
                                 or len(pending) >= svc.active_sessions()):
-                    batch, pending = pending[:self.cfg.max_batch], pending[self.cfg.max_batch:]
+                    batch = pending[:self.cfg.max_batch]
+                    del pending[:self.cfg.max_batch]
                     for p, r in zip(batch, svc.run_batch(batch)):
                         self._send(p.envelope, r)
                     if pending:
                         deadline = time.perf_counter()  # leftovers run next (they already waited)
-                    redo, busy = busy, []
+                    redo = busy[:]
+                    busy.clear()
                     for envelope, payload, t_recv in redo:
-                        reply, p = svc.handle(payload, t_recv)
-                        if reply is not None:
-                            self._send(envelope, reply)
-                        elif p is not None:
-                            p.envelope = envelope
-                            if not pending:
-                                deadline = time.perf_counter() + window
-                            pending.append(p)
-                        else:
-                            busy.append((envelope, payload, t_recv))
+                        dispatch(envelope, payload, t_recv, time.perf_counter())
                 svc._sweep()
         finally:
             sock.close(0)
