@@ -43,6 +43,22 @@ def test_tiny_pipeline_outputs(tiny_run):
     assert (tiny_run / "residual" / "checkpoint" / "model.safetensors").exists()
 
 
+def test_presets_resolve_validate_and_merge_overrides():
+    from robot_rl.errors import ConfigError
+    from robot_rl.pipeline import PRESETS, resolve_config, validate_config
+
+    for name in PRESETS:
+        validate_config(resolve_config(name))
+    full = resolve_config("full")
+    assert full["base"]["kind"] == "diffusion" and "cube_to_target" in full["base"]["obs_keys"]
+    assert resolve_config("full-bc")["base"]["kind"] == "bc"
+    cfg = resolve_config("full", overrides=["base.policy.num_inference_steps=3", "residual.n_envs=4"])
+    assert cfg["base"]["policy"] == {"down_dims": [32, 64, 128], "num_inference_steps": 3}  # nested merge keeps siblings
+    assert cfg["residual"]["n_envs"] == 4 and cfg["residual"]["n_steps"] == 100
+    with pytest.raises(ConfigError, match="collect.nosie"):
+        resolve_config("full", overrides=["collect.nosie=0.1"])
+
+
 def test_store_info_and_validate(tiny_run):
     r = run("store", "info", tiny_run / "demos.zarr")
     assert r.returncode == 0 and "episodes" in r.stdout
