@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_transfer)
 
     pp = sub.add_parser("pipeline", help="collect -> train base -> residual RL -> evaluate, end to end")
-    pp.add_argument("--preset", default="quick", help="quick | full (diffusion base) | full-bc (MLP BC base)")
+    pp.add_argument("--preset", default="quick", help="quick | full (MLP BC base) | full-diffusion (Diffusion Policy base)")
     pp.add_argument("--config", help="YAML file overriding the preset")
     pp.add_argument("--set", action="append", help="override one field, e.g. --set residual.n_envs=8")
     pp.add_argument("--out", default="runs/pipeline")

@@ -49,10 +49,10 @@ def test_presets_resolve_validate_and_merge_overrides():
 
     for name in PRESETS:
         validate_config(resolve_config(name))
-    full = resolve_config("full")
-    assert full["base"]["kind"] == "diffusion" and "cube_to_target" in full["base"]["obs_keys"]
-    assert resolve_config("full-bc")["base"]["kind"] == "bc"
-    cfg = resolve_config("full", overrides=["base.policy.num_inference_steps=3", "residual.n_envs=4"])
+    diff = resolve_config("full-diffusion")
+    assert diff["base"]["kind"] == "diffusion" and "cube_to_target" in diff["base"]["obs_keys"]
+    assert resolve_config("full")["base"]["kind"] == "bc"
+    cfg = resolve_config("full-diffusion", overrides=["base.policy.num_inference_steps=3", "residual.n_envs=4"])
     assert cfg["base"]["policy"] == {"down_dims": [32, 64, 128], "num_inference_steps": 3}  # nested merge keeps siblings
     assert cfg["residual"]["n_envs"] == 4 and cfg["residual"]["n_steps"] == 100
     with pytest.raises(ConfigError, match="collect.nosie"):
