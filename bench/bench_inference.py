@@ -5,7 +5,9 @@ batch size, prints the median / p90 latency of ``predict_chunk`` (numpy in, nump
 pass at that batch; the ratio chunk / (num_inference_steps x forward) is the overhead factor of everything around
 the network (input checks, obs encoding, scheduler steps, transfers). Also prints the MLP BC policy's chunk latency.
 
-    python bench/bench_inference.py [--calls 50] [--batches 1 16] [--threads N] [--device cpu]
+    python bench/bench_inference.py [--calls 50] [--batches 1 16] [--threads N] [--device cpu] [--policy YAML]
+
+``--policy '{down_dims: [32, 64, 128], num_inference_steps: 5}'`` times the ``full-diffusion`` preset's base instead.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+import yaml
 
 from robot_rl.policies.base import PolicyConfig, make_policy
 
@@ -38,6 +41,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--policy", default="{}", help="YAML dict of PolicyConfig overrides for the diffusion policy")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,7 +52,8 @@ def main() -> None:
              "action": {"min": -np.ones(act_dim), "max": np.ones(act_dim)}}
     torch.manual_seed(0)
     base = dict(obs_keys=["state"], obs_dims={"state": obs_dim}, action_dim=act_dim)
-    diff = make_policy(PolicyConfig(kind="diffusion", **base), stats).to(dev).freeze()
+    diff = make_policy(PolicyConfig(kind="diffusion", **base, **(yaml.safe_load(args.policy) or {})),
+                       stats).to(dev).freeze()
     bc = make_policy(PolicyConfig(kind="bc", **base), stats).to(dev).freeze()
     c = diff.config
     print(f"torch {torch.__version__}, device {dev}, intra-op threads {torch.get_num_threads()}, "
