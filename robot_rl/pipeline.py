@@ -15,8 +15,9 @@ from pathlib import Path
 import yaml
 
 from robot_rl.errors import ConfigError
+from robot_rl.train_base import DEFAULT_OBS_KEYS
 
-_PLACE_KEYS = ["ee_pos", "ee_quat", "gripper_width", "cube_pos", "cube_quat", "target_pos"]
+_PLACE_KEYS = DEFAULT_OBS_KEYS["place"]  # pinned into the presets, so a later default change keeps their figures
 PRESETS = {
     # the README's precision-task acceptance run: MLP BC base + residual PPO, place at 4 mm
     "full": {
