@@ -184,10 +184,13 @@ def test_batching_across_concurrent_clients_equals_unbatched(server, models):
     assert not errors, errors
     sizes = [r.timing["batch_size"] for rs in results for r in rs]
     assert max(sizes) >= 4, sizes  # the server did batch across clients
+    # A batched float32 GEMM sums in a different order than a batch of one, and the DDIM loop carries that rounding
+    # through every denoising step: CI saw 1.04e-6 once. 1e-5 is still four orders of magnitude below what a mixed-up
+    # session (wrong observation, wrong noise stream) produces, which is what this test exists to catch.
     for i in range(n):
         want, want_base, _ = _reference(base, res1, 100 + i, obs[i], new_chunk_every_step=True)
-        np.testing.assert_allclose(np.stack([r.action for r in results[i]]), want, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(np.stack([r.base[0] for r in results[i]]), want_base, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.stack([r.action for r in results[i]]), want, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.stack([r.base[0] for r in results[i]]), want_base, rtol=0, atol=1e-5)
 
 
 def test_async_chunk_client(server):
