@@ -9,6 +9,7 @@ from robot_rl.evaluation import CombinedPolicy, wilson_interval
 from robot_rl.policies.base import PolicyConfig, make_policy
 from robot_rl.policies.residual import ResidualConfig, ResidualPolicy, load_residual, save_residual
 from robot_rl.rl.ppo import gae
+from robot_rl.rollout import ChunkExecutor
 
 KEYS = {"ee_pos": 3, "cube_pos": 3}
 
@@ -48,6 +49,31 @@ def test_untrained_residual_equals_base(base):
     with torch.no_grad():
         res.actor[-1].bias.fill_(1.0)
     assert np.max(np.abs(a.act(o) - b.act(o))) > 1e-3
+
+
+def test_aligned_chunks_batch_every_env_into_one_base_call(base):
+    """Staggered resets: free-running chunks re-plan each env on its own clock (many small base calls); aligned
+    chunks cut only the first chunk after a reset, so every queue runs dry on the same step (one call per Ta)."""
+    n, Ta, rng = 4, base.config.n_action_steps, np.random.default_rng(3)
+    resets = {3: [0], 5: [1, 2], 13: [3]}  # step -> envs whose episode ended there
+    ex = {a: ChunkExecutor(base, n, seed=1, align_chunks=a) for a in (False, True)}
+    for e in ex.values():
+        e.reset(np.ones(n, bool), _obs(rng, n))
+    for t in range(4 * Ta):
+        o = _obs(rng, n)
+        mask = np.zeros(n, bool)
+        mask[resets.get(t, [])] = True
+        for a, e in ex.items():
+            e.reset(mask, o)
+            e.observe(o, ~mask)
+            e.actions()
+            if a:  # aligned: all queues empty together on every multiple of Ta
+                assert all(len(q) == Ta - 1 - t % Ta for q in e.queue), t
+    assert Ta == 8 and ex[True].t == 32
+    # free: env 0 plans at 0,3,11,19,27; envs 1,2 at 0,5,13,21,29; env 3 at 0,8,13,21,29 -> 10 distinct steps
+    # aligned: the resets at 3, 5, 13 plus the shared boundaries 0, 8, 16, 24 -> 7
+    assert (ex[False].calls, ex[True].calls) == (10, 7)
+    assert ex[True].chunks == 4 + 1 + 2 + 4 + 1 + 4 + 4  # t = 0, 3, 5, 8, 13, 16, 24
 
 
 def test_residual_checkpoint_round_trip(tmp_path, base):
