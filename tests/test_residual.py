@@ -8,7 +8,7 @@ from robot_rl.errors import ConfigError
 from robot_rl.evaluation import CombinedPolicy, wilson_interval
 from robot_rl.policies.base import PolicyConfig, make_policy
 from robot_rl.policies.residual import ResidualConfig, ResidualPolicy, load_residual, save_residual
-from robot_rl.rl.ppo import gae
+from robot_rl.rl.ppo import PPOConfig, gae
 from robot_rl.rollout import ChunkExecutor
 
 KEYS = {"ee_pos": 3, "cube_pos": 3}
@@ -98,6 +98,8 @@ def test_residual_base_mismatch(tmp_path, base):
 def test_bad_residual_config():
     with pytest.raises(ConfigError, match="alpha"):
         ResidualPolicy(ResidualConfig(obs_keys=["a"], obs_dims={"a": 1}, alpha=3.0))
+    with pytest.raises(ConfigError, match="residual_l2"):
+        PPOConfig(residual_l2=-0.1).validate()
 
 
 def test_gae_matches_hand_computation():
