@@ -11,7 +11,6 @@ MuJoCo stores quaternions as wxyz; conversion to the public xyzw happens only in
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import mujoco
@@ -19,7 +18,7 @@ import numpy as np
 
 from robot_rl.backend import Backend
 from robot_rl.errors import ConfigError
-from robot_rl.scene import SceneSpec, look_at_matrix, panda_dir
+from robot_rl.scene import SceneSpec, look_at_matrix, resolved_urdf_text
 
 
 def _wxyz(q_xyzw) -> np.ndarray:
@@ -40,8 +39,7 @@ def _mat_to_wxyz(R: np.ndarray) -> np.ndarray:
 
 def load_robot_spec(urdf_path: str) -> mujoco.MjSpec:
     """Parse a URDF into an MjSpec, resolving ``package://`` paths against the URDF's directory."""
-    base = os.path.dirname(os.path.abspath(urdf_path))
-    text = open(urdf_path).read().replace("package://", base + "/")
+    text = resolved_urdf_text(urdf_path)
     ext = '<mujoco><compiler discardvisual="false" fusestatic="false" strippath="false"/></mujoco>'
     head_end = text.index(">", text.index("<robot")) + 1
     return mujoco.MjSpec.from_string(text[:head_end] + ext + text[head_end:])

@@ -201,3 +201,24 @@ def test_unknown_backend_is_a_one_line_config_error():
     assert ei.value.field == "backend" and "\n" not in msg and "pybullet" in msg
     with pytest.raises(ConfigError, match="backend"):
         make_backend("bullet", SceneSpec())
+
+
+def test_proxy_visual_links_draw_collision_meshes_hand_keeps_visual(pb_env):
+    """Arm links 1-6 are drawn with their collision meshes (TinyRenderer's cost is per triangle); the hand and
+    fingers, which the cameras look at, keep the visual meshes MuJoCo draws."""
+    b = pb_env.backend
+    names = {v: k for k, v in b._link_idx.items()}
+    files = {names[vs[1]]: vs[4].decode() for vs in p.getVisualShapeData(b.robot, physicsClientId=b.cid)}
+    for i in range(1, 7):
+        assert "/meshes/collision/" in files[f"panda_link{i}"], files
+    for link in ("panda_hand", "panda_leftfinger"):
+        assert "/meshes/visual/" in files[link], files
+
+
+def test_proxy_visual_urdf_rejects_link_without_collision_mesh():
+    from robot_rl.scene import panda_urdf_path, proxy_visual_urdf
+
+    with pytest.raises(ConfigError, match="proxy_visual_links"):
+        proxy_visual_urdf(panda_urdf_path(), ("panda_grasptarget",))
+    with pytest.raises(ConfigError, match="proxy_visual_links"):
+        proxy_visual_urdf(panda_urdf_path(), ("no_such_link",))
