@@ -224,7 +224,8 @@ class BasePolicy(nn.Module, abc.ABC):
         if not (isinstance(k, int) and k >= 1):
             raise ConfigError("num_samples", f"{k!r} is not a positive int", "pass num_samples >= 1")
         was_training = self.training
-        self.train(False)
+        if was_training:  # Module.train() walks every submodule (~1.6 ms for the U-Net): only when needed
+            self.train(False)
         try:
             with torch.no_grad():
                 o = self._obs_tensors(obs)
@@ -242,7 +243,8 @@ class BasePolicy(nn.Module, abc.ABC):
                 seq = seq.reshape(b, k, t, a) if k > 1 else seq
                 return seq.cpu().numpy().astype(np.float32, copy=False)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train(True)
 
     def predict_chunk(self, obs: dict, *, generator: torch.Generator | None = None,
                       init_noise: torch.Tensor | np.ndarray | None = None, num_samples: int = 1) -> np.ndarray:
