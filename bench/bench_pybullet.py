@@ -6,7 +6,8 @@
 (b) scripted-expert success on both backends over N seeds (``place`` at its default 1 cm tolerance, and ``lift``)
     with 95 % Wilson intervals;
 (c) parity: tool-trajectory RMS distance for the same free-space joint-target sequence, and the cube's pixel
-    centroid difference at 96x96 for the same state (front camera over seeds; wrist camera with the cube in view);
+    centroid difference at 96x96 for the same state (front camera over seeds; wrist camera with the cube in view),
+    and the time of one 96x96 render on each backend (PyBullet also with every visual mesh, the reference);
 (d) where contact physics differs: gripper opening while holding the cube, cube height when resting, final
     placement error, cube slip in the hand while carrying, episode length.
 
@@ -16,6 +17,7 @@
 import argparse
 import os
 import time
+from dataclasses import replace
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -169,8 +171,28 @@ def parity() -> None:
     front, wrist = np.array(front), np.array(wrist)
     print(f"    cube pixel centroid difference at 96x96, 10 states: front mean {front.mean():.2f} / max "
           f"{front.max():.2f} px; wrist mean {wrist.mean():.2f} / max {wrist.max():.2f} px (goal <= 3 px)")
+    # render cost: TinyRenderer is per triangle, so the arm links are drawn with their collision meshes
+    full_sc = replace(sc, robot=replace(sc.robot, proxy_visual_links=()))
+    ref = make_backend("pybullet", full_sc)
+    ms = {name: render_ms(be) for name, be in (("pb", eb.backend), ("pb_full", ref), ("mj", em.backend))}
+    print(f"    front camera 96x96 render: PyBullet {ms['pb']:.1f} ms (arm links 1-6 as collision meshes) vs "
+          f"{ms['pb_full']:.1f} ms with every visual mesh (ratio {ms['pb'] / ms['pb_full']:.2f}); "
+          f"MuJoCo {ms['mj']:.1f} ms")
+    ref.close()
     em.close()
     eb.close()
+
+
+def render_ms(backend, camera: str = "front", n: int = 30) -> float:
+    """Median wall time [ms] of one 96x96 render of ``camera`` (after 3 warm-up renders)."""
+    for _ in range(3):
+        backend.render(camera, 96, 96)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        backend.render(camera, 96, 96)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
 
 
 def main():
