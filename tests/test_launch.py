@@ -106,3 +106,41 @@ def test_bringup_starts_nodes_and_stops_cleanly_on_ctrl_c(tmp_path):
     pids = [int(x) for x in re.findall(r"started \w+ \(pid (\d+)\)", text)]
     time.sleep(0.2)
     assert len(pids) == 3 and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+_STOP_SCRIPT = """
+import os, signal, sys, time
+from rclpy.node import Node
+from robot_rl.ros.common import run_node
+
+def make():
+    node = Node("stop_probe")
+    def tick():
+        if sys.argv[1] == "after_stop":
+            try:  # what pybind11 does when _stop's KeyboardInterrupt fires while it converts call arguments
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1.0)
+            except KeyboardInterrupt:
+                raise RuntimeError("Unable to convert call argument '0' to Python object") from None
+        raise RuntimeError("a genuine bug")
+    node.create_timer(0.05, tick)
+    return node
+
+sys.exit(run_node(make, ["stop_probe"]))
+"""
+
+
+@pytest.mark.parametrize("mode, code", [("after_stop", 0), ("no_stop", 1)])
+def test_run_node_error_while_stopping_is_a_clean_stop_and_a_real_error_is_not(mode, code, tmp_path):
+    pytest.importorskip("rclpy", reason="ROS 2 wheels not installed (pip install -e '.[ros]')")
+    from ros_helpers import ros_env
+
+    script = tmp_path / "probe.py"
+    script.write_text(_STOP_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=60,
+                       env=ros_env(97))
+    assert r.returncode == code, r.stderr[-2000:]
+    if mode == "after_stop":
+        assert "stopped (RuntimeError while stopping" in r.stderr
+    else:
+        assert "a genuine bug" in r.stderr

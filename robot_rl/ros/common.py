@@ -266,6 +266,7 @@ def run_node(make: Callable, args: list[str] | None = None, executor: str = "sin
     """``rclpy.init`` -> ``node = make()`` -> spin until SIGINT/SIGTERM -> ``node.close()`` (if any) -> shutdown.
 
     A ConfigError while building the node prints one line ``<node>: error: field: problem -> fix`` and returns 2.
+    Any exception after SIGINT/SIGTERM counts as a clean stop (exit 0); before it, it propagates.
     """
     import signal
 
@@ -277,7 +278,10 @@ def run_node(make: Callable, args: list[str] | None = None, executor: str = "sin
     # alive, so node.close() can still publish (e.g. a final hold command) before shutdown
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
 
+    stopping = []
+
     def _stop(signum, frame):
+        stopping.append(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, _stop)
@@ -294,6 +298,12 @@ def run_node(make: Callable, args: list[str] | None = None, executor: str = "sin
         return 2
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception as e:
+        # a KeyboardInterrupt raised by _stop inside a pybind11 call (e.g. rclpy's take_message converting its
+        # arguments) surfaces as RuntimeError; after a stop request that is still a clean stop
+        if not stopping:
+            raise
+        print(f"{prog}: stopped ({type(e).__name__} while stopping: {e})", file=sys.stderr, flush=True)
     finally:
         if node is not None:
             try:
