@@ -30,10 +30,11 @@ switched off (MuJoCo has none). The URDF's compliant finger contact (30 000 N/m,
 Differences that remain are measured in ``bench/bench_pybullet.py``.
 
 Rendering: ``ER_TINY_RENDERER`` (CPU, headless; its cost is per triangle, so the arm links in
-``RobotSpec.proxy_visual_links`` are drawn with their collision meshes: 4 ms instead of 18 ms per 96x96 frame) with the pinhole intrinsics of ``fovy`` (vertical, degrees) and
-the image aspect, and the view matrix of :func:`~robot_rl.scene.look_at_matrix` (the matrix the MuJoCo camera is
-built from); cameras with a ``parent`` follow that link's URDF frame. Images are uint8 (H, W, 3) RGB, row 0 at
-the top. Quaternions are xyzw in PyBullet and in the public API: no conversion.
+``RobotSpec.proxy_visual_links`` are drawn with their collision meshes: 4 ms instead of 18 ms per 96x96 frame)
+with the pinhole intrinsics of ``fovy`` (vertical, degrees) and the image aspect, and the view matrix of
+:func:`~robot_rl.scene.look_at_matrix` (the matrix the MuJoCo camera is built from); cameras with a ``parent``
+follow that link's URDF frame. Images are uint8 (H, W, 3) RGB, row 0 at the top. Quaternions are xyzw in PyBullet
+and in the public API: no conversion.
 
 Save/restore: see :meth:`PybulletBackend.get_state`.
 """
