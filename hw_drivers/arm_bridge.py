@@ -37,9 +37,9 @@ import numpy as np
 
 from robot_rl.controller import ControllerConfig, DiffIKController
 from robot_rl.errors import ConfigError
-from robot_rl.ros.common import (COMMAND_QOS, JointStateCache, declare, diagnostic, msg_to_action, now_sec,
-                                 robot_model, run_node, sec_to_duration, sec_to_stamp, stamp_to_sec)
-from robot_rl.safety import EStopLatch, JointLimits, SafetyConfig, SafetyFilter, Watchdog
+from robot_rl.ros.common import (COMMAND_QOS, JointStateCache, declare, declare_safety, diagnostic, msg_to_action,
+                                 now_sec, robot_model, run_node, sec_to_duration, sec_to_stamp, stamp_to_sec)
+from robot_rl.safety import EStopLatch, JointLimits, SafetyFilter, Watchdog
 
 
 def make_node():
@@ -68,17 +68,7 @@ def make_node():
                 max_joint_delta=float(declare(self, "controller_max_joint_delta", cc.max_joint_delta,
                                               "controller's own per-step joint delta cap [rad]")))
             self.controller = DiffIKController(self.chain, np.array(self.robot.q_home), ccfg)
-            sc = SafetyConfig()
-            scfg = SafetyConfig(
-                joint_margin=float(declare(self, "joint_margin", sc.joint_margin, "kept from URDF limits [rad]")),
-                velocity_scale=float(declare(self, "velocity_scale", sc.velocity_scale,
-                                             "fraction of URDF velocity limits")),
-                max_joint_delta=float(declare(self, "max_joint_delta", sc.max_joint_delta,
-                                              "safety cap per command [rad]")),
-                workspace_low=tuple(declare(self, "workspace_low", list(sc.workspace_low), "tool box low [m]")),
-                workspace_high=tuple(declare(self, "workspace_high", list(sc.workspace_high), "tool box high [m]")),
-                command_timeout=float(declare(self, "command_timeout", sc.command_timeout,
-                                              "hold when no action for this long [s]")))
+            scfg = declare_safety(self, "hold when no action for this long [s]")
             self.limits = JointLimits.from_urdf(self.robot.urdf, self.robot.arm_joints)
             self.safety = SafetyFilter(self.limits, lambda q: self.chain.pose(q)[0], scfg)
             self.watchdog = Watchdog(scfg.command_timeout)

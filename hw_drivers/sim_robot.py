@@ -25,12 +25,20 @@ Subscribes
 Services
   ~/reset                                    std_srvs/Trigger  new episode with the next seed (``seed``,
                                                                ``seed + 1``, ...); message = the episode JSON
+  ~/estop, ~/clear_estop                     std_srvs/Trigger  latched e-stop: hold the measured posture and
+                                                               ignore every command until cleared
 
 Trajectories are followed like ros2_control's joint_trajectory_controller with position-only points: the reference
 starts at the current command at the trajectory start (header.stamp, or the receive time when zero) and is linearly
 interpolated between points by ``time_from_start``; after the last point the last position is held; a new
-trajectory replaces the active one; an empty trajectory holds the measured position. Targets are clipped to the
-URDF joint limits (like hardware-interface limit enforcement); non-finite commands are refused and logged.
+trajectory replaces the active one; an empty trajectory holds the measured position.
+
+Safety (:mod:`robot_rl.safety`, the same filter and parameters as ``arm_bridge``, like a robot's own limit layer):
+non-finite commands are refused and logged; ``/commands`` targets are kept inside the URDF position limits (minus
+``joint_margin``), within ``velocity_scale`` x the URDF velocity limits over ``command_period`` and
+``max_joint_delta`` of the measured posture, and with the tool inside the ``workspace_low/high`` box; trajectory
+points get the same checks from knot to knot (velocity over their time difference); when ``/commands`` stop for
+``command_timeout`` the arm holds where it is (a running trajectory is not cut short); ``~/estop`` latches.
 
 Time: one tick = ``sim_dt`` simulated seconds (physics at the scene's ``physics_dt``), paced at
 ``real_time_factor`` x real time. With ``publish_clock`` the stamps and /clock are simulated time from 0 (run the
@@ -41,16 +49,18 @@ other nodes with ``use_sim_time:=true``); otherwise stamps are the system clock 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import numpy as np
 
 from robot_rl.errors import ConfigError
-from robot_rl.ros.common import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, camera_info_from_fovy, declare, diagnostic,
+from robot_rl.ros.common import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, camera_info_from_fovy, declare, declare_safety,
+                                 diagnostic,
                                  duration_to_sec, image_to_msg, json_param, pose_msg, run_node, sec_to_stamp,
                                  stamp_to_sec)
-from robot_rl.safety import JointLimits
+from robot_rl.safety import EStopLatch, JointLimits, SafetyFilter, Watchdog
 
 
 class TrajectoryFollower:
@@ -144,6 +154,20 @@ def make_node():
             self.cam_specs = known
             self.arm_joints, self.finger_joints = list(self.spec.arm_joints), list(self.spec.finger_joints)
             self.limits = JointLimits.from_urdf(self.spec.urdf, self.arm_joints)
+            # the robot-side limit layer (robot_rl.safety, as in arm_bridge): streamed /commands are filtered
+            # against the measured posture (position limits, velocity over command_period, per-command delta cap,
+            # tool box) and held at the measured posture by the watchdog when they stop; trajectory points get
+            # the same checks knot to knot (velocity over their time difference, no per-command cap); a latched
+            # ~/estop holds and ignores commands until ~/clear_estop
+            scfg = declare_safety(self, "hold when /commands stop for this long [s] (trajectories run on)")
+            self.cmd_period = float(declare(self, "command_period", 0.1, "time each /commands message is given, "
+                                                                          "for the velocity cap [s]"))
+            fk = (lambda q: self.env.controller.chain.pose(q)[0])
+            self.safety = SafetyFilter(self.limits, fk, scfg)
+            self.traj_safety = SafetyFilter(self.limits, fk, dataclasses.replace(scfg, max_joint_delta=np.inf))
+            self.watchdog = Watchdog(scfg.command_timeout)
+            self.estop = EStopLatch()
+            self.counts = {"ignored_estop": 0, "watchdog_holds": 0}
             self.t_sim = 0.0
             self.ticks, self.late = 0, 0
             self.cam_every = max(1, int(round(1.0 / (self.camera_rate * self.dt))))
@@ -167,6 +191,8 @@ def make_node():
             self.create_subscription(Float64MultiArray, f"/{self.arm_ctrl}/commands", self._on_cmd, COMMAND_QOS)
             self.create_subscription(Float64MultiArray, f"/{self.grip_ctrl}/commands", self._on_grip, COMMAND_QOS)
             self.create_service(Trigger, "~/reset", self._on_reset)
+            self.create_service(Trigger, "~/estop", self._on_estop)
+            self.create_service(Trigger, "~/clear_estop", self._on_clear_estop)
             self.add_on_set_parameters_callback(self._on_params)
 
             self._reset_episode()
@@ -185,7 +211,33 @@ def make_node():
         def _q_cmd(self) -> np.ndarray:
             return self.follower.target(self.now())
 
+        def _measured_q(self) -> np.ndarray:
+            return self.backend.joint_state()[0]
+
+        def _hold_here(self):
+            self.follower.command(self._measured_q())
+
+        def _on_estop(self, req, res):
+            self.estop.trigger("e-stop service")
+            self._hold_here()
+            res.success, res.message = True, "e-stop latched: holding, commands ignored until ~/clear_estop"
+            return res
+
+        def _on_clear_estop(self, req, res):
+            was = self.estop.clear()
+            self.watchdog.reset()
+            res.success, res.message = True, "e-stop cleared" if was else "not active"
+            return res
+
+        def _ignored(self) -> bool:
+            if self.estop.active:
+                self.counts["ignored_estop"] += 1
+                self.get_logger().warning("command ignored: e-stop latched", throttle_duration_sec=2.0)
+            return self.estop.active
+
         def _on_traj(self, m):
+            if self._ignored():
+                return
             if not m.points:
                 q, _, _ = self.backend.joint_state()
                 self.follower.command(q)
@@ -195,26 +247,34 @@ def make_node():
                 self.get_logger().error(f"trajectory joint_names {list(m.joint_names)} != {self.arm_joints}: ignored")
                 return
             order = [idx[n] for n in self.arm_joints]
-            pts = []
+            t0 = stamp_to_sec(m.header.stamp)
+            t0 = self.now() if t0 == 0.0 else t0
+            pts, q_prev, t_prev = [], self.follower.target(t0), 0.0
             for p in m.points:
                 q = np.asarray(p.positions, dtype=np.float64)
                 if q.shape != (len(order),) or not np.all(np.isfinite(q)):
                     self.get_logger().error("trajectory point with missing or non-finite positions: ignored")
                     return
-                pts.append((duration_to_sec(p.time_from_start),
-                            np.clip(q[order], self.limits.lower, self.limits.upper)))
-            t0 = stamp_to_sec(m.header.stamp)
-            t0 = self.now() if t0 == 0.0 else t0
+                tfs = duration_to_sec(p.time_from_start)
+                q_prev, _ = self.traj_safety.filter(q[order], q_prev, max(tfs - t_prev, self.dt))
+                t_prev = tfs
+                pts.append((tfs, q_prev))
             self.follower.trajectory(t0, self.follower.target(t0), pts)
 
         def _on_cmd(self, m):
+            if self._ignored():
+                return
             q = np.asarray(m.data, dtype=np.float64)
             if q.shape != (len(self.arm_joints),) or not np.all(np.isfinite(q)):
                 self.get_logger().error(f"/{self.arm_ctrl}/commands needs {len(self.arm_joints)} finite positions")
                 return
-            self.follower.command(np.clip(q, self.limits.lower, self.limits.upper))
+            q_safe, _ = self.safety.filter(q, self._measured_q(), self.cmd_period)
+            self.follower.command(q_safe)
+            self.watchdog.kick(self.now())
 
         def _on_grip(self, m):
+            if self._ignored():
+                return
             d = np.asarray(m.data, dtype=np.float64)
             if d.size != 1 or not np.isfinite(d[0]):
                 self.get_logger().error(f"/{self.grip_ctrl}/commands needs one finite finger position [m]")
@@ -228,6 +288,7 @@ def make_node():
             self.next_seed += 1
             q, _, _ = self.backend.joint_state()
             self.follower = TrajectoryFollower(q)
+            self.watchdog.reset()
             self.width_t = float(self.spec.max_width)
             self.episode = {"seed": seed, "task": self.task_name, "backend": self.backend_name,
                             "params": self.env.params, "t_start": self.now()}
@@ -253,6 +314,10 @@ def make_node():
 
         # -- loop ----------------------------------------------------------------------------------------------
         def _tick(self):
+            if self.watchdog.last is not None and not self.follower.active and self.watchdog.expired(self.now()):
+                self._hold_here()  # the /commands stream stopped: stop where the arm is
+                self.watchdog.reset()
+                self.counts["watchdog_holds"] += 1
             self.backend.set_targets(self._q_cmd(), self.width_t)
             self.backend.step()
             self.t_sim += self.dt
@@ -299,12 +364,15 @@ def make_node():
         def _diag(self):
             wall = time.perf_counter() - self._wall0
             rtf = (self.t_sim - self._sim0) / wall if wall > 0 else 0.0
-            level = 0 if rtf >= 0.9 * self.rtf else 1
+            level = 2 if self.estop.active else (0 if rtf >= 0.9 * self.rtf else 1)
             self.pub_diag.publish(diagnostic(
                 "sim_robot: simulation", self.backend_name, level,
-                "ok" if level == 0 else "running slower than real_time_factor",
+                "e-stop latched" if self.estop.active else (
+                    "ok" if level == 0 else "running slower than real_time_factor"),
                 {"real_time_factor": rtf, "target_real_time_factor": self.rtf, "late_ticks": self.late,
-                 "ticks": self.ticks, "sim_time": self.t_sim, "seed": self.episode.get("seed", -1)},
+                 "ticks": self.ticks, "sim_time": self.t_sim, "seed": self.episode.get("seed", -1),
+                 "estop": self.estop.active, **self.counts,
+                 **{f"safety_{k}": v for k, v in self.safety.stats.items()}},
                 sec_to_stamp(self.now())))
 
         def close(self):

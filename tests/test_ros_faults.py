@@ -151,3 +151,74 @@ def test_camera_stops_policy_holds_after_age_limit(ros):
                                          "reconnect_period": 0.2}, name="camera_wrist")
     drv.wait_for(lambda: "camera: wrist" in diags and int(diags["camera: wrist"][1]["reconnects"]) >= 2
                  and diags["camera: wrist"][0] in (b"\x02", 2), 20, "camera ERROR + reconnect diagnostics")
+
+
+def test_estop_latches_until_cleared_and_reactivated(ros):
+    """~/estop holds at once; ~/clear_estop alone does not resume (the node stays holding); activate is refused
+    while the latch is set; clear + deactivate + activate resumes with a new episode."""
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Empty
+    from std_srvs.srv import Trigger
+
+    from robot_rl.ros.common import COMMAND_QOS
+
+    drv, start, tmp = ros
+    start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet"})
+    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands"})
+    start("robot_rl.ros.policy_node", {"checkpoint": str(FIXTURE), "autostart": True})
+    drv.subscribe(JointState, "/arm_bridge/action", COMMAND_QOS, keep=True)
+    drv.subscribe(Empty, "/arm_bridge/hold", COMMAND_QOS, keep=True)
+    actions = lambda: drv.log.get("/arm_bridge/action", [])  # noqa: E731
+    drv.wait_for(lambda: len(actions()) >= 5, 60, "actions")
+    t_stop = time.monotonic()
+    assert drv.call(Trigger, "/policy_node/estop").success
+    drv.wait_for(lambda: any(t > t_stop for t, _ in drv.log.get("/arm_bridge/hold", [])), 5, "hold on e-stop")
+    drv.spin(0.5)
+    assert not [t for t, _ in actions() if t > t_stop + 0.05]
+    assert drv.lifecycle("policy_node", "deactivate")
+    assert not drv.lifecycle("policy_node", "activate")  # refused: latched
+    assert drv.call(Trigger, "/policy_node/clear_estop").success
+    drv.spin(0.5)
+    assert not [t for t, _ in actions() if t > t_stop + 0.05]  # cleared, but not re-activated: still holding
+    t_go = time.monotonic()
+    assert drv.lifecycle("policy_node", "activate")
+    drv.wait_for(lambda: len([t for t, _ in actions() if t > t_go]) >= 5, 20, "actions after re-activation")
+
+
+def test_sim_robot_safety_layer(ros):
+    """sim_robot filters raw /commands like a robot's limit layer: a target far outside the URDF limits moves the
+    arm at most max_joint_delta, inside the limits; an e-stop makes it ignore commands until cleared."""
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Float64MultiArray
+    from std_srvs.srv import Trigger
+
+    from robot_rl.ros.common import COMMAND_QOS
+    from robot_rl.safety import JointLimits
+    from robot_rl.scene import RobotSpec
+
+    drv, start, tmp = ros
+    r = RobotSpec()
+    lim = JointLimits.from_urdf(r.urdf, r.arm_joints)
+    start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet", "max_joint_delta": 0.1})
+    drv.subscribe(JointState, "/joint_states", COMMAND_QOS)
+    pub = drv.node.create_publisher(Float64MultiArray, "/arm_controller/commands", COMMAND_QOS)
+    q = lambda: np.array(drv.last["/joint_states"][1].position[:7])  # noqa: E731
+    drv.wait_for(lambda: "/joint_states" in drv.last and drv.node.count_subscribers("/arm_controller/commands"),
+                 30, "sim_robot")
+    q0 = q()
+    pub.publish(Float64MultiArray(data=[float(v) for v in lim.upper + 1.0]))  # far beyond every limit
+    drv.spin(0.6)
+    q1 = q()
+    assert np.all(np.abs(q1 - q0) <= 0.1 + 0.01), q1 - q0  # capped at max_joint_delta (+ servo overshoot)
+    assert np.all(q1 <= lim.upper) and np.abs(q1 - q0).max() > 0.05  # it did move, toward the limit, inside it
+    assert drv.call(Trigger, "/sim_robot/estop").success
+    drv.spin(0.3)
+    q2 = q()
+    for _ in range(5):
+        pub.publish(Float64MultiArray(data=[float(v) for v in q2 - 0.05]))
+        drv.spin(0.1)
+    assert np.abs(q() - q2).max() < 0.005  # ignored while latched
+    assert drv.call(Trigger, "/sim_robot/clear_estop").success
+    pub.publish(Float64MultiArray(data=[float(v) for v in q2 - 0.05]))
+    drv.spin(0.6)
+    assert np.abs(q() - (q2 - 0.05)).max() < 0.01  # obeyed again

@@ -207,6 +207,38 @@ def test_async_chunk_client(server):
     assert 4 <= ac.requests <= 8  # one request per ~Ta - threshold steps, not one per step
 
 
+def test_policy_node_sources_recover_after_a_missed_deadline(server):
+    """The ROS policy node's server sources: a step whose reply misses its deadline (the server still handles it,
+    late) must not wedge the session — the next step is answered (a step index is never sent twice)."""
+    from robot_rl.ros.policy_node import AsyncServerSource, ServerSource
+
+    _, addr = server
+    rng = np.random.default_rng(5)
+    src = ServerSource(addr, TOKEN, "deadline", seed=0, connect_timeout=10)
+    try:
+        src.start()
+        assert src.act(_obs(rng), 10.0).shape == (5,)
+        with pytest.raises(TimeoutError):
+            src.act(_obs(rng), 1e-6)
+        time.sleep(0.3)  # the late reply has been sent and is dropped by the client
+        for _ in range(3):
+            assert np.all(np.isfinite(src.act(_obs(rng), 10.0)))
+        src.start()  # a new episode closes the previous session on the server
+        assert np.all(np.isfinite(src.act(_obs(rng), 10.0)))
+    finally:
+        src.close()
+    asrc = AsyncServerSource(addr, TOKEN, "async-node", seed=0, connect_timeout=10, threshold=1)
+    try:
+        asrc.start()
+        acts = [asrc.act(_obs(rng), 10.0) for _ in range(12)]
+        assert asrc.client.requests < 12  # chunks, not one request per step
+        asrc.drop_chunk()  # after a hold: a fresh chunk from the current observation
+        acts.append(asrc.act(_obs(rng), 10.0))
+        assert np.all(np.isfinite(np.stack(acts)))
+    finally:
+        asrc.close()
+
+
 def _raw_socket(addr):
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)

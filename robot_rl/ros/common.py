@@ -222,6 +222,21 @@ def declare(node, name: str, default, description: str = ""):
     return node.declare_parameter(name, default, ParameterDescriptor(description=description)).value
 
 
+def declare_safety(node, timeout_what: str = "hold when no command for this long [s]"):
+    """Declare the :class:`robot_rl.safety.SafetyConfig` parameters (same names on every node that filters joint
+    commands: arm_bridge, sim_robot) and return the config."""
+    from robot_rl.safety import SafetyConfig
+
+    sc = SafetyConfig()
+    return SafetyConfig(
+        joint_margin=float(declare(node, "joint_margin", sc.joint_margin, "kept from URDF limits [rad]")),
+        velocity_scale=float(declare(node, "velocity_scale", sc.velocity_scale, "fraction of URDF velocity limits")),
+        max_joint_delta=float(declare(node, "max_joint_delta", sc.max_joint_delta, "safety cap per command [rad]")),
+        workspace_low=tuple(declare(node, "workspace_low", list(sc.workspace_low), "tool box low [m]")),
+        workspace_high=tuple(declare(node, "workspace_high", list(sc.workspace_high), "tool box high [m]")),
+        command_timeout=float(declare(node, "command_timeout", sc.command_timeout, timeout_what))).validate()
+
+
 def json_param(node, name: str, value: str) -> dict:
     """Parse a JSON-object string parameter; ConfigError naming the parameter on bad JSON."""
     if not value:

@@ -17,10 +17,16 @@ When a tick happens (``trigger`` parameter):
 Action source (``server`` parameter):
   ``""`` (default) in-process: ``checkpoint`` (+ ``residual``) loaded here and executed with
       :class:`robot_rl.evaluation.CombinedPolicy` (chunk queue, one base call every ``n_action_steps`` steps).
-  ``host:port`` a policy server (``robot-rl serve``): one :meth:`PolicyClient.act` per step with a deadline of
-      ``server_timeout`` seconds and no retries; the server answers from its chunk queue (and runs the base when
-      the chunk is used up). A missed deadline holds THIS step — no stale action is ever applied — and the
-      next tick tries again (the client reconnects; a restarted server gets its session re-created).
+  ``host:port`` a policy server (``robot-rl serve``), executed as the ``execution`` parameter says:
+      ``step`` (default) one :meth:`PolicyClient.act` per step with a deadline of ``server_timeout`` seconds and no
+      retries; the server answers from the session's chunk queue with the residual evaluated on this step's
+      observation (exactly the simulator's per-step execution).
+      ``async`` :class:`robot_rl.serve.client.AsyncChunkClient`: the next chunk is requested in the background once
+      at most ``chunk_threshold`` queued actions remain, and overlapping chunks are blended by temporal ensembling
+      (decay ``ensemble_decay``, ACT) — the loop waits for the network only on an episode's first step; the
+      residual of queued rows uses the observation of their request.
+      A missed deadline holds THIS step — no stale action is ever applied — and the next tick asks again with the
+      next step index (the client reconnects; a restarted server gets its session re-created).
 
 Holds (publishes ``std_msgs/Empty`` on ``hold_topic``: the bridge commands the measured posture) when an input is
 missing or older than ``max_obs_age`` (camera stopped, joint states stalled), on a server timeout or error, on an
@@ -110,7 +116,9 @@ class InProcessSource:
 
 
 class ServerSource:
-    """One :class:`robot_rl.serve.client.PolicyClient` session per episode, one ``act`` per step."""
+    """One :class:`robot_rl.serve.client.PolicyClient` session per episode, one ``act`` per step (``execution:
+    step``): the server answers from the session's chunk queue, with the residual evaluated on this step's
+    observation (exact per-step ResiP execution, as in simulation)."""
 
     def __init__(self, address: str, token: str | None, name: str, seed: int = 0, connect_timeout: float = 10.0):
         from robot_rl.serve.client import PolicyClient
@@ -121,8 +129,17 @@ class ServerSource:
         self.image_shape = {k: tuple(s["shape"][:2]) for k, s in meta["obs_spec"].items() if len(s["shape"]) == 3}
         self.name, self.seed, self.episode = name, seed, 0
         self.connect_timeout = connect_timeout
+        self.session = None
+
+    def _close_session(self):
+        if self.session is not None:
+            try:
+                self.client.close_session(self.session, timeout_s=0.2)
+            except Exception:  # noqa: BLE001 - best effort (the server also expires idle sessions)
+                pass
 
     def start(self):
+        self._close_session()
         self.session = f"{self.name}-{os.getpid()}-{self.episode}"
         self.episode += 1
         self.step, self.first, self.fresh = 0, True, False
@@ -131,18 +148,57 @@ class ServerSource:
         self.fresh = True
 
     def act(self, obs: dict, timeout_s: float) -> np.ndarray:
-        r = self.client.act(self.session, self.step, obs, reset=self.first,
+        # a step index is used once, answered or not: the server may have handled a request whose reply missed
+        # its deadline, and it refuses a step that does not increase
+        step, self.step = self.step, self.step + 1
+        r = self.client.act(self.session, step, obs, reset=self.first,
                             seed=self.seed + self.episode if self.first else None, new_chunk=self.fresh,
                             timeout_s=self.connect_timeout if self.first else timeout_s)
-        self.step += 1
         self.first = self.fresh = False
         return np.asarray(r.action)
 
     def close(self):
-        try:
-            self.client.close_session(self.session, timeout_s=0.2)
-        except Exception:  # noqa: BLE001 - best effort
-            pass
+        self._close_session()
+        self.client.close()
+
+
+class AsyncServerSource:
+    """``execution: async``: :class:`robot_rl.serve.client.AsyncChunkClient` — chunks are requested in the
+    background once at most ``threshold`` queued actions remain, so the loop never waits for the base policy
+    after the first step, and overlapping chunks are blended by temporal ensembling (ACT, Zhao et al. 2023;
+    ``ensemble_decay`` m, or switch to the newest chunk when m < 0). The residual of queued rows uses the
+    observation of their request (zero-order hold). After a hold the next step starts a fresh chunk from the
+    current observation (the server session is reset)."""
+
+    def __init__(self, address: str, token: str | None, name: str, seed: int = 0, connect_timeout: float = 10.0,
+                 threshold: int = 2, ensemble_decay: float = 0.01):
+        from robot_rl.serve.client import AsyncChunkClient, PolicyClient
+
+        with PolicyClient(address, token=token, timeout_s=connect_timeout, retries=0) as probe:
+            meta = probe.wait_ready(connect_timeout)
+        self.keys = list(meta["obs_spec"])
+        self.image_shape = {k: tuple(s["shape"][:2]) for k, s in meta["obs_spec"].items() if len(s["shape"]) == 3}
+        self.session = f"{name}-{os.getpid()}-async"
+        self.client = AsyncChunkClient(address, self.session, token=token, threshold=threshold,
+                                       ensemble_decay=None if ensemble_decay < 0 else ensemble_decay,
+                                       timeout_s=connect_timeout, retries=0)
+        self.seed, self.episode, self.connect_timeout = seed, 0, connect_timeout
+
+    def start(self):
+        self.restart = True
+        self.episode += 1
+
+    def drop_chunk(self):
+        self.restart = True
+
+    def act(self, obs: dict, timeout_s: float) -> np.ndarray:
+        if self.restart:
+            a = self.client.act(obs, reset=True, seed=self.seed + self.episode, timeout_s=self.connect_timeout)
+            self.restart = False
+            return a
+        return self.client.act(obs, timeout_s=timeout_s)
+
+    def close(self):
         self.client.close()
 
 
@@ -164,6 +220,14 @@ def make_node():
                 "residual": declare(self, "residual", "", "residual checkpoint dir (in-process mode, optional)"),
                 "server": declare(self, "server", "", "policy server host:port ('' = in-process)"),
                 "server_timeout": float(declare(self, "server_timeout", 0.05, "deadline of one step's request [s]")),
+                "execution": declare(self, "execution", "step", "server mode: step (one request per step, exact "
+                                                                "per-step residual) | async (background chunks, "
+                                                                "temporal ensembling)"),
+                "chunk_threshold": int(declare(self, "chunk_threshold", 2, "async: request the next chunk when "
+                                                                           "this many actions are left")),
+                "ensemble_decay": float(declare(self, "ensemble_decay", 0.01, "async: temporal-ensembling decay m "
+                                                                              "(ACT); < 0 switches to the newest "
+                                                                              "chunk")),
                 "connect_timeout": float(declare(self, "connect_timeout", 10.0, "server start-up / first-step "
                                                                                "deadline [s]")),
                 "token_file": declare(self, "token_file", "", "file with the server token ('' = env/none)"),
@@ -182,6 +246,9 @@ def make_node():
                 "autostart": bool(declare(self, "autostart", False, "configure + activate at start-up")),
                 "trigger": declare(self, "trigger", "auto", "when a control step runs: timer | image | auto"),
             }
+            if self.p["execution"] not in ("step", "async"):
+                raise ConfigError("execution", f"{self.p['execution']!r} is not step or async",
+                                  "set execution:=step (exact per-step residual) or execution:=async")
             if self.p["trigger"] not in ("timer", "image", "auto"):
                 raise ConfigError("trigger", f"{self.p['trigger']!r} is not timer, image or auto",
                                   "set trigger:=auto (image-triggered when the policy uses a camera)")
@@ -191,6 +258,7 @@ def make_node():
             self.timer = None
             self.trigger_camera: str | None = None
             self.estop = EStopLatch()
+            self.estop_hold = False  # set by an e-stop, cleared only by the next activate (not by ~/clear_estop)
             self.js, self.poses = JointStateCache(), PoseCache()
             self.images: dict[str, tuple[np.ndarray, float]] = {}
             self.subs = []
@@ -226,7 +294,13 @@ def make_node():
                     token = None
                     if p["token_file"]:
                         token = open(p["token_file"]).read().strip()
-                    self.source = ServerSource(p["server"], token, self.get_name(), p["seed"], p["connect_timeout"])
+                    if p["execution"] == "async":
+                        self.source = AsyncServerSource(p["server"], token, self.get_name(), p["seed"],
+                                                        p["connect_timeout"], p["chunk_threshold"],
+                                                        p["ensemble_decay"])
+                    else:
+                        self.source = ServerSource(p["server"], token, self.get_name(), p["seed"],
+                                                   p["connect_timeout"])
                 else:
                     self.source = InProcessSource(p["checkpoint"], p["residual"], p["seed"])
                 self._setup_inputs(self.source.keys)
@@ -289,6 +363,10 @@ def make_node():
         def on_activate(self, state):
             if self.source is None:
                 return TransitionCallbackReturn.FAILURE
+            if self.estop.active:
+                self.get_logger().error("activate refused: the e-stop is latched -> call ~/clear_estop first")
+                return TransitionCallbackReturn.FAILURE
+            self.estop_hold = False
             self.source.start()
             self.steps, self.last_tick = 0, None
             self.holding, self.hold_reason = False, ""
@@ -375,7 +453,7 @@ def make_node():
                 self.counts["deadline_misses"] += 1
                 self.counts["late_ticks"] += 1
             self.last_tick = now
-            if self.estop.active:
+            if self.estop.active or self.estop_hold:
                 return
             try:
                 js, objects, params, images, t_obs, age = self._inputs(now)
@@ -411,6 +489,7 @@ def make_node():
         # -- services / diagnostics ----------------------------------------------------------------------------
         def _on_estop(self, req, res):
             self.estop.trigger("e-stop service")
+            self.estop_hold = True
             self._hold("e-stop", "estops")
             res.success, res.message = True, "e-stop latched: holding; clear with ~/clear_estop, then re-activate"
             return res
@@ -423,7 +502,7 @@ def make_node():
         def _diag(self):
             lm = np.array(self.loop_ms) if self.loop_ms else np.zeros(1)
             ag = np.array(self.obs_age) if self.obs_age else np.zeros(1)
-            level = 2 if self.estop.active else (1 if self.holding and self.timer is not None else 0)
+            level = 2 if self.estop.active or self.estop_hold else (1 if self.holding and self.timer is not None else 0)
             vals = {"steps": self.steps, "holding": self.holding, "hold_reason": self.hold_reason,
                     "loop_ms_p50": float(np.percentile(lm, 50)), "loop_ms_p99": float(np.percentile(lm, 99)),
                     "loop_ms_max": float(lm.max()), "obs_age_ms_p50": float(np.percentile(ag, 50) * 1e3),

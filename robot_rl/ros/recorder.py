@@ -4,11 +4,15 @@ simulated env's collection (:mod:`robot_rl.collect`), so ``robot-rl train-base``
 Every control period while recording it assembles the observation with :func:`robot_rl.envs.assemble_observation`
 from the latest ``/joint_states``, camera images (``cameras``, resized to ``image_size``) and, with
 ``record_privileged``, object poses from ``<privileged_namespace>`` (sim only; a real robot records robot state +
-images), and pairs it with the action in effect:
-  action        the latest message on ``action_topic`` (what the arm bridge executes) if younger than
-                ``action_timeout``; otherwise zero motion with the last gripper command (the arm held still)
+images), and pairs it with the action that FOLLOWED it, as the simulator's collection pairs (obs_t, a_t): the row
+of a tick is completed at the next tick with
+  action        the first message on ``action_topic`` (what the arm bridge executes) received after the
+                observation was sampled; none within the period -> zero motion with the last gripper command (the
+                arm held still). An observation with no action after it (the last one at ``~/stop``) is dropped.
   intervention  the latest /robot_rl/intervention (std_msgs/Bool, the teleop mux) if fresh, else False
-  human_action  the latest /robot_rl/human_action where fresh, else NaN (only stored when ``record_human_action``)
+  human_action  the first /robot_rl/human_action after the observation while intervening, else NaN (only stored
+                when ``record_human_action``)
+Action messages that cannot be decoded are counted (``bad_actions`` in the committed metadata) and ignored.
 Steps with an incomplete observation (a topic never received, or older than ``max_obs_age``) are skipped and
 counted. Episode metadata: seed/params/backend from the sim's latched ``<privileged_namespace>/episode`` JSON when
 present (else seed -1, ``backend`` parameter), ``source`` parameter (teleop | policy | intervention | scripted;
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 
 import numpy as np
 
@@ -80,8 +85,11 @@ def make_node():
             self.skipped = 0
             self.create_subscription(JointState, "/joint_states", lambda m: self.js.update(m, time.monotonic()),
                                      COMMAND_QOS)
-            self.create_subscription(JointState, action_topic, lambda m: self._keep("action", m), COMMAND_QOS)
-            self.create_subscription(JointState, "/robot_rl/human_action", lambda m: self._keep("human", m),
+            self.queued = {"action": deque(maxlen=256), "human": deque(maxlen=256)}  # (receive time, (5,) array)
+            self.pending = None  # (observation, time sampled) waiting for the action that follows it
+            self.bad_actions = 0
+            self.create_subscription(JointState, action_topic, lambda m: self._queue("action", m), COMMAND_QOS)
+            self.create_subscription(JointState, "/robot_rl/human_action", lambda m: self._queue("human", m),
                                      COMMAND_QOS)
             self.create_subscription(Bool, "/robot_rl/intervention", lambda m: self._keep("intervention", m.data),
                                      COMMAND_QOS)
@@ -106,6 +114,19 @@ def make_node():
 
         def _keep(self, kind, value):
             self.last[kind] = (time.monotonic(), value)
+
+        def _queue(self, kind, m):
+            try:
+                a = msg_to_action(m)
+            except ConfigError as e:
+                self.bad_actions += 1
+                self.get_logger().error(f"{kind} message ignored: {e}", throttle_duration_sec=2.0)
+                return
+            self.queued[kind].append((time.monotonic(), a))
+
+        def _first_after(self, kind, t0, t1):
+            """First finite message of ``kind`` received in (t0, t1], or None."""
+            return next((a for t, a in self.queued[kind] if t0 < t <= t1 and np.all(np.isfinite(a))), None)
 
         def _on_episode(self, m):
             try:
@@ -153,33 +174,38 @@ def make_node():
         def _tick(self):
             if self.buf is None:
                 return
+            now = time.monotonic()
+            if self.pending is not None:
+                self._complete(now, held_if_none=True)
             obs, why = self._observation()
             if obs is None:
                 self.skipped += 1
                 self.get_logger().warning(f"step skipped: {why}", throttle_duration_sec=2.0)
                 return
-            m = self._fresh("action", self.action_timeout)
-            if m is not None:
-                a = msg_to_action(m)
-                if not np.all(np.isfinite(a)):
-                    a = None
-            else:
-                a = None
+            self.pending = (obs, now)
+
+        def _complete(self, now, held_if_none):
+            """Append the pending observation with the action received after it (see the module docstring)."""
+            obs, t_obs = self.pending
+            self.pending = None
+            a = self._first_after("action", t_obs, now)
             if a is None:
+                if not held_if_none:
+                    return
                 a = np.array([0.0, 0.0, 0.0, 0.0, self.gripper])
             self.gripper = float(a[4])
             inter = bool(self._fresh("intervention", self.action_timeout) or False)
-            hm = self._fresh("human", self.action_timeout)
-            human = msg_to_action(hm) if (hm is not None and inter) else np.full(5, np.nan)
+            hm = self._first_after("human", t_obs, now) if inter else None
+            human = hm if hm is not None else np.full(5, np.nan)
             for k, v in obs.items():
                 self.buf.setdefault(k, []).append(v)
-            self.buf.setdefault("action", []).append(a.astype(np.float32))
+            self.buf.setdefault("action", []).append(np.asarray(a, dtype=np.float32))
             self.buf.setdefault("intervention", []).append(inter)
-            self.buf.setdefault("human_action", []).append(human.astype(np.float32))
+            self.buf.setdefault("human_action", []).append(np.asarray(human, dtype=np.float32))
 
         def _on_start(self, req, res):
             dropped = self.buf is not None and len(self.buf.get("action", []))
-            self.buf, self.skipped = {}, 0
+            self.buf, self.skipped, self.pending = {}, 0, None
             self.gripper = -1.0
             res.success = True
             res.message = "recording" + (f" (dropped an unfinished episode of {dropped} steps)" if dropped else "")
@@ -187,11 +213,13 @@ def make_node():
 
         def _on_discard(self, req, res):
             n = len(self.buf.get("action", [])) if self.buf is not None else 0
-            self.buf = None
+            self.buf, self.pending = None, None
             res.success, res.message = True, f"discarded {n} steps"
             return res
 
         def _on_stop(self, req, res):
+            if self.buf is not None and self.pending is not None:  # the last observation: kept if acted upon
+                self._complete(time.monotonic(), held_if_none=False)
             if self.buf is None or not self.buf.get("action"):
                 res.success, res.message = False, "nothing recorded (call ~/start first, and check the inputs)"
                 self.buf = None
@@ -211,7 +239,8 @@ def make_node():
                     data, seed=int(info.get("seed", -1)), task=self.task_name, source=source,
                     success=bool(self.success), backend=str(info.get("backend", self.backend_label)),
                     robot=self.robot_label, extra={"params": info.get("params", {}), "recorder": "ros2",
-                                                   "control_rate": 1.0 / self.dt, "skipped_steps": self.skipped})
+                                                   "control_rate": 1.0 / self.dt, "skipped_steps": self.skipped,
+                                                   "bad_actions": self.bad_actions})
             except ConfigError as e:
                 res.success, res.message = False, f"not committed: {e}"
                 return res

@@ -414,12 +414,15 @@ class AsyncChunkClient:
                 self._preds.setdefault(s, []).append(a)
         self._covered_until = max(self._covered_until, r.chunk_start + len(r.executed) - 1)
 
-    def act(self, obs: dict, reset: bool = False, seed: int | None = None) -> np.ndarray:
-        """Observation of the current step (one frame per key) -> action float32 (A,)."""
+    def act(self, obs: dict, reset: bool = False, seed: int | None = None,
+            timeout_s: float | None = None) -> np.ndarray:
+        """Observation of the current step (one frame per key) -> action float32 (A,). ``timeout_s``: this
+        call's deadline (default: the constructor's)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         if reset:
             if self._inflight is not None:
                 try:
-                    self._inflight.result(timeout=self.timeout_s)
+                    self._inflight.result(timeout=timeout_s)
                 except Exception:
                     pass
             self.t, self._inflight, self._covered_until = 0, None, -1
@@ -438,14 +441,14 @@ class AsyncChunkClient:
             self._submit(True, seed)
         elif self._inflight is None and self._covered_until - self.t + 1 <= self.threshold:
             self._submit(False, None)
-        end = time.monotonic() + self.timeout_s
+        end = time.monotonic() + timeout_s
         while self.t not in self._preds:
             if self._inflight is None:
                 self._submit(False, None)
             try:
                 r = self._inflight.result(timeout=max(0.0, end - time.monotonic()))
             except FutureTimeout:
-                raise ServerTimeout(f"no action for step {self.t} within {self.timeout_s} s") from None
+                raise ServerTimeout(f"no action for step {self.t} within {timeout_s} s") from None
             except BaseException:
                 self._inflight = None
                 raise
