@@ -18,16 +18,20 @@ def generate_launch_description():
     backend = LaunchConfiguration("backend")
     store = LaunchConfiguration("store")
     keyboard = LaunchConfiguration("keyboard")
+    task = LaunchConfiguration("task")
+    use_sim_time = LaunchConfiguration("use_sim_time")
     return LaunchDescription([
+        DeclareLaunchArgument("task", default_value="place", description="lift | place (scene, stored keys)"),
+        DeclareLaunchArgument("use_sim_time", default_value="false", description="follow /clock"),
         DeclareLaunchArgument("backend", default_value="pybullet", description="mujoco | pybullet"),
         DeclareLaunchArgument("store", default_value="runs/ros_demos.zarr", description="zarr store"),
         DeclareLaunchArgument("keyboard", default_value="false", description="read keys from the terminal"),
         Node(executable="robot-rl-sim-robot", name="sim_robot", output="screen",
-             parameters=[os.path.join(CONFIG, "sim_robot.yaml"), {"backend": backend}]),
+             parameters=[os.path.join(CONFIG, "sim_robot.yaml"), {"backend": backend, "task": task, "publish_clock": use_sim_time}]),
         Node(executable="robot-rl-arm-bridge", name="arm_bridge", output="screen",
-             parameters=[os.path.join(CONFIG, "arm_bridge.yaml")]),
+             parameters=[os.path.join(CONFIG, "arm_bridge.yaml"), {"use_sim_time": use_sim_time}]),
         Node(executable="robot-rl-teleop", name="teleop", output="screen", emulate_tty=True,
-             parameters=[os.path.join(CONFIG, "teleop.yaml"), {"keyboard": keyboard}]),
+             parameters=[os.path.join(CONFIG, "teleop.yaml"), {"keyboard": keyboard, "use_sim_time": use_sim_time}]),
         Node(executable="robot-rl-recorder", name="recorder", output="screen",
-             parameters=[os.path.join(CONFIG, "recorder.yaml"), {"store": store}]),
+             parameters=[os.path.join(CONFIG, "recorder.yaml"), {"store": store, "task": task, "use_sim_time": use_sim_time}]),
     ])

@@ -53,6 +53,30 @@ class EnvConfig:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     randomization: str | dict | None = None
 
+    def validate(self) -> "EnvConfig":
+        """Return self, or raise ConfigError naming the first impossible field and a fix."""
+        known = {c.name for c in SceneSpec().cameras}
+        for cam in self.cameras:
+            if cam not in known:
+                raise ConfigError("cameras", f"unknown camera {cam!r}", f"choose from {sorted(known)}")
+        if not (0 < self.physics_dt <= self.control_dt):
+            raise ConfigError("physics_dt", f"physics_dt={self.physics_dt} must be in (0, control_dt={self.control_dt}]",
+                              "use e.g. physics_dt=0.002, control_dt=0.1")
+        n = self.control_dt / self.physics_dt
+        if abs(n - round(n)) > 1e-6 * n:
+            raise ConfigError("physics_dt", f"control_dt={self.control_dt} is not a whole number of physics steps "
+                                            f"of {self.physics_dt}", "use e.g. physics_dt=0.002 with control_dt=0.1")
+        for k, lo in (("image_size", 8), ("render_size", 8)):
+            v = tuple(getattr(self, k))
+            if len(v) != 2 or min(v) < lo:
+                raise ConfigError(k, f"{v} is not a valid (H, W)", f"use e.g. {k}=(96, 96)")
+        if not self.init_joint_noise >= 0:
+            raise ConfigError("init_joint_noise", f"{self.init_joint_noise} < 0", "use e.g. 0.03 (rad), or 0")
+        if self.max_steps is not None and not (isinstance(self.max_steps, int) and self.max_steps >= 1):
+            raise ConfigError("max_steps", f"{self.max_steps!r} is not a positive integer",
+                              "use e.g. 100, or leave it unset for the task's limit")
+        return self
+
 
 def assemble_observation(controller: DiffIKController, task: Task, joint_state: tuple, objects, params: dict,
                          images: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -86,17 +110,8 @@ class RobotEnv(gym.Env):
 
     def __init__(self, task: Task, backend: str = "mujoco", config: EnvConfig | None = None,
                  render_mode: str | None = "rgb_array"):
-        self.task, self.cfg = task, config or EnvConfig()
+        self.task, self.cfg = task, (config or EnvConfig()).validate()
         cfg = self.cfg
-        known = {c.name for c in SceneSpec().cameras}
-        for cam in cfg.cameras:
-            if cam not in known:
-                raise ConfigError("cameras", f"unknown camera {cam!r}", f"choose from {sorted(known)}")
-        if not (0 < cfg.physics_dt <= cfg.control_dt):
-            raise ConfigError("physics_dt", f"physics_dt={cfg.physics_dt} must be in (0, control_dt={cfg.control_dt}]",
-                              "use e.g. physics_dt=0.002, control_dt=0.1")
-        if len(cfg.image_size) != 2 or min(cfg.image_size) < 8:
-            raise ConfigError("image_size", f"{cfg.image_size} is not a valid (H, W)", "use e.g. image_size=(96, 96)")
         self.scene = SceneSpec(objects=task.objects, markers=task.markers, control_dt=cfg.control_dt,
                                physics_dt=cfg.physics_dt)
         self.backend_name = backend
@@ -201,8 +216,9 @@ def make_env(task: str = "place", backend: str = "mujoco", *, task_kwargs: dict 
 
     Args:
         task: ``lift`` or ``place``.
-        backend: ``mujoco`` or ``pybullet`` (same scene, servos, task and controller; ``ros2`` arrives with
-            its issue).
+        backend: ``mujoco`` or ``pybullet`` (same scene, servos, task and controller). Robots and the
+            ``sim_robot`` node are driven through the ROS 2 nodes (:mod:`robot_rl.ros`), which assemble the same
+            observation dict; there is no ``ros2`` backend (see docs/ARCHITECTURE.md).
         task_kwargs: task field overrides (e.g. ``{"tolerance": 0.007}``).
         **cfg: :class:`EnvConfig` fields (``cameras``, ``image_size``, ``control_dt``, ``randomization``, ...).
     Raises:
@@ -224,6 +240,7 @@ def check_env_options(task: str, task_kwargs: dict | None = None, **cfg) -> tupl
     cfg = dict(cfg)
     if "cameras" in cfg:
         cfg["cameras"] = tuple(cfg["cameras"])
+    EnvConfig(**cfg).validate()
     if cfg.get("randomization") is not None:
         Randomizer(cfg["randomization"], SceneSpec(objects=t.objects, markers=t.markers),
                    [*ROBOT_OBS_DIMS, *t.obs_dims()], t.derived_keys)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from robot_rl.errors import ConfigError
 from robot_rl.envs import make_env
-from robot_rl.rollout import ChunkExecutor, SeedSchedule, make_vector_env, reset_some
+from robot_rl.rollout import ChunkExecutor, SeedSchedule, env_kwargs_for, make_vector_env, reset_some
 
 EVAL_SEED_START = 1_000_000
 
@@ -72,6 +72,8 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     torch.set_num_threads(1)  # the env workers own the other cores; OpenMP oversubscription is catastrophic
     env_kwargs = dict(env_kwargs or {})
     backend = env_kwargs.pop("backend", backend)  # as train_residual's env_kwargs may carry it
+    if base is not None:
+        env_kwargs = env_kwargs_for(base.config, task, task_kwargs, env_kwargs)
     venv = make_vector_env(task, n_envs, backend, task_kwargs=task_kwargs, **env_kwargs)
     pol = policy if policy is not None else CombinedPolicy(base, residual, n_envs, seed=seed)
     seeds = SeedSchedule(seed_start, n_episodes)
@@ -126,7 +128,10 @@ def record_videos(base, task: str, out_dir: str | Path, *, residual=None, seeds=
     import imageio.v2 as imageio
 
     env_kwargs = dict(env_kwargs or {})
-    env = make_env(task, env_kwargs.pop("backend", backend), task_kwargs=task_kwargs, **env_kwargs)
+    backend = env_kwargs.pop("backend", backend)
+    if base is not None:
+        env_kwargs = env_kwargs_for(base.config, task, task_kwargs, env_kwargs)
+    env = make_env(task, backend, task_kwargs=task_kwargs, **env_kwargs)
     pol = policy if policy is not None else CombinedPolicy(base, residual, 1)
     paths = []
     out = Path(out_dir)

@@ -1,7 +1,7 @@
-"""The main job end to end: scripted demos -> zarr store -> frozen diffusion base -> residual PPO -> report.
+"""The main job end to end: scripted demos -> zarr store -> frozen base (diffusion or BC) -> residual PPO -> report.
 
-Presets: ``quick`` (a few minutes on 2 CPU cores; proves the plumbing, not the numbers) and ``full`` (the
-README's precision-task figures). Any field can be overridden from a YAML file or ``--set key=value``.
+Presets: ``quick`` (a few minutes on 2 CPU cores; proves the plumbing, not the numbers), ``full`` (MLP BC base) and
+``full-diffusion`` (Diffusion Policy base) — the README's precision-task figures. Any field can be overridden from a YAML file or ``--set key=value``.
 Every run writes its resolved config to ``<out>/config.yaml``.
 """
 
@@ -105,10 +105,33 @@ def validate_config(cfg: dict) -> None:
         if bad:
             raise ConfigError(f"{name}.{bad[0]}", "unknown field", f"use one of {', '.join(fields)}")
     PPOConfig(**cfg["residual"]).validate()
+    _check_base_config(cfg)
     for sec, key in (("collect", "episodes"), ("eval", "episodes"), ("eval", "n_envs"), ("base", "steps")):
         v = cfg[sec].get(key, 1)
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{sec}.{key}", f"{v!r} is not a positive integer", "use e.g. 20")
+
+
+def _check_base_config(cfg: dict) -> None:
+    """Build the base policy's config from the task's observation dims now, so that an impossible policy setting
+    (e.g. a horizon the U-Net cannot halve) fails before demonstrations are collected over an existing run."""
+    from robot_rl.envs import ROBOT_OBS_DIMS
+    from robot_rl.policies.base import PolicyConfig
+    from robot_rl.tasks import make_task
+    from robot_rl.train_base import DEFAULT_OBS_KEYS, BaseTrainConfig
+
+    b = BaseTrainConfig(**cfg["base"])
+    if b.image_keys:
+        raise ConfigError("base.image_keys", "the pipeline collects state-only demonstrations",
+                          "for an image policy run robot-rl collect --cameras ..., then train-base --image-keys ...")
+    dims = {**ROBOT_OBS_DIMS, **make_task(cfg["task"], **cfg["task_kwargs"]).obs_dims()}
+    keys = list(b.obs_keys or DEFAULT_OBS_KEYS.get(cfg["task"], []))
+    for k in keys:
+        if k not in dims:
+            raise ConfigError(f"base.obs_keys.{k}", f"task {cfg['task']!r} has no observation {k!r}",
+                              f"use keys from {sorted(dims)}")
+    PolicyConfig.from_dict({"kind": b.kind, "obs_keys": keys, "obs_dims": {k: dims[k] for k in keys},
+                            "action_dim": 5, **b.policy})
 
 
 def run_pipeline(cfg: dict, out_dir: str | Path, progress: bool = True) -> dict:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from robot_rl.envs import check_env_options, make_env
+from robot_rl.errors import ConfigError
 
 
 def _env_fn(task, backend, task_kwargs, env_kwargs):
@@ -40,6 +41,32 @@ def make_vector_env(task: str, n_envs: int, backend: str = "mujoco", *, task_kwa
     if asynchronous and n_envs > 1:
         return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="forkserver")
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+
+
+def env_kwargs_for(policy_config, task: str, task_kwargs: dict | None, env_kwargs: dict | None) -> dict:
+    """:class:`~robot_rl.envs.EnvConfig` fields for rolling out a policy in ``task``: every observation key the
+    policy reads is checked against the task's observations, and an image policy's cameras and image size
+    (``image_<camera>`` keys, ``image_shape``) are filled in unless given. Raises ConfigError naming the key."""
+    from robot_rl.envs import ROBOT_OBS_DIMS
+    from robot_rl.tasks import make_task
+
+    kw = dict(env_kwargs or {})
+    have = {*ROBOT_OBS_DIMS, *make_task(task, **(task_kwargs or {})).obs_dims()}
+    for k in policy_config.obs_keys:
+        if k not in have:
+            raise ConfigError(f"obs_keys.{k}", f"the policy reads {k!r}, which task {task!r} does not observe",
+                              "roll it out on the task it was trained on (--task), or retrain without that key")
+    cams = tuple(k[len("image_"):] for k in policy_config.image_keys)
+    if cams:
+        given = tuple(kw.setdefault("cameras", cams))
+        if set(cams) - set(given):
+            raise ConfigError("env.cameras", f"{list(given)} lacks the policy's {list(cams)}",
+                              "drop env.cameras (it is taken from the checkpoint) or add those cameras")
+        hw = tuple(int(v) for v in policy_config.image_shape[:2])
+        if tuple(kw.setdefault("image_size", hw)) != hw:
+            raise ConfigError("env.image_size", f"{tuple(kw['image_size'])} != the policy's images {hw}",
+                              f"drop env.image_size or set it to [{hw[0]}, {hw[1]}]")
+    return kw
 
 
 class SeedSchedule:

@@ -160,4 +160,21 @@ def make_task(name: str, **overrides) -> Task:
     bad = [k for k in overrides if not hasattr(task, k)]
     if bad:
         raise ConfigError(f"task.{bad[0]}", f"task {name!r} has no parameter {bad[0]!r}", "remove it or check the spelling")
-    return replace(task, **overrides) if overrides else task
+    task = replace(task, **overrides) if overrides else task
+    _check_task(name, task)
+    return task
+
+
+_POSITIVE = {"max_steps": "e.g. 100 control steps", "lift_height": "e.g. 0.08 (m)", "tolerance": "e.g. 0.01 (m)"}
+
+
+def _check_task(name: str, task: Task) -> None:
+    """Impossible task parameters -> ConfigError (positive sizes, ordered (low, high) ranges)."""
+    for k, example in _POSITIVE.items():
+        v = getattr(task, k, None)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+            raise ConfigError(f"task.{k}", f"{v!r} is not a positive number", f"use {example}")
+    for k in ("cube_x", "cube_y", "cube_yaw", "target_x", "target_y"):
+        v = getattr(task, k, None)
+        if v is not None and not (len(v) == 2 and float(v[0]) <= float(v[1])):
+            raise ConfigError(f"task.{k}", f"{v!r} is not a (low, high) range", "give two numbers, low <= high")

@@ -124,3 +124,20 @@ def test_bad_action(env):
         env.step(np.array([0, 0, np.nan, 0, 0], dtype=np.float32))
     with pytest.raises(ConfigError, match="action"):
         env.step(np.zeros(3, dtype=np.float32))
+
+
+@pytest.mark.parametrize("task,task_kwargs,env_kwargs,field", [
+    ("lift", {"lift_height": -3.0}, {}, "task.lift_height"),
+    ("place", {"tolerance": 0.0}, {}, "tolerance"),
+    ("place", {"target_x": (0.6, 0.4)}, {}, "task.target_x"),
+    ("place", {}, {"max_steps": 0}, "max_steps"),
+    ("place", {}, {"init_joint_noise": -1.0}, "init_joint_noise"),
+    ("place", {}, {"render_size": (0, 0)}, "render_size"),
+    ("place", {}, {"physics_dt": 0.03}, "physics_dt"),
+])
+def test_impossible_task_and_env_options_fail_before_any_simulator(task, task_kwargs, env_kwargs, field):
+    from robot_rl.envs import check_env_options
+
+    with pytest.raises(ConfigError) as e:
+        check_env_options(task, task_kwargs, **env_kwargs)
+    assert e.value.field == field

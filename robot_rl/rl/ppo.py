@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from robot_rl.errors import ConfigError
 from robot_rl.policies.residual import ResidualConfig, ResidualPolicy
-from robot_rl.rollout import ChunkExecutor, SeedSchedule, make_vector_env, reset_some
+from robot_rl.rollout import ChunkExecutor, SeedSchedule, env_kwargs_for, make_vector_env, reset_some
 
 TRAIN_SEED_START = 100_000  # training episodes use seeds from here; evaluation uses a disjoint range
 DEFAULT_FINE_KEYS = {"place": {"cube_to_target": 0.01}, "lift": {}}  # residual fine features per task (key: scale m)
@@ -97,7 +97,7 @@ def train_residual(base, task: str, cfg: PPOConfig, out_dir: str | Path, *, task
                           "train the base on low-dim obs keys")
     fine = dict(DEFAULT_FINE_KEYS.get(task, {}) if cfg.fine_keys is None else cfg.fine_keys)
     N, T = cfg.n_envs, cfg.n_steps
-    venv = make_vector_env(task, N, task_kwargs=task_kwargs, **(env_kwargs or {}))
+    venv = make_vector_env(task, N, task_kwargs=task_kwargs, **env_kwargs_for(bc, task, task_kwargs, env_kwargs))
     space = venv.single_observation_space
     for k in fine:
         if k not in space.spaces:
