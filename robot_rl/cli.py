@@ -252,13 +252,12 @@ def cmd_bringup(a):
 
 
 def cmd_store(a):
-    from robot_rl.store import ZarrStore, format_info
+    from robot_rl.store import ZarrStore, format_info, validate_store
 
-    st = ZarrStore.open(a.path, mode="r")
     if a.action == "info":
-        print(format_info(st.info()))
+        print(format_info(ZarrStore.open(a.path, mode="r").info()))
         return 0
-    problems = st.validate()
+    problems = validate_store(a.path)  # reports damage that would stop ZarrStore.open
     for p in problems:
         print(p)
     fatal = [p for p in problems if "torn" not in p]

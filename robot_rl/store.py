@@ -76,6 +76,16 @@ class CommittedArray:
         return out if dtype is None else out.astype(dtype)
 
     def __getitem__(self, index):
+        try:
+            return self._get(index)
+        except (IndexError, ConfigError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a chunk that cannot be read/decoded: damaged on disk
+            raise ConfigError(f"data/{self.array.basename}", f"cannot be read ({_first_line(e)})",
+                              "run `robot-rl store validate PATH` to find the damaged steps; restore the store "
+                              "from a copy") from None
+
+    def _get(self, index):
         first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
         if isinstance(first, slice):
             start, stop, step = first.indices(self.n)
@@ -155,12 +165,17 @@ class ZarrStore:
         if not _is_store(path):
             raise ConfigError("path", f"{path} is not a robot_rl store (no zarr group with format={FORMAT!r})",
                               f"point at a store directory; {_FIX_CREATE}")
-        root = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
-        version = root.attrs.get("version")
-        if not isinstance(version, int) or version > VERSION:
-            raise ConfigError("path", f"{path} has store version {version!r}; this code reads <= {VERSION}",
-                              "upgrade robot_rl")
-        store = cls(path, root, mode)
+        try:
+            root = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+            version = root.attrs.get("version")
+            if not isinstance(version, int) or version > VERSION:
+                raise ConfigError("path", f"{path} has store version {version!r}; this code reads <= {VERSION}",
+                                  "upgrade robot_rl")
+            store = cls(path, root, mode)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged store, said in one line
+            raise _damaged(path, e) from None
         if mode == "a":
             store._repair()
         return store
@@ -175,6 +190,10 @@ class ZarrStore:
         self._schema = {k: {"dtype": v["dtype"], "shape": tuple(v["shape"])}
                         for k, v in dict(root.attrs.get("schema", {})).items()}
         self._data = {k: root["data"][k] for k in self._schema if k in root["data"]}
+        missing = [k for k in self._schema if k not in self._data]
+        if missing and len(self._ends):
+            raise ConfigError(f"data/{missing[0]}", f"missing from {self.path} (the schema lists it)",
+                              "run `robot-rl store validate PATH`; restore the store from a copy")
 
     # ------------------------------------------------------------------ read
     @property
@@ -386,8 +405,34 @@ class ZarrStore:
         per-episode length mismatch, unknown source, bad extra JSON, NaN/inf in ``action``. Warnings: a torn tail
         (uncommitted data from an interrupted write; harmless, truncated by opening in mode ``"a"``).
         """
-        root = zarr.open_group(str(self.path), mode="r")
-        out: list[str] = []
+        return validate_store(self.path)
+
+    def info(self) -> dict[str, Any]:
+        """Summary: path, episodes, steps, keys ({key: {dtype, shape}}), success_rate (None when empty),
+        sources / tasks / backends (episode counts), size_bytes (on disk)."""
+        meta = self.episodes_meta()
+        return {"path": str(self.path), "episodes": self.n_episodes, "steps": self.n_steps,
+                "keys": self.schema,
+                "success_rate": float(np.mean([m["success"] for m in meta])) if meta else None,
+                "sources": dict(Counter(m["source"] for m in meta)),
+                "tasks": dict(Counter(m["task"] for m in meta)),
+                "backends": dict(Counter(m["backend"] for m in meta)),
+                "size_bytes": sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())}
+
+
+def validate_store(path: str | os.PathLike) -> list[str]:
+    """Check a store on disk without opening it for use (so that damage is reported, not raised); return
+    problems, each prefixed ``"error: "`` or ``"warning: "`` (empty = healthy). See :meth:`ZarrStore.validate`;
+    every data chunk of the committed steps is also read and decoded."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("path", f"store {path} does not exist", _FIX_CREATE)
+    if not _is_store(path):
+        raise ConfigError("path", f"{path} is not a robot_rl store (no zarr group with format={FORMAT!r})",
+                          f"point at a store directory; {_FIX_CREATE}")
+    out: list[str] = []
+    try:
+        root = zarr.open_group(str(path), mode="r")
         if root.attrs.get("format") != FORMAT or root.attrs.get("version") != VERSION:
             out.append(f"error: group attrs format/version are {root.attrs.get('format')!r}/{root.attrs.get('version')!r}")
         raw = np.asarray(root["meta/episode_ends"][:], dtype=np.int64)
@@ -401,6 +446,9 @@ class ZarrStore:
                        f"({raw[max(E - 1, 0):E + 1].tolist()}); only {E} episodes are trusted")
             ends, E, N = raw, len(raw), int(raw.max())
         for k in (*META_NUM, *META_STR):
+            if k not in root["meta"]:
+                out.append(f"error: meta/{k} is missing")
+                continue
             n = root["meta"][k].shape[0]
             if n < E:
                 out.append(f"error: meta/{k} has {n} entries, {E} episodes are committed")
@@ -425,7 +473,7 @@ class ZarrStore:
                 out.append(f"error: data/{k} has {arr.shape[0]} steps, {N} are committed")
             elif arr.shape[0] > N:
                 out.append(f"warning: torn tail: data/{k} has {arr.shape[0] - N} uncommitted steps")
-        if E:
+        if E and all(k in root["meta"] for k in (*META_NUM, *META_STR)):
             lengths = root["meta/episode_length"][:E]
             bad = np.flatnonzero(np.diff(ends, prepend=0) != lengths)
             if bad.size:
@@ -443,19 +491,32 @@ class ZarrStore:
                 bad_steps = np.flatnonzero(~np.isfinite(act.reshape(N, -1)).all(axis=1))
                 if bad_steps.size:
                     out.append(f"error: data/action has NaN/inf at {bad_steps.size} steps (first {bad_steps[0]})")
+    except Exception as e:  # noqa: BLE001 - whatever is unreadable is reported, never raised
+        out.append(f"error: store metadata cannot be read ({_first_line(e)})")
         return out
+    for k in schema:
+        if k in root["data"]:
+            arr = root["data"][k]
+            step = max(1, min(N, 256))
+            for a in range(0, min(N, arr.shape[0]), step):
+                try:
+                    arr[a:a + step]
+                except Exception as e:  # noqa: BLE001
+                    out.append(f"error: data/{k} steps {a}-{min(a + step, N) - 1} cannot be read ({_first_line(e)})")
+                    break
+    return out
 
-    def info(self) -> dict[str, Any]:
-        """Summary: path, episodes, steps, keys ({key: {dtype, shape}}), success_rate (None when empty),
-        sources / tasks / backends (episode counts), size_bytes (on disk)."""
-        meta = self.episodes_meta()
-        return {"path": str(self.path), "episodes": self.n_episodes, "steps": self.n_steps,
-                "keys": self.schema,
-                "success_rate": float(np.mean([m["success"] for m in meta])) if meta else None,
-                "sources": dict(Counter(m["source"] for m in meta)),
-                "tasks": dict(Counter(m["task"] for m in meta)),
-                "backends": dict(Counter(m["backend"] for m in meta)),
-                "size_bytes": sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())}
+
+
+def _first_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0][:160]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _damaged(path: Path, e: BaseException) -> ConfigError:
+    return ConfigError("path", f"{path} is damaged ({_first_line(e)})",
+                       "run `robot-rl store validate PATH` to see what; committed episodes are never rewritten, so "
+                       "restore the damaged files from a copy")
 
 
 def format_info(info: dict[str, Any]) -> str:

@@ -289,3 +289,37 @@ def test_sigkill_mid_episode(tmp_path):
     for k, v in make_episode(7, 9, hw=32).items():
         np.testing.assert_array_equal(r.get_episode(n_small)[k], v)
     np.testing.assert_array_equal(r.get_episode(n_small - 1)["image_front"], make_episode(n_small - 1, 20, hw=32)["image_front"])
+
+
+@pytest.mark.parametrize("damage", ["marker_json", "data_chunk", "meta_array", "data_array"])
+def test_damaged_store_gives_one_line_errors_and_validate_reports_it(tmp_path, damage):
+    """Damage on disk never surfaces as a traceback: opening (or reading the damaged steps) raises ConfigError and
+    ``validate_store`` lists the problem without raising."""
+    import shutil
+
+    from robot_rl.store import validate_store
+
+    p = tmp_path / "s.zarr"
+    st = ZarrStore.create(p)
+    for i in range(3):
+        add(st, i, 5 + i)
+    assert validate_store(p) == []
+    if damage == "marker_json":
+        (p / "meta" / "episode_ends" / "zarr.json").write_text("{garbage")
+    elif damage == "data_chunk":
+        chunk = next(f for f in (p / "data" / "action").rglob("*") if f.is_file() and f.name != "zarr.json")
+        chunk.write_bytes(b"x" * 16)
+    elif damage == "meta_array":
+        shutil.rmtree(p / "meta" / "episode_success")
+    else:
+        shutil.rmtree(p / "data" / "action")
+    problems = validate_store(p)
+    assert any(q.startswith("error: ") for q in problems), problems
+    if damage == "data_chunk":  # metadata intact: opens, and reading the damaged steps names the array
+        st = ZarrStore.open(p)
+        with pytest.raises(ConfigError) as e:
+            st.get_episode(0)
+        assert e.value.field == "data/action"
+    else:
+        with pytest.raises(ConfigError):
+            ZarrStore.open(p)
