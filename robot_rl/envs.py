@@ -60,8 +60,8 @@ class EnvConfig:
             if cam not in known:
                 raise ConfigError("cameras", f"unknown camera {cam!r}", f"choose from {sorted(known)}")
         if not (0 < self.physics_dt <= self.control_dt):
-            raise ConfigError("physics_dt", f"physics_dt={self.physics_dt} must be in (0, control_dt={self.control_dt}]",
-                              "use e.g. physics_dt=0.002, control_dt=0.1")
+            raise ConfigError("physics_dt", f"physics_dt={self.physics_dt} must be in (0, control_dt="
+                                            f"{self.control_dt}]", "use e.g. physics_dt=0.002, control_dt=0.1")
         n = self.control_dt / self.physics_dt
         if abs(n - round(n)) > 1e-6 * n:
             raise ConfigError("physics_dt", f"control_dt={self.control_dt} is not a whole number of physics steps "

@@ -1,4 +1,5 @@
-"""The main job end to end: scripted demos -> zarr store -> frozen base (diffusion or BC) -> residual PPO -> report.
+"""The main job end to end: scripted demos -> zarr store -> frozen base (diffusion or BC) -> residual PPO ->
+report.
 
 Presets: ``quick`` (a few minutes on 2 CPU cores; proves the plumbing, not the numbers), ``full`` (MLP BC base) and
 ``full-diffusion`` (Diffusion Policy base) — the README's precision-task figures. Any field can be overridden from a YAML file or ``--set key=value``.

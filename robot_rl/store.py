@@ -159,12 +159,7 @@ class ZarrStore:
         """
         if mode not in ("r", "a"):
             raise ConfigError("mode", f"{mode!r} is not a store mode", "use 'r' (read) or 'a' (append)")
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError("path", f"store {path} does not exist", _FIX_CREATE)
-        if not _is_store(path):
-            raise ConfigError("path", f"{path} is not a robot_rl store (no zarr group with format={FORMAT!r})",
-                              f"point at a store directory; {_FIX_CREATE}")
+        path = _existing_store(path)
         try:
             root = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
             version = root.attrs.get("version")
@@ -424,12 +419,7 @@ def validate_store(path: str | os.PathLike) -> list[str]:
     """Check a store on disk without opening it for use (so that damage is reported, not raised); return
     problems, each prefixed ``"error: "`` or ``"warning: "`` (empty = healthy). See :meth:`ZarrStore.validate`;
     every data chunk of the committed steps is also read and decoded."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError("path", f"store {path} does not exist", _FIX_CREATE)
-    if not _is_store(path):
-        raise ConfigError("path", f"{path} is not a robot_rl store (no zarr group with format={FORMAT!r})",
-                          f"point at a store directory; {_FIX_CREATE}")
+    path = _existing_store(path)
     out: list[str] = []
     try:
         root = zarr.open_group(str(path), mode="r")
@@ -506,6 +496,17 @@ def validate_store(path: str | os.PathLike) -> list[str]:
                     break
     return out
 
+
+
+def _existing_store(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, or ConfigError when it does not exist or is not a robot_rl store."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("path", f"store {path} does not exist", _FIX_CREATE)
+    if not _is_store(path):
+        raise ConfigError("path", f"{path} is not a robot_rl store (no zarr group with format={FORMAT!r})",
+                          f"point at a store directory; {_FIX_CREATE}")
+    return path
 
 
 def _first_line(e: BaseException) -> str:
