@@ -79,6 +79,26 @@ def test_eval_command_with_residual(tiny_run, tmp_path):
     assert "pybullet" in json.dumps(per) and "0.004" in (tmp_path / "ev2" / "config.yaml").read_text()
 
 
+def test_image_policy_collect_train_eval(tmp_path):
+    """Camera demonstrations -> an image BC base -> eval, which takes the cameras and image size from the
+    checkpoint; a checkpoint run on a task lacking its observation keys is a one-line error."""
+    store = tmp_path / "img.zarr"
+    r = run("collect", "--task", "place", "--episodes", 2, "--store", store, "--cameras", "front",
+            "--image-size", 32)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("train-base", "--store", store, "--out", tmp_path / "b", "--kind", "bc", "--steps", 3, "--batch-size", 8,
+            "--obs-keys", "ee_pos", "gripper_width", "target_pos", "--image-keys", "image_front",
+            "--policy", "{image_channels: [8, 8, 8], image_feature_dim: 8, image_num_keypoints: 8, n_groups: 4}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("eval", "--base", tmp_path / "b" / "checkpoint", "--out", tmp_path / "ev", "--episodes", 1,
+            "--n-envs", 1, "--videos", 1, "--set", "env.max_steps=10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert rep["results"]["base"]["episodes"] == 1 and len(rep["videos"]) == 1
+    _one_line_error(run("eval", "--base", tmp_path / "b" / "checkpoint", "--task", "lift", "--out", tmp_path / "e2",
+                        "--episodes", 1, "--videos", 0), "obs_keys.target_pos")
+
+
 def _one_line_error(r, field):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
