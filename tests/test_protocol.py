@@ -40,6 +40,7 @@ def _reply(raw: bytes) -> dict:
     assert m["type"] in ("error", "act", "metadata", "ping", "close", "push_weights")
     if m["type"] == "error":
         assert m["code"] in P.ERROR_CODES and isinstance(m["message"], str) and m["message"]
+        assert m["code"] != "internal", m  # an exception escaped the request checks: a decoder bug
     return m
 
 

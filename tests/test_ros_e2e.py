@@ -82,6 +82,7 @@ def test_sim_policy_end_to_end(ros):
 
 
 def test_nan_actions_rejected(ros):
+    from diagnostic_msgs.msg import DiagnosticArray
     from sensor_msgs.msg import JointState
     from std_msgs.msg import Empty, Float64MultiArray
 
@@ -94,8 +95,13 @@ def test_nan_actions_rejected(ros):
     drv.subscribe(JointState, "/arm_bridge/action", COMMAND_QOS, keep=True)
     drv.subscribe(Empty, "/arm_bridge/hold", COMMAND_QOS, keep=True)
     drv.subscribe(Float64MultiArray, "/arm_controller/commands", COMMAND_QOS, keep=True)
-    # the NaN policy never gets an action through: it holds every tick
+    diags = {}
+    drv.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: diags.update(
+        {s.name: {kv.key: kv.value for kv in s.values} for s in m.status}), COMMAND_QOS)
+    # the NaN policy never gets an action through: it holds every tick, each counted as a rejected action
     drv.wait_for(lambda: len(drv.log.get("/arm_bridge/hold", [])) >= 5, 60, "holds from the NaN policy")
+    drv.wait_for(lambda: int(diags.get("policy_node: control loop", {}).get("rejected_actions", 0)) >= 3, 10,
+                 "rejected_actions in the policy node's diagnostics")
     assert "/arm_bridge/action" not in drv.log
     # a NaN action published straight to the bridge is refused: the bridge commands the measured posture
     pub = drv.node.create_publisher(JointState, "/arm_bridge/action", COMMAND_QOS)

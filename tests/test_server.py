@@ -17,6 +17,8 @@ import threading
 import time
 
 import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import pytest
 import torch
 import zmq
@@ -244,6 +246,21 @@ def _raw_socket(addr):
     s.setsockopt(zmq.LINGER, 0)
     s.connect("tcp://" + addr)
     return s
+
+
+@settings(max_examples=120, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=256))
+def test_fuzz_real_server_process(server, raw):
+    """Random frames sent to the running server process over its socket: every one gets an error reply (never
+    ``internal``: no exception escapes the decoder), and the server keeps answering."""
+    _, addr = server
+    s = _raw_socket(addr)
+    try:
+        m = _raw_call(s, [raw])
+        assert m["type"] == "error" and m["code"] != "internal", m
+    finally:
+        s.close()
 
 
 def _raw_call(s, frames, timeout_ms=5000):
