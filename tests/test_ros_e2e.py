@@ -1,10 +1,9 @@
 """End to end over real DDS, every node its own process: sim_robot (PyBullet) + arm_bridge + policy_node with a
 policy trained in MuJoCo (tests/fixtures/place_bc_mujoco), in simulated time (/clock, 2x real time).
 
-The 20-episode success figure is ``bench/bench_ros.py --episodes 20`` (too slow for a test); this test checks that
-the ROS loop completes the task on seeds where the in-process PyBullet env succeeds with the same policy, so it
-tests the ROS layer's parity with the env, not the MuJoCo->PyBullet gap. Plus: a policy that outputs NaN is
-rejected (the arm holds), and the bridge refuses a NaN action published directly."""
+The issue's acceptance run: 20 consecutive held-out seeds (1 000 000-1 000 019), success in >= 70 % of them over
+ROS 2 (the fixture succeeds on all 20 in-process on PyBullet and on MuJoCo, tests/fixtures/README.md). Plus: a policy
+that outputs NaN is rejected (the arm holds), and the bridge refuses a NaN action published directly."""
 
 import json
 import shutil
@@ -17,8 +16,7 @@ import pytest
 from ros_helpers import ros  # noqa: F401 (pytest fixture)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "place_bc_mujoco"
-# seeds where the in-process PyBullet env succeeds with the fixture policy (tests/fixtures/README.md)
-SEEDS = [1000002, 1000003, 1000004, 1000007, 1000008]
+SEEDS = list(range(1_000_000, 1_000_020))  # the evaluation's held-out seeds, none picked out
 
 
 def nan_checkpoint(tmp: Path) -> Path:
@@ -71,7 +69,8 @@ def test_sim_policy_end_to_end(ros):
                 break
         assert drv.lifecycle("policy_node", "deactivate")
         results.append(ok)
-    assert sum(results) >= 4, f"ROS loop succeeded on {results} (seeds {SEEDS})"
+    print(f"ROS 2 end to end: {sum(results)}/{len(results)} episodes succeeded")
+    assert sum(results) >= 14, f"ROS loop succeeded on {sum(results)}/{len(results)}: {results} (seeds {SEEDS})"
     # every joint command the bridge sent is inside the URDF limits (safety filter)
     r = RobotSpec()
     lim = JointLimits.from_urdf(r.urdf, r.arm_joints)
