@@ -95,8 +95,10 @@ PRESETS: dict[str, dict] = {
 
 
 def _fail(name: str, problem: str, p: Param | None = None) -> ConfigError:
-    fix = f"use e.g. randomization={{'{name.split('.')[0]}': {{'{name.split('.', 1)[-1]}': {p.example}}}}}" if p \
-        else "see robot_rl.randomization.PARAMS"
+    """``name`` is group.param[.key]; the fix shows the whole parameter (e.g. a noise dict), never a dotted key."""
+    group, param = (name.split(".") + [""])[:2]
+    fix = f"use e.g. randomization={{'{group}': {{'{param}': {p.example}}}}}" if p else \
+        "see robot_rl.randomization.PARAMS"
     return ConfigError(f"randomization.{name}", problem, fix)
 
 

@@ -54,16 +54,20 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     """
     torch.manual_seed(cfg.seed)
     store = ZarrStore.open(store_path, mode="r")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ConfigError("steps", "steps and batch_size must be >= 1", "use e.g. steps=3000 batch_size=256")
+    for k, example in (("steps", 3000), ("batch_size", 256)):
+        if not getattr(cfg, k) >= 1:
+            raise ConfigError(k, f"{getattr(cfg, k)!r} < 1", f"use a positive integer, e.g. {k}={example}")
     if store.n_episodes < 2:
         raise ConfigError("store", f"{store_path} has {store.n_episodes} episode(s)", "collect at least 2 episodes")
     if not cfg.obs_keys:
         task = store.episode_meta(0)["task"]
         cfg.obs_keys = list(DEFAULT_OBS_KEYS.get(task, []))
-    for k in [*cfg.obs_keys, *cfg.image_keys, "action"]:
-        if k not in store.schema:
-            raise ConfigError("obs_keys", f"{k!r} is not in the store {store_path}", f"use keys from {store.keys}")
+    for field, keys in (("obs_keys", cfg.obs_keys), ("image_keys", cfg.image_keys), ("action", ["action"])):
+        for k in keys:
+            if k not in store.schema:
+                fix = ("collect with --cameras (image keys are image_<camera>)" if field == "image_keys"
+                       else f"use keys from {store.keys}")
+                raise ConfigError(field, f"{k!r} is not in the store {store_path}", fix)
     schema = store.schema
     image_shape = list(schema[cfg.image_keys[0]]["shape"]) if cfg.image_keys else None
     pcfg = PolicyConfig.from_dict({
