@@ -65,7 +65,8 @@ class JointLimits:
             else:
                 if lim is None or lim.get("lower") is None or lim.get("upper") is None:
                     raise ConfigError("joint_names", f"joint {n!r} has no position limits in the URDF",
-                                      "add <limit lower upper> or pass explicit limits")
+                                      "add <limit lower=... upper=...> to that joint in the URDF (or construct "
+                                      "JointLimits(names, lower, upper, velocity) yourself)")
                 lo.append(float(lim.get("lower")))
                 hi.append(float(lim.get("upper")))
             v = float(lim.get("velocity", "inf")) if lim is not None else np.inf

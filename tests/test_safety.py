@@ -92,3 +92,23 @@ def test_watchdog_and_estop():
     assert e.active and e.clear() and not e.active and e.history == ["button", "again"]
     with pytest.raises(ConfigError):
         SafetyConfig(workspace_low=(1, 0, 0), workspace_high=(0, 1, 1)).validate()
+
+
+def test_sim_robot_trajectory_follower_interpolates_like_joint_trajectory_controller():
+    """Position-only points: linear interpolation by time_from_start from the command at the start, the last point
+    held afterwards, a new command cancels the trajectory."""
+    from robot_rl.hw_drivers.sim_robot import TrajectoryFollower
+
+    f = TrajectoryFollower(np.zeros(2))
+    assert not f.active and np.array_equal(f.target(5.0), [0.0, 0.0])
+    f.trajectory(10.0, np.zeros(2), [(0.5, np.array([1.0, -1.0])), (1.5, np.array([1.0, 1.0]))])
+    assert f.active
+    np.testing.assert_allclose(f.target(9.0), [0.0, 0.0])       # before the start: the start knot
+    np.testing.assert_allclose(f.target(10.25), [0.5, -0.5])    # halfway to the first point
+    np.testing.assert_allclose(f.target(11.0), [1.0, 0.0])      # halfway between the two points
+    np.testing.assert_allclose(f.target(12.0), [1.0, 1.0])      # after the end: the last point, held
+    assert not f.active
+    f.trajectory(20.0, f.target(20.0), [(0.0, np.array([3.0, 3.0]))])  # a point at t=0 replaces the start knot
+    np.testing.assert_allclose(f.target(20.0), [3.0, 3.0])
+    f.command(np.array([7.0, 7.0]))
+    assert not f.active and np.array_equal(f.target(21.0), [7.0, 7.0])

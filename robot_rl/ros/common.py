@@ -1,7 +1,7 @@
 """Helpers shared by every robot_rl ROS 2 node: QoS profiles, message <-> numpy conversions, the action message,
 parameter helpers and a ``main`` that shuts a node down cleanly on SIGINT / SIGTERM.
 
-Conventions (see ``../shared/DESIGN.md``): SI units, quaternions xyzw, images ``rgb8`` (uint8 H x W x 3),
+Conventions (docs/ARCHITECTURE.md): SI units, quaternions xyzw, images ``rgb8`` (uint8 H x W x 3),
 ros2_control topic names (``/joint_states``, ``/<controller>/joint_trajectory``, ``/<controller>/commands``), sensor
 QoS (best effort, keep last) for cameras, reliable QoS for commands.
 
