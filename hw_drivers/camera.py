@@ -1,7 +1,7 @@
 """``camera`` node: OpenCV ``VideoCapture`` (device index, stream URL or video file) -> ROS 2 images.
 
 Publishes (sensor-data QoS: best effort, keep last 5)
-  /cameras/<camera_name>/image_raw              sensor_msgs/Image rgb8 (resized to ``output_size`` when given)
+  /cameras/<camera_name>/image_raw              sensor_msgs/Image rgb8 (resized to ``output_width`` x ``output_height`` when set)
   /cameras/<camera_name>/image_raw/compressed   sensor_msgs/CompressedImage jpeg (``publish_compressed``)
   /cameras/<camera_name>/camera_info            sensor_msgs/CameraInfo from ``calibration_file`` (the YAML written by
                                                 ROS camera_calibration: image_width, image_height, camera_matrix,
@@ -16,7 +16,7 @@ published at most at ``rate``. When reading fails (device unplugged, stream down
 node reports ERROR on /diagnostics and tries to reopen every ``reconnect_period`` seconds. Stamps: the system
 clock at capture (the node clock, so use_sim_time is honoured).
 
-    python -m robot_rl.hw_drivers.camera --ros-args -p source:=0 -p camera_name:=front -p output_size:="[96, 96]"
+    python -m robot_rl.hw_drivers.camera --ros-args -p source:=0 -p camera_name:=front -p output_width:=96 -p output_height:=96
 """
 
 from __future__ import annotations
@@ -87,8 +87,11 @@ def make_node():
                 f"{self.name}_optical_frame"
             self.rate = float(declare(self, "rate", 30.0, "publish rate limit / file playback rate [Hz]"))
             self.loop = bool(declare(self, "loop", True, "restart a video file at its end"))
-            self.capture_size = list(declare(self, "capture_size", [0, 0], "requested [width, height] (0 = native)"))
-            self.output_size = list(declare(self, "output_size", [0, 0], "published [height, width] (0 = as read)"))
+            # sizes in pixels, width before height as in sensor_msgs/CameraInfo and usb_cam; 0 = as delivered
+            self.image_width = int(declare(self, "image_width", 0, "capture width requested from the device [px]"))
+            self.image_height = int(declare(self, "image_height", 0, "capture height requested from the device [px]"))
+            self.output_width = int(declare(self, "output_width", 0, "published width [px] (0 = as read)"))
+            self.output_height = int(declare(self, "output_height", 0, "published height [px] (0 = as read)"))
             self.jpeg_quality = int(declare(self, "jpeg_quality", 90, "CompressedImage JPEG quality"))
             self.compressed = bool(declare(self, "publish_compressed", True, "also publish image_raw/compressed"))
             self.reconnect_period = float(declare(self, "reconnect_period", 1.0, "seconds between reopen tries"))
@@ -96,6 +99,11 @@ def make_node():
             self.calib = load_calibration(calib) if calib else None
             if not self.rate > 0:
                 raise ConfigError("rate", f"{self.rate} <= 0", "use e.g. 30")
+            for pair in (("image_width", "image_height"), ("output_width", "output_height")):
+                w, h = (getattr(self, k) for k in pair)
+                if w < 0 or h < 0 or (w == 0) != (h == 0):
+                    raise ConfigError(f"{pair[0]}/{pair[1]}", f"{w} x {h}",
+                                      "set both to positive pixel counts (e.g. 96 and 96) or both to 0")
             self.is_file = not self.source.isdigit() and "://" not in self.source
             if self.is_file and not Path(self.source).is_file():
                 raise ConfigError("source", f"{self.source} is neither a device index, a URL nor a file",
@@ -123,10 +131,9 @@ def make_node():
             cap = cv2.VideoCapture(src)
             if not cap.isOpened():
                 return False
-            w, h = (int(v) for v in self.capture_size)
-            if w > 0 and h > 0:
-                cap.set(cv2.CAP_PROP_FRAME_WIDTH, w)
-                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, h)
+            if self.image_width > 0:
+                cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.image_width)
+                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.image_height)
             self.cap = cap
             return True
 
@@ -167,8 +174,8 @@ def make_node():
 
         def _publish(self, bgr):
             cv2 = self.cv2
-            h, w = (int(v) for v in self.output_size)
-            if h > 0 and w > 0 and bgr.shape[:2] != (h, w):
+            w, h = self.output_width, self.output_height
+            if w > 0 and bgr.shape[:2] != (h, w):
                 bgr = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_AREA)
             stamp = self.get_clock().now().to_msg()
             self.pub_img.publish(image_to_msg(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), stamp, self.frame_id))

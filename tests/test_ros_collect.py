@@ -93,3 +93,72 @@ def test_twist_teleop_recorder_store_trains(ros):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "checkpoint" / "model.safetensors").exists()
+
+
+def test_recorder_pairs_each_action_with_the_observation_it_acts_on(tmp_path, monkeypatch):
+    """The recorder's (obs_t, a_t) pairing, driven message by message on a real recorder node with a controlled
+    clock: every decodable, finite action gives one row whose observation is the state received before it —
+    irregular arrival (two in one period, none in the next) neither drops, duplicates nor invents a step; bad and
+    NaN actions are counted and give no row; intervention flag and human action are the ones sent with the action
+    (nearest within half a period), NaN human action outside interventions."""
+    from builtin_interfaces.msg import Time
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Bool
+    from std_srvs.srv import Trigger
+
+    from robot_rl.ros import recorder as rec
+    from robot_rl.ros.common import action_to_msg
+    from robot_rl.scene import RobotSpec
+    from robot_rl.store import ZarrStore
+
+    rclpy = pytest.importorskip("rclpy")
+    clock = [100.0]
+    monkeypatch.setattr(rec.time, "monotonic", lambda: clock[0])
+    store = tmp_path / "aligned.zarr"
+    rclpy.init(args=["recorder", "--ros-args", "-p", f"store:={store}", "-p", "record_privileged:=false",
+                     "-p", "task:=lift", "-p", "source:=teleop"])
+    spec = RobotSpec()
+
+    def joints(k):  # joint 1 encodes the state index k
+        m = JointState()
+        m.name = [*spec.arm_joints, *spec.finger_joints]
+        m.position = [spec.q_home[0], spec.q_home[1] + 0.01 * k, *spec.q_home[2:], 0.02, 0.02]
+        m.velocity = [0.0] * len(m.name)
+        return m
+
+    try:
+        node = rec.make_node()
+        assert node._on_start(Trigger.Request(), Trigger.Response()).success
+        # (time, state k published just before, action x or "bad"/"nan", intervention?)
+        events = [(100.00, 0, 0.0, False), (100.10, 1, 1.0, False), (100.19, 2, 2.0, True), (100.21, 3, 3.0, True),
+                  (100.40, 4, "bad", False), (100.41, 4, "nan", False), (100.42, 4, 4.0, False)]
+        for t, k, x, inter in events:
+            clock[0] = t - 0.005
+            node.js.update(joints(k), clock[0])
+            clock[0] = t
+            if inter:  # the teleop mux sends the flag and the human action in the same tick as the action
+                node.queued["intervention"].append((t - 0.001, True))
+                node._queue("human", action_to_msg([10.0 + x, 0, 0, 0, 1.0], Time()))
+            else:
+                node.queued["intervention"].append((t - 0.001, False))
+            m = action_to_msg([0.0 if x in ("bad", "nan") else x, 0, 0, 0, 1.0], Time())
+            if x == "bad":
+                m.position = [0.0, 0.0]  # undecodable: 2 values for 5 names
+            elif x == "nan":
+                m.position = [float("nan")] + list(m.position[1:])
+            node._on_action(m)
+            clock[0] = t + 0.06
+            node._tick()  # completes rows older than half a period
+        r = node._on_stop(Trigger.Request(), Trigger.Response())
+        assert r.success, r.message
+        node.destroy_node()
+    finally:
+        rclpy.shutdown()
+    st = ZarrStore.open(store)
+    ep = st.get_episode(0)
+    assert ep["action"][:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert np.allclose(ep["joint_pos"][:, 1] - spec.q_home[1], 0.01 * np.arange(5), atol=1e-6)
+    assert ep["intervention"].tolist() == [False, False, True, True, False]
+    assert ep["human_action"][2:4, 0].tolist() == [12.0, 13.0] and np.isnan(ep["human_action"][[0, 1, 4]]).all()
+    meta = st.episodes_meta()[0]
+    assert meta["extra"]["bad_actions"] == 2 and meta["source"] == "intervention"

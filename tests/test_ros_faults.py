@@ -71,13 +71,13 @@ def test_server_killed_mid_episode_holds_within_one_period(ros):
         server.wait()
 
 
-def make_video(path: Path, n=30, size=96):
+def make_video(path: Path, n=30, width=96, height=96):
     import cv2
 
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (size, size))
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (width, height))
     for i in range(n):
-        img = np.full((size, size, 3), 40, np.uint8)
-        cv2.circle(img, (10 + 2 * i, 48), 8, (0, 0, 255), -1)
+        img = np.full((height, width, 3), 40, np.uint8)
+        cv2.circle(img, (10 + 2 * i, height // 2), 8, (0, 0, 255), -1)
         w.write(img)
     w.release()
     assert path.stat().st_size > 0
@@ -110,15 +110,16 @@ def test_camera_stops_policy_holds_after_age_limit(ros):
 
     drv, start, tmp = ros
     video = tmp / "front.avi"
-    make_video(video)
+    make_video(video, width=192, height=144)  # not square: width/height order matters
     calib = tmp / "calib.yaml"
-    calib.write_text("image_width: 192\nimage_height: 192\ncamera_name: front\n"
-                     "camera_matrix: {rows: 3, cols: 3, data: [200, 0, 96, 0, 200, 96, 0, 0, 1]}\n"
+    calib.write_text("image_width: 192\nimage_height: 144\ncamera_name: front\n"
+                     "camera_matrix: {rows: 3, cols: 3, data: [200, 0, 96, 0, 200, 72, 0, 0, 1]}\n"
                      "distortion_model: plumb_bob\ndistortion_coefficients: {rows: 1, cols: 5, data: [0, 0, 0, 0, 0]}\n")
     max_age = 0.3
     start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet"})
     start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands"})
     cam = start("robot_rl.hw_drivers.camera", {"source": str(video), "camera_name": "front", "rate": 10.0,
+                                               "output_width": 96, "output_height": 96,
                                                "calibration_file": str(calib)})
     start("robot_rl.ros.policy_node", {"checkpoint": str(image_policy(tmp)), "max_obs_age": max_age,
                                        "autostart": True})
@@ -131,7 +132,9 @@ def test_camera_stops_policy_holds_after_age_limit(ros):
     img = drv.last["/cameras/front/image_raw"][1]
     assert (img.height, img.width, img.encoding) == (96, 96, "rgb8")
     info = drv.last["/cameras/front/camera_info"][1]
-    assert info.k[0] == pytest.approx(100.0) and info.k[2] == pytest.approx(48.0)  # scaled from 192 to 96 px
+    assert (info.height, info.width) == (96, 96)
+    # intrinsics scaled from the calibrated 192 x 144 to the published 96 x 96
+    assert [info.k[i] for i in (0, 2, 4, 5)] == pytest.approx([100.0, 48.0, 200 * 96 / 144, 48.0])
     assert bytes(drv.last["/cameras/front/image_raw/compressed"][1].data[:2]) == b"\xff\xd8"  # JPEG
     cam.kill()  # the stream stops
     t_last_img = drv.last["/cameras/front/image_raw"][0]

@@ -276,11 +276,30 @@ def robot_model(node):
                            gripper_joints=tuple(grip), q_home=tuple(q_home), max_width=r.max_width), chain
 
 
+def reject_undeclared(node) -> None:
+    """Raise ConfigError when a parameter was given (params file, ``-p``, launch, ``robot-rl bringup --set``) that the
+    node never declared: rclpy silently ignores those, so a typo such as ``max_obs_agee`` would leave the default in
+    force. Reads rclpy's record of the overrides meant for this node (``Node._parameter_overrides``, present since
+    Foxy; skipped if a future rclpy renames it)."""
+    given = getattr(node, "_parameter_overrides", None)
+    if not isinstance(given, dict):
+        return
+    unknown = sorted(n for n in given if not node.has_parameter(n))
+    if unknown:
+        import difflib
+
+        known = sorted(node._parameters) if isinstance(getattr(node, "_parameters", None), dict) else []
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        raise ConfigError(f"{node.get_name()}.{unknown[0]}", f"{node.get_name()} has no parameter(s) {unknown}",
+                          f"did you mean {close[0]!r}?" if close else f"its parameters are {known}")
+
+
 # --------------------------------------------------------------------------------------------------- main
 def run_node(make: Callable, args: list[str] | None = None, executor: str = "single") -> int:
     """``rclpy.init`` -> ``node = make()`` -> spin until SIGINT/SIGTERM -> ``node.close()`` (if any) -> shutdown.
 
-    A ConfigError while building the node prints one line ``<node>: error: field: problem -> fix`` and returns 2.
+    A ConfigError while building the node, or a parameter given that the node does not declare
+    (:func:`reject_undeclared`), prints one line ``<node>: error: field: problem -> fix`` and returns 2.
     Any exception after SIGINT/SIGTERM counts as a clean stop (exit 0); before it, it propagates.
     """
     import signal
@@ -305,6 +324,7 @@ def run_node(make: Callable, args: list[str] | None = None, executor: str = "sin
     prog = os.path.basename(args[0]) if args else "node"
     try:
         node = make()
+        reject_undeclared(node)
         ex = MultiThreadedExecutor(num_threads=3) if executor == "multi" else SingleThreadedExecutor()
         ex.add_node(node)
         ex.spin()

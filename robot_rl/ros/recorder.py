@@ -1,20 +1,23 @@
 """``recorder`` node: ROS 2 topics -> episodes in the zarr store, at the control rate, with the SAME keys as the
 simulated env's collection (:mod:`robot_rl.collect`), so ``robot-rl train-base`` trains on them unchanged.
 
-Every control period while recording it assembles the observation with :func:`robot_rl.envs.assemble_observation`
-from the latest ``/joint_states``, camera images (``cameras``, resized to ``image_size``) and, with
-``record_privileged``, object poses from ``<privileged_namespace>`` (sim only; a real robot records robot state +
-images), and pairs it with the action that FOLLOWED it, as the simulator's collection pairs (obs_t, a_t): the row
-of a tick is completed at the next tick with
-  action        the first message on ``action_topic`` (what the arm bridge executes) received after the
-                observation was sampled; none within the period -> zero motion with the last gripper command (the
-                arm held still). An observation with no action after it (the last one at ``~/stop``) is dropped.
-  intervention  the latest /robot_rl/intervention (std_msgs/Bool, the teleop mux) if fresh, else False
-  human_action  the first /robot_rl/human_action after the observation while intervening, else NaN (only stored
-                when ``record_human_action``)
+Rows are driven by the executed actions, as LeRobot's record loop reads the observation right before it sends an
+action: when a message arrives on ``action_topic`` (what the arm bridge executes) while recording, the recorder
+assembles the observation with :func:`robot_rl.envs.assemble_observation` from the latest ``/joint_states``, camera
+images (``cameras``, resized to ``image_size``) and, with ``record_privileged``, object poses from
+``<privileged_namespace>`` (sim only; a real robot records robot state + images) — the state the action is about to
+act on — and stores the pair (obs_t, a_t), as the simulator's collection does. Every action gives exactly one row,
+so two timers drifting against each other can neither drop nor duplicate an action nor invent a pause; the rate
+of the rows is the sender's (teleop and policy_node publish at their ``control_rate``; the measured rate is
+stored as ``action_rate`` and a warning names a rate 20 % off ``control_rate``). A row is completed half a
+control period later (or at ``~/stop``) with
+  intervention  the /robot_rl/intervention flag (std_msgs/Bool, the teleop mux) received nearest the action within
+                half a period (the mux publishes flag and action in the same tick), else False
+  human_action  likewise the nearest /robot_rl/human_action while intervening, else NaN (only stored when
+                ``record_human_action``)
 Action messages that cannot be decoded are counted (``bad_actions`` in the committed metadata) and ignored.
-Steps with an incomplete observation (a topic never received, or older than ``max_obs_age``) are skipped and
-counted. Episode metadata: seed/params/backend from the sim's latched ``<privileged_namespace>/episode`` JSON when
+Actions that arrive while the observation is incomplete (a topic never received, or older than ``max_obs_age``)
+give no row and are counted (``skipped_steps``). Episode metadata: seed/params/backend from the sim's latched ``<privileged_namespace>/episode`` JSON when
 present (else seed -1, ``backend`` parameter), ``source`` parameter (teleop | policy | intervention | scripted;
 ``intervention`` automatically when any step was flagged), success = the latest ``<privileged_namespace>/success``
 (False without it).
@@ -71,27 +74,26 @@ def make_node():
             self.image_topic = declare(self, "image_topic", "/cameras/{camera}/image_raw", "image topic pattern")
             self.privileged = bool(declare(self, "record_privileged", True, "record object poses (sim)"))
             ns = declare(self, "privileged_namespace", "/sim/privileged", "object pose / success / episode topics")
-            self.action_timeout = float(declare(self, "action_timeout", 0.3, "older actions count as none [s]"))
             self.max_obs_age = float(declare(self, "max_obs_age", 0.5, "skip steps with older inputs [s]"))
             self.record_human = bool(declare(self, "record_human_action", True, "store human_action"))
             action_topic = declare(self, "action_topic", "/arm_bridge/action", "executed actions")
             self.js, self.poses = JointStateCache(), PoseCache()
             self.images: dict = {}
-            self.last = {}  # topic kind -> (receive time, value)
             self.episode_info: dict = {}
             self.success = False
             self.buf: dict | None = None
-            self.gripper = -1.0
             self.skipped = 0
+            self.t_actions: list[float] = []
             self.create_subscription(JointState, "/joint_states", lambda m: self.js.update(m, time.monotonic()),
                                      COMMAND_QOS)
-            self.queued = {"action": deque(maxlen=256), "human": deque(maxlen=256)}  # (receive time, (5,) array)
-            self.pending = None  # (observation, time sampled) waiting for the action that follows it
+            self.queued = {"intervention": deque(maxlen=64), "human": deque(maxlen=64)}  # (receive time, value)
+            self.pending: deque = deque()  # rows (obs, action, time received) waiting for their flags
             self.bad_actions = 0
-            self.create_subscription(JointState, action_topic, lambda m: self._queue("action", m), COMMAND_QOS)
+            self.create_subscription(JointState, action_topic, self._on_action, COMMAND_QOS)
             self.create_subscription(JointState, "/robot_rl/human_action", lambda m: self._queue("human", m),
                                      COMMAND_QOS)
-            self.create_subscription(Bool, "/robot_rl/intervention", lambda m: self._keep("intervention", m.data),
+            self.create_subscription(Bool, "/robot_rl/intervention",
+                                     lambda m: self.queued["intervention"].append((time.monotonic(), bool(m.data))),
                                      COMMAND_QOS)
             self.objects = [o.name for o in self.task.objects] if self.privileged else []
             self.markers = [m.name for m in self.task.markers] if self.privileged else []
@@ -112,31 +114,26 @@ def make_node():
             self.get_logger().info(f"recorder -> {self.store_path} ({self.task_name}, source {self.source}, "
                                    f"cameras {self.cameras}, privileged {self.privileged})")
 
-        def _keep(self, kind, value):
-            self.last[kind] = (time.monotonic(), value)
-
         def _queue(self, kind, m):
             try:
                 a = msg_to_action(m)
             except ConfigError as e:
                 self.bad_actions += 1
                 self.get_logger().error(f"{kind} message ignored: {e}", throttle_duration_sec=2.0)
-                return
+                return None
             self.queued[kind].append((time.monotonic(), a))
+            return a
 
-        def _first_after(self, kind, t0, t1):
-            """First finite message of ``kind`` received in (t0, t1], or None."""
-            return next((a for t, a in self.queued[kind] if t0 < t <= t1 and np.all(np.isfinite(a))), None)
+        def _nearest(self, kind, t, default):
+            """Value of ``kind`` received nearest to time ``t`` within half a control period, else ``default``."""
+            best = min(self.queued[kind], key=lambda tv: abs(tv[0] - t), default=None)
+            return best[1] if best is not None and abs(best[0] - t) <= 0.5 * self.dt else default
 
         def _on_episode(self, m):
             try:
                 self.episode_info = json.loads(m.data)
             except ValueError:
                 self.get_logger().error("episode JSON unreadable: metadata falls back to parameters")
-
-        def _fresh(self, kind, timeout):
-            v = self.last.get(kind)
-            return v[1] if v is not None and time.monotonic() - v[0] <= timeout else None
 
         # -- recording -----------------------------------------------------------------------------------------
         def _observation(self):
@@ -171,55 +168,62 @@ def make_node():
                 obs = assemble_observation(self.controller, _NoTask(), (q, dq, w), None, {}, images)
             return obs, ""
 
-        def _tick(self):
+        def _on_action(self, m):
+            """An executed action: pair it with the observation it acts on (see the module docstring)."""
             if self.buf is None:
                 return
-            now = time.monotonic()
-            if self.pending is not None:
-                self._complete(now, held_if_none=True)
+            try:
+                a = msg_to_action(m)
+            except ConfigError as e:
+                self.bad_actions += 1
+                self.get_logger().error(f"action message ignored: {e}", throttle_duration_sec=2.0)
+                return
+            if not np.all(np.isfinite(a)):
+                self.bad_actions += 1  # the bridge rejects it too: nothing was executed
+                return
             obs, why = self._observation()
             if obs is None:
                 self.skipped += 1
                 self.get_logger().warning(f"step skipped: {why}", throttle_duration_sec=2.0)
                 return
-            self.pending = (obs, now)
+            self.pending.append((obs, a, time.monotonic()))
 
-        def _complete(self, now, held_if_none):
-            """Append the pending observation with the action received after it (see the module docstring)."""
-            obs, t_obs = self.pending
-            self.pending = None
-            a = self._first_after("action", t_obs, now)
-            if a is None:
-                if not held_if_none:
-                    return
-                a = np.array([0.0, 0.0, 0.0, 0.0, self.gripper])
-            self.gripper = float(a[4])
-            inter = bool(self._fresh("intervention", self.action_timeout) or False)
-            hm = self._first_after("human", t_obs, now) if inter else None
-            human = hm if hm is not None else np.full(5, np.nan)
-            for k, v in obs.items():
-                self.buf.setdefault(k, []).append(v)
-            self.buf.setdefault("action", []).append(np.asarray(a, dtype=np.float32))
-            self.buf.setdefault("intervention", []).append(inter)
-            self.buf.setdefault("human_action", []).append(np.asarray(human, dtype=np.float32))
+        def _tick(self):
+            if self.buf is not None:
+                self._complete(time.monotonic() - 0.5 * self.dt)
+
+        def _complete(self, until):
+            """Append the pending rows whose action came at or before ``until``, with their intervention flags."""
+            while self.pending and self.pending[0][2] <= until:
+                obs, a, t = self.pending.popleft()
+                inter = bool(self._nearest("intervention", t, False))
+                human = self._nearest("human", t, None) if inter else None
+                for k, v in obs.items():
+                    self.buf.setdefault(k, []).append(v)
+                self.buf.setdefault("action", []).append(np.asarray(a, dtype=np.float32))
+                self.buf.setdefault("intervention", []).append(inter)
+                self.buf.setdefault("human_action", []).append(
+                    np.asarray(human if human is not None else np.full(5, np.nan), dtype=np.float32))
+                self.t_actions.append(t)
 
         def _on_start(self, req, res):
-            dropped = self.buf is not None and len(self.buf.get("action", []))
-            self.buf, self.skipped, self.pending = {}, 0, None
-            self.gripper = -1.0
+            dropped = self.buf is not None and len(self.buf.get("action", [])) + len(self.pending)
+            self.buf, self.skipped, self.bad_actions, self.t_actions = {}, 0, 0, []
+            self.pending.clear()
             res.success = True
             res.message = "recording" + (f" (dropped an unfinished episode of {dropped} steps)" if dropped else "")
             return res
 
         def _on_discard(self, req, res):
-            n = len(self.buf.get("action", [])) if self.buf is not None else 0
-            self.buf, self.pending = None, None
+            n = len(self.buf.get("action", [])) + len(self.pending) if self.buf is not None else 0
+            self.buf = None
+            self.pending.clear()
             res.success, res.message = True, f"discarded {n} steps"
             return res
 
         def _on_stop(self, req, res):
-            if self.buf is not None and self.pending is not None:  # the last observation: kept if acted upon
-                self._complete(time.monotonic(), held_if_none=False)
+            if self.buf is not None:
+                self._complete(np.inf)
             if self.buf is None or not self.buf.get("action"):
                 res.success, res.message = False, "nothing recorded (call ~/start first, and check the inputs)"
                 self.buf = None
@@ -229,6 +233,11 @@ def make_node():
             if not self.record_human:
                 data.pop("human_action")
             info = self.episode_info
+            dts = np.diff(self.t_actions)
+            rate = float(1.0 / np.median(dts)) if len(dts) else float("nan")
+            if len(dts) and abs(rate * self.dt - 1.0) > 0.2:
+                self.get_logger().warning(f"actions came at {rate:.1f} Hz, not control_rate {1.0 / self.dt:.1f} "
+                                          "Hz: the stored steps follow the sender's rate")
             source = "intervention" if data["intervention"].any() and self.source != "scripted" else self.source
             try:
                 from pathlib import Path
@@ -239,7 +248,8 @@ def make_node():
                     data, seed=int(info.get("seed", -1)), task=self.task_name, source=source,
                     success=bool(self.success), backend=str(info.get("backend", self.backend_label)),
                     robot=self.robot_label, extra={"params": info.get("params", {}), "recorder": "ros2",
-                                                   "control_rate": 1.0 / self.dt, "skipped_steps": self.skipped,
+                                                   "control_rate": 1.0 / self.dt, "action_rate": rate,
+                                                   "skipped_steps": self.skipped,
                                                    "bad_actions": self.bad_actions})
             except ConfigError as e:
                 res.success, res.message = False, f"not committed: {e}"
