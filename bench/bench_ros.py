@@ -133,7 +133,8 @@ def bench_success(a):
     procs = [NodeProcess("robot_rl.hw_drivers.sim_robot", {"backend": a.backend, "publish_clock": bool(clock),
                                                             "real_time_factor": a.rtf}, tmp, env),
              NodeProcess("robot_rl.hw_drivers.arm_bridge", {**clock, "command_interface": a.interface}, tmp, env),
-             NodeProcess("robot_rl.ros.policy_node", {**clock, "checkpoint": a.checkpoint}, tmp, env)]
+             NodeProcess("robot_rl.ros.policy_node", {**clock, "checkpoint": a.checkpoint,
+                                                             "execution": a.execution}, tmp, env)]
     drv = Driver(d)
     diags = diag_sink(drv)
     drv.subscribe(Bool, "/sim/privileged/success", COMMAND_QOS)
@@ -164,7 +165,7 @@ def bench_success(a):
     from robot_rl.evaluation import wilson_interval
 
     k = sum(res)
-    out = {"backend": a.backend, "interface": a.interface, "episodes": len(res), "ros_successes": k,
+    out = {"backend": a.backend, "interface": a.interface, "execution": a.execution, "episodes": len(res), "ros_successes": k,
            "ros_success_rate": k / len(res), "ros_ci95": wilson_interval(k, len(res)),
            "reference_in_process_successes": ref["successes"],
            "reference_in_process_rate": ref["success_rate"],
@@ -185,6 +186,8 @@ def main():
     sc.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/place_bc_mujoco"))
     sc.add_argument("--backend", default="pybullet")
     sc.add_argument("--interface", default="commands", choices=["commands", "trajectory"])
+    sc.add_argument("--execution", default="step", choices=["step", "async"],
+                    help="policy node execution (async: in-process via an embedded server, temporal ensembling)")
     sc.add_argument("--episodes", type=int, default=20)
     sc.add_argument("--seed-start", type=int, default=1_000_001)
     sc.add_argument("--max-seconds", type=float, default=12.0, help="per episode, simulated")

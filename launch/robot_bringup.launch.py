@@ -27,8 +27,8 @@ def generate_launch_description():
         DeclareLaunchArgument("checkpoint", default_value="", description="base checkpoint (in-process, no server)"),
         DeclareLaunchArgument("task", default_value="place", description="task whose observation keys are built"),
         DeclareLaunchArgument("execution", default_value="step",
-                              description="server mode: step (one request per step) | async (background chunks, "
-                                          "temporal ensembling: for a server across a network)"),
+                              description="step (server: one request per step; in-process: receding horizon) | "
+                                          "async (background chunks, temporal ensembling)"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="follow /clock (e.g. Gazebo)"),
         DeclareLaunchArgument("server", default_value="127.0.0.1:5555", description="policy server host:port"),
         DeclareLaunchArgument("camera_source", default_value="0", description="device index, URL or file"),

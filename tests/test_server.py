@@ -241,6 +241,33 @@ def test_policy_node_sources_recover_after_a_missed_deadline(server):
         asrc.close()
 
 
+def test_policy_node_in_process_async_uses_an_embedded_server(ckpts, models):
+    """In-process ``execution: async``: the checkpoint is served from a server thread of this process (loopback,
+    random token, no weight push) and executed with the same async chunk client; its first action equals in-process
+    inference, later ones are blended chunks; closing the source stops the thread."""
+    from robot_rl.ros.policy_node import AsyncServerSource
+    from robot_rl.serve.server import EmbeddedServer
+
+    base, res1, _ = models
+    rng = np.random.default_rng(7)
+    obs = [_obs(rng) for _ in range(12)]
+    emb = EmbeddedServer(str(ckpts / "diff"), str(ckpts / "res1"))
+    with PolicyClient(emb.address, timeout_s=5, retries=0) as c:  # the token is required
+        with pytest.raises(ServerError, match="token"):
+            c.act("intruder", 0, obs[0], reset=True)
+    src = AsyncServerSource(emb.address, emb.token, "inproc", seed=0, connect_timeout=10, threshold=1,
+                            embedded=emb)
+    try:
+        src.start()
+        acts = np.stack([src.act(o, 10.0) for o in obs])
+        assert src.client.requests < len(obs)
+    finally:
+        src.close()
+    want, _, _ = _reference(base, res1, 1, obs[:1])  # episode 1 of seed 0 -> seed 1
+    assert np.array_equal(acts[0], want[0])
+    assert np.all(np.isfinite(acts)) and not emb.thread.is_alive()
+
+
 def _raw_socket(addr):
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)

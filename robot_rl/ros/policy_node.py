@@ -15,8 +15,12 @@ When a tick happens (``trigger`` parameter):
   ``auto`` (default) ``image`` when the policy reads a camera, else ``timer``.
 
 Action source (``server`` parameter):
-  ``""`` (default) in-process: ``checkpoint`` (+ ``residual``) loaded here and executed with
-      :class:`robot_rl.evaluation.CombinedPolicy` (chunk queue, one base call every ``n_action_steps`` steps).
+  ``""`` (default) in-process: ``checkpoint`` (+ ``residual``) loaded here. ``execution: step`` executes them with
+      :class:`robot_rl.evaluation.CombinedPolicy` (receding horizon as in evaluation: one base call every
+      ``n_action_steps`` steps, residual per step); ``execution: async`` serves them from a
+      :class:`robot_rl.serve.server.EmbeddedServer` (a server thread on a free loopback port with a random token)
+      and executes them exactly like ``async`` against a remote server below (background chunks, temporal
+      ensembling).
   ``host:port`` a policy server (``robot-rl serve``), executed as the ``execution`` parameter says:
       ``step`` (default) one :meth:`PolicyClient.act` per step with a deadline of ``server_timeout`` seconds and no
       retries; the server answers from the session's chunk queue with the residual evaluated on this step's
@@ -171,8 +175,10 @@ class AsyncServerSource:
     current observation (the server session is reset)."""
 
     def __init__(self, address: str, token: str | None, name: str, seed: int = 0, connect_timeout: float = 10.0,
-                 threshold: int = 2, ensemble_decay: float = 0.01):
+                 threshold: int = 2, ensemble_decay: float = 0.01, embedded=None):
         from robot_rl.serve.client import AsyncChunkClient, PolicyClient
+
+        self.embedded = embedded  # an EmbeddedServer this source owns (closed with it)
 
         with PolicyClient(address, token=token, timeout_s=connect_timeout, retries=0) as probe:
             meta = probe.wait_ready(connect_timeout)
@@ -200,6 +206,8 @@ class AsyncServerSource:
 
     def close(self):
         self.client.close()
+        if self.embedded is not None:
+            self.embedded.close()
 
 
 def make_node():
@@ -220,8 +228,8 @@ def make_node():
                 "residual": declare(self, "residual", "", "residual checkpoint dir (in-process mode, optional)"),
                 "server": declare(self, "server", "", "policy server host:port ('' = in-process)"),
                 "server_timeout": float(declare(self, "server_timeout", 0.05, "deadline of one step's request [s]")),
-                "execution": declare(self, "execution", "step", "server mode: step (one request per step, exact "
-                                                                "per-step residual) | async (background chunks, "
+                "execution": declare(self, "execution", "step", "step (exact per-step residual; in-process: "
+                                                                "receding horizon) | async (background chunks, "
                                                                 "temporal ensembling)"),
                 "chunk_threshold": int(declare(self, "chunk_threshold", 2, "async: request the next chunk when "
                                                                            "this many actions are left")),
@@ -301,6 +309,20 @@ def make_node():
                     else:
                         self.source = ServerSource(p["server"], token, self.get_name(), p["seed"],
                                                    p["connect_timeout"])
+                elif p["execution"] == "async":
+                    from robot_rl.serve.server import EmbeddedServer
+
+                    if not p["checkpoint"]:
+                        raise ConfigError("checkpoint", "empty", "set checkpoint:=DIR (a base policy) or "
+                                          "server:=HOST:PORT")
+                    emb = EmbeddedServer(p["checkpoint"], p["residual"] or None, control_rate_hz=p["control_rate"])
+                    try:
+                        self.source = AsyncServerSource(emb.address, emb.token, self.get_name(), p["seed"],
+                                                        p["connect_timeout"], p["chunk_threshold"],
+                                                        p["ensemble_decay"], embedded=emb)
+                    except BaseException:
+                        emb.close()
+                        raise
                 else:
                     self.source = InProcessSource(p["checkpoint"], p["residual"], p["seed"])
                 self._setup_inputs(self.source.keys)
@@ -318,7 +340,8 @@ def make_node():
                 self.source = None
                 return TransitionCallbackReturn.FAILURE
             self.trigger_camera = self.cameras[0] if trig == "image" else None
-            self.get_logger().info(f"configured: {'server ' + p['server'] if p['server'] else 'in-process'}, "
+            self.get_logger().info(f"configured: {'server ' + p['server'] if p['server'] else 'in-process'} "
+                                   f"({p['execution']} execution), "
                                    f"keys {self.source.keys}, cameras {self.cameras}, trigger {trig}")
             return TransitionCallbackReturn.SUCCESS
 

@@ -27,7 +27,8 @@ observation (zero-order hold): a client that executes those rows without asking 
 the residual's correction for the observation it last sent; a client that asks every step gets exact per-step
 ResiP execution from row 0.
 
-Run it with ``robot-rl serve --checkpoint BASE [--residual RES]`` (or ``python -m robot_rl.serve.server ...``).
+Run it with ``robot-rl serve --checkpoint BASE [--residual RES]`` (or ``python -m robot_rl.serve.server ...``), or
+inside another process with :class:`EmbeddedServer` (the policy node's in-process ``execution: async``).
 """
 
 from __future__ import annotations
@@ -613,6 +614,36 @@ class PolicyServer:
             self._send(frames[:1], self.service._error(None, "decode", "message",
                                                        "send each request as exactly one ZeroMQ frame"))
         return None, None
+
+
+class EmbeddedServer:
+    """A :class:`PolicyServer` on a background thread of this process, on a free loopback port with a fresh random
+    token: lets an in-process caller use the client-side machinery (async chunks, temporal ensembling) unchanged.
+    ``address`` (host:port) and ``token`` are what a client needs; :meth:`close` stops and joins the thread.
+    Raises ConfigError like :func:`serve` for a bad checkpoint or residual."""
+
+    def __init__(self, base_path: str, residual_path: str | None = None, *, control_rate_hz: float = 10.0,
+                 device: str = "cpu"):
+        import secrets
+        import threading
+
+        from robot_rl.policies.checkpoint import load_policy
+        from robot_rl.policies.residual import load_residual
+
+        base = load_policy(base_path, device=device)
+        res = load_residual(residual_path, base) if residual_path else None
+        self.token = secrets.token_urlsafe(24)
+        cfg = ServeConfig(host="127.0.0.1", port=0, token=self.token, control_rate_hz=control_rate_hz,
+                          allow_push=False).validate()
+        self.server = PolicyServer(PolicyService(base, res, cfg))
+        self.address = self.server.bind().removeprefix("tcp://")
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_ms": 20}, daemon=True,
+                                       name="robot_rl-embedded-server")
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.stop()
+        self.thread.join(timeout=5.0)
 
 
 def serve(base_path: str, residual_path: str | None = None, config: ServeConfig | None = None, *,
