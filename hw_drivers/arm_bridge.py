@@ -13,7 +13,7 @@ Subscribes
   ~/hold                   std_msgs/Empty  hold the measured posture now (until the next action)
 Publishes
   /<arm_controller>/joint_trajectory   trajectory_msgs/JointTrajectory  (command_interface = trajectory): one point,
-                                       time_from_start = control_period, header.stamp 0 (start on receipt)
+                                       time_from_start = trajectory_duration (0 = control_period), header.stamp 0 (start on receipt)
   /<arm_controller>/commands           std_msgs/Float64MultiArray       (command_interface = commands)
   /<gripper_controller>/commands       std_msgs/Float64MultiArray [width / len(gripper_joints)]
   ~/latency                            std_msgs/Float64  observation -> command latency per command [s]
@@ -73,11 +73,12 @@ def make_node():
             self.safety = SafetyFilter(self.limits, lambda q: self.chain.pose(q)[0], scfg)
             self.watchdog = Watchdog(scfg.command_timeout)
             self.estop = EStopLatch()
-            self.period = float(declare(self, "control_period", 0.1, "seconds each action is given [s]"))
+            self.period = float(declare(self, "control_period", 0.1, "seconds each action is given [s]", positive=True))
             self.traj_duration = float(declare(self, "trajectory_duration", 0.0,
                                                "time_from_start of each trajectory point [s] (0 = control_period)"))
             self.traj_duration = self.traj_duration if self.traj_duration > 0 else self.period
-            self.js_timeout = float(declare(self, "joint_state_timeout", 0.2, "hold when joint states are older [s]"))
+            self.js_timeout = float(declare(self, "joint_state_timeout", 0.2, "hold when joint states are older [s]",
+                                            positive=True))
             self.interface = declare(self, "command_interface", "trajectory", "trajectory | commands")
             if self.interface not in ("trajectory", "commands"):
                 raise ConfigError("command_interface", f"{self.interface!r}", "use trajectory or commands")

@@ -40,11 +40,20 @@ def load_calibration(path: str) -> dict:
         raise ConfigError("calibration_file", f"cannot read {path} ({e.strerror})", "pass an existing YAML file") from None
     if not isinstance(d, dict):
         raise ConfigError("calibration_file", f"{path} is not a YAML mapping", "use camera_calibration's format")
-    for k, n in (("camera_matrix", 9), ("distortion_coefficients", None), ("image_width", 0), ("image_height", 0)):
-        if k not in d:
-            raise ConfigError(f"calibration_file.{k}", "missing", "use the YAML written by ROS camera_calibration")
-        if n and len(d[k].get("data", [])) != n:
-            raise ConfigError(f"calibration_file.{k}", f"needs {n} values in data", "fix the calibration file")
+    for k in ("image_width", "image_height"):
+        v = d.get(k)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise ConfigError(f"calibration_file.{k}", "missing" if v is None else f"{v!r} is not a positive "
+                              "integer", "use the YAML written by ROS camera_calibration (the calibrated size)")
+    for k, n in (("camera_matrix", 9), ("distortion_coefficients", None), ("rectification_matrix", 9),
+                 ("projection_matrix", 12)):
+        if k not in d and k in ("rectification_matrix", "projection_matrix"):
+            continue  # optional
+        data = d[k].get("data") if isinstance(d.get(k), dict) else None
+        if not (isinstance(data, list) and all(isinstance(x, (int, float)) for x in data) and (n is None or
+                                                                                              len(data) == n)):
+            raise ConfigError(f"calibration_file.{k}", "missing" if k not in d else "needs {rows, cols, data: "
+                              f"[{n or 'N'} numbers]}}", "use the YAML written by ROS camera_calibration")
     return d
 
 
@@ -85,7 +94,8 @@ def make_node():
             self.name = declare(self, "camera_name", "camera", "topics go under /cameras/<camera_name>/")
             self.frame_id = declare(self, "frame_id", "", "image frame ('' = <camera_name>_optical_frame)") or \
                 f"{self.name}_optical_frame"
-            self.rate = float(declare(self, "rate", 30.0, "publish rate limit / file playback rate [Hz]"))
+            self.rate = float(declare(self, "rate", 30.0, "publish rate limit / file playback rate [Hz]",
+                                      positive=True))
             self.loop = bool(declare(self, "loop", True, "restart a video file at its end"))
             # sizes in pixels, width before height as in sensor_msgs/CameraInfo and usb_cam; 0 = as delivered
             self.image_width = int(declare(self, "image_width", 0, "capture width requested from the device [px]"))
@@ -94,11 +104,10 @@ def make_node():
             self.output_height = int(declare(self, "output_height", 0, "published height [px] (0 = as read)"))
             self.jpeg_quality = int(declare(self, "jpeg_quality", 90, "CompressedImage JPEG quality"))
             self.compressed = bool(declare(self, "publish_compressed", True, "also publish image_raw/compressed"))
-            self.reconnect_period = float(declare(self, "reconnect_period", 1.0, "seconds between reopen tries"))
+            self.reconnect_period = float(declare(self, "reconnect_period", 1.0, "seconds between reopen tries",
+                                                  positive=True))
             calib = declare(self, "calibration_file", "", "camera_calibration YAML ('' = uncalibrated)")
             self.calib = load_calibration(calib) if calib else None
-            if not self.rate > 0:
-                raise ConfigError("rate", f"{self.rate} <= 0", "use e.g. 30")
             for pair in (("image_width", "image_height"), ("output_width", "output_height")):
                 w, h = (getattr(self, k) for k in pair)
                 if w < 0 or h < 0 or (w == 0) != (h == 0):

@@ -11,7 +11,7 @@ Publishes
   <privileged_namespace>/<object>_pose       geometry_msgs/PoseStamped  ground-truth object poses (base frame)
   <privileged_namespace>/<marker>_pose       geometry_msgs/PoseStamped  task markers (e.g. the place target)
   <privileged_namespace>/success             std_msgs/Bool            the task's success predicate
-  <privileged_namespace>/episode             std_msgs/String (latched) JSON {seed, task, params} of the episode
+  <privileged_namespace>/episode             std_msgs/String (latched) JSON {seed, task, backend, params, t_start}
   /clock                                     rosgraph_msgs/Clock      when ``publish_clock`` (use_sim_time)
   /diagnostics                               diagnostic_msgs/DiagnosticArray  real-time factor, late ticks
   ``privileged_namespace`` (default ``/sim/privileged``) holds what a real robot cannot observe directly; a policy
@@ -132,8 +132,10 @@ def make_node():
             self.cameras = list(declare(self, "cameras", [""], "cameras to publish (front, wrist); [''] = none"))
             self.cameras = [c for c in self.cameras if c]
             self.image_size = list(declare(self, "image_size", [96, 96], "camera image [height, width]"))
-            self.camera_rate = float(declare(self, "camera_rate", 10.0, "camera frames per (simulated) second"))
-            self.pose_rate = float(declare(self, "pose_rate", 50.0, "privileged pose/success rate (Hz, sim time)"))
+            self.camera_rate = float(declare(self, "camera_rate", 10.0, "camera frames per (simulated) second",
+                                             positive=True))
+            self.pose_rate = float(declare(self, "pose_rate", 50.0, "privileged pose/success rate (Hz, sim time)",
+                                           positive=True))
             self.priv = declare(self, "privileged_namespace", "/sim/privileged", "ground-truth topics namespace")
             self.frame_id = declare(self, "frame_id", "panda_link0", "frame of poses (the robot base)")
             if self.dt <= 0 or not 0 < physics_dt <= self.dt:
@@ -161,7 +163,7 @@ def make_node():
             # ~/estop holds and ignores commands until ~/clear_estop
             scfg = declare_safety(self, "hold when /commands stop for this long [s] (trajectories run on)")
             self.cmd_period = float(declare(self, "command_period", 0.1, "time each /commands message is given, "
-                                                                          "for the velocity cap [s]"))
+                                                                          "for the velocity cap [s]", positive=True))
             fk = (lambda q: self.env.controller.chain.pose(q)[0])
             self.safety = SafetyFilter(self.limits, fk, scfg)
             self.traj_safety = SafetyFilter(self.limits, fk, dataclasses.replace(scfg, max_joint_delta=np.inf))
@@ -307,9 +309,14 @@ def make_node():
         def _on_params(self, params):
             from rcl_interfaces.msg import SetParametersResult
 
+            from robot_rl.ros.common import coerce_parameter
+
             for p in params:
                 if p.name == "seed":
-                    self.next_seed = int(p.value)
+                    try:
+                        self.next_seed = coerce_parameter("seed", p.value, 0)
+                    except ConfigError as e:
+                        return SetParametersResult(successful=False, reason=str(e))
             return SetParametersResult(successful=True)
 
         # -- loop ----------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ Inputs (all optional, any mix)
       (-1 = none) must be held for Joy motion to count.
   ~/gripper (std_msgs/Float64): gripper command in [-1 open, +1 closed] (kept until changed).
   keyboard (``keyboard:=true`` and a terminal on stdin): w/s x, a/d y, r/f z, q/e yaw, space toggles the gripper.
-Velocities become env actions: ``a_xyz = v * control_period / pos_scale``, ``a_yaw = w_z * control_period /
-yaw_scale`` (clipped to [-1, 1]), i.e. the action the sim env and arm bridge interpret as the same motion.
+Velocities become env actions: ``a_xyz = v * dt / pos_scale``, ``a_yaw = w_z * dt / yaw_scale`` with
+``dt = 1 / control_rate`` (clipped to [-1, 1]), i.e. the action the sim env and arm bridge interpret as the same motion.
 
 Outputs, every control period
   ``action_topic`` (default /arm_bridge/action): the action message of :mod:`robot_rl.ros.common`.
@@ -59,13 +59,15 @@ def make_node():
         def __init__(self):
             super().__init__("teleop")
             cc = ControllerConfig()
-            self.dt = 1.0 / float(declare(self, "control_rate", 10.0, "actions per second [Hz]"))
+            self.dt = 1.0 / float(declare(self, "control_rate", 10.0, "actions per second [Hz]", positive=True))
             self.pos_scale = float(declare(self, "pos_scale", cc.pos_scale, "m per unit action (as the bridge)"))
             self.yaw_scale = float(declare(self, "yaw_scale", cc.yaw_scale, "rad per unit action (as the bridge)"))
             self.max_lin = float(declare(self, "max_linear_speed", cc.pos_scale * 10.0, "Joy/keyboard full scale [m/s]"))
             self.max_yaw = float(declare(self, "max_yaw_rate", cc.yaw_scale * 10.0, "Joy/keyboard full scale [rad/s]"))
-            self.input_timeout = float(declare(self, "input_timeout", 0.3, "human/policy inputs older are ignored [s]"))
-            self.takeover_timeout = float(declare(self, "takeover_timeout", 0.5, "human keeps control this long [s]"))
+            self.input_timeout = float(declare(self, "input_timeout", 0.3, "human/policy inputs older are ignored [s]",
+                                               positive=True))
+            self.takeover_timeout = float(declare(self, "takeover_timeout", 0.5, "human keeps control this long [s]",
+                                                  positive=True))
             self.axes = [int(declare(self, f"axis_{k}", v, f"Joy axis index for {k} (-1 unused)")) for k, v in
                          (("x", 1), ("y", 0), ("z", 4), ("yaw", 3))]
             self.signs = [float(declare(self, f"sign_{k}", 1.0, f"Joy axis sign for {k} (-1 inverts)"))

@@ -1,7 +1,8 @@
-"""``robot-rl`` command line: collect, train-base, train-residual, eval, transfer, pipeline, store, serve.
+"""``robot-rl`` command line: collect, train-base, train-residual, eval, transfer, pipeline, store, serve, bringup.
 
 Bad input ends with one line ``robot-rl: error: <field>: <problem> -> <fix>`` and exit code 2.
-Every command that produces outputs writes its resolved arguments to ``<out>/config.yaml``.
+Every command that produces outputs writes its resolved arguments to ``<out>/config.yaml`` once its input has been
+validated (a rejected run leaves an existing ``<out>`` as it was).
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ def _write_cfg(out: Path, args: argparse.Namespace) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(d, sort_keys=False))
 
 
+def _check_counts(a, **minimum) -> None:
+    """Integer arguments with a lower bound (``n_envs=1, videos=0``), checked before anything is loaded or written."""
+    for k, lo in minimum.items():
+        v = getattr(a, k)
+        if v < lo:
+            flag = "--" + k.replace("_", "-")
+            raise ConfigError(flag, f"{v} < {lo}", f"pass {flag} {max(lo, 1)} or more")
+
+
 def cmd_collect(a):
     from robot_rl.collect import collect
 
@@ -37,13 +47,24 @@ def cmd_train_base(a):
     from robot_rl.train_base import BaseTrainConfig, train_base
 
     out = Path(a.out)
-    _write_cfg(out, a)
+    policy = _yaml_arg("policy", a.policy, "'{down_dims: [32, 64, 128]}'") if a.policy else {}
+    if not isinstance(policy, dict):
+        raise ConfigError("policy", f"{a.policy!r} is not a mapping of PolicyConfig fields",
+                          "pass e.g. --policy '{down_dims: [32, 64, 128], n_action_steps: 8}'")
     cfg = BaseTrainConfig(kind=a.kind, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                          obs_keys=a.obs_keys or [], image_keys=a.image_keys or [],
-                          policy=yaml.safe_load(a.policy) if a.policy else {})
-    w = SummaryWriter(str(out / "tb"))
-    r = train_base(a.store, out, cfg, writer=w)
-    w.close()
+                          obs_keys=a.obs_keys or [], image_keys=a.image_keys or [], policy=policy)
+    writers = []
+
+    def on_start():  # input validated: now write the config and open TensorBoard
+        _write_cfg(out, a)
+        writers.append(SummaryWriter(str(out / "tb")))
+        return writers[0]
+
+    try:
+        r = train_base(a.store, out, cfg, on_start=on_start)
+    finally:
+        for w in writers:
+            w.close()
     print(json.dumps({k: v for k, v in r.items() if k != "history"}, indent=1))
 
 
@@ -57,10 +78,11 @@ def cmd_train_residual(a):
 
     out = Path(a.out)
     task_kwargs, env_kwargs = _env_kwargs(a)  # before anything is written
+    cfg = PPOConfig(total_env_steps=a.env_steps, n_envs=a.n_envs, n_steps=a.n_steps, alpha=a.alpha, seed=a.seed)
+    cfg.validate()
     base = load_policy(a.base)
     _write_cfg(out, a)
     w = SummaryWriter(str(out / "tb"))
-    cfg = PPOConfig(total_env_steps=a.env_steps, n_envs=a.n_envs, n_steps=a.n_steps, alpha=a.alpha, seed=a.seed)
     res, curve = train_residual(base, a.task, cfg, out, writer=w, task_kwargs=task_kwargs, env_kwargs=env_kwargs)
     w.close()
     ck = save_residual(res, out / "checkpoint", extra={"base_checkpoint": str(a.base)})
@@ -69,6 +91,7 @@ def cmd_train_residual(a):
 
 
 def cmd_eval(a):
+    _check_counts(a, episodes=1, n_envs=1, videos=0)
     task_kwargs, env_kwargs = _env_kwargs(a, backends=(a.backend,))
     if a.server:
         return _eval_server(a, task_kwargs, env_kwargs)
@@ -147,7 +170,9 @@ def cmd_serve(a):
             raise ConfigError("token-file", f"{a.token_file} is empty", "write the shared token into it")
     else:
         token = os.environ.get("ROBOT_RL_SERVER_TOKEN") or None
-    if a.threads:
+    if a.threads is not None:
+        if a.threads < 1:
+            raise ConfigError("threads", f"{a.threads} < 1", "pass a positive number of torch threads, e.g. 2")
         torch.set_num_threads(a.threads)
     cfg = ServeConfig(host=a.host, port=a.port, max_batch=a.max_batch, batch_window_ms=a.batch_window_ms,
                       max_message_bytes=int(a.max_message_mb * 2**20), token=token, control_rate_hz=a.control_rate,
@@ -200,16 +225,20 @@ SET_HELP = ("override a task or env field, repeatable: task_kwargs.<field>=V, en
             "randomization.<group>.<key>=V, e.g. --set task_kwargs.tolerance=0.004")
 
 
+def _yaml_arg(field: str, text: str, example: str):
+    """Parse a YAML/JSON command-line value; ConfigError naming ``field`` (with ``example``) when it is not YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(field, f"{text!r} is not YAML ({str(e).splitlines()[0]})", f"pass e.g. --{field} "
+                          f"{example}") from None
+
+
 def _randomization_arg(text: str | None):
     """``--randomization`` value: a preset name (``default``, ``none``) or a YAML/JSON dict of overrides."""
     if text is None:
         return None
-    try:
-        v = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError("randomization", f"{text!r} is not a preset name or YAML ({str(e).splitlines()[0]})",
-                          "pass e.g. --randomization default or '{physics: {object_mass: [0.7, 1.3]}}'") from None
-    return v
+    return _yaml_arg("randomization", text, "default or '{physics: {object_mass: [0.7, 1.3]}}'")
 
 
 def cmd_transfer(a):
@@ -217,6 +246,7 @@ def cmd_transfer(a):
     from robot_rl.policies.residual import load_residual
     from robot_rl.transfer import transfer_report
 
+    _check_counts(a, episodes=1, n_envs=1, videos=0)
     task_kwargs, env_kwargs, rnd = _env_options(a, backends=(a.train_backend, a.eval_backend),
                                                 randomization_required=True)  # before loading anything
     base = load_policy(a.checkpoint)

@@ -54,7 +54,9 @@ def collect(store_path: str | Path, task: str, n_episodes: int, *, seed: int = 0
     if n_episodes < 1:
         raise ConfigError("episodes", f"{n_episodes} < 1", "ask for at least one episode")
     path = Path(store_path)
-    check_env_options(task, None, randomization=randomization)  # bad input fails before the store is touched
+    # bad input fails before the store is touched (an --overwrite would otherwise already have emptied it)
+    check_env_options(task, None, backend=backend, cameras=tuple(cameras), image_size=tuple(image_size),
+                      randomization=randomization)
     store = ZarrStore.open(path, mode="a") if (path.exists() and not overwrite) else ZarrStore.create(path, overwrite=overwrite)
     env = make_env(task, backend, cameras=tuple(cameras), image_size=tuple(image_size), randomization=randomization)
     expert = ScriptedExpert(task, noise=noise, bias=bias, pos_scale=env.controller.cfg.pos_scale,

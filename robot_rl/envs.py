@@ -228,10 +228,15 @@ def make_env(task: str = "place", backend: str = "mujoco", *, task_kwargs: dict 
     return RobotEnv(t, backend, EnvConfig(**cfg), render_mode=render_mode)
 
 
-def check_env_options(task: str, task_kwargs: dict | None = None, **cfg) -> tuple[Task, dict]:
-    """Validate task name/kwargs, :class:`EnvConfig` field names and the randomization spec without building a
-    simulator (vector envs call this in the parent process so bad input fails there, on one line).
-    Returns (task, normalised cfg). Raises ConfigError."""
+def check_env_options(task: str, task_kwargs: dict | None = None, backend: str | None = None,
+                      **cfg) -> tuple[Task, dict]:
+    """Validate task name/kwargs, the backend name (when given), :class:`EnvConfig` field names and values and the
+    randomization spec without building a simulator (vector envs and ``collect`` call this before anything is
+    started or written, so bad input fails there, on one line). Returns (task, normalised cfg). Raises ConfigError."""
+    from robot_rl.backend import BACKENDS
+
+    if backend is not None and backend not in BACKENDS:
+        raise ConfigError("backend", f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
     t = make_task(task, **(task_kwargs or {}))
     fields = EnvConfig.__dataclass_fields__
     for k in cfg:

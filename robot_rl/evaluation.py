@@ -68,6 +68,8 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     """
     if n_episodes < 1:
         raise ConfigError("episodes", f"{n_episodes} < 1", "evaluate at least one episode")
+    if not (isinstance(n_envs, int) and n_envs >= 1):
+        raise ConfigError("n_envs", f"{n_envs!r} < 1", "use at least one env, e.g. --n-envs 4")
     n_envs = min(n_envs, n_episodes)
     torch.set_num_threads(1)  # the env workers own the other cores; OpenMP oversubscription is catastrophic
     env_kwargs = dict(env_kwargs or {})

@@ -77,6 +77,9 @@ def resolve_config(preset: str = "quick", yaml_path: str | None = None, override
             doc = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError("config", f"{p} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax")
+        if not isinstance(doc, dict):
+            raise ConfigError("config", f"{p} holds a {type(doc).__name__}, not a mapping of sections",
+                              "write e.g. 'residual: {total_env_steps: 600000}'")
         cfg = _merge(cfg, doc)
     for ov in overrides:
         if "=" not in ov:
@@ -88,8 +91,16 @@ def resolve_config(preset: str = "quick", yaml_path: str | None = None, override
         for part in parts[:-1]:
             cur[part] = {}
             cur = cur[part]
-        cur[parts[-1]] = yaml.safe_load(val)
+        try:
+            cur[parts[-1]] = yaml.safe_load(val)
+        except yaml.YAMLError:
+            raise ConfigError("--set", f"{ov!r}: the value is not YAML", "write e.g. --set residual.n_envs=8 or "
+                              "--set base.policy.down_dims=[32,64,128]") from None
         cfg = _merge(cfg, node)
+    for k, v in PRESETS[preset].items():  # a section replaced by a scalar would fail deep inside a stage
+        if isinstance(v, dict) and not isinstance(cfg.get(k), dict):
+            raise ConfigError(k, f"is {cfg.get(k)!r}, not a mapping of fields", f"set its fields, e.g. --set "
+                              f"{k}.{next(iter(v), 'field')}=...")
     return cfg
 
 

@@ -46,8 +46,12 @@ class BaseTrainConfig:
 
 
 def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig, *, writer=None,
-               progress: bool = True) -> dict:
+               progress: bool = True, on_start=None) -> dict:
     """Train a base policy and save it to ``out_dir/checkpoint``. Returns a summary dict.
+
+    ``writer``: a TensorBoard ``SummaryWriter`` (or None). ``on_start()``: called once the store and config are
+    validated, before training; a non-None return value becomes the writer (the CLI writes its config.yaml and
+    opens TensorBoard there, so a rejected run leaves ``out_dir`` untouched).
 
     Raises:
         ConfigError: missing/malformed store, unknown keys, impossible config.
@@ -86,6 +90,8 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
                                          generator=gen, num_workers=0)
     policy = make_policy(pcfg, stats)
+    if on_start is not None:
+        writer = on_start() or writer
     ema = make_ema(policy) if cfg.kind == "diffusion" else None
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.95, 0.999))
     from diffusers.optimization import get_scheduler

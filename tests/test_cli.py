@@ -144,3 +144,33 @@ def test_bad_input_errors(tmp_path, tiny_run):
     _one_line_error(run("collect", "--store", tmp_path / "notastore", "--episodes", 1, "--overwrite"), "notastore")
     assert (tmp_path / "notastore" / "x.txt").read_text() == "hi"
     assert sorted(p.name for p in store.rglob("*")) == before
+
+
+def test_more_bad_input_leaves_outputs_alone(tmp_path, tiny_run):
+    """Values that used to reach a traceback or write before validating: each is one line, exit 2, and neither an
+    existing store (even with --overwrite) nor an existing run's config.yaml is touched."""
+    store = tiny_run / "demos.zarr"
+    before = sorted(p.name for p in store.rglob("*"))
+    _one_line_error(run("collect", "--store", store, "--episodes", 1, "--overwrite", "--backend", "gazebo"), "backend")
+    _one_line_error(run("collect", "--store", store, "--episodes", 1, "--overwrite", "--cameras", "side"), "cameras")
+    assert sorted(p.name for p in store.rglob("*")) == before
+    out = tmp_path / "old_run"
+    out.mkdir()
+    (out / "config.yaml").write_text("keep: me\n")
+    for policy, field in (("{down_dims: [32", "policy"), ("3", "policy"), ("{n_action_steps: 40}", "n_action_steps")):
+        _one_line_error(run("train-base", "--store", store, "--out", out, "--policy", policy), field)
+    base = tiny_run / "base" / "checkpoint"
+    _one_line_error(run("eval", "--base", base, "--out", out, "--n-envs", 0), "--n-envs")
+    _one_line_error(run("transfer", "--checkpoint", base, "--out", out, "--videos", -1), "--videos")
+    _one_line_error(run("train-residual", "--base", base, "--out", out, "--n-envs", 0), "n_envs")
+    assert (out / "config.yaml").read_text() == "keep: me\n" and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    _one_line_error(run("pipeline", "--out", out, "--set", "residual.n_envs=["), "--set")
+    _one_line_error(run("pipeline", "--out", out, "--set", "collect=5"), "collect")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    _one_line_error(run("pipeline", "--out", out, "--config", tmp_path / "list.yaml"), "config")
+    _one_line_error(run("serve", "--checkpoint", base, "--threads", 0, "--port", 0), "threads")
+    _one_line_error(run("serve", "--checkpoint", base, "--device", "bogus", "--port", 0), "device")
+    (tmp_path / "bad.yaml").write_text("nodes: [\n")
+    _one_line_error(run("bringup", tmp_path / "bad.yaml"), "config")
+    sim = Path(__file__).resolve().parents[1] / "launch" / "sim_bringup.yaml"
+    _one_line_error(run("bringup", sim, "--set", "policy_node.control_rate=[", "--dry-run"), "set")

@@ -81,6 +81,36 @@ def test_node_rejects_undeclared_parameters(path, tmp_path):
     assert f"has no parameter(s) ['{typo}'] -> did you mean '{typo[:-1]}'?" in errors[0], errors[0]
 
 
+@pytest.mark.parametrize("arg, error", [
+    ("control_rate:=20", None),             # an int where a float is declared (launch args are parsed as YAML)
+    ("target_xy:=[0, 1]", None),            # ints in a float list
+    ("seed:=3.0", None),                    # an integral float for an int
+    ("control_rate:=abc", "control_rate: 'abc' is not float"),
+    ("control_rate:=0", "control_rate: 0.0 <= 0"),
+    ("seed:=1.5", "seed: 1.5 is not int"),
+])
+def test_parameter_values_are_converted_or_refused(arg, error, tmp_path):
+    """Parameter values of a convertible type are converted to the declared type (no rclpy type exception);
+    others, and rates/timeouts <= 0, exit 2 with one line naming the parameter."""
+    pytest.importorskip("rclpy")
+    from ros_helpers import new_domain, ros_env
+
+    cmd = [sys.executable, "-m", NODE_MODULES["policy_node"], "--ros-args", "-p", arg]
+    if error is None:  # still running after start-up: no exception
+        p = subprocess.Popen(cmd, env=ros_env(new_domain()), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                p.wait(6)
+        finally:
+            p.send_signal(signal.SIGINT)
+            err = p.communicate(timeout=20)[1]
+        assert "Traceback" not in err and ": error: " not in err, err[-2000:]
+        return
+    r = subprocess.run(cmd, env=ros_env(new_domain()), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and [ln for ln in r.stderr.splitlines() if ": error: " in ln] == \
+        [f"policy_node.py: error: {error} -> " + r.stderr.split(f"{error} -> ", 1)[1].splitlines()[0]], r.stderr
+
+
 def test_bringup_starts_nodes_and_stops_cleanly_on_ctrl_c(tmp_path):
     pytest.importorskip("rclpy")
     from ros_helpers import Driver, new_domain, ros_env

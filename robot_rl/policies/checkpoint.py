@@ -149,7 +149,11 @@ def load_module_safetensors(path: str | os.PathLike, build: Callable[[dict], nn.
     tensors, meta = read_checkpoint(path, format_name)
     module = build(meta["config"])
     _load_into(module, tensors)
-    return module.to(device), meta
+    try:
+        return module.to(device), meta
+    except (RuntimeError, AssertionError, ValueError) as e:  # unknown device string, CUDA not available, ...
+        raise ConfigError("device", f"cannot use device {str(device)!r} ({str(e).splitlines()[0]})",
+                          "use cpu, or cuda / cuda:N on a machine with a CUDA build of torch and a GPU") from None
 
 
 def save_policy(policy: BasePolicy, path_dir: str | os.PathLike, extra: dict | None = None, *,

@@ -51,6 +51,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     except OSError as e:
         raise ConfigError("config", f"cannot read {p} ({e.strerror})", "pass a bringup YAML, e.g. "
                           "launch/sim_bringup.yaml") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("config", f"{p} is not valid YAML ({str(e).splitlines()[0]})",
+                          "fix the YAML syntax (see launch/sim_bringup.yaml)") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("nodes"), list) or not cfg["nodes"]:
         raise ConfigError("nodes", f"{p} has no 'nodes' list", "see robot_rl/ros/bringup.py for the format")
     nodes, names = [], set()
@@ -87,7 +90,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         if not sep or not dot or name not in by_name:
             raise ConfigError("set", f"{o!r} is not NODE.PARAM=VALUE for a node of the config",
                               f"nodes: {sorted(by_name)}")
-        by_name[name]["parameters"][param] = yaml.safe_load(val) if val else ""
+        try:
+            by_name[name]["parameters"][param] = yaml.safe_load(val) if val else ""
+        except yaml.YAMLError:
+            raise ConfigError("set", f"{o!r}: the value is not YAML", "write e.g. --set policy_node.control_rate=10 "
+                              "or --set sim_robot.cameras=[front]") from None
     return nodes
 
 
@@ -200,9 +207,9 @@ class _Done:
 
 def bringup(config: str, overrides: list[str] | None = None, grace: float = 5.0, dry_run: bool = False) -> int:
     nodes = load_config(config, overrides)
-    if dry_run:
-        tmp = Path(tempfile.mkdtemp(prefix="robot_rl_bringup_"))
-        for n in nodes:
-            print(" ".join(node_command(n, tmp)))
+    if dry_run:  # the commands only (their override files are not kept)
+        with tempfile.TemporaryDirectory(prefix="robot_rl_bringup_") as tmp:
+            for n in nodes:
+                print(" ".join(node_command(n, Path(tmp))))
         return 0
     return Supervisor(nodes, grace).run()

@@ -215,11 +215,56 @@ def diagnostic(name: str, hardware_id: str, level: int, message: str, values: di
 
 
 # --------------------------------------------------------------------------------------------------- parameters
-def declare(node, name: str, default, description: str = ""):
-    """Declare a parameter (with a description) and return its value. Lists of float default to DOUBLE_ARRAY."""
+def declare(node, name: str, default, description: str = "", positive: bool = False):
+    """Declare a parameter (with a description) and return its value, converted to the type of ``default``.
+
+    Launch files and ``-p name:=value`` parse values as YAML, so ``source:=0`` arrives as an integer and
+    ``control_rate:=20`` as an integer where a string / float is meant; rclpy's static typing would refuse those
+    with a traceback. The parameter is declared with dynamic typing and the value converted: int -> float, numbers
+    -> str, element-wise for lists. Raises ConfigError (naming the parameter) for anything else, e.g. a string
+    where a number is needed, and with ``positive`` for a value that is not > 0 (rates, periods, timeouts).
+    """
     from rcl_interfaces.msg import ParameterDescriptor
 
-    return node.declare_parameter(name, default, ParameterDescriptor(description=description)).value
+    value = node.declare_parameter(name, default, ParameterDescriptor(description=description,
+                                                                      dynamic_typing=True)).value
+    value = coerce_parameter(name, value, default)
+    if positive and not value > 0:
+        raise ConfigError(name, f"{value!r} <= 0", f"pass a positive value, e.g. {name}:={default!r}")
+    return value
+
+
+def coerce_parameter(name: str, value, default):
+    """``value`` converted to the type of ``default`` (see :func:`declare`). Raises ConfigError."""
+    def one(v, d):
+        if isinstance(d, bool):
+            if isinstance(v, bool):
+                return v
+        elif isinstance(d, int):
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+        elif isinstance(d, float):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+        elif isinstance(d, str):
+            if isinstance(v, str):
+                return v
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return str(v)
+        raise TypeError
+
+    try:
+        if isinstance(default, (list, tuple)):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [one(v, default[0]) for v in value] if default else list(value)
+        return one(value, default)
+    except TypeError:
+        kind = f"a list of {type(default[0]).__name__}" if isinstance(default, (list, tuple)) and default \
+            else type(default).__name__
+        raise ConfigError(name, f"{value!r} is not {kind}", f"pass e.g. {name}:={default!r}") from None
 
 
 def declare_safety(node, timeout_what: str = "hold when no command for this long [s]"):

@@ -227,7 +227,8 @@ def make_node():
                 "checkpoint": declare(self, "checkpoint", "", "base policy checkpoint dir (in-process mode)"),
                 "residual": declare(self, "residual", "", "residual checkpoint dir (in-process mode, optional)"),
                 "server": declare(self, "server", "", "policy server host:port ('' = in-process)"),
-                "server_timeout": float(declare(self, "server_timeout", 0.05, "deadline of one step's request [s]")),
+                "server_timeout": float(declare(self, "server_timeout", 0.05, "deadline of one step's request [s]",
+                                                positive=True)),
                 "execution": declare(self, "execution", "step", "step (exact per-step residual; in-process: "
                                                                 "receding horizon) | async (background chunks, "
                                                                 "temporal ensembling)"),
@@ -237,12 +238,13 @@ def make_node():
                                                                               "(ACT); < 0 switches to the newest "
                                                                               "chunk")),
                 "connect_timeout": float(declare(self, "connect_timeout", 10.0, "server start-up / first-step "
-                                                                               "deadline [s]")),
+                                                                               "deadline [s]", positive=True)),
                 "token_file": declare(self, "token_file", "", "file with the server token ('' = env/none)"),
                 "task": declare(self, "task", "place", "task whose observation keys are assembled"),
                 "task_json": declare(self, "task_json", "", "task overrides (JSON)"),
-                "control_rate": float(declare(self, "control_rate", 10.0, "control loop rate [Hz]")),
-                "max_obs_age": float(declare(self, "max_obs_age", 0.25, "hold when an input is older [s]")),
+                "control_rate": float(declare(self, "control_rate", 10.0, "control loop rate [Hz]", positive=True)),
+                "max_obs_age": float(declare(self, "max_obs_age", 0.25, "hold when an input is older [s]",
+                                             positive=True)),
                 "image_topic": declare(self, "image_topic", "/cameras/{camera}/image_raw", "image topic pattern"),
                 "privileged_namespace": declare(self, "privileged_namespace", "/sim/privileged",
                                                 "where <object>_pose / <marker>_pose topics are"),

@@ -1,5 +1,5 @@
-"""``recorder`` node: ROS 2 topics -> episodes in the zarr store, at the control rate, with the SAME keys as the
-simulated env's collection (:mod:`robot_rl.collect`), so ``robot-rl train-base`` trains on them unchanged.
+"""``recorder`` node: ROS 2 topics -> episodes in the zarr store, one row per executed action, with the SAME keys as
+the simulated env's collection (:mod:`robot_rl.collect`), so ``robot-rl train-base`` trains on them unchanged.
 
 Rows are driven by the executed actions, as LeRobot's record loop reads the observation right before it sends an
 action: when a message arrives on ``action_topic`` (what the arm bridge executes) while recording, the recorder
@@ -68,13 +68,14 @@ def make_node():
                 raise ConfigError("source", f"{self.source!r}", f"use one of {list(SOURCES)}")
             self.backend_label = declare(self, "backend", "real", "backend name when the sim does not say")
             self.robot_label = declare(self, "robot", "panda", "robot name in the metadata")
-            self.dt = 1.0 / float(declare(self, "control_rate", 10.0, "recording rate [Hz]"))
+            self.dt = 1.0 / float(declare(self, "control_rate", 10.0, "expected action rate [Hz] (pairing window, rate warning)", positive=True))
             self.cameras = [c for c in declare(self, "cameras", [""], "cameras to record ([''] = none)") if c]
             self.image_size = [int(v) for v in declare(self, "image_size", [96, 96], "[H, W] of stored images")]
             self.image_topic = declare(self, "image_topic", "/cameras/{camera}/image_raw", "image topic pattern")
             self.privileged = bool(declare(self, "record_privileged", True, "record object poses (sim)"))
             ns = declare(self, "privileged_namespace", "/sim/privileged", "object pose / success / episode topics")
-            self.max_obs_age = float(declare(self, "max_obs_age", 0.5, "skip steps with older inputs [s]"))
+            self.max_obs_age = float(declare(self, "max_obs_age", 0.5, "skip steps with older inputs [s]",
+                                             positive=True))
             self.record_human = bool(declare(self, "record_human_action", True, "store human_action"))
             action_topic = declare(self, "action_topic", "/arm_bridge/action", "executed actions")
             self.js, self.poses = JointStateCache(), PoseCache()
