@@ -78,6 +78,44 @@ class EnvConfig:
         return self
 
 
+def _normalised(cfg: dict) -> dict:
+    """EnvConfig values converted to their field types (a camera name -> a 1-tuple, integral numbers -> int,
+    numbers -> float, a controller dict -> ControllerConfig); ConfigError naming the field for anything else."""
+    def number(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+    if "cameras" in cfg:
+        c = cfg["cameras"]
+        c = () if c is None else (c,) if isinstance(c, str) else c
+        if not (isinstance(c, (list, tuple)) and all(isinstance(x, str) for x in c)):
+            raise ConfigError("cameras", f"{cfg['cameras']!r} is not a list of camera names", "use e.g. ['front']")
+        cfg["cameras"] = tuple(c)
+    for k in ("image_size", "render_size"):
+        if k in cfg:
+            v = cfg[k]
+            if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(number(x) and float(x).is_integer()
+                                                                          for x in v)):
+                raise ConfigError(k, f"{v!r} is not an (H, W) pair of integers", f"use e.g. {k}=(96, 96)")
+            cfg[k] = (int(v[0]), int(v[1]))
+    for k in ("control_dt", "physics_dt", "init_joint_noise"):
+        if k in cfg:
+            if not (number(cfg[k]) and np.isfinite(cfg[k])):
+                raise ConfigError(k, f"{cfg[k]!r} is not a number", f"use e.g. {k}={getattr(EnvConfig, k)}")
+            cfg[k] = float(cfg[k])
+    if cfg.get("max_steps") is not None:
+        v = cfg["max_steps"]
+        if number(v) and float(v).is_integer():
+            cfg["max_steps"] = int(v)
+    if "controller" in cfg and not isinstance(cfg["controller"], ControllerConfig):
+        c = cfg["controller"]
+        names = list(ControllerConfig.__dataclass_fields__)
+        if not isinstance(c, dict) or set(c) - set(names):
+            raise ConfigError("controller", f"{c!r} is not a ControllerConfig or a dict of its fields",
+                              f"use fields {names}")
+        cfg["controller"] = ControllerConfig(**c)
+    return cfg
+
+
 def assemble_observation(controller: DiffIKController, task: Task, joint_state: tuple, objects, params: dict,
                          images: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """THE observation assembly, shared by :class:`RobotEnv` and the ROS 2 policy node / recorder.
@@ -237,14 +275,14 @@ def check_env_options(task: str, task_kwargs: dict | None = None, backend: str |
 
     if backend is not None and backend not in BACKENDS:
         raise ConfigError("backend", f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+    if task_kwargs is not None and not isinstance(task_kwargs, dict):
+        raise ConfigError("task_kwargs", f"{task_kwargs!r} is not a dict", "pass e.g. {'tolerance': 0.004}")
     t = make_task(task, **(task_kwargs or {}))
     fields = EnvConfig.__dataclass_fields__
     for k in cfg:
         if k not in fields:
             raise ConfigError(k, f"unknown env option {k!r}", f"use one of {', '.join(fields)}")
-    cfg = dict(cfg)
-    if "cameras" in cfg:
-        cfg["cameras"] = tuple(cfg["cameras"])
+    cfg = _normalised(dict(cfg))
     EnvConfig(**cfg).validate()
     if cfg.get("randomization") is not None:
         Randomizer(cfg["randomization"], SceneSpec(objects=t.objects, markers=t.markers),

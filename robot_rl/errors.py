@@ -16,3 +16,6 @@ class ConfigError(ValueError):
     def __init__(self, field: str, problem: str, fix: str):
         self.field, self.problem, self.fix = field, problem, fix
         super().__init__(f"{field}: {problem} -> {fix}")
+
+    def __reduce__(self):  # picklable with its three fields (vector-env workers send errors to the parent)
+        return type(self), (self.field, self.problem, self.fix)

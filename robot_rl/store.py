@@ -60,8 +60,9 @@ def is_image(dtype: np.dtype, shape: tuple[int, ...]) -> bool:
 class CommittedArray:
     """Lazy read-only view of ``data/<key>`` truncated to the committed steps.
 
-    Supports ``len``, ``shape``, ``dtype``, ``np.asarray(view)`` and indexing on the first axis by int, slice or an
-    integer array (further axes may follow in a tuple). Only the requested frames are read from disk.
+    Supports ``len``, ``shape``, ``dtype``, ``np.asarray(view)`` and indexing on the first axis by int, slice, an
+    integer array or a boolean mask of length ``n`` (further axes may follow in a tuple); any other index raises
+    ConfigError("index"). Only the requested frames are read from disk.
     """
 
     def __init__(self, array: zarr.Array, n: int):
@@ -76,6 +77,20 @@ class CommittedArray:
         return out if dtype is None else out.astype(dtype)
 
     def __getitem__(self, index):
+        first = index[0] if isinstance(index, tuple) else index
+        if not isinstance(first, (int, np.integer, slice, list, np.ndarray)) or isinstance(first, bool):
+            raise ConfigError("index", f"{first!r} is not an int, slice, integer array or boolean mask",
+                              "index the time axis with e.g. arr[0], arr[10:20] or arr[[1, 5]]")
+        if isinstance(first, (list, np.ndarray)):
+            a = np.asarray(first)
+            if a.dtype == bool:
+                if a.shape != (self.n,):
+                    raise ConfigError("index", f"boolean mask of shape {a.shape} for {self.n} committed steps",
+                                      f"pass a mask of shape ({self.n},)")
+                first = np.flatnonzero(a)
+            elif a.size and a.dtype.kind not in "iu":
+                raise ConfigError("index", f"index array of dtype {a.dtype}", "pass integer step indices")
+            index = (first, *index[1:]) if isinstance(index, tuple) else first
         try:
             return self._get(index)
         except (IndexError, ConfigError):

@@ -11,7 +11,7 @@ Tasks
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from scipy.spatial.transform import Rotation
@@ -157,12 +157,34 @@ def make_task(name: str, **overrides) -> Task:
     if name not in TASKS:
         raise ConfigError("task", f"unknown task {name!r}", f"choose one of {', '.join(TASKS)}")
     task = TASKS[name]()
-    bad = [k for k in overrides if not hasattr(task, k)]
+    params = [f.name for f in fields(task) if f.name not in ("name", "derived_keys")]
+    bad = [k for k in overrides if k not in params]
     if bad:
-        raise ConfigError(f"task.{bad[0]}", f"task {name!r} has no parameter {bad[0]!r}", "remove it or check the spelling")
-    task = replace(task, **overrides) if overrides else task
+        raise ConfigError(f"task.{bad[0]}", f"task {name!r} has no parameter {bad[0]!r}",
+                          f"use one of {', '.join(params)}")
+    task = replace(task, **{k: _task_value(k, v, getattr(task, k)) for k, v in overrides.items()}) \
+        if overrides else task
     _check_task(name, task)
     return task
+
+
+def _task_value(key: str, value, default):
+    """An override converted to the default's kind: a number, or a (low, high) pair of numbers. Raises ConfigError."""
+    def number(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+            and np.isfinite(v)
+
+    if isinstance(default, tuple):
+        if isinstance(value, (list, tuple, np.ndarray)) and len(value) == 2 and all(number(v) for v in value):
+            return (float(value[0]), float(value[1]))
+        raise ConfigError(f"task.{key}", f"{value!r} is not a (low, high) range", "give two numbers, low <= high, "
+                          f"e.g. {list(default)}")
+    if number(value) and isinstance(default, float):
+        return float(value)
+    if number(value) and isinstance(default, int) and float(value).is_integer():
+        return int(value)
+    raise ConfigError(f"task.{key}", f"{value!r} is not {'an integer' if isinstance(default, int) else 'a number'}",
+                      f"use e.g. {default!r}")
 
 
 _POSITIVE = {"max_steps": "e.g. 100 control steps", "lift_height": "e.g. 0.08 (m)", "tolerance": "e.g. 0.01 (m)"}
@@ -176,5 +198,5 @@ def _check_task(name: str, task: Task) -> None:
             raise ConfigError(f"task.{k}", f"{v!r} is not a positive number", f"use {example}")
     for k in ("cube_x", "cube_y", "cube_yaw", "target_x", "target_y"):
         v = getattr(task, k, None)
-        if v is not None and not (len(v) == 2 and float(v[0]) <= float(v[1])):
+        if v is not None and not v[0] <= v[1]:
             raise ConfigError(f"task.{k}", f"{v!r} is not a (low, high) range", "give two numbers, low <= high")

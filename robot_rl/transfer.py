@@ -48,6 +48,12 @@ def transfer_report(base, task: str, out_dir: str | Path, *, residual=None, trai
     if "randomization" in env_kwargs or "backend" in env_kwargs:
         raise ConfigError("env_kwargs", "randomization/backend are set by the transfer report itself",
                           "use the randomization / train_backend / eval_backend arguments")
+    from robot_rl.envs import check_env_options
+
+    for b in (train_backend, eval_backend):  # every condition's options, before anything runs or is written
+        check_env_options(task, task_kwargs, backend=b, randomization=randomization, **env_kwargs)
+    if not (isinstance(videos, int) and videos >= 0):
+        raise ConfigError("videos", f"{videos!r} < 0", "pass 0 (none) or a positive number of videos")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     conditions = []

@@ -118,6 +118,18 @@ def test_bad_env_config(kwargs, field):
     assert field in str(ei.value)
 
 
+def test_convertible_option_values_are_converted():
+    """A camera name, integral floats, numpy integers and a controller dict are accepted as what they mean."""
+    from robot_rl.controller import ControllerConfig
+    from robot_rl.envs import check_env_options
+
+    t, cfg = check_env_options("place", {"max_steps": 120.0, "cube_x": [0.45, 0.5]}, cameras="front",
+                               image_size=[48.0, 48], max_steps=np.int64(50), controller={"pos_scale": 0.01})
+    assert (t.max_steps, t.cube_x) == (120, (0.45, 0.5)) and isinstance(t.max_steps, int)
+    assert cfg["cameras"] == ("front",) and cfg["image_size"] == (48, 48) and type(cfg["max_steps"]) is int
+    assert cfg["controller"] == ControllerConfig(pos_scale=0.01)
+
+
 def test_bad_action(env):
     env.reset(seed=0)
     with pytest.raises(ConfigError, match="action"):
@@ -134,6 +146,19 @@ def test_bad_action(env):
     ("place", {}, {"init_joint_noise": -1.0}, "init_joint_noise"),
     ("place", {}, {"render_size": (0, 0)}, "render_size"),
     ("place", {}, {"physics_dt": 0.03}, "physics_dt"),
+    # wrong types: one ConfigError naming the field, never a TypeError from deeper down
+    ("place", {"objects": 1}, {}, "task.objects"),
+    ("place", {"tolerance": "0.01"}, {}, "task.tolerance"),
+    ("place", {"cube_x": 5}, {}, "task.cube_x"),
+    ("place", {"cube_x": None}, {}, "task.cube_x"),
+    ("place", {"max_steps": 10.5}, {}, "task.max_steps"),
+    ("place", [("tolerance", 0.01)], {}, "task_kwargs"),
+    ("place", {}, {"image_size": 96}, "image_size"),
+    ("place", {}, {"image_size": (48.0, 48.5)}, "image_size"),
+    ("place", {}, {"control_dt": "0.1"}, "control_dt"),
+    ("place", {}, {"init_joint_noise": None}, "init_joint_noise"),
+    ("place", {}, {"controller": {"workspace": 1}}, "controller"),
+    ("place", {}, {"cameras": [1]}, "cameras"),
 ])
 def test_impossible_task_and_env_options_fail_before_any_simulator(task, task_kwargs, env_kwargs, field):
     from robot_rl.envs import check_env_options

@@ -110,7 +110,11 @@ def test_gae_matches_hand_computation():
     # with lambda = 1 the return is the discounted sum up to the episode end (then bootstrap from last value)
     assert torch.allclose(ret[:3, 0], torch.tensor([0.81, 0.9, 1.0]))
     assert torch.allclose(ret[3, 0], torch.tensor(0.9 * 0.3))
-    assert torch.allclose(adv, ret - v)
+    # lambda = 0.95, by hand: deltas 0.04, 0.03, 0.3 (episode ends at t=2: no bootstrap), 0.07; A_t = delta_t +
+    # 0.9 * 0.95 * A_{t+1} within the episode
+    adv, _ = gae(r, v, d, torch.tensor([0.3]), gamma=0.9, lam=0.95)
+    a1 = 0.03 + 0.855 * 0.3
+    assert torch.allclose(adv[:, 0], torch.tensor([0.04 + 0.855 * a1, a1, 0.3, 0.07]))
 
 
 def test_wilson_interval():

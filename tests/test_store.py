@@ -323,3 +323,21 @@ def test_damaged_store_gives_one_line_errors_and_validate_reports_it(tmp_path, d
     else:
         with pytest.raises(ConfigError):
             ZarrStore.open(p)
+
+
+def test_committed_array_indexing(tmp_path):
+    """Boolean masks select rows (they were once cast to 0/1 indices); other index types get ConfigError("index"),
+    not the "damaged on disk" error; ConfigError survives pickling (vector-env workers send it to the parent)."""
+    import pickle
+
+    st = ZarrStore.create(tmp_path / "s.zarr")
+    st.add_episode({"action": np.zeros((5, 2), np.float32), "x": np.arange(5) * 10}, seed=0, task="place",
+                   source="scripted", success=True, backend="mujoco")
+    x = st["x"]
+    assert x[np.array([0, 1, 0, 1, 0], bool)].tolist() == [10, 30] and x[[4, 0]].tolist() == [40, 0]
+    for bad in ("a", None, 1.5, np.array([0.5]), np.array([True, False])):
+        with pytest.raises(ConfigError) as e:
+            x[bad]
+        assert e.value.field == "index"
+    e2 = pickle.loads(pickle.dumps(ConfigError("f", "p", "x")))
+    assert (type(e2), e2.field, e2.problem, e2.fix, str(e2)) == (ConfigError, "f", "p", "x", "f: p -> x")

@@ -277,7 +277,7 @@ class BasePolicy(nn.Module, abc.ABC):
         if x is None:
             raise ConfigError(name, "missing", fix)
         try:
-            t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+            t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))  # e.g. a BGR flip
         except (TypeError, ValueError) as e:
             raise ConfigError(name, f"not a numeric array ({e})", fix) from None
         if tuple(t.shape) != tuple(shape):
