@@ -18,6 +18,26 @@ from robot_rl.errors import ConfigError
 from robot_rl.store import ZarrStore, is_image
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _episode_indices(store: ZarrStore, episode_indices) -> np.ndarray:
+    """Episode indices as int64, each in 0..n_episodes-1 (all episodes when None). Raises ConfigError."""
+    if episode_indices is None:
+        eps = np.arange(store.n_episodes)
+    else:
+        eps = np.asarray(episode_indices)
+        if eps.ndim != 1 or (eps.size and eps.dtype.kind not in "iu"):
+            raise ConfigError("episode_indices", f"{episode_indices!r} is not a list of integer episode indices",
+                              "pass e.g. [0, 1, 2] (see split_episodes)")
+        eps = eps.astype(np.int64)
+    if eps.size == 0 or eps.min() < 0 or eps.max() >= store.n_episodes:
+        raise ConfigError("episode_indices", f"need >= 1 episode in 0..{store.n_episodes - 1}, got {eps.tolist()}",
+                          "collect episodes first or fix the split")
+    return eps
+
+
 class SequenceSampler:
     """Random access to fixed-length windows, one per step of the selected episodes.
 
@@ -47,15 +67,13 @@ class SequenceSampler:
                 raise ConfigError("keys", f"{k!r} is not in the store", f"use keys from {store.keys}")
         if not set(obs_keys) <= set(keys):
             raise ConfigError("obs_keys", f"{sorted(set(obs_keys) - set(keys))} not in keys", "add them to keys")
-        if not (isinstance(horizon, int) and horizon >= 1):
+        if not (_is_int(horizon) and horizon >= 1):
             raise ConfigError("horizon", f"must be an int >= 1, got {horizon!r}", "set horizon to e.g. 16")
-        if not (isinstance(n_obs_steps, int) and 1 <= n_obs_steps <= horizon):
+        if not (_is_int(n_obs_steps) and 1 <= n_obs_steps <= horizon):
             raise ConfigError("n_obs_steps", f"must be an int in 1..horizon={horizon}, got {n_obs_steps!r}",
                               "set n_obs_steps to e.g. 2")
-        eps = np.arange(store.n_episodes) if episode_indices is None else np.asarray(episode_indices, np.int64)
-        if eps.size == 0 or eps.min() < 0 or eps.max() >= store.n_episodes:
-            raise ConfigError("episode_indices", f"need >= 1 episode in 0..{store.n_episodes - 1}, got {eps.tolist()}",
-                              "collect episodes first or fix the split")
+        horizon, n_obs_steps = int(horizon), int(n_obs_steps)
+        eps = _episode_indices(store, episode_indices)
         self.keys, self.obs_keys, self.horizon, self.n_obs_steps = keys, obs_keys, horizon, n_obs_steps
         self.episode_indices = eps
         ends = store.episode_ends
@@ -98,7 +116,7 @@ def split_episodes(n_episodes: int, val_ratio: float, seed: int) -> tuple[np.nda
     """
     if not isinstance(n_episodes, (int, np.integer)) or n_episodes < 1:
         raise ConfigError("n_episodes", f"need >= 1 episode, got {n_episodes!r}", "collect demonstrations first")
-    if not 0.0 <= val_ratio < 1.0:
+    if not (isinstance(val_ratio, (int, float, np.floating)) and 0.0 <= val_ratio < 1.0):
         raise ConfigError("val_ratio", f"must be in [0, 1), got {val_ratio!r}", "use e.g. 0.1")
     perm = np.random.default_rng(seed).permutation(int(n_episodes))
     n_val = min(int(round(n_episodes * val_ratio)), int(n_episodes) - 1)
@@ -116,10 +134,7 @@ def compute_normalization(store: ZarrStore, keys: Sequence[str],
     Raises:
         ConfigError: unknown key or bad episode indices.
     """
-    eps = np.arange(store.n_episodes) if episode_indices is None else np.asarray(episode_indices, np.int64)
-    if eps.size == 0 or eps.min() < 0 or eps.max() >= store.n_episodes:
-        raise ConfigError("episode_indices", f"need >= 1 episode in 0..{store.n_episodes - 1}, got {eps.tolist()}",
-                          "collect episodes first or fix the split")
+    eps = _episode_indices(store, episode_indices)
     stats = {}
     for k in keys:
         if k not in store.schema:

@@ -271,6 +271,13 @@ def test_bad_observations(diffusion_img):
     (dict(image_keys=["cam"], image_shape=[32, 32]), "image_shape"),
     (dict(image_keys=["cam"], image_shape=[32, 32, 3], image_crop=[40, 40]), "image_crop"),
     (dict(num_inference_steps=1000), "num_inference_steps"),
+    (dict(n_groups=0), "n_groups"),  # was a ZeroDivisionError
+    (dict(down_dims=64), "down_dims"),
+    (dict(beta_schedule="cosine"), "beta_schedule"),
+    (dict(clip_sample="no"), "clip_sample"),
+    (dict(obs_keys=[{}], obs_dims={}), "obs_keys"),
+    (dict(kind="bc", bc_hidden=256), "bc_hidden"),
+    (dict(image_keys=["cam"], image_shape=[32, 32, 3], image_channels=32), "image_channels"),
 ])
 def test_impossible_configs(change, field):
     with pytest.raises(ConfigError) as e:

@@ -144,3 +144,31 @@ def test_fuzz_mutated_requests(service, field, value, where, cut):
     raw = _safe_pack(m)
     for r in (raw, raw[:cut]):
         _reply(service.process([r])[0])
+
+
+@pytest.mark.parametrize("address,ok", [("127.0.0.1:5555", True), ("robot-pc:5555", True), ("[::1]:5555", True),
+                                        ("::1:5555", False), ("bad host:5555", False), ("tcp://*:5555", False),
+                                        ("ipc:///tmp/x", False), ("host:0", False)])
+def test_client_addresses(address, ok):
+    from robot_rl.errors import ConfigError
+    from robot_rl.serve.client import normalize_address
+
+    if ok:
+        assert normalize_address(address).startswith("tcp://")
+    else:
+        with pytest.raises(ConfigError) as e:
+            normalize_address(address)
+        assert e.value.field == "server"
+
+
+def test_client_deadlines_and_request_fields():
+    from robot_rl.errors import ConfigError
+    from robot_rl.serve.client import PolicyClient, _int
+
+    for t in (float("inf"), "2", 0, True):
+        with pytest.raises(ConfigError) as e:
+            PolicyClient("127.0.0.1:5555", timeout_s=t)
+        assert e.value.field == "timeout_s"
+    assert _int("seed", np.int64(3)) == 3 and type(_int("seed", np.int64(3))) is int
+    with pytest.raises(ConfigError, match="step"):
+        _int("step", "x")

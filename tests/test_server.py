@@ -23,6 +23,7 @@ import pytest
 import torch
 import zmq
 
+from robot_rl.errors import ConfigError
 from robot_rl.evaluation import CombinedPolicy, evaluate
 from robot_rl.policies.base import PolicyConfig, make_policy
 from robot_rl.policies.checkpoint import load_policy, save_policy
@@ -323,8 +324,9 @@ def test_bad_requests_get_error_replies_and_server_survives(server):
         with pytest.raises(ServerError, match="auth"):
             c.metadata()
     with PolicyClient(addr, token=TOKEN) as c:
-        with pytest.raises(Exception, match="ee_pos"):  # client-side check before sending
+        with pytest.raises(ConfigError) as e:  # client-side check before sending
             c.act("x", 0, {"ee_pos": np.zeros(4), "cube_pos": np.zeros(3)}, reset=True)
+        assert "ee_pos" in e.value.field
         assert c.act("ok", 0, {"ee_pos": np.zeros(3), "cube_pos": np.zeros(3)}, reset=True).executed.shape == (4, 5)
         assert c.ping()["stats"]["errors"] >= len(cases)
     assert p.poll() is None

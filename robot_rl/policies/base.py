@@ -21,6 +21,7 @@ from robot_rl.policies.normalizer import Normalizer
 
 KINDS = ("diffusion", "bc")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # diffusers DDPMScheduler / DDIMScheduler
 
 
 @dataclass
@@ -110,10 +111,14 @@ class PolicyConfig:
         need(self.obs_keys or self.image_keys, "obs_keys", "no observations (obs_keys and image_keys are empty)",
              "list at least one low-dim key in obs_keys or a camera in image_keys")
         keys = list(self.obs_keys) + list(self.image_keys)
-        need(len(set(keys)) == len(keys), "obs_keys", f"duplicate keys in {keys}", "list each key once")
         for k in keys:
             need(isinstance(k, str) and k.isidentifier() and k != "action", "obs_keys",
                  f"bad key {k!r}", "use identifier-like names (letters, digits, '_'), not 'action'")
+        need(len(set(keys)) == len(keys), "obs_keys", f"duplicate keys in {keys}", "list each key once")
+        need(pos_int(self.n_groups), "n_groups", f"{self.n_groups!r} is not a positive int", "e.g. 8")
+
+        def pos_int_list(v):
+            return isinstance(v, list) and len(v) > 0 and all(pos_int(c) for c in v)
         need(set(self.obs_dims) == set(self.obs_keys), "obs_dims",
              f"keys {sorted(self.obs_dims)} do not match obs_keys {sorted(self.obs_keys)}",
              "give exactly one dimension per low-dim obs key")
@@ -129,7 +134,7 @@ class PolicyConfig:
                 need(isinstance(c, list) and len(c) == 2 and all(pos_int(v) and v >= 8 for v in c)
                      and c[0] <= s[0] and c[1] <= s[1], "image_crop", f"{c!r} is not [h, w] within {s[:2]}",
                      "use [h, w] with 8 <= h <= H and 8 <= w <= W, or null")
-            need(self.image_channels and all(pos_int(c) and c % self.n_groups == 0 for c in self.image_channels),
+            need(pos_int_list(self.image_channels) and all(c % self.n_groups == 0 for c in self.image_channels),
                  "image_channels", f"{self.image_channels!r} must be positive multiples of n_groups={self.n_groups}",
                  "adjust image_channels or n_groups")
             need(pos_int(self.image_num_keypoints), "image_num_keypoints", "must be a positive int", "e.g. 32")
@@ -144,7 +149,7 @@ class PolicyConfig:
              "lower n_action_steps / n_obs_steps or raise horizon")
         if self.kind == "diffusion":
             dd = self.down_dims
-            need(dd and all(pos_int(c) and c % self.n_groups == 0 for c in dd), "down_dims",
+            need(pos_int_list(dd) and all(c % self.n_groups == 0 for c in dd), "down_dims",
                  f"{dd!r} must be positive multiples of n_groups={self.n_groups}", "e.g. [64, 128, 256]")
             need(self.horizon % 2 ** (len(dd) - 1) == 0, "horizon",
                  f"{self.horizon} is not divisible by 2**(len(down_dims)-1) = {2 ** (len(dd) - 1)}",
@@ -155,13 +160,17 @@ class PolicyConfig:
             need(pos_int(self.num_train_timesteps), "num_train_timesteps", "must be a positive int", "e.g. 100")
             need(pos_int(self.num_inference_steps) and self.num_inference_steps <= self.num_train_timesteps,
                  "num_inference_steps", f"must be in 1..num_train_timesteps={self.num_train_timesteps}", "e.g. 10")
+            need(self.beta_schedule in BETA_SCHEDULES, "beta_schedule", f"{self.beta_schedule!r} unknown",
+                 f"use one of {list(BETA_SCHEDULES)}")
+            need(isinstance(self.clip_sample, bool), "clip_sample", f"{self.clip_sample!r} is not true/false",
+                 "use true (samples kept in [-1, 1], as Diffusion Policy) or false")
             need(self.prediction_type in PREDICTION_TYPES, "prediction_type", f"{self.prediction_type!r} unknown",
                  f"use one of {list(PREDICTION_TYPES)}")
             need(all(isinstance(v, (int, float)) for v in (self.ema_power, self.ema_max_decay))
                  and self.ema_power > 0 and 0 < self.ema_max_decay < 1, "ema_power",
                  "need ema_power > 0 and 0 < ema_max_decay < 1", "e.g. 0.75 and 0.9999")
         else:
-            need(self.bc_hidden and all(pos_int(h) for h in self.bc_hidden), "bc_hidden",
+            need(pos_int_list(self.bc_hidden), "bc_hidden",
                  f"{self.bc_hidden!r} is not a non-empty list of positive ints", "e.g. [256, 256]")
         return self
 

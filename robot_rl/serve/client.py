@@ -20,12 +20,14 @@ A client object is not thread-safe: use one per thread. ``token`` defaults to ``
 from __future__ import annotations
 
 import math
+import operator
 import os
 import random
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,7 +86,22 @@ def normalize_address(address: str) -> str:
     host, _, port = a[6:].rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError("server", f"{address!r} is not host:port", "use e.g. 127.0.0.1:5555")
+    if host.startswith("["):
+        ok = host.endswith("]") and ":" in host and all(c in "0123456789abcdefABCDEF:." for c in host[1:-1])
+    else:  # a host name or IPv4 address; IPv6 needs brackets, and '*' (bind-all) is not a place to connect to
+        ok = all(c.isalnum() or c in "-._" for c in host)
+    if not ok:
+        raise ConfigError("server", f"{address!r}: {host!r} is not a host name or address",
+                          "use e.g. 127.0.0.1:5555, robot-pc:5555 or [::1]:5555 (IPv6 in brackets)")
     return a
+
+
+def _timeout(field: str, value) -> float:
+    """A deadline in seconds: a finite number > 0. Raises ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not (math.isfinite(value) and value > 0):
+        raise ConfigError(field, f"{value!r} is not a finite number of seconds > 0", "pass e.g. 2.0")
+    return float(value)
 
 
 def prepare_frames(meta: dict, obs: dict, frames: bool = False) -> dict[str, np.ndarray]:
@@ -96,12 +113,19 @@ def prepare_frames(meta: dict, obs: dict, frames: bool = False) -> dict[str, np.
     a missing key, a wrong dtype or shape, or NaN/inf.
     """
     spec = meta["obs_spec"]
+    if not isinstance(obs, Mapping):
+        raise ConfigError("obs", f"expected a dict of arrays, got {type(obs).__name__}",
+                          f"pass {{key: array}} for the keys {sorted(spec)}")
     out = {}
     for k, s in spec.items():
         if k not in obs:
             raise ConfigError(f"obs['{k}']", f"missing (the server needs {sorted(spec)})",
                               "pass every key of the server's obs_spec")
-        a = np.asarray(obs[k])
+        try:
+            a = np.asarray(obs[k])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"obs['{k}']", f"not an array ({str(e).splitlines()[0]})",
+                              f"pass a numeric array of shape {s['shape']}") from None
         if s["dtype"] != a.dtype.name:
             if s["dtype"] == "float32" and a.dtype.kind in "fiu":
                 a = a.astype(np.float32)
@@ -114,6 +138,14 @@ def prepare_frames(meta: dict, obs: dict, frames: bool = False) -> dict[str, np.
     except P.ProtocolError as e:
         raise ConfigError(e.field, e.message, "send arrays matching the server's obs_spec (metadata())") from None
     return out
+
+
+def _int(field: str, value) -> int:
+    """An integer field of a request (numpy integers included). Raises ConfigError."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ConfigError(field, f"{value!r} is not an integer", f"pass an int {field}") from None
 
 
 class PolicyClient:
@@ -133,8 +165,7 @@ class PolicyClient:
                  max_reply_bytes: int = 256 * 2**20, context=None):
         import zmq
 
-        if not timeout_s > 0:
-            raise ConfigError("timeout_s", f"{timeout_s!r} <= 0", "pass a positive deadline in seconds")
+        timeout_s = _timeout("timeout_s", timeout_s)
         if not (isinstance(retries, int) and retries >= 0):
             raise ConfigError("retries", f"{retries!r} is not a non-negative int", "e.g. 2")
         self.zmq = zmq
@@ -189,7 +220,7 @@ class PolicyClient:
     def _call_many(self, payloads: dict[int, bytes], timeout_s: float | None) -> dict[int, dict]:
         """Send every payload, collect the replies by id. Raises ServerTimeout when the deadline passes."""
         zmq = self.zmq
-        timeout = self.timeout_s if timeout_s is None else float(timeout_s)
+        timeout = self.timeout_s if timeout_s is None else _timeout("timeout_s", timeout_s)
         t_start = time.monotonic()
         deadline = t_start + timeout
         per_attempt = timeout / (self.retries + 1)
@@ -282,8 +313,10 @@ class PolicyClient:
         for it in items:
             fr = self.prepare_frames(it["obs"], it.get("frames", False))
             rid = self._new_id()
-            body = dict(session=it["session"], step=int(it["step"]), obs=fr, reset=bool(it.get("reset", False)),
-                        seed=it.get("seed") if it.get("reset") else None,
+            step, seed = _int("step", it["step"]), it.get("seed")
+            seed = _int("seed", seed) if seed is not None else None
+            body = dict(session=it["session"], step=step, obs=fr, reset=bool(it.get("reset", False)),
+                        seed=seed if it.get("reset") else None,
                         new_chunk=bool(it.get("new_chunk", False)) or None)
             reqs.append((rid, body, fr))
         t0 = time.perf_counter()
