@@ -186,10 +186,6 @@ def _env_options(a, backends=(), randomization_required: bool = False) -> tuple[
     anything is loaded or written. Returns (task_kwargs, env_kwargs, randomization spec or None)."""
     from robot_rl.envs import check_env_options
 
-    for b in backends:
-        if b not in ("mujoco", "pybullet"):
-            raise ConfigError("backend", f"unknown backend {b!r}", "choose mujoco or pybullet")
-
     rnd = _randomization_arg(getattr(a, "randomization", None))
     sets = a.set or []
     if randomization_required or any(ov.startswith("randomization.") for ov in sets):
@@ -209,7 +205,8 @@ def _env_options(a, backends=(), randomization_required: bool = False) -> tuple[
     if "randomization" in env_kwargs or "backend" in env_kwargs:
         raise ConfigError("--set", "env.randomization / env.backend are not --set fields",
                           "use --randomization (and --backend where the command has it)")
-    check_env_options(a.task, task_kwargs, randomization=rnd, **env_kwargs)
+    for b in backends or (None,):
+        check_env_options(a.task, task_kwargs, backend=b, randomization=rnd, **env_kwargs)
     return task_kwargs, env_kwargs, rnd
 
 

@@ -25,7 +25,7 @@ from robot_rl.errors import ConfigError
 from robot_rl.kinematics import KinematicChain
 from robot_rl.randomization import Randomizer
 from robot_rl.scene import SceneSpec
-from robot_rl.tasks import Task, canonical_quat, make_task
+from robot_rl.tasks import Task, canonical_quat, is_real, make_task
 
 ROBOT_OBS_DIMS = {"joint_pos": 7, "joint_vel": 7, "ee_pos": 3, "ee_quat": 4, "gripper_width": 1}
 EE_QUAT_REF = np.array([1.0, 0.0, 0.0, 0.0])  # tool pointing down, yaw 0
@@ -81,9 +81,6 @@ class EnvConfig:
 def _normalised(cfg: dict) -> dict:
     """EnvConfig values converted to their field types (a camera name -> a 1-tuple, integral numbers -> int,
     numbers -> float, a controller dict -> ControllerConfig); ConfigError naming the field for anything else."""
-    def number(v):
-        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
     if "cameras" in cfg:
         c = cfg["cameras"]
         c = () if c is None else (c,) if isinstance(c, str) else c
@@ -93,18 +90,18 @@ def _normalised(cfg: dict) -> dict:
     for k in ("image_size", "render_size"):
         if k in cfg:
             v = cfg[k]
-            if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(number(x) and float(x).is_integer()
+            if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(is_real(x) and float(x).is_integer()
                                                                           for x in v)):
                 raise ConfigError(k, f"{v!r} is not an (H, W) pair of integers", f"use e.g. {k}=(96, 96)")
             cfg[k] = (int(v[0]), int(v[1]))
     for k in ("control_dt", "physics_dt", "init_joint_noise"):
         if k in cfg:
-            if not (number(cfg[k]) and np.isfinite(cfg[k])):
+            if not is_real(cfg[k]):
                 raise ConfigError(k, f"{cfg[k]!r} is not a number", f"use e.g. {k}={getattr(EnvConfig, k)}")
             cfg[k] = float(cfg[k])
     if cfg.get("max_steps") is not None:
         v = cfg["max_steps"]
-        if number(v) and float(v).is_integer():
+        if is_real(v) and float(v).is_integer():
             cfg["max_steps"] = int(v)
     if "controller" in cfg and not isinstance(cfg["controller"], ControllerConfig):
         c = cfg["controller"]

@@ -168,20 +168,22 @@ def make_task(name: str, **overrides) -> Task:
     return task
 
 
+def is_real(v) -> bool:
+    """A finite real number (Python or numpy int/float; not a bool)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+        and bool(np.isfinite(v))
+
+
 def _task_value(key: str, value, default):
     """An override converted to the default's kind: a number, or a (low, high) pair of numbers. Raises ConfigError."""
-    def number(v):
-        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
-            and np.isfinite(v)
-
     if isinstance(default, tuple):
-        if isinstance(value, (list, tuple, np.ndarray)) and len(value) == 2 and all(number(v) for v in value):
+        if isinstance(value, (list, tuple, np.ndarray)) and len(value) == 2 and all(is_real(v) for v in value):
             return (float(value[0]), float(value[1]))
         raise ConfigError(f"task.{key}", f"{value!r} is not a (low, high) range", "give two numbers, low <= high, "
                           f"e.g. {list(default)}")
-    if number(value) and isinstance(default, float):
+    if is_real(value) and isinstance(default, float):
         return float(value)
-    if number(value) and isinstance(default, int) and float(value).is_integer():
+    if is_real(value) and isinstance(default, int) and float(value).is_integer():
         return int(value)
     raise ConfigError(f"task.{key}", f"{value!r} is not {'an integer' if isinstance(default, int) else 'a number'}",
                       f"use e.g. {default!r}")

@@ -119,6 +119,12 @@ class InProcessSource:
         pass
 
 
+def _server_inputs(meta: dict) -> tuple[list[str], dict[str, tuple]]:
+    """(observation keys, {image key: (H, W)}) of a policy server, from its metadata."""
+    spec = meta["obs_spec"]
+    return list(spec), {k: tuple(s["shape"][:2]) for k, s in spec.items() if len(s["shape"]) == 3}
+
+
 class ServerSource:
     """One :class:`robot_rl.serve.client.PolicyClient` session per episode, one ``act`` per step (``execution:
     step``): the server answers from the session's chunk queue, with the residual evaluated on this step's
@@ -129,8 +135,7 @@ class ServerSource:
 
         self.client = PolicyClient(address, token=token, timeout_s=connect_timeout, retries=0)
         meta = self.client.wait_ready(connect_timeout)
-        self.keys = list(meta["obs_spec"])
-        self.image_shape = {k: tuple(s["shape"][:2]) for k, s in meta["obs_spec"].items() if len(s["shape"]) == 3}
+        self.keys, self.image_shape = _server_inputs(meta)
         self.name, self.seed, self.episode = name, seed, 0
         self.connect_timeout = connect_timeout
         self.session = None
@@ -182,8 +187,7 @@ class AsyncServerSource:
 
         with PolicyClient(address, token=token, timeout_s=connect_timeout, retries=0) as probe:
             meta = probe.wait_ready(connect_timeout)
-        self.keys = list(meta["obs_spec"])
-        self.image_shape = {k: tuple(s["shape"][:2]) for k, s in meta["obs_spec"].items() if len(s["shape"]) == 3}
+        self.keys, self.image_shape = _server_inputs(meta)
         self.session = f"{name}-{os.getpid()}-async"
         self.client = AsyncChunkClient(address, self.session, token=token, threshold=threshold,
                                        ensemble_decay=None if ensemble_decay < 0 else ensemble_decay,

@@ -115,15 +115,19 @@ def make_node():
             self.get_logger().info(f"recorder -> {self.store_path} ({self.task_name}, source {self.source}, "
                                    f"cameras {self.cameras}, privileged {self.privileged})")
 
-        def _queue(self, kind, m):
+        def _decode(self, kind, m):
+            """The action of message ``m``, or None (counted in ``bad_actions``) when it cannot be decoded."""
             try:
-                a = msg_to_action(m)
+                return msg_to_action(m)
             except ConfigError as e:
                 self.bad_actions += 1
                 self.get_logger().error(f"{kind} message ignored: {e}", throttle_duration_sec=2.0)
                 return None
-            self.queued[kind].append((time.monotonic(), a))
-            return a
+
+        def _queue(self, kind, m):
+            a = self._decode(kind, m)
+            if a is not None:
+                self.queued[kind].append((time.monotonic(), a))
 
         def _nearest(self, kind, t, default):
             """Value of ``kind`` received nearest to time ``t`` within half a control period, else ``default``."""
@@ -173,11 +177,8 @@ def make_node():
             """An executed action: pair it with the observation it acts on (see the module docstring)."""
             if self.buf is None:
                 return
-            try:
-                a = msg_to_action(m)
-            except ConfigError as e:
-                self.bad_actions += 1
-                self.get_logger().error(f"action message ignored: {e}", throttle_duration_sec=2.0)
+            a = self._decode("action", m)
+            if a is None:
                 return
             if not np.all(np.isfinite(a)):
                 self.bad_actions += 1  # the bridge rejects it too: nothing was executed

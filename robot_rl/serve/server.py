@@ -627,15 +627,10 @@ class EmbeddedServer:
         import secrets
         import threading
 
-        from robot_rl.policies.checkpoint import load_policy
-        from robot_rl.policies.residual import load_residual
-
-        base = load_policy(base_path, device=device)
-        res = load_residual(residual_path, base) if residual_path else None
         self.token = secrets.token_urlsafe(24)
         cfg = ServeConfig(host="127.0.0.1", port=0, token=self.token, control_rate_hz=control_rate_hz,
-                          allow_push=False).validate()
-        self.server = PolicyServer(PolicyService(base, res, cfg))
+                          allow_push=False)
+        self.server = load_server(base_path, residual_path, cfg, device)
         self.address = self.server.bind().removeprefix("tcp://")
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_ms": 20}, daemon=True,
                                        name="robot_rl-embedded-server")
@@ -644,6 +639,18 @@ class EmbeddedServer:
     def close(self) -> None:
         self.server.stop()
         self.thread.join(timeout=5.0)
+
+
+def load_server(base_path: str, residual_path: str | None, config: ServeConfig, device: str = "cpu") -> PolicyServer:
+    """Validate ``config``, load the base (+ residual) checkpoints and wrap them in an unbound :class:`PolicyServer`.
+    Raises ConfigError as :func:`serve`."""
+    from robot_rl.policies.checkpoint import load_policy
+    from robot_rl.policies.residual import load_residual
+
+    cfg = config.validate()
+    base = load_policy(base_path, device=device)
+    res = load_residual(residual_path, base) if residual_path else None
+    return PolicyServer(PolicyService(base, res, cfg))
 
 
 def serve(base_path: str, residual_path: str | None = None, config: ServeConfig | None = None, *,
@@ -655,14 +662,8 @@ def serve(base_path: str, residual_path: str | None = None, config: ServeConfig 
     """
     import signal
 
-    from robot_rl.policies.checkpoint import load_policy
-    from robot_rl.policies.residual import load_residual
-
-    cfg = (config or ServeConfig()).validate()
-    base = load_policy(base_path, device=device)
-    res = load_residual(residual_path, base) if residual_path else None
-    service = PolicyService(base, res, cfg)
-    server = PolicyServer(service)
+    server = load_server(base_path, residual_path, config or ServeConfig(), device)
+    cfg, service = server.cfg, server.service
     endpoint = server.bind()
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.token is None:
         print(f"robot-rl serve: warning: listening on {cfg.host} without a token: anyone who can reach this "
@@ -673,8 +674,9 @@ def serve(base_path: str, residual_path: str | None = None, config: ServeConfig 
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    ready(f"robot-rl serve: listening on {endpoint} (base {base.config.kind} {service.base_version}, residual "
-          f"{'v0 ' + service.residual_digest if res is not None else 'none'}, max_batch {cfg.max_batch}, "
+    ready(f"robot-rl serve: listening on {endpoint} (base {service.base.config.kind} {service.base_version}, "
+          f"residual {'v0 ' + service.residual_digest if service.residual is not None else 'none'}, "
+          f"max_batch {cfg.max_batch}, "
           f"window {cfg.batch_window_ms} ms, auth {'on' if cfg.token else 'off'})")
     sys.stdout.flush()
     server.serve_forever()
