@@ -223,6 +223,9 @@ class RobotEnv(gym.Env):
         return obs, float(success), success or failure, truncated, {"success": success, "failure": failure, "t": self.t}
 
     def render(self):
+        """``rgb_array``: the front camera at ``render_size``, uint8 (H, W, 3); None when ``render_mode`` is None."""
+        if self.render_mode is None:
+            return None
         H, W = self.cfg.render_size
         return self.backend.render("front", H, W)
 
@@ -259,6 +262,9 @@ def make_env(task: str = "place", backend: str = "mujoco", *, task_kwargs: dict 
     Raises:
         ConfigError: unknown task/backend/field or an impossible value.
     """
+    if render_mode not in RobotEnv.metadata["render_modes"] and render_mode is not None:
+        raise ConfigError("render_mode", f"unsupported {render_mode!r}",
+                          "use 'rgb_array' (env.render() returns uint8 H x W x 3) or None")
     t, cfg = check_env_options(task, task_kwargs, **cfg)
     return RobotEnv(t, backend, EnvConfig(**cfg), render_mode=render_mode)
 

@@ -111,11 +111,24 @@ def test_camera_observation():
     (dict(task="place", physics_dt=0.5), "physics_dt"),
     (dict(task="place", control_hz=10), "control_hz"),
     (dict(task="place", task_kwargs={"tolerance": 0.2}), "tolerance"),
+    (dict(task="place", render_mode="human"), "render_mode"),
 ])
 def test_bad_env_config(kwargs, field):
     with pytest.raises(ConfigError) as ei:
         make_env(**kwargs)
     assert field in str(ei.value)
+
+
+def test_render_modes():
+    e = make_env("place", render_size=(48, 64))
+    e.reset(seed=0)
+    img = e.render()
+    assert img.shape == (48, 64, 3) and img.dtype == np.uint8 and img.std() > 5
+    e.close()
+    e = make_env("place", render_mode=None)
+    e.reset(seed=0)
+    assert e.render() is None
+    e.close()
 
 
 def test_convertible_option_values_are_converted():

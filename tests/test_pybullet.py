@@ -1,6 +1,7 @@
 """Real PyBullet (and MuJoCo for parity): the PyBullet twin of the MuJoCo env.
 
-The >= 100-seed expert figures live in ``bench/bench_pybullet.py``; here 10 seeds per backend.
+The expert is checked over 100 seeds per backend and task here; ``bench/bench_pybullet.py`` prints the same
+figures with Wilson intervals, plus noisy-expert and contact measurements.
 """
 
 from pathlib import Path
@@ -79,14 +80,16 @@ def test_free_space_parity_within_5mm_rms():
     assert r["rms_m"] < 0.005, f"tool RMS distance {r['rms_m'] * 1e3:.2f} mm"
 
 
+@pytest.mark.parametrize("task", ["place", "lift"])
 @pytest.mark.parametrize("backend", ["mujoco", "pybullet"])
-def test_scripted_expert_place_both_backends(backend):
-    """>= 9 of 10 seeds at the default 1 cm tolerance (the >= 100-seed figure: bench/bench_pybullet.py)."""
-    e = make_env("place", backend=backend)
+def test_scripted_expert_succeeds_95_percent_over_100_seeds(task, backend):
+    """Issue acceptance: the scripted expert (no noise, default 1 cm ``place`` tolerance) succeeds on >= 95 of
+    100 seeds on each backend; reward 1 exactly on success. (~70 s for all four cases on 2 cores.)"""
+    e = make_env(task, backend=backend)
     wins = 0
-    for s in range(10):
+    for s in range(100):
         obs, _ = e.reset(seed=s)
-        ex = ScriptedExpert("place", seed=s)
+        ex = ScriptedExpert(task, seed=s)
         while True:
             obs, r, term, trunc, info = e.step(ex.act(obs))
             if term or trunc:
@@ -94,22 +97,7 @@ def test_scripted_expert_place_both_backends(backend):
         wins += info["success"]
         assert (r == 1.0) == info["success"]
     e.close()
-    assert wins >= 9, f"{backend}: {wins}/10"
-
-
-def test_scripted_expert_lift_pybullet():
-    e = make_env("lift", backend="pybullet")
-    wins = 0
-    for s in range(5):
-        obs, _ = e.reset(seed=s)
-        ex = ScriptedExpert("lift", seed=s)
-        while True:
-            obs, _, term, trunc, info = e.step(ex.act(obs))
-            if term or trunc:
-                break
-        wins += info["success"]
-    e.close()
-    assert wins == 5
+    assert wins >= 95, f"{task} on {backend}: {wins}/100"
 
 
 def test_render_parity_cube_centroid_within_3px(mj_env, pb_env):

@@ -327,6 +327,11 @@ def test_bad_requests_get_error_replies_and_server_survives(server):
         with pytest.raises(ConfigError) as e:  # client-side check before sending
             c.act("x", 0, {"ee_pos": np.zeros(4), "cube_pos": np.zeros(3)}, reset=True)
         assert "ee_pos" in e.value.field
+        good = {"ee_pos": np.zeros(3), "cube_pos": np.zeros(3)}
+        for bad_session in (7, "", "has space", "x" * 200):
+            with pytest.raises(ConfigError) as e:
+                c.act(bad_session, 0, good, reset=True)
+            assert e.value.field == "session"
         assert c.act("ok", 0, {"ee_pos": np.zeros(3), "cube_pos": np.zeros(3)}, reset=True).executed.shape == (4, 5)
         assert c.ping()["stats"]["errors"] >= len(cases)
     assert p.poll() is None

@@ -148,6 +148,14 @@ def _int(field: str, value) -> int:
         raise ConfigError(field, f"{value!r} is not an integer", f"pass an int {field}") from None
 
 
+def _session(value) -> str:
+    """A session id as the protocol accepts it (checked before anything is sent). Raises ConfigError."""
+    try:
+        return P.check_session(value)
+    except P.ProtocolError as e:
+        raise ConfigError("session", f"{value!r} {e.message}", "use e.g. 'robot0' or f'env{i}'") from None
+
+
 class PolicyClient:
     """Synchronous client of one policy server.
 
@@ -315,7 +323,7 @@ class PolicyClient:
             rid = self._new_id()
             step, seed = _int("step", it["step"]), it.get("seed")
             seed = _int("seed", seed) if seed is not None else None
-            body = dict(session=it["session"], step=step, obs=fr, reset=bool(it.get("reset", False)),
+            body = dict(session=_session(it["session"]), step=step, obs=fr, reset=bool(it.get("reset", False)),
                         seed=seed if it.get("reset") else None,
                         new_chunk=bool(it.get("new_chunk", False)) or None)
             reqs.append((rid, body, fr))
