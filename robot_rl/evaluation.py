@@ -192,12 +192,17 @@ def plot_learning_curve(curve: list[dict], path: str | Path, base_rate: float | 
 
 
 def write_report(out_dir: str | Path, results: dict[str, dict], extra: dict | None = None) -> tuple[str, str]:
-    """Write ``report.json`` and ``report.md`` (a table of success rates with Wilson intervals)."""
+    """Write ``report.json`` and ``report.md`` (a table of success rates with Wilson intervals), and
+    ``eval_per_episode.json`` (``{policy name: [{seed, success, length}, ...]}``) when the results carry
+    ``per_episode``. Returns the paths of the first two."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slim = {k: {kk: vv for kk, vv in v.items() if kk != "per_episode"} for k, v in results.items()}
     payload = {"results": slim, **(extra or {})}
     (out / "report.json").write_text(json.dumps(payload, indent=1, default=str))
+    per_episode = {k: v["per_episode"] for k, v in results.items() if "per_episode" in v}
+    if per_episode:
+        (out / "eval_per_episode.json").write_text(json.dumps(per_episode))
     lines = ["# robot_rl evaluation report", ""]
     for k, v in (extra or {}).items():
         if isinstance(v, (str, int, float)):

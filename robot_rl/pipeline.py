@@ -208,5 +208,4 @@ def run_pipeline(cfg: dict, out_dir: str | Path, progress: bool = True) -> dict:
              "timings_s": {k: round(v, 1) for k, v in timings.items()}, "figures": [fig], "videos": videos}
     results = {f"base ({base.config.kind})": r_base, "base + residual": r_res}
     write_report(out, results, extra)
-    (out / "eval_per_episode.json").write_text(json.dumps({k: v["per_episode"] for k, v in results.items()}))
     return {"results": results, **extra}
