@@ -86,6 +86,30 @@ def test_physics_parameters_reach_the_simulator_and_change_behaviour(backend):
     rand.close()
 
 
+def _step_response(backend, physics):
+    """Joints 2 and 4 moved after one control step towards a +0.2 rad target step (rad)."""
+    e = make_env("lift", backend, randomization={"physics": physics} if physics else None)
+    e.reset(seed=0)
+    q = np.array(e.backend.joint_state()[0])
+    target = q.copy()
+    target[[1, 3]] += 0.2
+    e.backend.set_targets(target, 0.04)
+    e.backend.step()
+    moved = (np.array(e.backend.joint_state()[0]) - q)[[1, 3]]
+    e.close()
+    return moved
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_servo_gain_and_damping_change_the_simulated_step_response(backend):
+    """What get_physics reports is what the simulator does: half the actuator gain moves the joints much less in
+    one control step; 20x joint damping slows them measurably."""
+    nominal = _step_response(backend, None)
+    assert np.all(nominal > 0.1)
+    assert np.all(_step_response(backend, {"actuator_gain": 0.5}) < 0.8 * nominal)
+    assert np.all(_step_response(backend, {"joint_damping": 20.0}) < nominal - 1e-3)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_save_restore_brings_back_the_episode_parameters(backend):
     """get_state/set_state carry the sample, latency buffers and noise generator: an exact continuation even after
@@ -157,7 +181,9 @@ def test_collected_episodes_store_their_randomization(tmp_path):
             progress=False)
     store = ZarrStore.open(tmp_path / "s.zarr")
     env = make_env("lift", "pybullet", randomization="default")
-    for m in store.episodes_meta():
+    metas = store.episodes_meta()
+    assert len(metas) == 2 and metas[0]["extra"]["randomization"] != metas[1]["extra"]["randomization"]
+    for m in metas:
         expect = env.reset(seed=m["seed"])[1]["randomization"]
         assert m["extra"]["randomization"] == expect and expect["physics"]["object_mass"] > 0
     env.close()

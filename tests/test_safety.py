@@ -80,8 +80,11 @@ def test_outside_box_only_moves_back(panda):
     q = np.array(r.q_home)  # tool z = 0.21 < 0.3: outside
     d0 = f.box_distance(q)
     assert d0 > 0
-    out, rep = f.filter(q + np.array([0, 0.1, 0, 0.1, 0, 0, 0]), q, 0.1)  # moves down/forward: refused
-    assert f.box_distance(out) <= d0 + 1e-12
+    step = np.array([0, 0.1, 0, 0.1, 0, 0, 0])
+    out, rep = f.filter(q + step, q, 0.1)  # moves down/forward, further out: refused
+    assert f.box_distance(out) <= d0 + 1e-12 and rep.clipped_workspace
+    out, rep = f.filter(q - step, q, 0.1)  # back towards the box: let through
+    assert np.any(out != q) and f.box_distance(out) < d0 - 1e-3
 
 
 def test_watchdog_and_estop():
