@@ -10,6 +10,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -79,6 +80,23 @@ def test_node_rejects_undeclared_parameters(path, tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if ": error: " in ln]
     assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
     assert f"has no parameter(s) ['{typo}'] -> did you mean '{typo[:-1]}'?" in errors[0], errors[0]
+
+
+def test_coerce_parameter_converts_to_the_declared_type():
+    """The conversion the nodes apply to every declared parameter (values come from YAML or ``-p``)."""
+    from robot_rl.errors import ConfigError
+    from robot_rl.ros.common import coerce_parameter
+
+    for value, default, want in [(20, 10.0, 20.0), ([0, 1], [0.5, 0.5], [0.0, 1.0]), (3.0, 0, 3), (True, False, True),
+                                 (5, "a", "5"), ((1, 2), [], [1, 2]), ([1.0, 2.0], [0], [1, 2])]:
+        got = coerce_parameter("p", value, default)
+        assert got == want and [type(v) for v in np.atleast_1d(got).tolist()] == [type(v) for v in
+                                                                                   np.atleast_1d(want).tolist()]
+        assert type(got) is type(want)
+    for value, default in [("abc", 1.0), (1.5, 0), (1, True), (True, 1.0), ([1.5], [0]), (1.0, [1.0]), (None, "a")]:
+        with pytest.raises(ConfigError) as e:
+            coerce_parameter("p", value, default)
+        assert e.value.field == "p"
 
 
 @pytest.mark.parametrize("arg, error", [

@@ -102,7 +102,11 @@ def test_nan_actions_rejected(ros):
     drv.wait_for(lambda: int(diags.get("policy_node: control loop", {}).get("rejected_actions", 0)) >= 3, 10,
                  "rejected_actions in the policy node's diagnostics")
     assert "/arm_bridge/action" not in drv.log
-    # a NaN action published straight to the bridge is refused: the bridge commands the measured posture
+    drv.wait_for(lambda: "arm_bridge: commands" in diags, 5, "bridge diagnostics")
+    assert int(diags["arm_bridge: commands"]["rejected"]) == 0  # nothing NaN reached the bridge
+    # a NaN action published straight to the bridge is refused: the bridge commands the measured posture (the NaN
+    # policy is deactivated first, so its hold requests cannot be what the bridge answers)
+    assert drv.lifecycle("policy_node", "deactivate")
     pub = drv.node.create_publisher(JointState, "/arm_bridge/action", COMMAND_QOS)
     drv.wait_for(lambda: pub.get_subscription_count() > 0, 10, "the bridge subscribing to our action topic")
     drv.subscribe(JointState, "/joint_states", COMMAND_QOS)
@@ -118,3 +122,6 @@ def test_nan_actions_rejected(ros):
     drv.wait_for(lambda: len(drv.log["/arm_controller/commands"]) > n1, 10, "hold after a NaN action")
     hold_cmd = np.array(drv.log["/arm_controller/commands"][n1][1].data)
     assert np.all(np.isfinite(hold_cmd)) and np.max(np.abs(hold_cmd - q_meas)) < 0.05  # the measured posture
+    drv.wait_for(lambda: int(diags["arm_bridge: commands"]["rejected"]) == 1
+                 and diags["arm_bridge: commands"]["hold_reason"] == "non-finite action", 5,
+                 "the bridge reporting the NaN action as rejected")
