@@ -7,6 +7,7 @@ training seeds (from ``robot_rl.rl.ppo.TRAIN_SEED_START``). The residual acts de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -58,7 +59,8 @@ class CombinedPolicy:
 def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_start: int = EVAL_SEED_START,
              n_envs: int = 4, task_kwargs: dict | None = None, env_kwargs: dict | None = None, seed: int = 0,
              progress: bool = True, desc: str = "eval", policy=None, backend: str = "mujoco") -> dict:
-    """Run ``n_episodes`` seeded episodes; returns {success_rate, ci95, successes, episodes, mean_length, seeds...}.
+    """Run ``n_episodes`` seeded episodes; returns {success_rate, ci95, successes, episodes, mean_length, seeds...}
+    plus ``backend`` and ``task_config`` (the task's fields, e.g. ``tolerance`` [m]) as the env workers report them.
 
     ``backend``: simulator of the envs (``mujoco`` / ``pybullet``; a ``"backend"`` key in ``env_kwargs`` wins);
     ``env_kwargs``: :class:`~robot_rl.envs.EnvConfig` fields (e.g. ``{"randomization": "default"}``).
@@ -77,6 +79,9 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     if base is not None:
         env_kwargs = env_kwargs_for(base.config, task, task_kwargs, env_kwargs)
     venv = make_vector_env(task, n_envs, backend, task_kwargs=task_kwargs, **env_kwargs)
+    # what the env workers were really built with (the report records these, not the arguments)
+    built_backend = venv.get_attr("backend_name")[0]
+    task_config = json.loads(json.dumps(dataclasses.asdict(venv.get_attr("task")[0])))
     pol = policy if policy is not None else CombinedPolicy(base, residual, n_envs, seed=seed)
     seeds = SeedSchedule(seed_start, n_episodes)
     cur = [seeds.take() for _ in range(n_envs)]
@@ -112,7 +117,7 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     lo, hi = wilson_interval(k, len(results))
     lengths = [r["length"] for r in results if r["length"] is not None]
     succ_len = [r["length"] for r in results if r["success"] and r["length"] is not None]
-    return {"task": task, "backend": backend, "episodes": len(results), "successes": int(k),
+    return {"task": task, "backend": built_backend, "task_config": task_config, "episodes": len(results), "successes": int(k),
             "success_rate": k / len(results),
             "ci95": [lo, hi], "mean_length": float(np.mean(lengths)) if lengths else None,
             "mean_success_length": float(np.mean(succ_len)) if succ_len else None,
@@ -213,6 +218,13 @@ def write_report(out_dir: str | Path, results: dict[str, dict], extra: dict | No
         lines.append(f"| {name} | {r['task']} | {r['episodes']} ({r['seed_range'][0]}–{r['seed_range'][1]}) | "
                      f"{r['success_rate']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
                      f"{r['mean_length']:.1f} |")
+    configs = {json.dumps(r["task_config"], sort_keys=True) for r in slim.values() if "task_config" in r}
+    for c in sorted(configs):
+        lines += ["", "Task settings (as the envs were built): " + ", ".join(
+            f"`{k}={v}`" for k, v in json.loads(c).items() if k not in ("derived_keys",))]
+    backends = sorted({r["backend"] for r in slim.values() if "backend" in r})
+    if backends:
+        lines += ["", "Simulator: " + ", ".join(backends)]
     for p in (extra or {}).get("figures", []):
         lines += ["", f"![{Path(p).stem}]({Path(p).name})"]
     vids = (extra or {}).get("videos", [])

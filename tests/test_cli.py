@@ -33,8 +33,11 @@ def test_tiny_pipeline_outputs(tiny_run):
     for v in rep["results"].values():
         assert v["episodes"] == 4 and 0.0 <= v["ci95"][0] <= v["success_rate"] <= v["ci95"][1] <= 1.0
     assert (tiny_run / "report.md").read_text().count("|") > 10
-    early = json.loads((tiny_run / "base_eval.json").read_text())  # written before the residual stage
-    assert early["success_rate"] == rep["results"]["base (diffusion)"]["success_rate"]
+    early = tiny_run / "base_eval.json"  # written before the residual stage starts
+    assert early.stat().st_mtime <= (tiny_run / "residual" / "checkpoint" / "model.safetensors").stat().st_mtime
+    assert json.loads(early.read_text())["successes"] == rep["results"]["base (diffusion)"]["successes"]
+    per = json.loads((tiny_run / "eval_per_episode.json").read_text())
+    assert [len(v) for v in per.values()] == [4, 4]
     assert (tiny_run / "learning_curve.png").stat().st_size > 1000
     vids = list((tiny_run / "videos").glob("*.mp4"))
     assert len(vids) == 2 and all(v.stat().st_size > 1000 for v in vids)
@@ -75,8 +78,9 @@ def test_eval_command_with_residual(tiny_run, tmp_path):
     r = run("eval", "--base", tiny_run / "base" / "checkpoint", "--out", tmp_path / "ev2", "--episodes", 2,
             "--n-envs", 1, "--videos", 0, "--backend", "pybullet", "--set", "task_kwargs.tolerance=0.004")
     assert r.returncode == 0, r.stderr[-2000:]
-    per = json.loads((tmp_path / "ev2" / "report.json").read_text())
-    assert "pybullet" in json.dumps(per) and "0.004" in (tmp_path / "ev2" / "config.yaml").read_text()
+    (res,) = json.loads((tmp_path / "ev2" / "report.json").read_text())["results"].values()
+    assert res["backend"] == "pybullet" and res["task_config"]["tolerance"] == 0.004  # as the env workers report
+    assert "`tolerance=0.004`" in (tmp_path / "ev2" / "report.md").read_text()
 
 
 def test_image_policy_collect_train_eval(tmp_path):
