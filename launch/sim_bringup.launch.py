@@ -20,12 +20,15 @@ def generate_launch_description():
     server = LaunchConfiguration("server")
     use_sim_time = LaunchConfiguration("use_sim_time")
     task = LaunchConfiguration("task")
+    execution = LaunchConfiguration("execution")
     return LaunchDescription([
         DeclareLaunchArgument("task", default_value="place", description="lift | place (scene, observation keys)"),
         DeclareLaunchArgument("backend", default_value="pybullet", description="mujoco | pybullet"),
         DeclareLaunchArgument("checkpoint", default_value="", description="base checkpoint (in-process policy)"),
         DeclareLaunchArgument("server", default_value="", description="policy server host:port (instead)"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="follow /clock"),
+        DeclareLaunchArgument("execution", default_value="step",
+                              description="step | async (chunks requested in the background, temporally ensembled)"),
         Node(executable="robot-rl-sim-robot", name="sim_robot", output="screen",
              parameters=[os.path.join(CONFIG, "sim_robot.yaml"),
                          {"backend": backend, "task": task, "publish_clock": use_sim_time}]),
@@ -33,6 +36,6 @@ def generate_launch_description():
              parameters=[os.path.join(CONFIG, "arm_bridge.yaml"), {"use_sim_time": use_sim_time}]),
         Node(executable="robot-rl-policy-node", name="policy_node", output="screen",
              parameters=[os.path.join(CONFIG, "policy_node.yaml"),
-                         {"checkpoint": checkpoint, "server": server, "task": task,
+                         {"checkpoint": checkpoint, "server": server, "task": task, "execution": execution,
                           "use_sim_time": use_sim_time}]),
     ])

@@ -52,7 +52,8 @@ def cmd_train_base(a):
         raise ConfigError("policy", f"{a.policy!r} is not a mapping of PolicyConfig fields",
                           "pass e.g. --policy '{down_dims: [32, 64, 128], n_action_steps: 8}'")
     cfg = BaseTrainConfig(kind=a.kind, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                          obs_keys=a.obs_keys or [], image_keys=a.image_keys or [], policy=policy)
+                          obs_keys=a.obs_keys or [], image_keys=a.image_keys or [], policy=policy,
+                          only_success=a.only_success, sources=a.sources or [])
     writers = []
 
     def on_start():  # input validated: now write the config and open TensorBoard
@@ -90,6 +91,16 @@ def cmd_train_residual(a):
     print(json.dumps({"checkpoint": str(ck), "last": curve[-1]}, indent=1))
 
 
+def _record_store(a):
+    """``eval --record STORE``: the store the evaluated episodes are appended to (created when missing), or None."""
+    if not a.record:
+        return None
+    from robot_rl.store import ZarrStore
+
+    p = Path(a.record)
+    return ZarrStore.open(p, mode="a") if p.exists() else ZarrStore.create(p)
+
+
 def cmd_eval(a):
     _check_counts(a, episodes=1, n_envs=1, videos=0)
     task_kwargs, env_kwargs = _env_kwargs(a, backends=(a.backend,))
@@ -104,15 +115,18 @@ def cmd_eval(a):
     base = load_policy(a.base)
     res = load_residual(a.residual, base) if a.residual else None
     out = Path(a.out)
+    store = _record_store(a)
     _write_cfg(out, a)
     r = evaluate(base, a.task, residual=res, n_episodes=a.episodes, n_envs=a.n_envs, seed_start=a.seed_start,
-                 task_kwargs=task_kwargs, env_kwargs=env_kwargs, backend=a.backend)
+                 task_kwargs=task_kwargs, env_kwargs=env_kwargs, backend=a.backend, record=store,
+                 record_extra={"policy": {"base": str(a.base), "residual": str(a.residual or "")}})
     vids = record_videos(base, a.task, out / "videos", residual=res, task_kwargs=task_kwargs, backend=a.backend,
                          env_kwargs=env_kwargs, seeds=range(a.seed_start, a.seed_start + a.videos)) if a.videos else []
     name = "base + residual" if res is not None else "base"
     write_report(out, {name: r}, {"videos": vids})
     print(f"{name}: success {r['success_rate']:.3f} 95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
-          f"over {r['episodes']} episodes; report in {out / 'report.md'}")
+          f"over {r['episodes']} episodes; report in {out / 'report.md'}"
+          + (f"; episodes recorded to {a.record} (source: policy)" if a.record else ""))
 
 
 def _eval_server(a, task_kwargs: dict, env_kwargs: dict):
@@ -127,10 +141,13 @@ def _eval_server(a, task_kwargs: dict, env_kwargs: dict):
     try:
         meta = client.metadata()
         out = Path(a.out)
+        store = _record_store(a)
         _write_cfg(out, a)
         pol = RemotePolicy(client, min(a.n_envs, a.episodes), seed=0)
         r = evaluate(None, a.task, n_episodes=a.episodes, n_envs=a.n_envs, seed_start=a.seed_start, policy=pol,
-                     task_kwargs=task_kwargs, env_kwargs=env_kwargs, backend=a.backend)
+                     task_kwargs=task_kwargs, env_kwargs=env_kwargs, backend=a.backend, record=store,
+                     record_extra={"policy": {"server": a.server, "base_version": meta["base"]["version"],
+                                              "residual_version": meta["residual"]["version"]}})
         pol.close()
         vids = []
         if a.videos:
@@ -149,7 +166,8 @@ def _eval_server(a, task_kwargs: dict, env_kwargs: dict):
     write_report(out, {name: r}, {"videos": vids, "server": a.server, "base_version": meta["base"]["version"],
                                   "residual_version": res["version"]})
     print(f"{name}: success {r['success_rate']:.3f} 95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] "
-          f"over {r['episodes']} episodes; report in {out / 'report.md'}")
+          f"over {r['episodes']} episodes; report in {out / 'report.md'}"
+          + (f"; episodes recorded to {a.record} (source: policy)" if a.record else ""))
 
 
 def cmd_serve(a):
@@ -323,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--obs-keys", nargs="*")
     t.add_argument("--image-keys", nargs="*")
     t.add_argument("--policy", help="YAML/JSON dict of PolicyConfig overrides, e.g. '{horizon: 16}'")
+    t.add_argument("--only-success", action="store_true", help="train on successful episodes only")
+    t.add_argument("--sources", nargs="*", metavar="SOURCE",
+                   help="episode sources to train on: scripted teleop policy intervention (default: all)")
     t.set_defaults(func=cmd_train_base)
 
     r = sub.add_parser("train-residual", help="residual PPO on top of a frozen base")
@@ -351,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--videos", type=int, default=3)
     e.add_argument("--backend", default="mujoco", help="simulator to evaluate in: mujoco | pybullet")
     e.add_argument("--randomization", help="evaluate under domain randomization: a preset (default) or a YAML dict")
+    e.add_argument("--record", metavar="STORE", help="append every evaluated episode to this zarr store (source: "
+                   "policy; created when missing), e.g. to train the next base on successful rollouts")
     e.add_argument("--set", action="append", help=SET_HELP)
     e.set_defaults(func=cmd_eval)
 

@@ -58,7 +58,8 @@ class CombinedPolicy:
 
 def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_start: int = EVAL_SEED_START,
              n_envs: int = 4, task_kwargs: dict | None = None, env_kwargs: dict | None = None, seed: int = 0,
-             progress: bool = True, desc: str = "eval", policy=None, backend: str = "mujoco") -> dict:
+             progress: bool = True, desc: str = "eval", policy=None, backend: str = "mujoco", record=None,
+             record_extra: dict | None = None) -> dict:
     """Run ``n_episodes`` seeded episodes; returns {success_rate, ci95, successes, episodes, mean_length, seeds...}
     plus ``backend`` and ``task_config`` (the task's fields, e.g. ``tolerance`` [m]) as the env workers report them.
 
@@ -67,6 +68,13 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
 
     ``policy``: an object with CombinedPolicy's reset/observe/act for ``n_envs`` envs used instead of
     ``CombinedPolicy(base, residual)`` (e.g. :class:`robot_rl.serve.client.RemotePolicy`; then ``base`` may be None).
+
+    ``record``: a :class:`~robot_rl.store.ZarrStore` open for appending: every evaluated episode is committed to it as
+    it ends (source ``policy``; the observations the policy saw and the actions sent to the env, (o_t, a_t) as in
+    scripted collection; metadata: seed, success, backend, reset parameters, randomization sample, plus
+    ``record_extra``), so rollouts feed the next round of base training (the design's rollouts -> store loop).
+    Raises ConfigError when the rollouts do not fit the store's schema (checked on the first episode; nothing is
+    written then).
     """
     if n_episodes < 1:
         raise ConfigError("episodes", f"{n_episodes} < 1", "evaluate at least one episode")
@@ -89,15 +97,29 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     obs = reset_some(venv, active, cur, None)
     pol.reset(active, obs)
     results = []
+    steps: list[dict] = [{} for _ in range(n_envs)]  # the running episode of each env (only when recording)
     bar = tqdm(total=n_episodes, desc=desc, unit="ep", disable=not progress)
     try:
         while active.any():
             a = pol.act(obs)
+            if record is not None:
+                for i in np.flatnonzero(active):
+                    for k, v in (*obs.items(), ("action", a)):
+                        steps[i].setdefault(k, []).append(np.array(v[i]))
             obs, _, term, trunc, info = venv.step(a)
             done = np.logical_or(term, trunc) & active
             if done.any():
+                if record is not None:
+                    params, rnd = venv.get_attr("params"), venv.get_attr("randomization")
                 for i in np.flatnonzero(done):
                     results.append({"seed": cur[i], "success": bool(info["success"][i]), "length": int(info["t"][i])})
+                    if record is not None:
+                        record.add_episode({k: np.stack(v) for k, v in steps[i].items()}, seed=int(cur[i]),
+                                           task=task, source="policy", success=bool(info["success"][i]),
+                                           backend=built_backend, extra={"params": params[i],
+                                                                         "randomization": rnd[i],
+                                                                         **(record_extra or {})})
+                        steps[i] = {}
                     cur[i] = seeds.take()
                     if cur[i] is None:
                         active[i] = False

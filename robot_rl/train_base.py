@@ -29,7 +29,9 @@ DEFAULT_OBS_KEYS = {"place": ["ee_pos", "ee_quat", "gripper_width", "cube_pos", 
 
 @dataclass
 class BaseTrainConfig:
-    """steps: gradient steps; batch_size; lr; weight_decay; warmup_steps; val_ratio: fraction of episodes held out."""
+    """steps: gradient steps; batch_size; lr; weight_decay; warmup_steps; val_ratio: fraction of episodes held out;
+    only_success: train on successful episodes only; sources: episode sources to train on (``scripted``, ``teleop``,
+    ``policy``, ``intervention``; empty = all) — e.g. demos plus successful policy rollouts (``eval --record``)."""
 
     kind: str = "diffusion"
     obs_keys: list = field(default_factory=list)
@@ -43,6 +45,28 @@ class BaseTrainConfig:
     val_every: int = 500
     seed: int = 0
     policy: dict = field(default_factory=dict)  # PolicyConfig overrides (horizon, down_dims, ...)
+    only_success: bool = False
+    sources: list = field(default_factory=list)
+
+
+def select_episodes(store: ZarrStore, only_success: bool = False, sources=()) -> np.ndarray:
+    """Indices of the committed episodes that pass the filters (all when none is set). Raises ConfigError for an
+    unknown source or when fewer than 2 episodes remain."""
+    from robot_rl.store import SOURCES
+
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    for s in sources:
+        if s not in SOURCES:
+            raise ConfigError("sources", f"unknown episode source {s!r}", f"use some of {list(SOURCES)}")
+    metas = store.episodes_meta()
+    keep = [i for i, m in enumerate(metas)
+            if (m["success"] or not only_success) and (not sources or m["source"] in sources)]
+    if len(keep) < 2:
+        have = sorted({(m["source"], bool(m["success"])) for m in metas})
+        raise ConfigError("sources" if sources else "only_success",
+                          f"{len(keep)} of {len(metas)} episodes pass the filter (the store has (source, success) "
+                          f"{have})", "relax the filter or collect more episodes")
+    return np.asarray(keep, dtype=np.int64)
 
 
 def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig, *, writer=None,
@@ -79,7 +103,8 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
         "obs_dims": {k: int(np.prod(schema[k]["shape"])) for k in cfg.obs_keys},
         "image_keys": list(cfg.image_keys), "image_shape": image_shape,
         "action_dim": int(schema["action"]["shape"][0]), **cfg.policy})
-    train_eps, val_eps = split_episodes(store.n_episodes, cfg.val_ratio, cfg.seed)
+    eligible = select_episodes(store, cfg.only_success, list(cfg.sources))
+    train_eps, val_eps = (eligible[i] for i in split_episodes(len(eligible), cfg.val_ratio, cfg.seed))
     stats = compute_normalization(store, [*cfg.obs_keys, "action"], train_eps)
     keys = [*cfg.obs_keys, *cfg.image_keys, "action"]
     obs = [*cfg.obs_keys, *cfg.image_keys]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CLI = [sys.executable, "-m", "robot_rl.cli"]
@@ -81,6 +82,40 @@ def test_eval_command_with_residual(tiny_run, tmp_path):
     (res,) = json.loads((tmp_path / "ev2" / "report.json").read_text())["results"].values()
     assert res["backend"] == "pybullet" and res["task_config"]["tolerance"] == 0.004  # as the env workers report
     assert "`tolerance=0.004`" in (tmp_path / "ev2" / "report.md").read_text()
+
+
+def test_eval_records_rollouts_that_train_base_can_select(tiny_run, tmp_path):
+    """The rollouts -> store loop: `eval --record` appends every evaluated episode (source policy) to a demo store;
+    `train-base --sources policy --only-success` trains on the successful ones only."""
+    import shutil
+
+    from robot_rl.store import ZarrStore
+
+    store = tmp_path / "demos.zarr"
+    shutil.copytree(tiny_run / "demos.zarr", store)
+    n_demos = ZarrStore.open(store).n_episodes
+    fixture = Path(__file__).parent / "fixtures" / "place_bc_mujoco"  # a base that succeeds on place
+    r = run("eval", "--base", fixture, "--out", tmp_path / "ev", "--episodes", 3, "--n-envs", 2, "--videos", 0,
+            "--record", store)
+    assert r.returncode == 0, r.stderr[-2000:]
+    st = ZarrStore.open(store)
+    assert [p for p in st.validate() if p.startswith("error")] == []
+    per = json.loads((tmp_path / "ev" / "eval_per_episode.json").read_text())["base"]
+    new = [st.episode_meta(i) for i in range(n_demos, st.n_episodes)]
+    assert sorted((m["seed"], m["success"], m["length"]) for m in new) == \
+        sorted((e["seed"], e["success"], e["length"]) for e in per)
+    assert {m["source"] for m in new} == {"policy"} and new[0]["extra"]["policy"]["base"] == str(fixture)
+    ep = st.get_episode(n_demos)
+    assert np.abs(ep["action"]).max() > 0.1 and not ep["intervention"].any()
+    wins = sum(e["success"] for e in per)
+    assert wins >= 2, per
+    r = run("train-base", "--store", store, "--out", tmp_path / "b", "--kind", "bc", "--steps", 3, "--batch-size", 8,
+            "--sources", "policy", "--only-success")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["train_episodes"] + summary["val_episodes"] == wins
+    r = run("train-base", "--store", store, "--out", tmp_path / "b2", "--sources", "robot")
+    assert r.returncode == 2 and "sources" in r.stderr and not (tmp_path / "b2").exists()
 
 
 def test_image_policy_collect_train_eval(tmp_path):
