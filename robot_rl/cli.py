@@ -97,8 +97,7 @@ def _record_store(a):
         return None
     from robot_rl.store import ZarrStore
 
-    p = Path(a.record)
-    return ZarrStore.open(p, mode="a") if p.exists() else ZarrStore.create(p)
+    return ZarrStore.open_or_create(a.record)
 
 
 def cmd_eval(a):

@@ -57,7 +57,7 @@ def collect(store_path: str | Path, task: str, n_episodes: int, *, seed: int = 0
     # bad input fails before the store is touched (an --overwrite would otherwise already have emptied it)
     check_env_options(task, None, backend=backend, cameras=tuple(cameras), image_size=tuple(image_size),
                       randomization=randomization)
-    store = ZarrStore.open(path, mode="a") if (path.exists() and not overwrite) else ZarrStore.create(path, overwrite=overwrite)
+    store = ZarrStore.open_or_create(path, overwrite=overwrite)
     env = make_env(task, backend, cameras=tuple(cameras), image_size=tuple(image_size), randomization=randomization)
     expert = ScriptedExpert(task, noise=noise, bias=bias, pos_scale=env.controller.cfg.pos_scale,
                             yaw_scale=env.controller.cfg.yaw_scale)

@@ -166,6 +166,14 @@ class ZarrStore:
         return cls(path, root, "a")
 
     @classmethod
+    def open_or_create(cls, path: str | os.PathLike, overwrite: bool = False) -> "ZarrStore":
+        """The store at ``path`` open for appending (mode ``"a"``), created when missing (or, with ``overwrite``,
+        replaced: see :meth:`create`). Raises ConfigError as :meth:`open` / :meth:`create`."""
+        if Path(path).exists() and not overwrite:
+            return cls.open(path, mode="a")
+        return cls.create(path, overwrite=overwrite)
+
+    @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> "ZarrStore":
         """Open an existing store. ``mode="a"`` repairs a torn tail (see module doc) before returning.
 

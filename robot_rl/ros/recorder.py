@@ -242,10 +242,7 @@ def make_node():
                                           "Hz: the stored steps follow the sender's rate")
             source = "intervention" if data["intervention"].any() and self.source != "scripted" else self.source
             try:
-                from pathlib import Path
-
-                p = Path(self.store_path)
-                store = ZarrStore.open(p, mode="a") if p.exists() else ZarrStore.create(p)
+                store = ZarrStore.open_or_create(self.store_path)
                 idx = store.add_episode(
                     data, seed=int(info.get("seed", -1)), task=self.task_name, source=source,
                     success=bool(self.success), backend=str(info.get("backend", self.backend_label)),
