@@ -18,7 +18,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import mujoco
 import numpy as np
 
-from robot_rl.envs import make_env
+from robot_rl.envs.env import make_env
 
 
 def env_block(env, acts, seed0):

@@ -25,12 +25,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import pybullet as p  # noqa: E402
 
-from robot_rl.backend import make_backend  # noqa: E402
-from robot_rl.envs import make_env  # noqa: E402
-from robot_rl.evaluation import wilson_interval  # noqa: E402
-from robot_rl.experts import ScriptedExpert  # noqa: E402
-from robot_rl.sim.parity import cube_centroid_difference, free_space_parity, scene_for  # noqa: E402
-from robot_rl.tasks import CUBE, make_task  # noqa: E402
+from robot_rl.sim.backend import make_backend  # noqa: E402
+from robot_rl.envs.env import make_env  # noqa: E402
+from robot_rl.stages.evaluation import wilson_interval  # noqa: E402
+from robot_rl.envs.experts import ScriptedExpert  # noqa: E402
+from parity import cube_centroid_difference, free_space_parity, scene_for  # noqa: E402
+from robot_rl.envs.tasks import CUBE, make_task  # noqa: E402
 
 
 def env_rate(env, steps: int) -> float:

@@ -12,7 +12,7 @@ part is the difference.
 
 ``success``: ``--episodes`` episodes of ``place`` on sim_robot with ``--backend`` (default pybullet) driven by the
 policy node with ``--checkpoint`` (trained in MuJoCo), over ROS; reference in the same run: the in-process
-``robot_rl.evaluation.evaluate`` on the same backend and seeds.
+``robot_rl.stages.evaluation.evaluate`` on the same backend and seeds.
 
     python bench/bench_ros.py latency --seconds 30
     python bench/bench_ros.py success --checkpoint runs/place3mm_bc/base/checkpoint --episodes 20
@@ -49,8 +49,8 @@ def bench_latency(a):
     import torch
     from std_msgs.msg import Float64
 
-    from robot_rl.envs import make_env
-    from robot_rl.evaluation import CombinedPolicy
+    from robot_rl.envs.env import make_env
+    from robot_rl.stages.evaluation import CombinedPolicy
     from robot_rl.policies.checkpoint import load_policy
     from robot_rl.ros.common import COMMAND_QOS
     from test_ros_faults import image_policy
@@ -119,7 +119,7 @@ def bench_success(a):
     from std_msgs.msg import Bool
     from std_srvs.srv import Trigger
 
-    from robot_rl.evaluation import evaluate
+    from robot_rl.stages.evaluation import evaluate
     from robot_rl.policies.checkpoint import load_policy
     from robot_rl.ros.common import COMMAND_QOS
 
@@ -162,7 +162,7 @@ def bench_success(a):
         for p in reversed(procs):
             p.stop()
         drv.close()
-    from robot_rl.evaluation import wilson_interval
+    from robot_rl.stages.evaluation import wilson_interval
 
     k = sum(res)
     out = {"backend": a.backend, "interface": a.interface, "execution": a.execution, "episodes": len(res), "ros_successes": k,

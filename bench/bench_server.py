@@ -1,6 +1,6 @@
 """Policy-server latency and throughput over loopback, each beside the in-process call measured in the same run.
 
-A real server process (``python -m robot_rl.serve.server``, 1 torch thread) serves the default diffusion config of
+A real server process (``python -m robot_rl.cli serve``, 1 torch thread) serves the default diffusion config of
 ``bench_inference.py`` (state obs dim 30, action dim 5, U-Net 64/128/256, DDIM 10 steps) plus a residual MLP
 (256, 256); clients are threads of this process, one :class:`PolicyClient` and one session each.
 
@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robot_rl.evaluation import CombinedPolicy
+from robot_rl.stages.evaluation import CombinedPolicy
 from robot_rl.policies.base import PolicyConfig, make_policy
 from robot_rl.policies.checkpoint import save_policy
-from robot_rl.policies.residual import ResidualConfig, ResidualPolicy, save_residual
+from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, save_residual
 from robot_rl.serve.client import PolicyClient
 
 OBS, ACT = 30, 5
@@ -40,7 +40,7 @@ OBS, ACT = 30, 5
 
 def start_server(base, res, *extra) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "robot_rl.serve.server", "--checkpoint", base, "--residual", res,
+    p = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "serve", "--checkpoint", base, "--residual", res,
                           "--port", "0", "--threads", "1", *map(str, extra)], stdout=subprocess.PIPE, text=True,
                          env=env)
     m = re.search(r"listening on tcp://([\d.]+:\d+)", p.stdout.readline())

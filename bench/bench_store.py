@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robot_rl.sampler import SequenceSampler, WindowDataset
-from robot_rl.store import ZarrStore
+from robot_rl.datasets.sampler import SequenceSampler, WindowDataset
+from robot_rl.datasets.store import ZarrStore
 
 
 def synthetic_episode(i: int, T: int, hw: int = 96, noise: int = 0) -> dict[str, np.ndarray]:

@@ -1,9 +1,9 @@
 """``arm_bridge`` node: end-effector delta actions -> joint targets for a ros2_control arm, through the safety filter.
 
-The SAME :class:`~robot_rl.controller.DiffIKController` as the simulated envs (robot model read from the URDF by
-:class:`~robot_rl.kinematics.KinematicChain`) turns each 5-D action (env units: x/y/z x ``pos_scale`` m, yaw x
+The SAME :class:`~robot_rl.robot.controller.DiffIKController` as the simulated envs (robot model read from the URDF by
+:class:`~robot_rl.robot.kinematics.KinematicChain`) turns each 5-D action (env units: x/y/z x ``pos_scale`` m, yaw x
 ``yaw_scale`` rad per control step, gripper -1 open ... +1 closed) into joint-position targets from the measured
-joint positions; :class:`~robot_rl.safety.SafetyFilter` then enforces URDF position/velocity limits, a per-step
+joint positions; :class:`~robot_rl.robot.safety.SafetyFilter` then enforces URDF position/velocity limits, a per-step
 delta cap and the tool workspace box, and the result goes to the configured controller.
 
 Subscribes
@@ -35,11 +35,11 @@ from collections import deque
 
 import numpy as np
 
-from robot_rl.controller import ControllerConfig, DiffIKController
+from robot_rl.robot.controller import ControllerConfig, DiffIKController
 from robot_rl.errors import ConfigError
 from robot_rl.ros.common import (COMMAND_QOS, JointStateCache, declare, declare_safety, diagnostic, msg_to_action,
                                  now_sec, robot_model, run_node, sec_to_duration, sec_to_stamp, stamp_to_sec)
-from robot_rl.safety import EStopLatch, JointLimits, SafetyFilter, Watchdog
+from robot_rl.robot.safety import EStopLatch, JointLimits, SafetyFilter, Watchdog
 
 
 def make_node():

@@ -33,7 +33,7 @@ starts at the current command at the trajectory start (header.stamp, or the rece
 interpolated between points by ``time_from_start``; after the last point the last position is held; a new
 trajectory replaces the active one; an empty trajectory holds the measured position.
 
-Safety (:mod:`robot_rl.safety`, the same filter and parameters as ``arm_bridge``, like a robot's own limit layer):
+Safety (:mod:`robot_rl.robot.safety`, the same filter and parameters as ``arm_bridge``, like a robot's own limit layer):
 non-finite commands are refused and logged; ``/commands`` targets are kept inside the URDF position limits (minus
 ``joint_margin``), within ``velocity_scale`` x the URDF velocity limits over ``command_period`` and
 ``max_joint_delta`` of the measured posture, and with the tool inside the ``workspace_low/high`` box; trajectory
@@ -60,7 +60,7 @@ from robot_rl.ros.common import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, camera_in
                                  diagnostic,
                                  duration_to_sec, image_to_msg, json_param, pose_msg, run_node, sec_to_stamp,
                                  stamp_to_sec)
-from robot_rl.safety import EStopLatch, JointLimits, SafetyFilter, Watchdog
+from robot_rl.robot.safety import EStopLatch, JointLimits, SafetyFilter, Watchdog
 
 
 class TrajectoryFollower:
@@ -113,8 +113,8 @@ def make_node():
     from std_srvs.srv import Trigger
     from trajectory_msgs.msg import JointTrajectory
 
-    from robot_rl.envs import make_env
-    from robot_rl.scene import SceneSpec
+    from robot_rl.envs.env import make_env
+    from robot_rl.robot.scene import SceneSpec
 
     class SimRobot(Node):
         def __init__(self):
@@ -156,7 +156,7 @@ def make_node():
             self.cam_specs = known
             self.arm_joints, self.finger_joints = list(self.spec.arm_joints), list(self.spec.finger_joints)
             self.limits = JointLimits.from_urdf(self.spec.urdf, self.arm_joints)
-            # the robot-side limit layer (robot_rl.safety, as in arm_bridge): streamed /commands are filtered
+            # the robot-side limit layer (robot_rl.robot.safety, as in arm_bridge): streamed /commands are filtered
             # against the measured posture (position limits, velocity over command_period, per-command delta cap,
             # tool box) and held at the measured posture by the watchdog when they stop; trajectory points get
             # the same checks knot to knot (velocity over their time difference, no per-command cap); a latched

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from robot_rl.controller import ControllerConfig
+from robot_rl.robot.controller import ControllerConfig
 from robot_rl.ros.common import (COMMAND_QOS, action_to_msg, declare, msg_to_action, run_node)
 
 

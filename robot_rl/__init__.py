@@ -2,7 +2,7 @@
 
 import os as _os
 
-# MuJoCo picks its OpenGL platform when it is first imported (robot_rl.kinematics imports it): headless EGL unless
+# MuJoCo picks its OpenGL platform when it is first imported (robot_rl.robot.kinematics imports it): headless EGL unless
 # the user chose one (osmesa, glfw).
 _os.environ.setdefault("MUJOCO_GL", "egl")
 

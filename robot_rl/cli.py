@@ -33,7 +33,7 @@ def _check_counts(a, **minimum) -> None:
 
 
 def cmd_collect(a):
-    from robot_rl.collect import collect
+    from robot_rl.stages.collect import collect
 
     r = collect(a.store, a.task, a.episodes, seed=a.seed, noise=a.noise, bias=a.bias, backend=a.backend,
                 cameras=a.cameras, image_size=(a.image_size, a.image_size), overwrite=a.overwrite,
@@ -44,7 +44,7 @@ def cmd_collect(a):
 def cmd_train_base(a):
     from torch.utils.tensorboard import SummaryWriter
 
-    from robot_rl.train_base import BaseTrainConfig, train_base
+    from robot_rl.stages.train_base import BaseTrainConfig, train_base
 
     out = Path(a.out)
     policy = _yaml_arg("policy", a.policy, "'{down_dims: [32, 64, 128]}'") if a.policy else {}
@@ -72,9 +72,9 @@ def cmd_train_base(a):
 def cmd_train_residual(a):
     from torch.utils.tensorboard import SummaryWriter
 
-    from robot_rl.evaluation import plot_learning_curve
+    from robot_rl.stages.evaluation import plot_learning_curve
     from robot_rl.policies.checkpoint import load_policy
-    from robot_rl.policies.residual import save_residual
+    from robot_rl.rl.residual import save_residual
     from robot_rl.rl.ppo import PPOConfig, train_residual
 
     out = Path(a.out)
@@ -95,7 +95,7 @@ def _record_store(a):
     """``eval --record STORE``: the store the evaluated episodes are appended to (created when missing), or None."""
     if not a.record:
         return None
-    from robot_rl.store import ZarrStore
+    from robot_rl.datasets.store import ZarrStore
 
     return ZarrStore.open_or_create(a.record)
 
@@ -107,9 +107,9 @@ def cmd_eval(a):
         return _eval_server(a, task_kwargs, env_kwargs)
     if not a.base:
         raise ConfigError("base", "missing", "pass --base CHECKPOINT (or --server ADDR to evaluate a running server)")
-    from robot_rl.evaluation import evaluate, record_videos, write_report
+    from robot_rl.stages.evaluation import evaluate, record_videos, write_report
     from robot_rl.policies.checkpoint import load_policy
-    from robot_rl.policies.residual import load_residual
+    from robot_rl.rl.residual import load_residual
 
     base = load_policy(a.base)
     res = load_residual(a.residual, base) if a.residual else None
@@ -130,7 +130,7 @@ def cmd_eval(a):
 
 def _eval_server(a, task_kwargs: dict, env_kwargs: dict):
     """``eval --server ADDR``: the same evaluation, every action from a running policy server."""
-    from robot_rl.evaluation import evaluate, record_videos, write_report
+    from robot_rl.stages.evaluation import evaluate, record_videos, write_report
     from robot_rl.serve.client import PolicyClient, RemotePolicy, ServerError, ServerTimeout
 
     if a.base or a.residual:
@@ -201,7 +201,7 @@ def _env_options(a, backends=(), randomization_required: bool = False) -> tuple[
     """``--set`` overrides (``task_kwargs.<field>=V``, ``env.<field>=V``, ``randomization.<group>.<key>=V``) plus
     ``--randomization``, validated with ``backends`` against the task and :class:`~robot_rl.envs.EnvConfig` before
     anything is loaded or written. Returns (task_kwargs, env_kwargs, randomization spec or None)."""
-    from robot_rl.envs import check_env_options
+    from robot_rl.envs.env import check_env_options
 
     rnd = _randomization_arg(getattr(a, "randomization", None))
     sets = a.set or []
@@ -257,8 +257,8 @@ def _randomization_arg(text: str | None):
 
 def cmd_transfer(a):
     from robot_rl.policies.checkpoint import load_policy
-    from robot_rl.policies.residual import load_residual
-    from robot_rl.transfer import transfer_report
+    from robot_rl.rl.residual import load_residual
+    from robot_rl.stages.transfer import transfer_report
 
     _check_counts(a, episodes=1, n_envs=1, videos=0)
     task_kwargs, env_kwargs, rnd = _env_options(a, backends=(a.train_backend, a.eval_backend),
@@ -296,7 +296,7 @@ def cmd_bringup(a):
 
 
 def cmd_store(a):
-    from robot_rl.store import ZarrStore, format_info, validate_store
+    from robot_rl.datasets.store import ZarrStore, format_info, validate_store
 
     if a.action == "info":
         print(format_info(ZarrStore.open(a.path, mode="r").info()))

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from robot_rl.errors import ConfigError
-from robot_rl.train_base import DEFAULT_OBS_KEYS
+from robot_rl.stages.train_base import DEFAULT_OBS_KEYS
 
 _PLACE_KEYS = DEFAULT_OBS_KEYS["place"]  # pinned into the presets, so a later default change keeps their figures
 PRESETS = {
@@ -107,8 +107,8 @@ def resolve_config(preset: str = "quick", yaml_path: str | None = None, override
 def validate_config(cfg: dict) -> None:
     """Check every section before any work starts (ConfigError naming the field)."""
     from robot_rl.rl.ppo import PPOConfig
-    from robot_rl.tasks import make_task
-    from robot_rl.train_base import BaseTrainConfig
+    from robot_rl.envs.tasks import make_task
+    from robot_rl.stages.train_base import BaseTrainConfig
 
     make_task(cfg["task"], **cfg["task_kwargs"])
     for name, cls in (("base", BaseTrainConfig), ("residual", PPOConfig)):
@@ -127,10 +127,10 @@ def validate_config(cfg: dict) -> None:
 def _check_base_config(cfg: dict) -> None:
     """Build the base policy's config from the task's observation dims now, so that an impossible policy setting
     (e.g. a horizon the U-Net cannot halve) fails before demonstrations are collected over an existing run."""
-    from robot_rl.envs import ROBOT_OBS_DIMS
+    from robot_rl.envs.env import ROBOT_OBS_DIMS
     from robot_rl.policies.base import PolicyConfig
-    from robot_rl.tasks import make_task
-    from robot_rl.train_base import DEFAULT_OBS_KEYS, BaseTrainConfig
+    from robot_rl.envs.tasks import make_task
+    from robot_rl.stages.train_base import DEFAULT_OBS_KEYS, BaseTrainConfig
 
     b = BaseTrainConfig(**cfg["base"])
     if b.image_keys:
@@ -150,12 +150,12 @@ def run_pipeline(cfg: dict, out_dir: str | Path, progress: bool = True) -> dict:
     """Run all stages; returns the report dict (also written to ``<out>/report.{json,md}``)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from robot_rl.collect import collect
-    from robot_rl.evaluation import evaluate, plot_learning_curve, record_videos, write_report, EVAL_SEED_START
+    from robot_rl.stages.collect import collect
+    from robot_rl.stages.evaluation import evaluate, plot_learning_curve, record_videos, write_report, EVAL_SEED_START
     from robot_rl.policies.checkpoint import load_policy
-    from robot_rl.policies.residual import save_residual
+    from robot_rl.rl.residual import save_residual
     from robot_rl.rl.ppo import PPOConfig, train_residual
-    from robot_rl.train_base import BaseTrainConfig, train_base
+    from robot_rl.stages.train_base import BaseTrainConfig, train_base
 
     validate_config(cfg)
     out = Path(out_dir)

@@ -1,7 +1,7 @@
 """MuJoCo backend: builds the scene with ``mujoco.MjSpec`` from the Panda URDF shipped in ``pybullet_data``.
 
 The URDF's ``package://`` mesh paths are rewritten to absolute paths; visual meshes are kept for rendering.
-Arm joints are driven by position servos (gains from :class:`~robot_rl.scene.RobotSpec`) with gravity
+Arm joints are driven by position servos (gains from :class:`~robot_rl.robot.scene.RobotSpec`) with gravity
 compensation on the arm bodies; the two fingers are coupled by a joint equality (the URDF ``mimic``) and
 driven by one force-limited position servo. Only the hand and fingers collide, which is all the tabletop
 tasks need and keeps contact detection cheap.
@@ -16,9 +16,9 @@ import warnings
 import mujoco
 import numpy as np
 
-from robot_rl.backend import Backend
+from robot_rl.sim.backend import Backend
 from robot_rl.errors import ConfigError
-from robot_rl.scene import SceneSpec, look_at_matrix, resolved_urdf_text
+from robot_rl.robot.scene import SceneSpec, look_at_matrix, resolved_urdf_text
 
 
 def _wxyz(q_xyzw) -> np.ndarray:
@@ -119,7 +119,7 @@ def build_model(scene: SceneSpec) -> mujoco.MjModel:
 
 
 class MujocoBackend(Backend):
-    """MuJoCo implementation of :class:`~robot_rl.backend.Backend`."""
+    """MuJoCo implementation of :class:`~robot_rl.sim.backend.Backend`."""
 
     name = "mujoco"
 

@@ -32,7 +32,7 @@ Differences that remain are measured in ``bench/bench_pybullet.py``.
 Rendering: ``ER_TINY_RENDERER`` (CPU, headless; its cost is per triangle, so the arm links in
 ``RobotSpec.proxy_visual_links`` are drawn with their collision meshes: 4 ms instead of 18 ms per 96x96 frame)
 with the pinhole intrinsics of ``fovy`` (vertical, degrees) and the image aspect, and the view matrix of
-:func:`~robot_rl.scene.look_at_matrix` (the matrix the MuJoCo camera is built from); cameras with a ``parent``
+:func:`~robot_rl.robot.scene.look_at_matrix` (the matrix the MuJoCo camera is built from); cameras with a ``parent``
 follow that link's URDF frame. Images are uint8 (H, W, 3) RGB, row 0 at the top. Quaternions are xyzw in PyBullet
 and in the public API: no conversion.
 
@@ -46,9 +46,9 @@ import os
 import numpy as np
 import pybullet as p
 
-from robot_rl.backend import Backend
+from robot_rl.sim.backend import Backend
 from robot_rl.errors import ConfigError
-from robot_rl.scene import SceneSpec, look_at_matrix, proxy_visual_urdf
+from robot_rl.robot.scene import SceneSpec, look_at_matrix, proxy_visual_urdf
 
 DARK = (0.25, 0.25, 0.27, 1.0)
 LIGHT = (0.92, 0.92, 0.92, 1.0)
@@ -61,7 +61,7 @@ def camera_view_matrix(R: np.ndarray, pos: np.ndarray) -> list[float]:
 
     Args:
         R: (3, 3) camera rotation in the world frame, columns = camera x (right), y (up), z (backward),
-            i.e. :func:`~robot_rl.scene.look_at_matrix` (the MuJoCo camera frame).
+            i.e. :func:`~robot_rl.robot.scene.look_at_matrix` (the MuJoCo camera frame).
         pos: (3,) camera position [m], world frame.
     """
     V = np.eye(4)
@@ -86,7 +86,7 @@ def camera_projection_matrix(fovy_deg: float, height: int, width: int, near: flo
 
 
 class PybulletBackend(Backend):
-    """PyBullet implementation of :class:`~robot_rl.backend.Backend` (private ``DIRECT`` client per instance).
+    """PyBullet implementation of :class:`~robot_rl.sim.backend.Backend` (private ``DIRECT`` client per instance).
 
     Args:
         scene: the backend-neutral scene; ``physics_dt`` is Bullet's fixed time step and

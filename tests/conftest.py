@@ -1,8 +1,14 @@
 """Test-session checks shared by every test module."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# bench/parity.py (sim-to-sim parity measurements) is shared by tests/test_pybullet.py and bench/bench_pybullet.py;
+# it is a measurement helper, not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 def pytest_configure(config):

@@ -89,7 +89,7 @@ def test_eval_records_rollouts_that_train_base_can_select(tiny_run, tmp_path):
     `train-base --sources policy --only-success` trains on the successful ones only."""
     import shutil
 
-    from robot_rl.store import ZarrStore
+    from robot_rl.datasets.store import ZarrStore
 
     store = tmp_path / "demos.zarr"
     shutil.copytree(tiny_run / "demos.zarr", store)

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from robot_rl.controller import yaw_of
-from robot_rl.envs import make_env
+from robot_rl.robot.controller import yaw_of
+from robot_rl.envs.env import make_env
 from robot_rl.errors import ConfigError
-from robot_rl.experts import ScriptedExpert
+from robot_rl.envs.experts import ScriptedExpert
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +133,8 @@ def test_render_modes():
 
 def test_convertible_option_values_are_converted():
     """A camera name, integral floats, numpy integers and a controller dict are accepted as what they mean."""
-    from robot_rl.controller import ControllerConfig
-    from robot_rl.envs import check_env_options
+    from robot_rl.robot.controller import ControllerConfig
+    from robot_rl.envs.env import check_env_options
 
     t, cfg = check_env_options("place", {"max_steps": 120.0, "cube_x": [0.45, 0.5]}, cameras="front",
                                image_size=[48.0, 48], max_steps=np.int64(50), controller={"pos_scale": 0.01})
@@ -174,7 +174,7 @@ def test_bad_action(env):
     ("place", {}, {"cameras": [1]}, "cameras"),
 ])
 def test_impossible_task_and_env_options_fail_before_any_simulator(task, task_kwargs, env_kwargs, field):
-    from robot_rl.envs import check_env_options
+    from robot_rl.envs.env import check_env_options
 
     with pytest.raises(ConfigError) as e:
         check_env_options(task, task_kwargs, **env_kwargs)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from robot_rl.errors import ConfigError
-from robot_rl.policies.base import PolicyConfig, make_policy
+from robot_rl.policies import make_policy
+from robot_rl.policies.base import PolicyConfig
 from robot_rl.policies.checkpoint import load_module_safetensors, load_policy, save_module_safetensors, save_policy
 from robot_rl.policies.diffusion import make_ema
 from robot_rl.policies.normalizer import Normalizer

@@ -8,7 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from robot_rl.policies.base import PolicyConfig, make_policy
+from robot_rl.policies import make_policy
+from robot_rl.policies.base import PolicyConfig
 from robot_rl.serve import protocol as P
 from robot_rl.serve.server import PolicyService, ServeConfig
 

@@ -10,14 +10,14 @@ import numpy as np
 import pybullet as p
 import pytest
 
-from robot_rl.backend import make_backend
-from robot_rl.envs import make_env
+from robot_rl.sim.backend import make_backend
+from robot_rl.envs.env import make_env
 from robot_rl.errors import ConfigError
-from robot_rl.experts import ScriptedExpert
-from robot_rl.scene import SceneSpec, look_at_matrix
-from robot_rl.sim.parity import cube_centroid_difference, free_space_parity, scene_for
+from robot_rl.envs.experts import ScriptedExpert
+from robot_rl.robot.scene import SceneSpec, look_at_matrix
+from parity import cube_centroid_difference, free_space_parity, scene_for
 from robot_rl.sim.pybullet_backend import PybulletBackend, camera_projection_matrix, camera_view_matrix
-from robot_rl.tasks import CUBE, make_task
+from robot_rl.envs.tasks import CUBE, make_task
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_proxy_visual_links_draw_collision_meshes_hand_keeps_visual(pb_env):
 
 
 def test_proxy_visual_urdf_rejects_link_without_collision_mesh():
-    from robot_rl.scene import panda_urdf_path, proxy_visual_urdf
+    from robot_rl.robot.scene import panda_urdf_path, proxy_visual_urdf
 
     with pytest.raises(ConfigError, match="proxy_visual_links"):
         proxy_visual_urdf(panda_urdf_path(), ("panda_grasptarget",))
@@ -220,7 +220,7 @@ def test_episode_does_not_depend_on_the_previous_one(backend):
     across resets: a 5e-7 difference at the first step that flipped a fixture policy's outcome on seed 1 000 015)."""
     import torch
 
-    from robot_rl.evaluation import CombinedPolicy
+    from robot_rl.stages.evaluation import CombinedPolicy
     from robot_rl.policies.checkpoint import load_policy
 
     torch.set_num_threads(1)

@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from robot_rl.collect import collect
-from robot_rl.envs import make_env
+from robot_rl.stages.collect import collect
+from robot_rl.envs.env import make_env
 from robot_rl.errors import ConfigError
-from robot_rl.experts import ScriptedExpert
-from robot_rl.randomization import PRESETS, resolve
-from robot_rl.rollout import make_vector_env
-from robot_rl.store import ZarrStore
+from robot_rl.envs.experts import ScriptedExpert
+from robot_rl.envs.randomization import PRESETS, resolve
+from robot_rl.envs.vector import make_vector_env
+from robot_rl.datasets.store import ZarrStore
 
 BACKENDS = ["mujoco", "pybullet"]
 CLI = [sys.executable, "-m", "robot_rl.cli"]
@@ -209,8 +209,8 @@ def test_bad_randomization_is_a_one_line_config_error(spec, field):
 
 
 def test_newcombe_interval_matches_the_published_example():
-    from robot_rl.evaluation import wilson_interval
-    from robot_rl.transfer import newcombe_diff
+    from robot_rl.stages.evaluation import wilson_interval
+    from robot_rl.stages.transfer import newcombe_diff
 
     r = lambda k, n: {"success_rate": k / n, "ci95": wilson_interval(k, n)}  # noqa: E731
     d, lo, hi = newcombe_diff(r(56, 70), r(48, 80))  # Newcombe (1998), Table II, method 10: 0.0524 to 0.3339
@@ -235,7 +235,8 @@ def _cli(*args, cwd=None):
 def tiny_checkpoint(tmp_path_factory):
     import torch
 
-    from robot_rl.policies.base import PolicyConfig, make_policy
+    from robot_rl.policies import make_policy
+    from robot_rl.policies.base import PolicyConfig
     from robot_rl.policies.checkpoint import save_policy
 
     torch.manual_seed(0)

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from robot_rl.errors import ConfigError
-from robot_rl.evaluation import CombinedPolicy, wilson_interval
-from robot_rl.policies.base import PolicyConfig, make_policy
-from robot_rl.policies.residual import ResidualConfig, ResidualPolicy, load_residual, save_residual
+from robot_rl.stages.evaluation import CombinedPolicy, wilson_interval
+from robot_rl.policies import make_policy
+from robot_rl.policies.base import PolicyConfig
+from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, load_residual, save_residual
 from robot_rl.rl.ppo import PPOConfig, gae
-from robot_rl.rollout import ChunkExecutor
+from robot_rl.policies.execution import ChunkExecutor
 
 KEYS = {"ee_pos": 3, "cube_pos": 3}
 

@@ -19,9 +19,9 @@ def test_twist_teleop_recorder_store_trains(ros):
     from std_msgs.msg import Float64, Float64MultiArray
     from std_srvs.srv import Trigger
 
-    from robot_rl.envs import make_env
+    from robot_rl.envs.env import make_env
     from robot_rl.ros.common import COMMAND_QOS, action_to_msg
-    from robot_rl.store import ZarrStore
+    from robot_rl.datasets.store import ZarrStore
 
     drv, start, tmp = ros
     store = tmp / "teleop.zarr"
@@ -125,8 +125,8 @@ def test_recorder_pairs_each_action_with_the_observation_it_acts_on(tmp_path, mo
 
     from robot_rl.ros import recorder as rec
     from robot_rl.ros.common import action_to_msg
-    from robot_rl.scene import RobotSpec
-    from robot_rl.store import ZarrStore
+    from robot_rl.robot.scene import RobotSpec
+    from robot_rl.datasets.store import ZarrStore
 
     rclpy = pytest.importorskip("rclpy")
     clock = [100.0]

@@ -37,8 +37,8 @@ def test_sim_policy_end_to_end(ros):
     from std_srvs.srv import Trigger
 
     from robot_rl.ros.common import COMMAND_QOS
-    from robot_rl.safety import JointLimits
-    from robot_rl.scene import RobotSpec
+    from robot_rl.robot.safety import JointLimits
+    from robot_rl.robot.scene import RobotSpec
 
     drv, start, tmp = ros
     sim_time = {"use_sim_time": True}

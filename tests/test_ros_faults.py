@@ -87,7 +87,8 @@ def image_policy(tmp: Path) -> Path:
     """An untrained (finite, tiny) BC policy that needs image_front + ee_pos: enough to exercise the camera path."""
     import torch
 
-    from robot_rl.policies.base import PolicyConfig, make_policy
+    from robot_rl.policies import make_policy
+    from robot_rl.policies.base import PolicyConfig
     from robot_rl.policies.checkpoint import save_policy
 
     torch.manual_seed(0)
@@ -196,8 +197,8 @@ def test_sim_robot_safety_layer(ros):
     from std_srvs.srv import Trigger
 
     from robot_rl.ros.common import COMMAND_QOS
-    from robot_rl.safety import JointLimits
-    from robot_rl.scene import RobotSpec
+    from robot_rl.robot.safety import JointLimits
+    from robot_rl.robot.scene import RobotSpec
 
     drv, start, tmp = ros
     r = RobotSpec()

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from robot_rl.errors import ConfigError
-from robot_rl.kinematics import KinematicChain
-from robot_rl.safety import EStopLatch, JointLimits, SafetyConfig, SafetyFilter, Watchdog
-from robot_rl.scene import RobotSpec
+from robot_rl.robot.kinematics import KinematicChain
+from robot_rl.robot.safety import EStopLatch, JointLimits, SafetyConfig, SafetyFilter, Watchdog
+from robot_rl.robot.scene import RobotSpec
 
 
 @pytest.fixture(scope="module")

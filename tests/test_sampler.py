@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from robot_rl.errors import ConfigError
-from robot_rl.sampler import SequenceSampler, WindowDataset, compute_normalization, split_episodes
-from robot_rl.store import ZarrStore
+from robot_rl.datasets.sampler import SequenceSampler, WindowDataset, compute_normalization, split_episodes
+from robot_rl.datasets.store import ZarrStore
 
 LENGTHS = [4, 1, 6]
 

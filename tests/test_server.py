@@ -1,4 +1,4 @@
-"""Policy server against real server processes (``python -m robot_rl.serve.server``) on loopback.
+"""Policy server against real server processes (``python -m robot_rl.cli serve``) on loopback.
 
 Round trip == in-process inference exactly; batching across concurrent clients == unbatched; weight push changes
 versions and actions without dropping in-flight requests; a killed server -> ServerTimeout within the deadline and
@@ -25,12 +25,13 @@ import torch
 import zmq
 
 from robot_rl.errors import ConfigError
-from robot_rl.envs import make_env
-from robot_rl.evaluation import EVAL_SEED_START, CombinedPolicy, evaluate
-from robot_rl.policies.base import PolicyConfig, make_policy
+from robot_rl.envs.env import make_env
+from robot_rl.stages.evaluation import EVAL_SEED_START, CombinedPolicy, evaluate
+from robot_rl.policies import make_policy
+from robot_rl.policies.base import PolicyConfig
 from robot_rl.policies.checkpoint import load_policy, save_policy
-from robot_rl.policies.residual import ResidualConfig, ResidualPolicy, load_residual, save_residual
-from robot_rl.rollout import env_kwargs_for
+from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, load_residual, save_residual
+from robot_rl.envs.vector import env_kwargs_for
 from robot_rl.serve import protocol as P
 from robot_rl.serve.client import AsyncChunkClient, PolicyClient, RemotePolicy, ServerError, ServerTimeout
 
@@ -75,8 +76,8 @@ def ckpts(tmp_path_factory):
 
 
 def start_server(*args, port=0, env=ENV):
-    """Start ``python -m robot_rl.serve.server ARGS``; returns (process, "127.0.0.1:PORT") once it is listening."""
-    p = subprocess.Popen([sys.executable, "-m", "robot_rl.serve.server", "--port", str(port), "--threads", "1",
+    """Start ``python -m robot_rl.cli serve ARGS``; returns (process, "127.0.0.1:PORT") once it is listening."""
+    p = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "serve", "--port", str(port), "--threads", "1",
                           *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()
     m = re.search(r"listening on tcp://([\d.]+:\d+)", line)

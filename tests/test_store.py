@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 from robot_rl.errors import ConfigError
-from robot_rl.store import ZarrStore, format_info
+from robot_rl.datasets.store import ZarrStore, format_info
 
 
 def make_episode(i: int, T: int, hw: int = 8, human: bool = False) -> dict[str, np.ndarray]:
@@ -67,7 +67,7 @@ def test_round_trip(tmp_path):
         img[18]
     # on-disk layout and chunking
     g = zarr.open_group(str(tmp_path / "s"), mode="r")
-    assert g.attrs["format"] == "robot_rl.store" and g.attrs["version"] == 1
+    assert g.attrs["format"] == "robot_rl.datasets.store" and g.attrs["version"] == 1
     assert g["data/image_front"].chunks == (1, 8, 8, 3) and g["data/action"].chunks[0] == 1024
     assert g["data/image_front"].compressors[0].cname.value == "zstd"
     info = r.info()
@@ -233,7 +233,7 @@ WRITER = textwrap.dedent("""
     import sys, numpy as np
     sys.path.insert(0, {tests!r})
     from test_store import make_episode
-    from robot_rl.store import ZarrStore
+    from robot_rl.datasets.store import ZarrStore
     s = ZarrStore.create({path!r})
     for i in range({n_small}):
         s.add_episode(make_episode(i, 20, hw=32), seed=i, task="lift", source="scripted", success=True,
@@ -297,7 +297,7 @@ def test_damaged_store_gives_one_line_errors_and_validate_reports_it(tmp_path, d
     ``validate_store`` lists the problem without raising."""
     import shutil
 
-    from robot_rl.store import validate_store
+    from robot_rl.datasets.store import validate_store
 
     p = tmp_path / "s.zarr"
     st = ZarrStore.create(p)

@@ -314,11 +314,3 @@ class BasePolicy(nn.Module, abc.ABC):
                     for k in c.image_keys})
         return out
 
-
-def make_policy(config: PolicyConfig, stats: dict | None = None) -> BasePolicy:
-    """Construct the policy class named by ``config.kind`` (ConfigError if the config is impossible)."""
-    from robot_rl.policies.bc import MLPBCPolicy
-    from robot_rl.policies.diffusion import DiffusionPolicy
-
-    config.validate()
-    return {"diffusion": DiffusionPolicy, "bc": MLPBCPolicy}[config.kind](config, stats)

@@ -24,7 +24,8 @@ from torch import nn
 
 import robot_rl
 from robot_rl.errors import ConfigError
-from robot_rl.policies.base import BasePolicy, PolicyConfig, make_policy
+from robot_rl.policies import make_policy
+from robot_rl.policies.base import BasePolicy, PolicyConfig
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT_VERSION = 1
@@ -126,7 +127,8 @@ def read_checkpoint(path: str | os.PathLike, format_name: str | None = None) -> 
     return tensors, meta
 
 
-def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def load_state_strict(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load ``tensors`` into ``module`` strictly; ConfigError naming missing, unexpected or mis-shaped tensors."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -148,7 +150,7 @@ def load_module_safetensors(path: str | os.PathLike, build: Callable[[dict], nn.
     """
     tensors, meta = read_checkpoint(path, format_name)
     module = build(meta["config"])
-    _load_into(module, tensors)
+    load_state_strict(module, tensors)
     try:
         return module.to(device), meta
     except (RuntimeError, AssertionError, ValueError) as e:  # unknown device string, CUDA not available, ...

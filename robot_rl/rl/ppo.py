@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from robot_rl.progress import progress_bar
 
 from robot_rl.errors import ConfigError
-from robot_rl.policies.residual import ResidualConfig, ResidualPolicy
-from robot_rl.rollout import ChunkExecutor, SeedSchedule, env_kwargs_for, make_vector_env, reset_some
+from robot_rl.rl.residual import ResidualConfig, ResidualPolicy
+from robot_rl.envs.vector import TRAIN_SEED_START, SeedSchedule, env_kwargs_for, make_vector_env, reset_some
+from robot_rl.policies.execution import ChunkExecutor
 
-TRAIN_SEED_START = 100_000  # training episodes use seeds from here; evaluation uses a disjoint range
 DEFAULT_FINE_KEYS = {"place": {"cube_to_target": 0.01}, "lift": {}}  # residual fine features per task (key: scale m)
 
 
@@ -120,7 +120,7 @@ def train_residual(base, task: str, cfg: PPOConfig, out_dir: str | Path, *, task
     ex.reset(all_mask, obs)
     n_updates = max(1, cfg.total_env_steps // (N * T))
     curve, steps, t0 = [], 0, time.time()
-    bar = tqdm(total=n_updates * N * T, desc="residual PPO", unit="step", disable=not progress)
+    bar = progress_bar(total=n_updates * N * T, desc="residual PPO", unit="step", disable=not progress)
     buf = {k: [] for k in ("x", "res", "logp", "val", "rew", "done")}
     try:
         base_lrs = [g["lr"] for g in opt.param_groups]

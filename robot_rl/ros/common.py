@@ -7,7 +7,7 @@ QoS (best effort, keep last) for cameras, reliable QoS for commands.
 
 **The action message.** End-effector delta actions travel as ``sensor_msgs/JointState`` with
 ``name = ACTION_NAMES`` (``ee_dx ee_dy ee_dz ee_dyaw gripper``), ``position`` = the env's 5-D action in [-1, 1]
-(units in :mod:`robot_rl.controller`: x/y/z x ``pos_scale`` m, yaw x ``yaw_scale`` rad per control step; gripper -1
+(units in :mod:`robot_rl.robot.controller`: x/y/z x ``pos_scale`` m, yaw x ``yaw_scale`` rad per control step; gripper -1
 open ... +1 closed) and ``header.stamp`` = the time of the OLDEST observation the action was computed from (teleop:
 the time of the input). A standard message with a header and named fields: a bridge can check the field order,
 and every hop can measure observation -> command latency.
@@ -268,9 +268,9 @@ def coerce_parameter(name: str, value, default):
 
 
 def declare_safety(node, timeout_what: str = "hold when no command for this long [s]"):
-    """Declare the :class:`robot_rl.safety.SafetyConfig` parameters (same names on every node that filters joint
+    """Declare the :class:`robot_rl.robot.safety.SafetyConfig` parameters (same names on every node that filters joint
     commands: arm_bridge, sim_robot) and return the config."""
-    from robot_rl.safety import SafetyConfig
+    from robot_rl.robot.safety import SafetyConfig
 
     sc = SafetyConfig()
     return SafetyConfig(
@@ -300,8 +300,8 @@ def robot_model(node):
     return (RobotSpec-like namespace, KinematicChain). Defaults: the Franka Panda shipped in pybullet_data."""
     from types import SimpleNamespace
 
-    from robot_rl.kinematics import KinematicChain
-    from robot_rl.scene import RobotSpec
+    from robot_rl.robot.kinematics import KinematicChain
+    from robot_rl.robot.scene import RobotSpec
 
     r = RobotSpec()
     urdf = declare(node, "urdf", "", "robot URDF file (empty: the Franka Panda shipped in pybullet_data)") or r.urdf

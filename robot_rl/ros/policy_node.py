@@ -16,7 +16,7 @@ When a tick happens (``trigger`` parameter):
 
 Action source (``server`` parameter):
   ``""`` (default) in-process: ``checkpoint`` (+ ``residual``) loaded here. ``execution: step`` executes them with
-      :class:`robot_rl.evaluation.CombinedPolicy` (receding horizon as in evaluation: one base call every
+      :class:`robot_rl.stages.evaluation.CombinedPolicy` (receding horizon as in evaluation: one base call every
       ``n_action_steps`` steps, residual per step); ``execution: async`` serves them from a
       :class:`robot_rl.serve.server.EmbeddedServer` (a server thread on a free loopback port with a random token)
       and executes them exactly like ``async`` against a remote server below (background chunks, temporal
@@ -56,14 +56,14 @@ from collections import Counter, deque
 
 import numpy as np
 
-from robot_rl.controller import DiffIKController
-from robot_rl.envs import assemble_observation
+from robot_rl.robot.controller import DiffIKController
+from robot_rl.envs.env import assemble_observation
 from robot_rl.errors import ConfigError
 from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, JointStateCache, PoseCache, action_to_msg, declare,
                                  diagnostic, json_param, msg_to_image, now_sec, robot_model, run_node, sec_to_stamp,
                                  stamp_to_sec)
-from robot_rl.safety import EStopLatch
-from robot_rl.tasks import make_task
+from robot_rl.robot.safety import EStopLatch
+from robot_rl.envs.tasks import make_task
 
 
 class _NaNObjects:
@@ -74,14 +74,14 @@ class _NaNObjects:
 
 
 class InProcessSource:
-    """Base (+ residual) in this process via :class:`robot_rl.evaluation.CombinedPolicy` (one env)."""
+    """Base (+ residual) in this process via :class:`robot_rl.stages.evaluation.CombinedPolicy` (one env)."""
 
     def __init__(self, checkpoint: str, residual: str = "", seed: int = 0):
         import torch
 
-        from robot_rl.evaluation import CombinedPolicy
+        from robot_rl.stages.evaluation import CombinedPolicy
         from robot_rl.policies.checkpoint import load_policy
-        from robot_rl.policies.residual import load_residual
+        from robot_rl.rl.residual import load_residual
 
         torch.set_num_threads(1)
         if not checkpoint:
@@ -96,7 +96,7 @@ class InProcessSource:
         self.episode = 0
 
     def start(self):
-        from robot_rl.evaluation import CombinedPolicy
+        from robot_rl.stages.evaluation import CombinedPolicy
 
         self.pol = CombinedPolicy(self.base, self.res, n_envs=1, seed=self.seed + self.episode)
         self.episode += 1

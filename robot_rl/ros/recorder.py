@@ -1,5 +1,5 @@
 """``recorder`` node: ROS 2 topics -> episodes in the zarr store, one row per executed action, with the SAME keys as
-the simulated env's collection (:mod:`robot_rl.collect`), so ``robot-rl train-base`` trains on them unchanged.
+the simulated env's collection (:mod:`robot_rl.stages.collect`), so ``robot-rl train-base`` trains on them unchanged.
 
 Rows are driven by the executed actions, as LeRobot's record loop reads the observation right before it sends an
 action: when a message arrives on ``action_topic`` (what the arm bridge executes) while recording, the recorder
@@ -34,13 +34,13 @@ from collections import deque
 
 import numpy as np
 
-from robot_rl.controller import DiffIKController
-from robot_rl.envs import assemble_observation
+from robot_rl.robot.controller import DiffIKController
+from robot_rl.envs.env import assemble_observation
 from robot_rl.errors import ConfigError
 from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, JointStateCache, PoseCache, declare, json_param,
                                  msg_to_action, msg_to_image, robot_model, run_node)
-from robot_rl.store import SOURCES, ZarrStore
-from robot_rl.tasks import make_task
+from robot_rl.datasets.store import SOURCES, ZarrStore
+from robot_rl.envs.tasks import make_task
 
 
 def make_node():

@@ -11,7 +11,7 @@
   overlapping chunks with temporal ensembling (ACT, Zhao et al. 2023: the action for step t is the weighted mean of
   every chunk's prediction for t, weight ``exp(-m * i)`` with i = 0 for the oldest prediction) — or, with
   ``ensemble_decay=None``, switches to the newest chunk.
-- :class:`RemotePolicy` — the :class:`robot_rl.evaluation.CombinedPolicy` interface (reset/observe/act on N envs)
+- :class:`RemotePolicy` — the :class:`robot_rl.stages.evaluation.CombinedPolicy` interface (reset/observe/act on N envs)
   backed by a server, one session per env, one pipelined round of requests per step (``robot-rl eval --server``).
 
 A client object is not thread-safe: use one per thread. ``token`` defaults to ``$ROBOT_RL_SERVER_TOKEN``.
@@ -383,7 +383,7 @@ class PolicyClient:
 
         if hasattr(weights, "state_dict"):
             if config is None and hasattr(weights, "config"):
-                from robot_rl.serve.server import residual_config_dict
+                from robot_rl.rl.residual import residual_config_dict
 
                 config = residual_config_dict(weights)
             weights = weights.state_dict()
@@ -514,7 +514,7 @@ class AsyncChunkClient:
 
 @dataclass
 class RemotePolicy:
-    """:class:`robot_rl.evaluation.CombinedPolicy`'s interface on a server: ``reset(mask, obs)``,
+    """:class:`robot_rl.stages.evaluation.CombinedPolicy`'s interface on a server: ``reset(mask, obs)``,
     ``observe(obs, mask)``, ``act(obs) -> (N, A)`` for N envs, one session per env and one pipelined round of
     ``act`` requests per step (the server batches the sessions that need a new chunk). Env i's sessions are seeded
     ``seed + i`` at every reset (its k-th episode: ``seed + i + 1_000_003 * k``)."""

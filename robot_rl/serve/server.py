@@ -16,7 +16,7 @@ Two layers:
 Determinism ("the server equals in-process inference"): every session owns a ``torch.Generator`` seeded at reset
 (``seed`` of the request, default ``zlib.crc32(session id)``); each base call draws that session's initial noise
 (1, T, A) from its own generator and passes the stacked noise as ``init_noise``. This is exactly the draw
-:class:`robot_rl.rollout.ChunkExecutor` makes for one env with ``torch.Generator().manual_seed(seed)``, so a session
+:class:`robot_rl.envs.vector.ChunkExecutor` makes for one env with ``torch.Generator().manual_seed(seed)``, so a session
 reproduces ``CombinedPolicy(base, residual, n_envs=1, seed=seed)`` step for step, and batch composition never changes
 a session's noise. Row 0 of every reply (the action for ``step``) gets its own residual call on a batch of one, as
 in-process per-step execution does, so it is bit-identical.
@@ -27,7 +27,7 @@ observation (zero-order hold): a client that executes those rows without asking 
 the residual's correction for the observation it last sent; a client that asks every step gets exact per-step
 ResiP execution from row 0.
 
-Run it with ``robot-rl serve --checkpoint BASE [--residual RES]`` (or ``python -m robot_rl.serve.server ...``), or
+Run it with ``robot-rl serve --checkpoint BASE [--residual RES]`` (or ``python -m robot_rl.cli serve ...``), or
 inside another process with :class:`EmbeddedServer` (the policy node's in-process ``execution: async``).
 """
 
@@ -47,6 +47,7 @@ import torch
 
 import robot_rl
 from robot_rl.errors import ConfigError
+from robot_rl.rl.residual import check_compatible, residual_config_dict
 from robot_rl.serve import protocol as P
 
 
@@ -109,34 +110,6 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-def build_residual(cfg: dict):
-    """ResidualPolicy from a config dict (as saved in a residual checkpoint). Raises ConfigError on bad fields."""
-    from robot_rl.policies.residual import ResidualConfig, ResidualPolicy
-
-    if not isinstance(cfg, dict):
-        raise ConfigError("residual.config", "not a map", "send ResidualConfig fields")
-    names = set(ResidualConfig.__dataclass_fields__)
-    bad = sorted(set(cfg) - names)
-    if bad:
-        raise ConfigError(f"residual.{bad[0]}", "unknown residual config field", f"use only {sorted(names)}")
-    try:
-        c = ResidualConfig(**{**cfg, "hidden": tuple(cfg.get("hidden", (256, 256)))})
-        return ResidualPolicy(c)
-    except ConfigError:
-        raise
-    except Exception as e:  # wrong types inside the config
-        raise ConfigError("residual.config", f"cannot build the residual ({type(e).__name__}: {e})"[:300],
-                          "send the config saved with the residual checkpoint") from None
-
-
-def residual_config_dict(res) -> dict:
-    from dataclasses import asdict
-
-    d = asdict(res.config)
-    d["hidden"] = list(d["hidden"])
-    return d
-
-
 def _res_keys(res) -> list[str]:
     return list(res.config.obs_keys) + list(getattr(res.config, "fine_keys", None) or {})
 
@@ -144,7 +117,7 @@ def _res_keys(res) -> list[str]:
 def _res_features(res, norm, obs, base_n):
     if hasattr(res, "features"):
         return res.features(norm, obs, base_n)
-    from robot_rl.policies.residual import residual_input
+    from robot_rl.rl.residual import residual_input
 
     return residual_input(norm, obs, list(res.config.obs_keys), base_n)
 
@@ -177,7 +150,7 @@ class PolicyService:
 
     Args:
         base: a frozen :class:`~robot_rl.policies.base.BasePolicy`.
-        residual: a frozen :class:`~robot_rl.policies.residual.ResidualPolicy` matching the base, or None.
+        residual: a frozen :class:`~robot_rl.rl.residual.ResidualPolicy` matching the base, or None.
         config: :class:`ServeConfig`.
     Raises ConfigError when the residual does not match the base (action dim, obs keys).
     """
@@ -203,14 +176,7 @@ class PolicyService:
 
     # --- residual compatibility ---------------------------------------------------------------------------------
     def _check_residual(self, res, extend_spec: bool = False) -> None:
-        bc = self.base.config
-        if res.config.action_dim != bc.action_dim:
-            raise ConfigError("residual.action_dim", f"{res.config.action_dim} != base action_dim {bc.action_dim}",
-                              "serve a residual trained on this base checkpoint")
-        if list(res.config.obs_keys) != list(bc.obs_keys):
-            raise ConfigError("residual.obs_keys", f"{list(res.config.obs_keys)} != base obs_keys "
-                                                   f"{list(bc.obs_keys)}",
-                              "serve a residual trained on this base checkpoint")
+        check_compatible(res.config, self.base.config)
         for k in getattr(res.config, "fine_keys", None) or {}:
             d = int(res.config.obs_dims[k])
             if k in self.spec:
@@ -236,7 +202,7 @@ class PolicyService:
             "obs_spec": self.spec,
             "action_spec": {"dtype": "float32", "shape": [self.A], "low": normalization["action"]["min"],
                             "high": normalization["action"]["max"],
-                            "units": "raw env action (robot_rl.envs: EE delta x/y/z, yaw, gripper), [-1, 1]"},
+                            "units": "raw env action (robot_rl.envs.env: EE delta x/y/z, yaw, gripper), [-1, 1]"},
             "n_obs_steps": self.To, "n_action_steps": self.Ta, "horizon": self.T,
             "control_rate_hz": float(self.cfg.control_rate_hz), "normalization": normalization,
             "base": {"kind": bc.kind, "version": self.base_version, "stochastic": bc.kind == "diffusion"},
@@ -426,7 +392,7 @@ class PolicyService:
     def _push(self, req: dict) -> bytes:
         from safetensors.torch import load as st_load
 
-        from robot_rl.policies.checkpoint import _load_into
+        from robot_rl.rl.residual import residual_from_tensors
 
         rid, version = req["id"], req["version"]
         if not self.cfg.allow_push:
@@ -450,14 +416,10 @@ class PolicyService:
             raise P.ProtocolError("push_rejected", "weights", f"not a safetensors file ({type(e).__name__}: "
                                                               f"{e})"[:300]) from None
         try:
-            new = build_residual(cfg)
+            new = residual_from_tensors(cfg, tensors, self.base)
             self._check_residual(new)
-            _load_into(new, tensors)
         except ConfigError as e:
             raise P.ProtocolError("push_rejected", e.field, f"{e.problem} -> {e.fix}") from None
-        new.eval()
-        for p in new.parameters():
-            p.requires_grad_(False)
         self.residual, self.residual_version = new, version
         self.residual_digest, self._last_push_sha = weights_digest(new), sha
         self.stats["pushes"] += 1
@@ -645,7 +607,7 @@ def load_server(base_path: str, residual_path: str | None, config: ServeConfig, 
     """Validate ``config``, load the base (+ residual) checkpoints and wrap them in an unbound :class:`PolicyServer`.
     Raises ConfigError as :func:`serve`."""
     from robot_rl.policies.checkpoint import load_policy
-    from robot_rl.policies.residual import load_residual
+    from robot_rl.rl.residual import load_residual
 
     cfg = config.validate()
     base = load_policy(base_path, device=device)
@@ -681,8 +643,3 @@ def serve(base_path: str, residual_path: str | None = None, config: ServeConfig 
     sys.stdout.flush()
     server.serve_forever()
 
-
-if __name__ == "__main__":  # python -m robot_rl.serve.server --checkpoint BASE ...  (same as `robot-rl serve`)
-    from robot_rl.cli import main
-
-    sys.exit(main(["serve", *sys.argv[1:]]))

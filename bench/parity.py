@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from robot_rl.backend import Backend
-from robot_rl.kinematics import KinematicChain
-from robot_rl.scene import SceneSpec
+from robot_rl.sim.backend import Backend
+from robot_rl.robot.kinematics import KinematicChain
+from robot_rl.robot.scene import SceneSpec
 
 
 def free_space_targets(q_home, n_steps: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -112,5 +112,5 @@ def cube_centroid_difference(backend_a: Backend, backend_b: Backend, camera: str
 
 
 def scene_for(task) -> SceneSpec:
-    """The scene an env for ``task`` (a :class:`~robot_rl.tasks.Task`) builds, with default timing."""
+    """The scene an env for ``task`` (a :class:`~robot_rl.envs.tasks.Task`) builds, with default timing."""
     return SceneSpec(objects=task.objects, markers=task.markers)

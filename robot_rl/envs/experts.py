@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from robot_rl.controller import yaw_of
+from robot_rl.robot.controller import yaw_of
 from robot_rl.errors import ConfigError
 from scipy.spatial.transform import Rotation
 

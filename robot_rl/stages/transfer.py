@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 
 from robot_rl.errors import ConfigError
-from robot_rl.evaluation import EVAL_SEED_START, evaluate, record_videos
-from robot_rl.randomization import as_nested, resolve
+from robot_rl.stages.evaluation import EVAL_SEED_START, evaluate, record_videos
+from robot_rl.envs.randomization import as_nested, resolve
 
 
 def newcombe_diff(a: dict, b: dict) -> tuple[float, float, float]:
@@ -48,7 +48,7 @@ def transfer_report(base, task: str, out_dir: str | Path, *, residual=None, trai
     if "randomization" in env_kwargs or "backend" in env_kwargs:
         raise ConfigError("env_kwargs", "randomization/backend are set by the transfer report itself",
                           "use the randomization / train_backend / eval_backend arguments")
-    from robot_rl.envs import check_env_options
+    from robot_rl.envs.env import check_env_options
 
     for b in (train_backend, eval_backend):  # every condition's options, before anything runs or is written
         check_env_options(task, task_kwargs, backend=b, randomization=randomization, **env_kwargs)

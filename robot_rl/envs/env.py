@@ -7,7 +7,7 @@ Observation (dict of float32 arrays unless noted; robot base frame, SI units, qu
     joint_pos (7,) rad · joint_vel (7,) rad/s · ee_pos (3,) m · ee_quat (4,) · gripper_width (1,) m ·
     cube_pos (3,) m · cube_quat (4,) · target_pos (3,) m, cube_to_target (3,) m [place only] ·
     image_<camera> uint8 (H, W, 3) RGB for every requested camera.
-Action: float32 Box (5,) in [-1, 1] — see :mod:`robot_rl.controller` for units.
+Action: float32 Box (5,) in [-1, 1] — see :mod:`robot_rl.robot.controller` for units.
 Reward: sparse, 1.0 on the step that reaches success, else 0.0. The episode terminates on success or on the
 task's irrecoverable failure (``info["failure"]``, e.g. place: released off target) and is truncated at the limit.
 """
@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 import gymnasium as gym
 import numpy as np
 
-from robot_rl.backend import make_backend
-from robot_rl.controller import ControllerConfig, DiffIKController
+from robot_rl.sim.backend import make_backend
+from robot_rl.robot.controller import ControllerConfig, DiffIKController
 from robot_rl.errors import ConfigError
-from robot_rl.kinematics import KinematicChain
-from robot_rl.randomization import Randomizer
-from robot_rl.scene import SceneSpec
-from robot_rl.tasks import Task, canonical_quat, is_real, make_task
+from robot_rl.robot.kinematics import KinematicChain
+from robot_rl.envs.randomization import Randomizer
+from robot_rl.robot.scene import SceneSpec
+from robot_rl.envs.tasks import Task, canonical_quat, is_real, make_task
 
 ROBOT_OBS_DIMS = {"joint_pos": 7, "joint_vel": 7, "ee_pos": 3, "ee_quat": 4, "gripper_width": 1}
 EE_QUAT_REF = np.array([1.0, 0.0, 0.0, 0.0])  # tool pointing down, yaw 0
@@ -40,7 +40,7 @@ class EnvConfig:
     init_joint_noise: uniform half-range [rad] added to the home posture at reset.
     max_steps: overrides the task's time limit when set.
     randomization: domain randomization: None (off), a preset name (``"default"``) or a dict of overrides;
-        see :mod:`robot_rl.randomization`. The episode's sample is ``info["randomization"]`` at reset.
+        see :mod:`robot_rl.envs.randomization`. The episode's sample is ``info["randomization"]`` at reset.
     """
 
     cameras: tuple = ()
@@ -274,7 +274,7 @@ def check_env_options(task: str, task_kwargs: dict | None = None, backend: str |
     """Validate task name/kwargs, the backend name (when given), :class:`EnvConfig` field names and values and the
     randomization spec without building a simulator (vector envs and ``collect`` call this before anything is
     started or written, so bad input fails there, on one line). Returns (task, normalised cfg). Raises ConfigError."""
-    from robot_rl.backend import BACKENDS
+    from robot_rl.sim.backend import BACKENDS
 
     if backend is not None and backend not in BACKENDS:
         raise ConfigError("backend", f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")

@@ -56,6 +56,16 @@ class ResidualConfig:
         return sum(self.obs_dims[k] for k in [*self.obs_keys, *self.fine_keys]) + self.action_dim
 
 
+def combine(base_n: torch.Tensor, residual: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The executed action, normalized: ``clip(base_n + alpha * residual, -1, 1)``, shape (..., A) float32.
+
+    ``base_n``: the base action in the base policy's normalized action space ([-1, 1] per dimension);
+    ``residual``: the residual actor's output. The one place base and residual are combined (training, evaluation,
+    the policy server). Source: ResiP (Ankile et al. 2024), executed action = base + alpha * residual.
+    """
+    return torch.clamp(base_n + alpha * residual, -1.0, 1.0)
+
+
 def mlp(sizes, act=nn.Tanh) -> nn.Sequential:
     layers = []
     for i in range(len(sizes) - 1):
@@ -95,17 +105,18 @@ class ResidualPolicy(nn.Module):
     def act(self, normalizer, obs: dict, base_action_n) -> torch.Tensor:
         """Deterministic executed normalized action (B, A): ``clip(base + alpha * mean_residual, -1, 1)``."""
         return self.combine(torch.as_tensor(base_action_n, dtype=torch.float32),
-                            self.actor(self.features(normalizer, obs, base_action_n)))
+                            self.mean_residual(self.features(normalizer, obs, base_action_n)))
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
         return self.critic(x).squeeze(-1)
 
-    def combine(self, base_n: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-        """Executed normalized action ``clip(base + alpha * res, -1, 1)``."""
-        return torch.clamp(base_n + self.config.alpha * res, -1.0, 1.0)
+    def mean_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic residual (B, A), residual units (scaled by ``alpha`` in :func:`combine`)."""
+        return self.actor(x)
 
-    def to_dict(self) -> dict:
-        return asdict(self.config)
+    def combine(self, base_n: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        """Executed normalized action: :func:`combine` with this residual's ``alpha``."""
+        return combine(base_n, res, self.config.alpha)
 
 
 def residual_input(normalizer, obs: dict, keys: list, base_action_n: np.ndarray | torch.Tensor,
@@ -124,39 +135,76 @@ def residual_input(normalizer, obs: dict, keys: list, base_action_n: np.ndarray 
 RESIDUAL_FORMAT = "robot_rl.residual"
 
 
+def residual_config_dict(policy: ResidualPolicy) -> dict:
+    """The residual's config as a JSON-able dict (what ``config.json`` and the server's weight push carry)."""
+    d = asdict(policy.config)
+    d["hidden"] = list(d["hidden"])
+    return d
+
+
+def build_residual(cfg: dict) -> ResidualPolicy:
+    """An untrained :class:`ResidualPolicy` from a config dict (as saved in a residual checkpoint or sent with a
+    weight push). Raises ConfigError naming the field for unknown fields or values of the wrong type."""
+    if not isinstance(cfg, dict):
+        raise ConfigError("residual.config", "not a map", "send ResidualConfig fields")
+    names = set(ResidualConfig.__dataclass_fields__)
+    bad = sorted(set(cfg) - names)
+    if bad:
+        raise ConfigError(f"residual.{bad[0]}", "unknown residual config field", f"use only {sorted(names)}")
+    try:
+        return ResidualPolicy(ResidualConfig(**{**cfg, "hidden": tuple(cfg.get("hidden", (256, 256)))}))
+    except ConfigError:
+        raise
+    except Exception as e:  # wrong types inside the config
+        raise ConfigError("residual.config", f"cannot build the residual ({type(e).__name__}: {e})"[:300],
+                          "use the config saved with the residual checkpoint") from None
+
+
+def check_compatible(residual_config: ResidualConfig, base_config) -> None:
+    """Raise ConfigError unless the residual was made for this base: same action dim and low-dim obs keys."""
+    rc, bc = residual_config, base_config
+    if rc.action_dim != bc.action_dim:
+        raise ConfigError("residual.action_dim", f"{rc.action_dim} != base action_dim {bc.action_dim}",
+                          "use a residual trained on this base checkpoint")
+    if list(rc.obs_keys) != list(bc.obs_keys):
+        raise ConfigError("residual.obs_keys", f"{list(rc.obs_keys)} != base obs_keys {list(bc.obs_keys)}",
+                          "use a residual trained on this base checkpoint")
+
+
+def freeze(policy: ResidualPolicy) -> ResidualPolicy:
+    """``eval()`` and ``requires_grad=False`` on every parameter; returns the policy."""
+    policy.eval()
+    for p in policy.parameters():
+        p.requires_grad_(False)
+    return policy
+
+
 def save_residual(policy: ResidualPolicy, path_dir, extra: dict | None = None):
     """Save as ``model.safetensors`` + ``config.json`` (no pickle). ``extra`` e.g. the base checkpoint path."""
     from robot_rl.policies.checkpoint import save_module_safetensors
 
-    cfg = asdict(policy.config)
-    cfg["hidden"] = list(cfg["hidden"])
-    return save_module_safetensors(policy, path_dir, cfg, format_name=RESIDUAL_FORMAT, extra=extra)
+    return save_module_safetensors(policy, path_dir, residual_config_dict(policy), format_name=RESIDUAL_FORMAT,
+                                   extra=extra)
+
+
+def residual_from_tensors(cfg: dict, tensors: dict, base=None) -> ResidualPolicy:
+    """A frozen residual from a config dict and a {name: tensor} state dict (a weight push), checked against
+    ``base`` when given. Raises ConfigError for bad configs, mismatched tensors or a residual of another base."""
+    from robot_rl.policies.checkpoint import load_state_strict
+
+    pol = build_residual(cfg)
+    if base is not None:
+        check_compatible(pol.config, base.config)
+    load_state_strict(pol, tensors)
+    return freeze(pol)
 
 
 def load_residual(path, base=None) -> ResidualPolicy:
-    """Load a frozen residual; with ``base`` given, check it matches the base's obs keys and action dim.
-
-    Raises ConfigError for pickle/corrupt/mismatched checkpoints.
-    """
+    """Load a frozen residual checkpoint directory; with ``base`` given, check it matches the base's obs keys and
+    action dim. Raises ConfigError for pickle/corrupt/mismatched checkpoints."""
     from robot_rl.policies.checkpoint import load_module_safetensors
 
-    def build(c: dict) -> ResidualPolicy:
-        names = set(ResidualConfig.__dataclass_fields__)
-        bad = sorted(set(c) - names)
-        if bad:
-            raise ConfigError(f"residual.{bad[0]}", "unknown residual config field", f"use only {sorted(names)}")
-        return ResidualPolicy(ResidualConfig(**{**c, "hidden": tuple(c.get("hidden", (256, 256)))}))
-
-    pol, _ = load_module_safetensors(path, build, format_name=RESIDUAL_FORMAT)
+    pol, _ = load_module_safetensors(path, build_residual, format_name=RESIDUAL_FORMAT)
     if base is not None:
-        bc = base.config
-        if pol.config.action_dim != bc.action_dim:
-            raise ConfigError("residual.action_dim", f"{pol.config.action_dim} != base action_dim {bc.action_dim}",
-                              "use a residual trained on this base checkpoint")
-        if list(pol.config.obs_keys) != list(bc.obs_keys):
-            raise ConfigError("residual.obs_keys", f"{pol.config.obs_keys} != base obs_keys {bc.obs_keys}",
-                              "use a residual trained on this base checkpoint")
-    pol.eval()
-    for p in pol.parameters():
-        p.requires_grad_(False)
-    return pol
+        check_compatible(pol.config, base.config)
+    return freeze(pol)

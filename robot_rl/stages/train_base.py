@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from robot_rl.progress import progress_bar
 
 from robot_rl.errors import ConfigError
-from robot_rl.policies.base import PolicyConfig, make_policy
+from robot_rl.policies import make_policy
+from robot_rl.policies.base import PolicyConfig
 from robot_rl.policies.checkpoint import save_policy
 from robot_rl.policies.diffusion import make_ema
-from robot_rl.sampler import SequenceSampler, WindowDataset, compute_normalization, split_episodes
-from robot_rl.store import ZarrStore
+from robot_rl.datasets.sampler import SequenceSampler, WindowDataset, compute_normalization, split_episodes
+from robot_rl.datasets.store import ZarrStore
 
 DEFAULT_OBS_KEYS = {"place": ["ee_pos", "ee_quat", "gripper_width", "cube_pos", "cube_quat", "target_pos"],
                     "lift": ["ee_pos", "ee_quat", "gripper_width", "cube_pos", "cube_quat"]}
@@ -52,7 +53,7 @@ class BaseTrainConfig:
 def select_episodes(store: ZarrStore, only_success: bool = False, sources=()) -> np.ndarray:
     """Indices of the committed episodes that pass the filters (all when none is set). Raises ConfigError for an
     unknown source or when fewer than 2 episodes remain."""
-    from robot_rl.store import SOURCES
+    from robot_rl.datasets.store import SOURCES
 
     sources = [sources] if isinstance(sources, str) else list(sources)
     for s in sources:
@@ -127,7 +128,7 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     history, step, t0 = [], 0, time.time()
-    bar = tqdm(total=cfg.steps, desc=f"train {cfg.kind}", unit="step", disable=not progress)
+    bar = progress_bar(total=cfg.steps, desc=f"train {cfg.kind}", unit="step", disable=not progress)
     policy.train()
     while step < cfg.steps:
         for batch in loader:

@@ -2,7 +2,7 @@
 episode length (cycle time), JSON + Markdown report, learning-curve plot and mp4 rollout videos.
 
 Held-out seeds start at :data:`EVAL_SEED_START`, disjoint from demonstration seeds (from 0) and residual-RL
-training seeds (from ``robot_rl.rl.ppo.TRAIN_SEED_START``). The residual acts deterministically (its mean).
+training seeds (from ``robot_rl.envs.vector.TRAIN_SEED_START``). The residual acts deterministically (its mean).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import binomtest
-from tqdm import tqdm
+from robot_rl.progress import progress_bar
 
 from robot_rl.errors import ConfigError
-from robot_rl.envs import make_env
-from robot_rl.rollout import ChunkExecutor, SeedSchedule, env_kwargs_for, make_vector_env, reset_some
+from robot_rl.envs.env import make_env
+from robot_rl.envs.vector import EVAL_SEED_START, SeedSchedule, env_kwargs_for, make_vector_env, reset_some
+from robot_rl.policies.execution import ChunkExecutor
 
-EVAL_SEED_START = 1_000_000
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -69,7 +69,7 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     ``policy``: an object with CombinedPolicy's reset/observe/act for ``n_envs`` envs used instead of
     ``CombinedPolicy(base, residual)`` (e.g. :class:`robot_rl.serve.client.RemotePolicy`; then ``base`` may be None).
 
-    ``record``: a :class:`~robot_rl.store.ZarrStore` open for appending: every evaluated episode is committed to it as
+    ``record``: a :class:`~robot_rl.datasets.store.ZarrStore` open for appending: every evaluated episode is committed to it as
     it ends (source ``policy``; the observations the policy saw and the actions sent to the env, (o_t, a_t) as in
     scripted collection; metadata: seed, success, backend, reset parameters, randomization sample, plus
     ``record_extra``), so rollouts feed the next round of base training (the design's rollouts -> store loop).
@@ -98,7 +98,7 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     pol.reset(active, obs)
     results = []
     steps: list[dict] = [{} for _ in range(n_envs)]  # the running episode of each env (only when recording)
-    bar = tqdm(total=n_episodes, desc=desc, unit="ep", disable=not progress)
+    bar = progress_bar(total=n_episodes, desc=desc, unit="ep", disable=not progress)
     try:
         while active.any():
             a = pol.act(obs)

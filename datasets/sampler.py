@@ -1,4 +1,4 @@
-"""Training windows over a :class:`~robot_rl.store.ZarrStore` (diffusion_policy convention).
+"""Training windows over a :class:`~robot_rl.datasets.store.ZarrStore` (diffusion_policy convention).
 
 For step ``t`` of an episode of length ``L`` the window covers steps ``t-To+1 ... t-To+T`` (``T`` = horizon,
 ``To`` = n_obs_steps): the last observed frame is ``t`` and the first action is the one taken at ``t-To+1``.
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from robot_rl.errors import ConfigError
-from robot_rl.store import ZarrStore, is_image
+from robot_rl.datasets.store import ZarrStore, is_image
 
 
 def _is_int(v) -> bool:

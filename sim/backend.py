@@ -12,11 +12,11 @@ import abc
 import numpy as np
 
 from robot_rl.errors import ConfigError
-from robot_rl.scene import SceneSpec
+from robot_rl.robot.scene import SceneSpec
 
 
 class Backend(abc.ABC):
-    """Abstract simulator backend built from a :class:`~robot_rl.scene.SceneSpec`."""
+    """Abstract simulator backend built from a :class:`~robot_rl.robot.scene.SceneSpec`."""
 
     name: str = "abstract"
 
@@ -66,7 +66,7 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Release renderers and native resources."""
 
-    # -- domain randomization setters (see robot_rl.randomization; simulators implement them) ------------------
+    # -- domain randomization setters (see robot_rl.envs.randomization; simulators implement them) ------------------
     def set_physics(self, params: dict) -> None:
         """Set physical parameters as factors on the scene's nominal values (absolute, not cumulative; a factor
         of 1 restores the nominal value). Keys, each optional (absent keys keep their current value):
@@ -82,7 +82,7 @@ class Backend(abc.ABC):
 
     def set_camera_pose(self, camera: str, pos: np.ndarray, R: np.ndarray) -> None:
         """Camera pose in its parent frame (world frame for fixed cameras): position (3,) [m] and rotation (3, 3)
-        with columns = camera x (right), y (up), z (backward), as :func:`robot_rl.scene.look_at_matrix`."""
+        with columns = camera x (right), y (up), z (backward), as :func:`robot_rl.robot.scene.look_at_matrix`."""
         raise self._unsupported("camera pose")
 
     def set_colors(self, rgba: dict) -> None:

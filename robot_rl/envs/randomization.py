@@ -48,7 +48,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from robot_rl.errors import ConfigError
-from robot_rl.scene import SceneSpec, look_at_matrix
+from robot_rl.robot.scene import SceneSpec, look_at_matrix
 
 GROUPS = ("physics", "sensing", "visual")
 
@@ -98,7 +98,7 @@ def _fail(name: str, problem: str, p: Param | None = None) -> ConfigError:
     """``name`` is group.param[.key]; the fix shows the whole parameter (e.g. a noise dict), never a dotted key."""
     group, param = (name.split(".") + [""])[:2]
     fix = f"use e.g. randomization={{'{group}': {{'{param}': {p.example}}}}}" if p else \
-        "see robot_rl.randomization.PARAMS"
+        "see robot_rl.envs.randomization.PARAMS"
     return ConfigError(f"randomization.{name}", problem, fix)
 
 

@@ -1,7 +1,7 @@
 """Backend-independent differential-IK controller: end-effector delta actions -> joint position targets.
 
 Shared by the MuJoCo and PyBullet backends and by the real-arm bridge. It only needs the URDF kinematic
-chain (:mod:`robot_rl.kinematics`) and the measured joint positions.
+chain (:mod:`robot_rl.robot.kinematics`) and the measured joint positions.
 
 Action convention (float32, shape (5,), each in [-1, 1]), base frame:
     a[0:3]  end-effector translation delta, scaled by ``pos_scale`` metres per control step;
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from robot_rl.kinematics import KinematicChain
+from robot_rl.robot.kinematics import KinematicChain
 
 R_DOWN = np.diag([1.0, -1.0, -1.0])  # tool z axis pointing down, tool x along base x: yaw 0
 

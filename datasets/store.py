@@ -2,7 +2,7 @@
 
 Layout (a directory store, diffusion_policy ReplayBuffer idea)::
 
-    <root>/                      group attrs: format="robot_rl.store", version=1, schema={key: {dtype, shape}}
+    <root>/                      group attrs: format="robot_rl.datasets.store", version=1, schema={key: {dtype, shape}}
       data/<key>                 (N, *shape) arrays concatenated over time (N = total steps)
         action                   float32 (N, A)           always present
         intervention             bool    (N,)             always present (False unless a human took over)
@@ -44,7 +44,7 @@ from zarr.codecs import BloscCodec
 
 from robot_rl.errors import ConfigError
 
-FORMAT, VERSION = "robot_rl.store", 1
+FORMAT, VERSION = "robot_rl.datasets.store", 1
 SOURCES = ("scripted", "teleop", "policy", "intervention")
 META_NUM = {"episode_seed": np.int64, "episode_success": np.bool_, "episode_length": np.int64}
 META_STR = ("episode_task", "episode_source", "episode_backend", "episode_robot", "episode_extra")

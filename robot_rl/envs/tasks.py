@@ -1,6 +1,6 @@
 """Tasks: reset distribution, observation of task objects, success predicate and sparse reward.
 
-A task is backend-independent: it only uses the :class:`~robot_rl.backend.Backend` interface, so the same
+A task is backend-independent: it only uses the :class:`~robot_rl.sim.backend.Backend` interface, so the same
 task object code runs on MuJoCo, PyBullet and (through ROS 2) a real arm. Frames: robot base frame; SI units.
 
 Tasks
@@ -17,7 +17,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from robot_rl.errors import ConfigError
-from robot_rl.scene import MarkerSpec, ObjectSpec
+from robot_rl.robot.scene import MarkerSpec, ObjectSpec
 
 CUBE = ObjectSpec("cube", half_size=(0.02, 0.02, 0.02), mass=0.05, friction=1.0)
 

@@ -1,24 +1,28 @@
-"""Vectorized rollouts shared by evaluation and residual RL.
+"""Vector envs and episode seeds shared by collection, evaluation and residual RL.
 
 - :func:`make_vector_env`: a Gymnasium ``AsyncVectorEnv`` (one subprocess per env) with autoreset DISABLED; the
   caller resets finished envs with explicit per-episode seeds (``reset_mask``), so every episode is reproducible
   from its seed regardless of how many workers ran it.
-- :class:`ChunkExecutor`: per-env observation history (To frames) and action-chunk queue for a base policy;
-  envs whose queue is empty get a new chunk from ONE batched ``predict_chunk`` call.
 - :class:`SeedSchedule`: hands out episode seeds from a range.
+- Seed ranges: demonstrations from :data:`DEMO_SEED_START`, residual-RL training from :data:`TRAIN_SEED_START`
+  (+ 10 000 000 per training seed), validation from :data:`VAL_SEED_START`, evaluation from
+  :data:`EVAL_SEED_START`: disjoint, so no evaluated episode was ever trained or selected on.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from functools import partial
 
 import gymnasium as gym
 import numpy as np
-import torch
 
-from robot_rl.envs import check_env_options, make_env
+from robot_rl.envs.env import check_env_options, make_env
 from robot_rl.errors import ConfigError
+
+DEMO_SEED_START = 0
+TRAIN_SEED_START = 100_000
+VAL_SEED_START = 500_000
+EVAL_SEED_START = 1_000_000
 
 
 def _env_fn(task, backend, task_kwargs, env_kwargs):
@@ -47,8 +51,8 @@ def env_kwargs_for(policy_config, task: str, task_kwargs: dict | None, env_kwarg
     """:class:`~robot_rl.envs.EnvConfig` fields for rolling out a policy in ``task``: every observation key the
     policy reads is checked against the task's observations, and an image policy's cameras and image size
     (``image_<camera>`` keys, ``image_shape``) are filled in unless given. Raises ConfigError naming the key."""
-    from robot_rl.envs import ROBOT_OBS_DIMS
-    from robot_rl.tasks import make_task
+    from robot_rl.envs.env import ROBOT_OBS_DIMS
+    from robot_rl.envs.tasks import make_task
 
     kw = dict(env_kwargs or {})
     have = {*ROBOT_OBS_DIMS, *make_task(task, **(task_kwargs or {})).obs_dims()}
@@ -90,68 +94,3 @@ def reset_some(venv, mask: np.ndarray, seeds: list[int | None], obs: dict | None
     full = [int(s) if (m and s is not None) else None for s, m in zip(seeds, mask)]
     o, _ = venv.reset(seed=full, options={"reset_mask": mask.astype(bool)})
     return o
-
-
-class ChunkExecutor:
-    """Executes a chunking base policy in N envs.
-
-    Args:
-        policy: a :class:`~robot_rl.policies.base.BasePolicy` (``predict_chunk`` on raw obs (B, To, ...)).
-        n_envs: number of envs.
-        seed: seed of the torch generator used for diffusion sampling (reproducible rollouts).
-        align_chunks: cut every chunk short so that it ends on a multiple of the action horizon Ta counted in
-            :meth:`actions` calls. Only the first chunk after a mid-stream reset is ever cut; from then on that env
-            asks for its next chunk on the same step as every other env, so one batched ``predict_chunk`` serves
-            all N envs instead of N batch-1 calls spread over Ta steps (ResiP gets this for free from fixed-length
-            episodes; ours end early on success or a missed place). On CPU a batch-8 call costs ~2.6x a batch-1
-            call, not 8x; measured 3x fewer base calls and 1.14x env steps/s in residual PPO (``bench/bench_ppo.py``).
-            Changes what the base does only in that first, shortened chunk (it re-plans sooner); keep it off
-            where rollouts must equal single-env execution (evaluation, the policy server).
-    """
-
-    def __init__(self, policy, n_envs: int, seed: int = 0, align_chunks: bool = False):
-        self.policy = policy
-        cfg = policy.config
-        self.keys = list(cfg.obs_keys) + list(cfg.image_keys)
-        self.To, self.Ta, self.n = cfg.n_obs_steps, cfg.n_action_steps, n_envs
-        self.hist = [deque(maxlen=self.To) for _ in range(n_envs)]
-        self.queue = [deque() for _ in range(n_envs)]
-        self.gen = torch.Generator().manual_seed(seed)
-        self.align, self.t = align_chunks, 0  # t: actions() calls so far (the shared step clock)
-        self.calls = self.chunks = 0  # predict_chunk calls and env chunks (sum of their batch sizes) so far
-
-    def reset(self, mask: np.ndarray, obs: dict) -> None:
-        """Clear history/queue of the envs in ``mask`` and fill their history with the first observation."""
-        for i in np.flatnonzero(mask):
-            self.hist[i].clear()
-            self.queue[i].clear()
-            frame = {k: obs[k][i] for k in self.keys}
-            for _ in range(self.To):
-                self.hist[i].append(frame)
-
-    def observe(self, obs: dict, mask: np.ndarray | None = None) -> None:
-        """Append the new observation of every env (or those in ``mask``)."""
-        for i in range(self.n) if mask is None else np.flatnonzero(mask):
-            self.hist[i].append({k: obs[k][i] for k in self.keys})
-
-    def peek(self) -> np.ndarray:
-        """Next base action for every env, (N, A) raw float32, without consuming it. Empty queues are refilled
-        with one batched ``predict_chunk`` call over the envs that need a new chunk."""
-        need = [i for i in range(self.n) if not self.queue[i]]
-        if need:
-            batch = {k: np.stack([np.stack([f[k] for f in self.hist[i]]) for i in need]) for k in self.keys}
-            chunks = self.policy.predict_chunk(batch, generator=self.gen)
-            self.calls += 1
-            self.chunks += len(need)
-            keep = self.Ta - self.t % self.Ta if self.align else None
-            for j, i in enumerate(need):
-                self.queue[i].extend(np.asarray(chunks[j][:keep], dtype=np.float32))
-        return np.stack([self.queue[i][0] for i in range(self.n)])
-
-    def actions(self) -> np.ndarray:
-        """Next base action for every env, (N, A) raw float32 (consumed from the queues)."""
-        a = self.peek()
-        for q in self.queue:
-            q.popleft()
-        self.t += 1
-        return a

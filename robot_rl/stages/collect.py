@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from robot_rl.progress import progress_bar
 
-from robot_rl.envs import check_env_options, make_env
+from robot_rl.envs.env import check_env_options, make_env
 from robot_rl.errors import ConfigError
-from robot_rl.experts import ScriptedExpert
-from robot_rl.store import ZarrStore
+from robot_rl.envs.experts import ScriptedExpert
+from robot_rl.datasets.store import ZarrStore
 
 
 def rollout_expert(env, expert: ScriptedExpert, seed: int) -> tuple[dict[str, np.ndarray], bool]:
@@ -48,7 +48,7 @@ def collect(store_path: str | Path, task: str, n_episodes: int, *, seed: int = 0
 
     Seeds are ``seed, seed+1, ...``; failed attempts are skipped (and counted) when ``only_success``.
     Appends to an existing store unless ``overwrite``; raises ConfigError on an impossible request.
-    ``randomization``: domain randomization spec (see :mod:`robot_rl.randomization`); each episode's sample is
+    ``randomization``: domain randomization spec (see :mod:`robot_rl.envs.randomization`); each episode's sample is
     stored in its metadata as ``extra["randomization"]`` ({} when off).
     """
     if n_episodes < 1:
@@ -63,7 +63,7 @@ def collect(store_path: str | Path, task: str, n_episodes: int, *, seed: int = 0
                             yaw_scale=env.controller.cfg.yaw_scale)
     max_attempts = max_attempts or 4 * n_episodes
     kept, attempts, successes, s = 0, 0, 0, seed
-    bar = tqdm(total=n_episodes, desc=f"collect {task}", unit="ep", disable=not progress)
+    bar = progress_bar(total=n_episodes, desc=f"collect {task}", unit="ep", disable=not progress)
     try:
         while kept < n_episodes and attempts < max_attempts:
             data, ok = rollout_expert(env, expert, s)
