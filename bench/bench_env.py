@@ -97,7 +97,7 @@ def main():
     ik_us = (time.perf_counter() - t) / 500 * 1e6
     t = time.perf_counter()
     for _ in range(500):
-        env._obs()
+        env.observe()
     obs_us = (time.perf_counter() - t) / 500 * 1e6
 
     med = float(np.median(ratios))

@@ -1,6 +1,7 @@
 """Residual PPO throughput (env control steps/s, everything included) with aligned vs free-running action chunks.
 
-Runs ``train_residual`` twice on the same frozen base checkpoint, same seed and env count: once with
+Runs ``train_residual`` (collector + rollout buffer + PPO update, checkpoints into a temporary directory, no
+validation) twice on the same frozen base checkpoint, same seed and env count: once with
 ``align_chunks=True`` (the default: every env asks for its next chunk on the same step, one batched base call per
 Ta steps) and once with ``align_chunks=False`` (the reference: each env re-plans on its own clock, so base calls are
 spread over the steps with small batches). Prints steps/s, base calls per 1000 env steps, the mean base batch size
@@ -15,16 +16,19 @@ import argparse
 import tempfile
 import time
 
+import torch
+
 from robot_rl.policies.checkpoint import load_policy
 from robot_rl.rl.ppo import PPOConfig, train_residual
+from robot_rl.rl.residual import ResidualConfig
 
 
 def run(base, args, align: bool) -> dict:
     cfg = PPOConfig(total_env_steps=args.steps, n_envs=args.n_envs, n_steps=100, align_chunks=align)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        _, curve = train_residual(base, args.task, cfg, tmp, task_kwargs={"tolerance": args.tolerance},
-                                  progress=False)
+        _, curve = train_residual(base, args.task, cfg, tmp, residual=ResidualConfig(alpha=args.alpha),
+                                  task_kwargs={"tolerance": args.tolerance}, progress=False)
         wall = time.perf_counter() - t0
     steps, calls, chunks = (curve[-1][k] for k in ("env_steps", "base_calls", "base_chunks"))
     return {"steps_s": steps / wall, "calls_per_1k": 1000 * calls / steps,
@@ -38,7 +42,9 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=0.004)
     ap.add_argument("--steps", type=int, default=16_000)
     ap.add_argument("--n-envs", type=int, default=8)
+    ap.add_argument("--alpha", type=float, default=ResidualConfig.alpha)
     args = ap.parse_args()
+    torch.set_num_threads(1)  # the env workers own the other cores; OpenMP oversubscription is catastrophic
     base = load_policy(args.checkpoint)
     c = base.config
     print(f"base {c.kind}, Ta {c.n_action_steps}, DDIM {getattr(c, 'num_inference_steps', '-')}, "

@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import pybullet as p  # noqa: E402
 
-from robot_rl.sim.backend import make_backend  # noqa: E402
+from robot_rl.sim import make_backend  # noqa: E402
 from robot_rl.envs.env import make_env  # noqa: E402
 from robot_rl.stages.evaluation import wilson_interval  # noqa: E402
 from robot_rl.envs.experts import ScriptedExpert  # noqa: E402
@@ -76,7 +76,7 @@ def throughput(steps: int) -> None:
     ik_us = (time.perf_counter() - t) / 300 * 1e6
     t = time.perf_counter()
     for _ in range(300):
-        eb._obs()
+        eb.observe()
     obs_us = (time.perf_counter() - t) / 300 * 1e6
     print(f"(a) throughput, control {1 / eb.scene.control_dt:.0f} Hz, physics dt {eb.scene.physics_dt * 1e3:.1f} ms "
           f"({n_sub} substeps per control step), {steps} steps each")

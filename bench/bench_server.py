@@ -109,7 +109,7 @@ def main() -> None:
                        stats).freeze()
     res = ResidualPolicy(ResidualConfig(obs_keys=["state"], obs_dims={"state": OBS}, action_dim=ACT))
     with torch.no_grad():
-        res.actor[-1].weight.normal_(0, 0.1)
+        res.actor.net[-1].weight.normal_(0, 0.1)
     res.eval()
     tmp = Path(tempfile.mkdtemp(prefix="bench_server_"))
     save_policy(base, tmp / "base")
@@ -168,13 +168,12 @@ def main() -> None:
                 for i, pol in enumerate(pols):
                     obi = {"state": ob["state"][i:i + 1]}
                     pol.reset(one, obi) if it == 0 else pol.observe(obi, None)
-                    pol.ex.queue[0].clear()
+                    pol.drop_chunks()
                     t0 = time.perf_counter()
                     pol.act(obi)
                     single.append((time.perf_counter() - t0) * 1e3)
                 bpol.reset(all_mask, ob) if it == 0 else bpol.observe(ob, None)
-                for q in bpol.ex.queue:
-                    q.clear()
+                bpol.drop_chunks()
                 t0 = time.perf_counter()
                 bpol.act(ob)
                 batched.append((time.perf_counter() - t0) * 1e3)

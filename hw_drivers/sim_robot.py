@@ -58,7 +58,7 @@ import numpy as np
 from robot_rl.errors import ConfigError
 from robot_rl.ros.common import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, camera_info_from_fovy, declare, declare_safety,
                                  diagnostic,
-                                 duration_to_sec, image_to_msg, json_param, pose_msg, run_node, sec_to_stamp,
+                                 duration_to_sec, image_to_msg, declare_task, pose_msg, run_node, sec_to_stamp,
                                  stamp_to_sec)
 from robot_rl.robot.safety import EStopLatch, JointLimits, SafetyFilter, Watchdog
 
@@ -120,8 +120,8 @@ def make_node():
         def __init__(self):
             super().__init__("sim_robot")
             self.backend_name = declare(self, "backend", "mujoco", "simulator: mujoco or pybullet")
-            self.task_name = declare(self, "task", "place", "task (lift | place): scene, reset distribution, success")
-            task_kwargs = json_param(self, "task_json", declare(self, "task_json", "", "task overrides as JSON"))
+            task, task_kwargs = declare_task(self, "task (lift | place): scene, reset distribution, success")
+            self.task_name = task.name
             self.next_seed = int(declare(self, "seed", 0, "seed of the next ~/reset (then incremented)"))
             self.dt = float(declare(self, "sim_dt", 0.01, "simulated seconds per tick (servo/command update)"))
             physics_dt = float(declare(self, "physics_dt", 0.002, "physics step [s]"))
@@ -352,7 +352,7 @@ def make_node():
             if poses:
                 for n, pub in self.pub_pose.items():
                     pub.publish(pose_msg(*self._pose_of(n), stamp, self.frame_id))
-                obs = self.env._obs()
+                obs = self.env.observe()
                 self.pub_success.publish(Bool(data=bool(self.env.task.is_success(obs, self.env.params))))
             if cams:
                 H, W = int(self.image_size[0]), int(self.image_size[1])

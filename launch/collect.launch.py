@@ -27,11 +27,11 @@ def generate_launch_description():
         DeclareLaunchArgument("store", default_value="runs/ros_demos.zarr", description="zarr store"),
         DeclareLaunchArgument("keyboard", default_value="false", description="read keys from the terminal"),
         Node(executable="robot-rl-sim-robot", name="sim_robot", output="screen",
-             parameters=[os.path.join(CONFIG, "sim_robot.yaml"), {"backend": backend, "task": task, "publish_clock": use_sim_time}]),
+             parameters=[os.path.join(CONFIG, "sim_robot.yaml"), {"backend": backend, "task.name": task, "publish_clock": use_sim_time}]),
         Node(executable="robot-rl-arm-bridge", name="arm_bridge", output="screen",
              parameters=[os.path.join(CONFIG, "arm_bridge.yaml"), {"use_sim_time": use_sim_time}]),
         Node(executable="robot-rl-teleop", name="teleop", output="screen", emulate_tty=True,
              parameters=[os.path.join(CONFIG, "teleop.yaml"), {"keyboard": keyboard, "use_sim_time": use_sim_time}]),
         Node(executable="robot-rl-recorder", name="recorder", output="screen",
-             parameters=[os.path.join(CONFIG, "recorder.yaml"), {"store": store, "task": task, "use_sim_time": use_sim_time}]),
+             parameters=[os.path.join(CONFIG, "recorder.yaml"), {"store": store, "task.name": task, "use_sim_time": use_sim_time}]),
     ])

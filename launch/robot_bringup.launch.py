@@ -42,6 +42,6 @@ def generate_launch_description():
              parameters=[os.path.join(CONFIG, "arm_bridge_robot.yaml"), {"urdf": urdf, "use_sim_time": use_sim_time}]),
         Node(executable="robot-rl-policy-node", name="policy_node", output="screen",
              parameters=[os.path.join(CONFIG, "policy_node.yaml"),
-                         {"server": server, "checkpoint": checkpoint, "urdf": urdf, "task": task,
+                         {"server": server, "checkpoint": checkpoint, "urdf": urdf, "task.name": task,
                           "execution": execution, "use_sim_time": use_sim_time}]),
     ])

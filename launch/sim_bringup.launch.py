@@ -31,11 +31,11 @@ def generate_launch_description():
                               description="step | async (chunks requested in the background, temporally ensembled)"),
         Node(executable="robot-rl-sim-robot", name="sim_robot", output="screen",
              parameters=[os.path.join(CONFIG, "sim_robot.yaml"),
-                         {"backend": backend, "task": task, "publish_clock": use_sim_time}]),
+                         {"backend": backend, "task.name": task, "publish_clock": use_sim_time}]),
         Node(executable="robot-rl-arm-bridge", name="arm_bridge", output="screen",
              parameters=[os.path.join(CONFIG, "arm_bridge.yaml"), {"use_sim_time": use_sim_time}]),
         Node(executable="robot-rl-policy-node", name="policy_node", output="screen",
              parameters=[os.path.join(CONFIG, "policy_node.yaml"),
-                         {"checkpoint": checkpoint, "server": server, "task": task, "execution": execution,
+                         {"checkpoint": checkpoint, "server": server, "task.name": task, "execution": execution,
                           "use_sim_time": use_sim_time}]),
     ])

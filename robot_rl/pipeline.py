@@ -2,210 +2,200 @@
 report.
 
 Presets: ``quick`` (a few minutes on 2 CPU cores; proves the plumbing, not the numbers), ``full`` (MLP BC base) and
-``full-diffusion`` (Diffusion Policy base) — the README's precision-task figures. Any field can be overridden from a YAML file or ``--set key=value``.
-Every run writes its resolved config to ``<out>/config.yaml``.
+``full-diffusion`` (Diffusion Policy base) — the README's precision-task figures. A preset is one layer of
+:func:`robot_rl.config.resolve` (dataclass defaults <- preset <- ``--config`` YAML <- ``--set section.field=V``), so
+every field of every section can be overridden. Every run writes its resolved config to ``<out>/config.yaml``.
+
+Model selection: the residual is validated every ``ppo.val_every`` env steps on seeds from
+:data:`~robot_rl.envs.vector.VAL_SEED_START` (disjoint from training and evaluation seeds); the last and the
+best-on-validation residual are both evaluated on the held-out evaluation seeds (the last is the headline row).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
 
-import yaml
-
+from robot_rl.config import Config, resolve, write_config
 from robot_rl.errors import ConfigError
 from robot_rl.stages.train_base import DEFAULT_OBS_KEYS
 
 _PLACE_KEYS = DEFAULT_OBS_KEYS["place"]  # pinned into the presets, so a later default change keeps their figures
 PRESETS = {
-    # the README's precision-task acceptance run: MLP BC base + residual PPO, place at 4 mm
+    # the README's precision-task acceptance run: MLP BC base + residual PPO, place at 4 mm (demos at the default
+    # 1 cm: collect.nominal_task)
     "full": {
-        "task": "place", "task_kwargs": {"tolerance": 0.004}, "seed": 0,
-        "collect": {"episodes": 100, "noise": 0.3, "bias": 0.0},
+        "task": {"name": "place", "tolerance": 0.004}, "seed": 0,
+        "collect": {"episodes": 100, "noise": 0.3, "bias": 0.0, "nominal_task": True},
         "base": {"kind": "bc", "steps": 4000, "batch_size": 256, "lr": 1e-3, "obs_keys": list(_PLACE_KEYS)},
-        "residual": {"total_env_steps": 600_000, "n_envs": 8, "n_steps": 100, "align_chunks": False},
+        "ppo": {"total_env_steps": 600_000, "n_envs": 8, "n_steps": 100, "align_chunks": False},
         "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
     },
     # the same job on the frozen Diffusion Policy base (goal-relative cube_to_target in its observation, bias-style
     # demos, 5 DDIM steps, residual L2 penalty); README figures: 0.305 -> 0.920 at 4 mm in 54.7 min
     "full-diffusion": {
-        "task": "place", "task_kwargs": {"tolerance": 0.004}, "seed": 0,
-        "collect": {"episodes": 100, "noise": 0.05, "bias": 0.003},
+        "task": {"name": "place", "tolerance": 0.004}, "seed": 0,
+        "collect": {"episodes": 100, "noise": 0.05, "bias": 0.003, "nominal_task": True},
         "base": {"kind": "diffusion", "steps": 6000, "batch_size": 256, "lr": 1e-3,
-                 "obs_keys": [*_PLACE_KEYS, "cube_to_target"],
-                 "policy": {"down_dims": [32, 64, 128], "num_inference_steps": 5}},
-        "residual": {"total_env_steps": 1_100_000, "n_envs": 8, "n_steps": 100, "residual_l2": 0.1},
+                 "obs_keys": [*_PLACE_KEYS, "cube_to_target"]},
+        "policy": {"down_dims": [32, 64, 128], "num_inference_steps": 5},
+        "ppo": {"total_env_steps": 1_100_000, "n_envs": 8, "n_steps": 100, "residual_l2": 0.1},
         "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
     },
     "quick": {
-        "task": "place", "task_kwargs": {}, "seed": 0,
-        "collect": {"episodes": 20, "noise": 0.3, "bias": 0.0},
-        "base": {"kind": "diffusion", "steps": 300, "batch_size": 64, "policy": {"down_dims": [32, 64, 128]}},
-        "residual": {"total_env_steps": 8_000, "n_envs": 4, "n_steps": 100},
+        "task": {"name": "place"}, "seed": 0,
+        "collect": {"episodes": 20, "noise": 0.3, "bias": 0.0, "nominal_task": True},
+        "base": {"kind": "diffusion", "steps": 300, "batch_size": 64},
+        "policy": {"down_dims": [32, 64, 128]},
+        "ppo": {"total_env_steps": 8_000, "n_envs": 4, "n_steps": 100},
         "eval": {"episodes": 20, "n_envs": 4, "videos": 1},
     },
 }
 
 
-OPEN_SECTIONS = ("base", "residual", "policy", "task_kwargs")  # free keys, checked by their dataclasses
-
-
-def _merge(a: dict, b: dict, path: str = "") -> dict:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        if k not in out and path.rstrip(".").split(".")[-1] not in OPEN_SECTIONS:
-            raise ConfigError(f"{path}{k}", "unknown pipeline config key", f"use one of {sorted(out)}")
-        if k not in out:
-            out[k] = v
-            continue
-        out[k] = _merge(out[k], v, f"{path}{k}.") if isinstance(out[k], dict) and isinstance(v, dict) and out[k] else v
-    return out
-
-
-def resolve_config(preset: str = "quick", yaml_path: str | None = None, overrides: list[str] = ()) -> dict:
-    """Preset <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML scalars)."""
+def resolve_config(preset: str = "quick", files=(), overrides=(), flags: dict | None = None) -> Config:
+    """The pipeline's config: dataclass defaults <- ``PRESETS[preset]`` <- YAML ``files`` <- ``flags`` <-
+    ``overrides`` (``section.field=value``), checked (:func:`validate_config`). Raises ConfigError."""
     if preset not in PRESETS:
         raise ConfigError("preset", f"unknown preset {preset!r}", f"choose one of {', '.join(PRESETS)}")
-    cfg = copy.deepcopy(PRESETS[preset])
-    if yaml_path:
-        p = Path(yaml_path)
-        if not p.is_file():
-            raise ConfigError("config", f"{p} not found", "pass an existing YAML file")
-        try:
-            doc = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("config", f"{p} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax")
-        if not isinstance(doc, dict):
-            raise ConfigError("config", f"{p} holds a {type(doc).__name__}, not a mapping of sections",
-                              "write e.g. 'residual: {total_env_steps: 600000}'")
-        cfg = _merge(cfg, doc)
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError("--set", f"{ov!r} is not key=value", "write e.g. --set residual.n_envs=8")
-        key, val = ov.split("=", 1)
-        node = {}
-        cur = node
-        parts = key.split(".")
-        for part in parts[:-1]:
-            cur[part] = {}
-            cur = cur[part]
-        try:
-            cur[parts[-1]] = yaml.safe_load(val)
-        except yaml.YAMLError:
-            raise ConfigError("--set", f"{ov!r}: the value is not YAML", "write e.g. --set residual.n_envs=8 or "
-                              "--set base.policy.down_dims=[32,64,128]") from None
-        cfg = _merge(cfg, node)
-    for k, v in PRESETS[preset].items():  # a section replaced by a scalar would fail deep inside a stage
-        if isinstance(v, dict) and not isinstance(cfg.get(k), dict):
-            raise ConfigError(k, f"is {cfg.get(k)!r}, not a mapping of fields", f"set its fields, e.g. --set "
-                              f"{k}.{next(iter(v), 'field')}=...")
+    files = [files] if isinstance(files, (str, Path)) else list(files or ())
+    cfg = resolve("pipeline", preset=PRESETS[preset], files=files, flags=flags, sets=list(overrides))
+    validate_config(cfg)
     return cfg
 
 
-def validate_config(cfg: dict) -> None:
-    """Check every section before any work starts (ConfigError naming the field)."""
-    from robot_rl.rl.ppo import PPOConfig
-    from robot_rl.envs.tasks import make_task
-    from robot_rl.stages.train_base import BaseTrainConfig
-
-    make_task(cfg["task"], **cfg["task_kwargs"])
-    for name, cls in (("base", BaseTrainConfig), ("residual", PPOConfig)):
-        fields = cls.__dataclass_fields__
-        bad = [k for k in cfg[name] if k not in fields]
-        if bad:
-            raise ConfigError(f"{name}.{bad[0]}", "unknown field", f"use one of {', '.join(fields)}")
-    PPOConfig(**cfg["residual"]).validate()
-    _check_base_config(cfg)
-    for sec, key in (("collect", "episodes"), ("eval", "episodes"), ("eval", "n_envs"), ("base", "steps")):
-        v = cfg[sec].get(key, 1)
-        if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"{sec}.{key}", f"{v!r} is not a positive integer", "use e.g. 20")
-
-
-def _check_base_config(cfg: dict) -> None:
-    """Build the base policy's config from the task's observation dims now, so that an impossible policy setting
-    (e.g. a horizon the U-Net cannot halve) fails before demonstrations are collected over an existing run."""
+def validate_config(cfg: Config) -> None:
+    """Checks beyond :func:`robot_rl.config.resolve`'s, before any work starts: the base policy's config is built
+    from the task's observation dims now, so that an impossible policy setting (e.g. a horizon the U-Net cannot
+    halve) fails before demonstrations are collected over an existing run. Raises ConfigError naming the field."""
     from robot_rl.envs.env import ROBOT_OBS_DIMS
-    from robot_rl.policies.base import PolicyConfig
     from robot_rl.envs.tasks import make_task
-    from robot_rl.stages.train_base import DEFAULT_OBS_KEYS, BaseTrainConfig
+    from robot_rl.policies.base import PolicyConfig
 
-    b = BaseTrainConfig(**cfg["base"])
+    b = cfg.base_config()
+    for k in ("steps", "batch_size"):
+        if getattr(b, k) < 1:
+            raise ConfigError(f"base.{k}", f"{getattr(b, k)} < 1", "use a positive integer")
     if b.image_keys:
         raise ConfigError("base.image_keys", "the pipeline collects state-only demonstrations",
                           "for an image policy run robot-rl collect --cameras ..., then train-base --image-keys ...")
-    dims = {**ROBOT_OBS_DIMS, **make_task(cfg["task"], **cfg["task_kwargs"]).obs_dims()}
-    keys = list(b.obs_keys or DEFAULT_OBS_KEYS.get(cfg["task"], []))
+    task = cfg.task.name
+    dims = {**ROBOT_OBS_DIMS, **make_task(task, **cfg.task.kwargs).obs_dims()}
+    keys = list(b.obs_keys or DEFAULT_OBS_KEYS.get(task, []))
     for k in keys:
         if k not in dims:
-            raise ConfigError(f"base.obs_keys.{k}", f"task {cfg['task']!r} has no observation {k!r}",
+            raise ConfigError(f"base.obs_keys.{k}", f"task {task!r} has no observation {k!r}",
                               f"use keys from {sorted(dims)}")
-    PolicyConfig.from_dict({"kind": b.kind, "obs_keys": keys, "obs_dims": {k: dims[k] for k in keys},
-                            "action_dim": 5, **b.policy})
+    PolicyConfig.from_dict({**b.policy, "kind": b.kind, "obs_keys": keys, "obs_dims": {k: dims[k] for k in keys},
+                            "action_dim": 5})
 
 
-def run_pipeline(cfg: dict, out_dir: str | Path, progress: bool = True) -> dict:
-    """Run all stages; returns the report dict (also written to ``<out>/report.{json,md}``)."""
+def collect_args(cfg: Config) -> dict:
+    """Keyword arguments of :func:`robot_rl.stages.collect.collect` (all but the store path, ``overwrite`` and
+    ``progress``) from the config's seed, task, env, randomization and collect sections."""
+    c, env = cfg.collect, cfg.env_kwargs(randomization=False)
+    kw = {k: env.pop(k) for k in ("cameras", "image_size") if k in env}
+    return dict(task=cfg.task.name, n_episodes=c.episodes, seed=cfg.seed, noise=c.noise, bias=c.bias,
+                only_success=c.only_success, max_attempts=c.max_attempts, backend=cfg.env.backend,
+                randomization=cfg.randomization.spec(), task_kwargs=None if c.nominal_task else cfg.task.kwargs,
+                env_kwargs=env, **kw)
+
+
+def make_validator(base, cfg: Config, desc: str = "validate"):
+    """``validate(residual, n_episodes) -> success rate`` for :func:`robot_rl.rl.ppo.train_residual`: the base +
+    ``residual`` evaluated (residual mean action) on ``n_episodes`` seeds from
+    :data:`~robot_rl.envs.vector.VAL_SEED_START` — disjoint from demonstration, training and evaluation seeds — with
+    ``eval.n_envs`` workers and the config's task, env and randomization."""
+    from robot_rl.envs.vector import VAL_SEED_START
+    from robot_rl.stages.evaluation import evaluate
+
+    def validate(residual, n_episodes: int) -> float:
+        r = evaluate(base, cfg.task.name, residual=residual, n_episodes=n_episodes, n_envs=cfg.eval.n_envs,
+                     seed_start=VAL_SEED_START, task_kwargs=cfg.task.kwargs, env_kwargs=cfg.env_kwargs(backend=True),
+                     seed=cfg.seed, progress=False, desc=desc)
+        return r["success_rate"]
+
+    return validate
+
+
+def _line(name: str, r: dict) -> str:
+    return (f"{name}: success {r['success_rate']:.3f} 95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] over "
+            f"{r['episodes']} episodes")
+
+
+def run_pipeline(cfg: Config, out_dir: str | Path, progress: bool = True, argv=None) -> dict:
+    """Run all stages; returns the report dict (also written to ``<out>/report.{json,md}``).
+
+    Threads: demonstrations and base training run on torch's default thread count; from the first evaluation on
+    (rollouts in subprocess env workers, which own the other cores) torch uses one thread, as the README's figures
+    were measured. ``argv``: the command line, recorded in ``config.yaml``.
+    """
+    import torch
     from torch.utils.tensorboard import SummaryWriter
 
-    from robot_rl.stages.collect import collect
-    from robot_rl.stages.evaluation import evaluate, plot_learning_curve, record_videos, write_report, EVAL_SEED_START
     from robot_rl.policies.checkpoint import load_policy
-    from robot_rl.rl.residual import save_residual
-    from robot_rl.rl.ppo import PPOConfig, train_residual
-    from robot_rl.stages.train_base import BaseTrainConfig, train_base
+    from robot_rl.rl.ppo import train_residual
+    from robot_rl.rl.residual import load_residual
+    from robot_rl.stages.collect import collect
+    from robot_rl.stages.evaluation import evaluate, plot_learning_curve, record_videos, write_report
+    from robot_rl.stages.train_base import train_base
 
     validate_config(cfg)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    task, tk, seed = cfg["task"], cfg["task_kwargs"], cfg["seed"]
+    write_config(cfg, out, argv)
+    task, tk, seed, ev = cfg.task.name, cfg.task.kwargs, cfg.seed, cfg.eval
+    env_kw = cfg.env_kwargs(backend=True)
     writer = SummaryWriter(str(out / "tb"))
     timings, t0 = {}, time.time()
 
     t = time.time()
-    col = collect(out / "demos.zarr", task, cfg["collect"]["episodes"], seed=seed, noise=cfg["collect"]["noise"],
-                  bias=cfg["collect"]["bias"], overwrite=True, progress=progress)
+    col = collect(out / "demos.zarr", **collect_args(cfg), overwrite=True, progress=progress)
     timings["collect_s"] = time.time() - t
 
     t = time.time()
-    bcfg = BaseTrainConfig(seed=seed, **cfg["base"])
-    tb = train_base(out / "demos.zarr", out / "base", bcfg, writer=writer, progress=progress)
+    tb = train_base(out / "demos.zarr", out / "base", cfg.base_config(), writer=writer, progress=progress)
     base = load_policy(tb["checkpoint"])
     timings["train_base_s"] = time.time() - t
 
-    ev = cfg["eval"]
+    torch.set_num_threads(1)  # the env workers own the other cores; OpenMP oversubscription is catastrophic
     t = time.time()
-    r_base = evaluate(base, task, n_episodes=ev["episodes"], n_envs=ev["n_envs"], task_kwargs=tk, seed=seed,
-                      progress=progress, desc="eval base")
+    r_base = evaluate(base, task, n_episodes=ev.episodes, n_envs=ev.n_envs, seed_start=ev.seed_start,
+                      task_kwargs=tk, env_kwargs=env_kw, seed=seed, progress=progress, desc="eval base")
     timings["eval_base_s"] = time.time() - t
     # the base's figure is useful before the long residual stage: print it and keep it on disk now
     (out / "base_eval.json").write_text(json.dumps({k: v for k, v in r_base.items() if k != "per_episode"}, indent=1))
     if progress:
-        print(f"base ({base.config.kind}): success {r_base['success_rate']:.3f} 95% CI [{r_base['ci95'][0]:.3f}, "
-              f"{r_base['ci95'][1]:.3f}] over {r_base['episodes']} episodes", flush=True)
+        print(_line(f"base ({base.config.kind})", r_base), flush=True)
 
     t = time.time()
-    pcfg = PPOConfig(seed=seed, **cfg["residual"])
-    res, curve = train_residual(base, task, pcfg, out / "residual", task_kwargs=tk, writer=writer, progress=progress)
-    save_residual(res, out / "residual" / "checkpoint", extra={"base_checkpoint": tb["checkpoint"]})
+    ppo = cfg.ppo_config()
+    validate = make_validator(base, cfg) if ppo.val_every else None
+    res, curve = train_residual(base, task, ppo, out / "residual", residual=cfg.residual_config(), task_kwargs=tk,
+                                env_kwargs=env_kw, writer=writer, progress=progress, validate=validate,
+                                checkpoint_extra={"base_checkpoint": tb["checkpoint"]})
     timings["train_residual_s"] = time.time() - t
 
     t = time.time()
-    r_res = evaluate(base, task, residual=res, n_episodes=ev["episodes"], n_envs=ev["n_envs"], task_kwargs=tk,
-                     seed=seed, progress=progress, desc="eval base+residual")
+    r_res = evaluate(base, task, residual=res, n_episodes=ev.episodes, n_envs=ev.n_envs, seed_start=ev.seed_start,
+                     task_kwargs=tk, env_kwargs=env_kw, seed=seed, progress=progress, desc="eval base+residual")
+    results = {f"base ({base.config.kind})": r_base, "base + residual": r_res}
+    best_dir = out / "residual" / "checkpoint_best"
+    if best_dir.is_dir():
+        best = load_residual(best_dir, base)
+        results["base + residual (best on validation)"] = evaluate(
+            base, task, residual=best, n_episodes=ev.episodes, n_envs=ev.n_envs, seed_start=ev.seed_start,
+            task_kwargs=tk, env_kwargs=env_kw, seed=seed, progress=progress, desc="eval base+best residual")
     timings["eval_residual_s"] = time.time() - t
-    seeds = [EVAL_SEED_START + i for i in range(ev["videos"])]
-    videos = record_videos(base, task, out / "videos", seeds=seeds, task_kwargs=tk, prefix="base")
-    videos += record_videos(base, task, out / "videos", residual=res, seeds=seeds, task_kwargs=tk, prefix="residual")
+    seeds = [ev.seed_start + i for i in range(ev.videos)]
+    videos = record_videos(base, task, out / "videos", seeds=seeds, task_kwargs=tk, prefix="base", env_kwargs=env_kw)
+    videos += record_videos(base, task, out / "videos", residual=res, seeds=seeds, task_kwargs=tk, prefix="residual",
+                            env_kwargs=env_kw)
     fig = plot_learning_curve(curve, out / "learning_curve.png", base_rate=r_base["success_rate"], final=r_res)
     timings["total_s"] = time.time() - t0
     writer.close()
     extra = {"task": task, "demos": col["episodes"], "expert_success_rate": col["expert_success_rate"],
              "residual_env_steps": curve[-1]["env_steps"], "wall_time_min": round(timings["total_s"] / 60, 1),
              "timings_s": {k: round(v, 1) for k, v in timings.items()}, "figures": [fig], "videos": videos}
-    results = {f"base ({base.config.kind})": r_base, "base + residual": r_res}
     write_report(out, results, extra)
     return {"results": results, **extra}

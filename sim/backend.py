@@ -97,21 +97,3 @@ class Backend(abc.ABC):
         return ConfigError("randomization", f"the {self.name} backend cannot randomize {what}",
                            "use backend='mujoco' or 'pybullet', or drop that randomization group")
 
-
-BACKENDS = ("mujoco", "pybullet")
-
-
-def make_backend(name: str, scene: SceneSpec) -> Backend:
-    """Instantiate a backend by name. Raises ConfigError for an unknown or unavailable backend."""
-    if name == "mujoco":
-        from robot_rl.sim.mujoco_backend import MujocoBackend
-
-        return MujocoBackend(scene)
-    if name == "pybullet":
-        try:
-            from robot_rl.sim.pybullet_backend import PybulletBackend
-        except ImportError as e:
-            raise ConfigError("backend", f"the pybullet backend cannot be imported ({e})",
-                              "pip install pybullet, or use backend='mujoco'") from None
-        return PybulletBackend(scene)
-    raise ConfigError("backend", f"unknown backend {name!r}", f"choose one of {', '.join(BACKENDS)}")

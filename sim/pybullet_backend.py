@@ -30,7 +30,7 @@ switched off (MuJoCo has none). The URDF's compliant finger contact (30 000 N/m,
 Differences that remain are measured in ``bench/bench_pybullet.py``.
 
 Rendering: ``ER_TINY_RENDERER`` (CPU, headless; its cost is per triangle, so the arm links in
-``RobotSpec.proxy_visual_links`` are drawn with their collision meshes: 4 ms instead of 18 ms per 96x96 frame)
+``RobotSpec.proxy_visual_links`` are drawn with their collision meshes; docs/MEASUREMENTS.md)
 with the pinhole intrinsics of ``fovy`` (vertical, degrees) and the image aspect, and the view matrix of
 :func:`~robot_rl.robot.scene.look_at_matrix` (the matrix the MuJoCo camera is built from); cameras with a ``parent``
 follow that link's URDF frame. Images are uint8 (H, W, 3) RGB, row 0 at the top. Quaternions are xyzw in PyBullet
@@ -210,8 +210,8 @@ class PybulletBackend(Backend):
     def reset_robot(self, q_arm, width):
         """Every episode starts in a freshly built world (``resetSimulation`` + rebuild, ~20 ms): Bullet keeps
         contact manifolds, the broadphase pair cache and the solver's warm start across teleports, and with them
-        an episode differed at the 1e-7 level depending on the one before, which contact can amplify into a
-        different outcome (measured: seed 1 000 015 failed after 1 000 014 in the same env, succeeded alone).
+        an episode depended (at the 1e-7 level) on the one before, which contact can amplify into a different
+        outcome (docs/MEASUREMENTS.md).
         Randomized parameters are applied after this, per episode; older :meth:`get_state` snapshots restore
         from their explicit part."""
         p.resetSimulation(physicsClientId=self.cid)
@@ -395,7 +395,7 @@ class PybulletBackend(Backend):
         own snapshot (``p.saveState``: positions, velocities, contact manifolds, solver warm start), so the
         continuation is bit-identical. Anywhere else (another env, another process, an older vector) the explicit
         part restores joint and object positions/velocities exactly, but contacts start cold, so a trajectory
-        with the cube in contact drifts (measured: 0.3-5 mm of cube position after 10 random actions).
+        with the cube in contact drifts by millimetres (docs/MEASUREMENTS.md).
         """
         sid = p.saveState(physicsClientId=self.cid)
         self._serial += 1

@@ -21,8 +21,9 @@ def run(*args, cwd=None, timeout=600):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "run"
-    sets = ["collect.episodes=4", "base.steps=20", "base.batch_size=32", "residual.total_env_steps=400",
-            "residual.n_envs=2", "residual.n_steps=100", "eval.episodes=4", "eval.n_envs=2", "eval.videos=1"]
+    sets = ["collect.episodes=4", "base.steps=20", "base.batch_size=32", "ppo.total_env_steps=400",
+            "ppo.n_envs=2", "ppo.n_steps=100", "ppo.val_episodes=2", "eval.episodes=4", "eval.n_envs=2",
+            "eval.videos=1"]
     r = run("pipeline", "--preset", "quick", "--out", out, *[a for s in sets for a in ("--set", s)])
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -30,7 +31,8 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_pipeline_outputs(tiny_run):
     rep = json.loads((tiny_run / "report.json").read_text())
-    assert set(rep["results"]) == {"base (diffusion)", "base + residual"}  # quick preset: diffusion base
+    # quick preset: diffusion base; the last residual is the headline row, the best on validation beside it
+    assert set(rep["results"]) == {"base (diffusion)", "base + residual", "base + residual (best on validation)"}
     for v in rep["results"].values():
         assert v["episodes"] == 4 and 0.0 <= v["ci95"][0] <= v["success_rate"] <= v["ci95"][1] <= 1.0
     assert (tiny_run / "report.md").read_text().count("|") > 10
@@ -38,13 +40,20 @@ def test_tiny_pipeline_outputs(tiny_run):
     assert early.stat().st_mtime <= (tiny_run / "residual" / "checkpoint" / "model.safetensors").stat().st_mtime
     assert json.loads(early.read_text())["successes"] == rep["results"]["base (diffusion)"]["successes"]
     per = json.loads((tiny_run / "eval_per_episode.json").read_text())
-    assert [len(v) for v in per.values()] == [4, 4]
+    assert [len(v) for v in per.values()] == [4, 4, 4]
     assert (tiny_run / "learning_curve.png").stat().st_size > 1000
     vids = list((tiny_run / "videos").glob("*.mp4"))
     assert len(vids) == 2 and all(v.stat().st_size > 1000 for v in vids)
     assert (tiny_run / "config.yaml").exists() and list((tiny_run / "tb").iterdir())
     assert (tiny_run / "base" / "checkpoint" / "model.safetensors").exists()
     assert (tiny_run / "residual" / "checkpoint" / "model.safetensors").exists()
+    assert (tiny_run / "residual" / "checkpoint_best" / "model.safetensors").exists()
+    # the written config reproduces the run: --config of it resolves to the same settings
+    r = run("pipeline", "--config", tiny_run / "config.yaml", "--print-config")
+    assert r.returncode == 0, r.stderr[-2000:]
+    import yaml
+
+    assert yaml.safe_load(r.stdout) == yaml.safe_load((tiny_run / "config.yaml").read_text())
 
 
 def test_presets_resolve_validate_and_merge_overrides():
@@ -54,11 +63,11 @@ def test_presets_resolve_validate_and_merge_overrides():
     for name in PRESETS:
         validate_config(resolve_config(name))
     diff = resolve_config("full-diffusion")
-    assert diff["base"]["kind"] == "diffusion" and "cube_to_target" in diff["base"]["obs_keys"]
-    assert resolve_config("full")["base"]["kind"] == "bc"
-    cfg = resolve_config("full-diffusion", overrides=["base.policy.num_inference_steps=3", "residual.n_envs=4"])
-    assert cfg["base"]["policy"] == {"down_dims": [32, 64, 128], "num_inference_steps": 3}  # nested merge keeps siblings
-    assert cfg["residual"]["n_envs"] == 4 and cfg["residual"]["n_steps"] == 100
+    assert diff.base.kind == "diffusion" and "cube_to_target" in diff.base.obs_keys
+    assert resolve_config("full").base.kind == "bc"
+    cfg = resolve_config("full-diffusion", overrides=["policy.num_inference_steps=3", "ppo.n_envs=4"])
+    assert (cfg.policy.down_dims, cfg.policy.num_inference_steps) == ([32, 64, 128], 3)  # the preset's sibling kept
+    assert cfg.ppo.n_envs == 4 and cfg.ppo.n_steps == 100 and cfg.ppo.residual_l2 == 0.1
     with pytest.raises(ConfigError, match="collect.nosie"):
         resolve_config("full", overrides=["collect.nosie=0.1"])
 
@@ -77,7 +86,7 @@ def test_eval_command_with_residual(tiny_run, tmp_path):
     assert "success" in r.stdout and (tmp_path / "ev" / "report.json").exists()
     # the same checkpoint in the other simulator, on a tighter task variant
     r = run("eval", "--base", tiny_run / "base" / "checkpoint", "--out", tmp_path / "ev2", "--episodes", 2,
-            "--n-envs", 1, "--videos", 0, "--backend", "pybullet", "--set", "task_kwargs.tolerance=0.004")
+            "--n-envs", 1, "--videos", 0, "--backend", "pybullet", "--set", "task.tolerance=0.004")
     assert r.returncode == 0, r.stderr[-2000:]
     (res,) = json.loads((tmp_path / "ev2" / "report.json").read_text())["results"].values()
     assert res["backend"] == "pybullet" and res["task_config"]["tolerance"] == 0.004  # as the env workers report
@@ -127,7 +136,8 @@ def test_image_policy_collect_train_eval(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     r = run("train-base", "--store", store, "--out", tmp_path / "b", "--kind", "bc", "--steps", 3, "--batch-size", 8,
             "--obs-keys", "ee_pos", "gripper_width", "target_pos", "--image-keys", "image_front",
-            "--policy", "{image_channels: [8, 8, 8], image_feature_dim: 8, image_num_keypoints: 8, n_groups: 4}")
+            "--set", "policy.image_channels=[8, 8, 8]", "--set", "policy.image_feature_dim=8",
+            "--set", "policy.image_num_keypoints=8", "--set", "policy.n_groups=4")
     assert r.returncode == 0, r.stderr[-2000:]
     r = run("eval", "--base", tmp_path / "b" / "checkpoint", "--out", tmp_path / "ev", "--episodes", 1,
             "--n-envs", 1, "--videos", 1, "--set", "env.max_steps=10")
@@ -154,7 +164,8 @@ def test_bad_input_errors(tmp_path, tiny_run):
     (tmp_path / "notastore" / "x.txt").write_text("hi")
     _one_line_error(run("train-base", "--store", tmp_path / "notastore", "--out", tmp_path / "o"), "notastore")
     _one_line_error(run("train-base", "--store", store, "--out", tmp_path / "o", "--obs-keys", "ee_pos", "nope"), "obs_keys")
-    _one_line_error(run("train-base", "--store", store, "--out", tmp_path / "o", "--policy", "{n_action_steps: 40}"), "n_action_steps")
+    _one_line_error(run("train-base", "--store", store, "--out", tmp_path / "o", "--set", "policy.n_action_steps=40"),
+                    "n_action_steps")
     # a pickled checkpoint is refused without being executed
     marker = tmp_path / "pwned"
     bad = tmp_path / "ck"
@@ -172,12 +183,14 @@ def test_bad_input_errors(tmp_path, tiny_run):
     _one_line_error(run("eval", "--base", bad, "--out", tmp_path / "e"), "config.json")
     base = tiny_run / "base" / "checkpoint"
     _one_line_error(run("eval", "--base", base, "--out", tmp_path / "e", "--backend", "gazebo"), "backend")
-    _one_line_error(run("eval", "--base", base, "--out", tmp_path / "e", "--set", "task_kwargs.tol=1"), "tol")
+    _one_line_error(run("eval", "--base", base, "--out", tmp_path / "e", "--set", "task.tol=1"), "tol")
     _one_line_error(run("train-residual", "--base", base, "--out", tmp_path / "r", "--set", "env.bogus=1"), "bogus")
-    _one_line_error(run("train-residual", "--base", base, "--out", tmp_path / "r", "--randomization",
-                        "{physics: {object_mass: [2, 1]}}"), "object_mass")
+    _one_line_error(run("train-residual", "--base", base, "--out", tmp_path / "r", "--set",
+                        "randomization.physics.object_mass=[2, 1]"), "object_mass")
+    _one_line_error(run("train-residual", "--base", base, "--out", tmp_path / "r", "--set", "ppo.bogus=1"),
+                    "ppo.bogus")
     assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
-    _one_line_error(run("pipeline", "--out", tmp_path / "p", "--set", "residual.n_minibatches=3"), "n_minibatches")
+    _one_line_error(run("pipeline", "--out", tmp_path / "p", "--set", "ppo.n_minibatches=3"), "n_minibatches")
     _one_line_error(run("pipeline", "--out", tmp_path / "p", "--set", "colect.episodes=3"), "colect")
     # creating a store over an existing non-store directory never deletes it
     _one_line_error(run("collect", "--store", tmp_path / "notastore", "--episodes", 1, "--overwrite"), "notastore")
@@ -196,14 +209,15 @@ def test_more_bad_input_leaves_outputs_alone(tmp_path, tiny_run):
     out = tmp_path / "old_run"
     out.mkdir()
     (out / "config.yaml").write_text("keep: me\n")
-    for policy, field in (("{down_dims: [32", "policy"), ("3", "policy"), ("{n_action_steps: 40}", "n_action_steps")):
-        _one_line_error(run("train-base", "--store", store, "--out", out, "--policy", policy), field)
+    for policy, field in (("policy.down_dims=[32", "policy"), ("policy=3", "policy"),
+                          ("policy.n_action_steps=40", "n_action_steps")):
+        _one_line_error(run("train-base", "--store", store, "--out", out, "--set", policy), field)
     base = tiny_run / "base" / "checkpoint"
-    _one_line_error(run("eval", "--base", base, "--out", out, "--n-envs", 0), "--n-envs")
-    _one_line_error(run("transfer", "--checkpoint", base, "--out", out, "--videos", -1), "--videos")
+    _one_line_error(run("eval", "--base", base, "--out", out, "--n-envs", 0), "eval.n_envs")
+    _one_line_error(run("transfer", "--checkpoint", base, "--out", out, "--videos", -1), "transfer.videos")
     _one_line_error(run("train-residual", "--base", base, "--out", out, "--n-envs", 0), "n_envs")
     assert (out / "config.yaml").read_text() == "keep: me\n" and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
-    _one_line_error(run("pipeline", "--out", out, "--set", "residual.n_envs=["), "--set")
+    _one_line_error(run("pipeline", "--out", out, "--set", "ppo.n_envs=["), "--set")
     _one_line_error(run("pipeline", "--out", out, "--set", "collect=5"), "collect")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     _one_line_error(run("pipeline", "--out", out, "--config", tmp_path / "list.yaml"), "config")

@@ -63,6 +63,20 @@ def test_same_seed_same_trajectory(env):
     assert not np.allclose(a[-1], c[-1])
 
 
+def test_observe_is_the_current_observation_without_stepping(env):
+    obs, _ = env.reset(seed=3)
+    t, state = env.t, env.get_state()
+    now = env.observe()
+    assert env.t == t and set(now) == set(obs)
+    for k in obs:
+        np.testing.assert_array_equal(now[k], obs[k])
+    obs2, *_ = env.step(np.zeros(5))
+    for k in obs2:
+        np.testing.assert_array_equal(env.observe()[k], obs2[k])
+    env.set_state(state)
+    np.testing.assert_array_equal(env.observe()["ee_pos"], obs["ee_pos"])
+
+
 def test_save_restore_round_trip(env):
     obs, _ = env.reset(seed=5)
     ex = ScriptedExpert("place", seed=5)

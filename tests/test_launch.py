@@ -129,6 +129,58 @@ def test_parameter_values_are_converted_or_refused(arg, error, tmp_path):
         [f"policy_node.py: error: {error} -> " + r.stderr.split(f"{error} -> ", 1)[1].splitlines()[0]], r.stderr
 
 
+def test_bringup_set_addresses_a_node_parameter_and_nests_dotted_names(tmp_path):
+    """`robot-rl bringup --set NODE.PARAM=V` parses V like every --set (robot_rl.config.parse_set) and writes a
+    dotted parameter (task.tolerance) nested into the node's parameter file, as ROS 2 reads it."""
+    from robot_rl.config import parse_set
+    from robot_rl.errors import ConfigError
+    from robot_rl.ros.bringup import load_config, node_command
+
+    path, value = parse_set("sim_robot.task.tolerance=0.004")
+    nodes = load_config(LAUNCH / "sim_bringup.yaml", [(path[0], ".".join(path[1:]), value),
+                                                       ("sim_robot", "cameras", [""])])
+    sim = next(n for n in nodes if n["name"] == "sim_robot")
+    cmd = node_command(sim, tmp_path)
+    assert cmd[-1] == str(tmp_path / "sim_robot.overrides.yaml")
+    assert yaml.safe_load(Path(cmd[-1]).read_text()) == \
+        {"sim_robot": {"ros__parameters": {"task": {"tolerance": 0.004}, "cameras": [""]}}}
+    with pytest.raises(ConfigError, match="nodes"):
+        load_config(LAUNCH / "sim_bringup.yaml", [("nobody", "seed", 1)])
+
+
+@pytest.mark.parametrize("path", sorted((LAUNCH / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_task_parameters_are_the_task_config_fields(path):
+    """Nodes take the task as `task.name` + `task.<field>` parameters (the config's task section), no JSON."""
+    from robot_rl.config import build_task
+
+    (name, body), = yaml.safe_load(path.read_text()).items()
+    params = body["ros__parameters"]
+    assert "task_json" not in params
+    if "task" in params:
+        assert isinstance(params["task"], dict) and "name" in params["task"], path
+        build_task(params["task"])  # every key is a field of that task, with a valid value
+
+
+def test_declare_task_declares_one_parameter_per_task_field():
+    rclpy = pytest.importorskip("rclpy")
+    from rclpy.node import Node
+
+    from robot_rl.ros.common import declare_task
+
+    ctx = rclpy.Context()
+    rclpy.init(args=["probe", "--ros-args", "-p", "task.name:=place", "-p", "task.tolerance:=0.004",
+                     "-p", "task.max_steps:=50", "-p", "task.target_x:=[0.45, 0.5]"], context=ctx)
+    try:
+        node = Node("probe", context=ctx)
+        task, kwargs = declare_task(node, "task")
+        assert (task.name, task.tolerance, task.max_steps, task.target_x) == ("place", 0.004, 50, (0.45, 0.5))
+        assert kwargs["cube_x"] == (0.42, 0.6) and node.has_parameter("task.cube_yaw")
+        assert not node.has_parameter("task.lift_height")
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)
+
+
 def test_bringup_starts_nodes_and_stops_cleanly_on_ctrl_c(tmp_path):
     pytest.importorskip("rclpy")
     from ros_helpers import Driver, new_domain, ros_env

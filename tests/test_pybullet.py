@@ -10,7 +10,7 @@ import numpy as np
 import pybullet as p
 import pytest
 
-from robot_rl.sim.backend import make_backend
+from robot_rl.sim import make_backend
 from robot_rl.envs.env import make_env
 from robot_rl.errors import ConfigError
 from robot_rl.envs.experts import ScriptedExpert

@@ -120,7 +120,6 @@ def test_recorder_pairs_each_action_with_the_observation_it_acts_on(tmp_path, mo
     (nearest within half a period), NaN human action outside interventions."""
     from builtin_interfaces.msg import Time
     from sensor_msgs.msg import JointState
-    from std_msgs.msg import Bool
     from std_srvs.srv import Trigger
 
     from robot_rl.ros import recorder as rec
@@ -133,7 +132,7 @@ def test_recorder_pairs_each_action_with_the_observation_it_acts_on(tmp_path, mo
     monkeypatch.setattr(rec.time, "monotonic", lambda: clock[0])
     store = tmp_path / "aligned.zarr"
     rclpy.init(args=["recorder", "--ros-args", "-p", f"store:={store}", "-p", "record_privileged:=false",
-                     "-p", "task:=lift", "-p", "source:=teleop"])
+                     "-p", "task.name:=lift", "-p", "source:=teleop"])
     spec = RobotSpec()
 
     def joints(k):  # joint 1 encodes the state index k

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from ros_helpers import ros  # noqa: F401 (pytest fixture)
 

@@ -128,7 +128,7 @@ def _reference(base, res, seed, obs_seq, new_chunk_every_step=False):
         ob = {k: v[None] for k, v in o.items()}
         ref.reset(one, ob) if t == 0 else ref.observe(ob, None)
         if new_chunk_every_step:
-            ref.ex.queue[0].clear()
+            ref.drop_chunks()
         bases.append(ref.ex.peek()[0].copy())
         out.append(ref.act(ob)[0])
     return np.stack(out), np.stack(bases), ref
@@ -159,7 +159,7 @@ def test_round_trip_equals_in_process(server, models):
     assert np.array_equal(np.stack([r.base[0] for r in got]), want_base)
     assert not np.array_equal(want, want_base)  # the residual does change the actions
     assert [r.new_chunk for r in got] == [t % 4 == 0 for t in range(11)]  # a base call every Ta = 4 steps
-    assert np.array_equal(got[-1].base[1:], np.stack(list(ref.ex.queue[0])))  # the rest of the chunk
+    assert np.array_equal(got[-1].base[1:], ref.ex.queued(0))  # the rest of the chunk
     assert all(r.residual_version == 0 and r.executed.shape == (4 - t % 4, 5) for t, r in enumerate(got))
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import gymnasium as gym
 import numpy as np
 
-from robot_rl.sim.backend import make_backend
+from robot_rl.sim import make_backend
 from robot_rl.robot.controller import ControllerConfig, DiffIKController
 from robot_rl.errors import ConfigError
 from robot_rl.robot.kinematics import KinematicChain
@@ -171,7 +171,12 @@ class RobotEnv(gym.Env):
         self._seed = None
 
     # -- observation -------------------------------------------------------------------------------------------
-    def _obs(self) -> dict[str, np.ndarray]:
+    def observe(self) -> dict[str, np.ndarray]:
+        """The observation of the current state, without stepping: {key: array} with the keys of
+        ``observation_space`` (low-dim float32 (d,) in the units and frames of :func:`assemble_observation`; images
+        uint8 (H, W, 3) RGB, rendered now). It is the TRUE state: with domain randomization on, :meth:`reset` and
+        :meth:`step` return it through the sensor model (noise, latency), this method does not — it is what
+        success and failure are judged on (e.g. the ``sim_robot`` node's ``success`` topic)."""
         H, W = self.cfg.image_size
         images = {cam: self.backend.render(cam, H, W) for cam in self.cfg.cameras}
         return assemble_observation(self.controller, self.task, self.backend.joint_state(), self.backend,
@@ -194,7 +199,7 @@ class RobotEnv(gym.Env):
         self.backend.reset_robot(q0, self.scene.robot.max_width)
         self.task.apply(self.backend, self.params)
         self.t = 0
-        obs = self._obs()
+        obs = self.observe()
         if self.randomizer.active:
             hold = np.zeros(5)  # executed until the first (delayed) command arrives: stay, gripper as at reset
             hold[4] = 1.0 - 2.0 * self.scene.robot.max_width / self.controller.cfg.max_width
@@ -214,7 +219,7 @@ class RobotEnv(gym.Env):
         self.backend.set_targets(q_t, width)
         self.backend.step()
         self.t += 1
-        obs = self._obs()
+        obs = self.observe()
         success = self.task.is_success(obs, self.params)
         failure = (not success) and self.task.is_failure(obs, self.params)
         truncated = not (success or failure) and self.t >= self.max_steps
@@ -274,7 +279,7 @@ def check_env_options(task: str, task_kwargs: dict | None = None, backend: str |
     """Validate task name/kwargs, the backend name (when given), :class:`EnvConfig` field names and values and the
     randomization spec without building a simulator (vector envs and ``collect`` call this before anything is
     started or written, so bad input fails there, on one line). Returns (task, normalised cfg). Raises ConfigError."""
-    from robot_rl.sim.backend import BACKENDS
+    from robot_rl.sim import BACKENDS
 
     if backend is not None and backend not in BACKENDS:
         raise ConfigError("backend", f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")

@@ -271,9 +271,6 @@ class BasePolicy(nn.Module, abc.ABC):
             p.requires_grad_(False)
         return self.eval()
 
-    def reset(self) -> None:
-        """Clear per-episode state (none: these policies are stateless given the obs history)."""
-
     # --- input checking -------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

@@ -5,55 +5,92 @@ The residual sees the normalized current observation, optional *fine features* a
 outputs a per-step correction. Fine features are goal-relative observation keys (e.g. ``cube_to_target``, metres)
 fed as ``tanh(x / scale)``: min-max normalization over a whole workspace puts a 3 mm error at ~0.02 input units,
 which on-policy RL picks up slowly; at ``scale = 1 cm`` the same error is ~0.3 and errors beyond a few
-centimetres saturate (the base handles those). Executed action, in the base policy's normalized action space ([-1, 1] per dimension):
+centimetres saturate (the base handles those). Executed action, in the base policy's normalized action space
+([-1, 1] per dimension):
 
-    a_exec = clip(a_base + alpha * a_res, -1, 1)
+    a_exec = clip(a_base + alpha * a_res, -1, 1)        (:func:`combine`, the one place this happens)
 
-The actor's last layer is zero-initialised, so an untrained residual's mean is exactly 0 and the deterministic
-executed action equals the base action.
+Parts: ONE feature function (:func:`residual_input`), an actor head chosen by ``ResidualConfig.head`` and, for
+PPO, a V critic (:mod:`robot_rl.rl.heads`; the Q ensemble of off-policy learners lives with the learner, not in
+the deployable policy). Every actor head's last layer is zero-initialised, so an untrained residual's
+deterministic output is exactly 0 and the executed action equals the base action.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from robot_rl.errors import ConfigError
+from robot_rl.rl.heads import GaussianHead, TanhGaussianHead, TanhHead, VCritic
+
+# residual fine features per task (key -> scale in metres), used when ResidualConfig.fine_keys is None
+DEFAULT_FINE_KEYS = {"place": {"cube_to_target": 0.01}, "lift": {}}
+HEADS = ("gaussian", "tanh", "tanh_gaussian")  # actor heads: PPO, TD3, SAC
+# tensor layout of a saved residual, stored as "layout" in its config dict. 1: one module with actor.<i>.*,
+# critic.<i>.* and log_std (before the head split; still loadable); 2: actor.net.<i>.*, actor.log_std, critic.net.*
+RESIDUAL_LAYOUT = 2
 
 
 @dataclass
 class ResidualConfig:
-    """obs_keys: low-dim observation keys (same order as the base); obs_dims: key -> dim for obs_keys and
-    fine_keys; fine_keys: key -> scale (in the key's units, e.g. metres) of the fine features; action_dim;
-    alpha = residual scale."""
+    """The residual model. Model fields are set by the user; ``obs_keys``, ``obs_dims``, ``action_dim`` (and a
+    ``fine_keys`` of None) are derived from the base and the env by :meth:`derive` (the trainer calls it)."""
 
-    obs_keys: list = field(default_factory=list)
-    obs_dims: dict = field(default_factory=dict)
-    fine_keys: dict = field(default_factory=dict)
-    action_dim: int = 5
-    alpha: float = 0.1
-    hidden: tuple = (256, 256)
-    log_std_init: float = -1.0
+    obs_keys: list = field(default_factory=list)  # derived: the base's low-dim observation keys, in its order
+    obs_dims: dict = field(default_factory=dict)  # derived: key -> dimension, for obs_keys and fine_keys
+    # key -> scale (in the key's units, e.g. metres) of the tanh(x / scale) fine features; None: the task's
+    # default (DEFAULT_FINE_KEYS) when trained, none for a policy built directly; {} for none
+    fine_keys: dict | None = None
+    action_dim: int = 5  # derived: the base's action dimension
+    alpha: float = 0.1  # residual scale in a_exec = clip(a_base + alpha * a_res, -1, 1) (ResiP: 0.1)
+    hidden: tuple = (256, 256)  # hidden layer widths of the actor and critic MLPs (tanh activations)
+    log_std_init: float = -1.0  # initial log-std of the Gaussian / tanh-Gaussian head (std 0.37, residual units)
+    head: str = "gaussian"  # actor head: gaussian (PPO), tanh (TD3, deterministic), tanh_gaussian (SAC)
 
     def validate(self) -> None:
+        """Raise ConfigError naming the first bad field."""
         if not self.obs_keys:
             raise ConfigError("residual.obs_keys", "empty", "list the low-dim observation keys")
         if not 0.0 < self.alpha <= 1.0:
             raise ConfigError("residual.alpha", f"{self.alpha} outside (0, 1]", "use e.g. alpha=0.1")
-        for k, sc in self.fine_keys.items():
+        for k, sc in (self.fine_keys or {}).items():
             if k not in self.obs_dims:
                 raise ConfigError(f"residual.fine_keys.{k}", "no dimension given in obs_dims", "add it to obs_dims")
             if not float(sc) > 0:
                 raise ConfigError(f"residual.fine_keys.{k}", f"scale {sc} <= 0", "use a positive scale, e.g. 0.01 (m)")
         if self.action_dim < 1:
             raise ConfigError("residual.action_dim", f"{self.action_dim} < 1", "set the base policy's action_dim")
+        if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ConfigError("residual.hidden", f"{list(self.hidden)} is not a list of positive widths",
+                              "use e.g. [256, 256]")
+        if not math.isfinite(self.log_std_init):
+            raise ConfigError("residual.log_std_init", f"{self.log_std_init} is not finite", "use e.g. -1.0")
+        if self.head not in HEADS:
+            raise ConfigError("residual.head", f"unknown head {self.head!r}", f"use one of {list(HEADS)}")
 
     @property
     def in_dim(self) -> int:
-        return sum(self.obs_dims[k] for k in [*self.obs_keys, *self.fine_keys]) + self.action_dim
+        """Width F of the residual features :func:`residual_input` builds."""
+        return sum(self.obs_dims[k] for k in [*self.obs_keys, *(self.fine_keys or {})]) + self.action_dim
+
+    def derive(self, base_config, task: str, env_obs_dims: dict) -> ResidualConfig:
+        """A copy with the derived fields filled in for ``base_config`` (obs_keys, obs_dims, action_dim) and
+        ``fine_keys`` resolved (None -> ``DEFAULT_FINE_KEYS[task]``). ``env_obs_dims``: key -> dimension of every
+        observation the env provides. Raises ConfigError for a fine key the env does not observe."""
+        fine = dict(DEFAULT_FINE_KEYS.get(task, {}) if self.fine_keys is None else self.fine_keys)
+        for k in fine:
+            if k not in env_obs_dims:
+                raise ConfigError(f"residual.fine_keys.{k}", f"task {task!r} has no observation {k!r}",
+                                  f"use keys from {sorted(env_obs_dims)} or fine_keys={{}}")
+        return replace(self, obs_keys=list(base_config.obs_keys), fine_keys=fine,
+                       obs_dims={**base_config.obs_dims, **{k: int(env_obs_dims[k]) for k in fine}},
+                       action_dim=int(base_config.action_dim), hidden=tuple(self.hidden))
 
 
 def combine(base_n: torch.Tensor, residual: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -66,63 +103,11 @@ def combine(base_n: torch.Tensor, residual: torch.Tensor, alpha: float) -> torch
     return torch.clamp(base_n + alpha * residual, -1.0, 1.0)
 
 
-def mlp(sizes, act=nn.Tanh) -> nn.Sequential:
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
-class ResidualPolicy(nn.Module):
-    """Gaussian residual actor + value critic.
-
-    Inputs are ``x = [normalized obs (D,), normalized base action (A,)]`` float32 of shape (B, D + A).
-    """
-
-    def __init__(self, config: ResidualConfig):
-        super().__init__()
-        config.validate()
-        self.config = config
-        h = list(config.hidden)
-        self.actor = mlp([config.in_dim, *h, config.action_dim])
-        self.critic = mlp([config.in_dim, *h, 1])
-        self.log_std = nn.Parameter(torch.full((config.action_dim,), float(config.log_std_init)))
-        nn.init.zeros_(self.actor[-1].weight)
-        nn.init.zeros_(self.actor[-1].bias)
-        nn.init.orthogonal_(self.critic[-1].weight, gain=1.0)
-        nn.init.zeros_(self.critic[-1].bias)
-
-    def dist(self, x: torch.Tensor) -> torch.distributions.Normal:
-        return torch.distributions.Normal(self.actor(x), self.log_std.exp().expand(x.shape[0], -1))
-
-    def features(self, normalizer, obs: dict, base_action_n) -> torch.Tensor:
-        """Residual input (B, in_dim) float32 from raw batched obs (B, d_k) and the normalized base action (B, A)."""
-        return residual_input(normalizer, obs, self.config.obs_keys, base_action_n, self.config.fine_keys)
-
-    @torch.no_grad()
-    def act(self, normalizer, obs: dict, base_action_n) -> torch.Tensor:
-        """Deterministic executed normalized action (B, A): ``clip(base + alpha * mean_residual, -1, 1)``."""
-        return self.combine(torch.as_tensor(base_action_n, dtype=torch.float32),
-                            self.mean_residual(self.features(normalizer, obs, base_action_n)))
-
-    def value(self, x: torch.Tensor) -> torch.Tensor:
-        return self.critic(x).squeeze(-1)
-
-    def mean_residual(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic residual (B, A), residual units (scaled by ``alpha`` in :func:`combine`)."""
-        return self.actor(x)
-
-    def combine(self, base_n: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-        """Executed normalized action: :func:`combine` with this residual's ``alpha``."""
-        return combine(base_n, res, self.config.alpha)
-
-
 def residual_input(normalizer, obs: dict, keys: list, base_action_n: np.ndarray | torch.Tensor,
                    fine_keys: dict | None = None) -> torch.Tensor:
-    """Build the residual input (B, D + F + A) from raw batched obs (B, d_k): base-normalized ``keys``, then
-    ``tanh(obs[k] / scale)`` for each fine key, then the normalized base action."""
+    """THE residual feature function: (B, F) float32 from raw batched obs ``{key: (B, d_k)}`` and the normalized
+    base action (B, A): base-normalized ``keys`` (in order), then ``tanh(obs[k] / scale)`` for each fine key, then
+    the normalized base action. Raises ConfigError for a fine key missing from ``obs``."""
     parts = [normalizer.normalize(k, torch.as_tensor(np.asarray(obs[k]), dtype=torch.float32)) for k in keys]
     for k, sc in (fine_keys or {}).items():
         if k not in obs:
@@ -132,21 +117,103 @@ def residual_input(normalizer, obs: dict, keys: list, base_action_n: np.ndarray 
     return torch.cat(parts, dim=-1)
 
 
-RESIDUAL_FORMAT = "robot_rl.residual"
+@dataclass
+class ActorStep:
+    """What an exploring actor returns for features (B, F): ``residual`` (B, A) in residual units, and where the
+    actor / critic provide them ``log_prob`` (B,) of that residual and the state value ``value`` (B,)."""
+
+    residual: torch.Tensor
+    log_prob: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+
+class ResidualPolicy(nn.Module):
+    """The deployable residual: feature spec + actor head (``config.head``) + a V critic for the PPO head.
+
+    Features ``x`` are (B, F) float32 with F = ``config.in_dim`` (:meth:`features`). Attributes: ``actor``
+    (a :mod:`robot_rl.rl.heads` actor head), ``critic`` (:class:`~robot_rl.rl.heads.VCritic`, or None for the
+    off-policy heads, whose Q ensemble belongs to their learner). Raises ConfigError for a bad config.
+    """
+
+    def __init__(self, config: ResidualConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        h, f, a = tuple(config.hidden), config.in_dim, config.action_dim
+        if config.head == "gaussian":
+            self.actor = GaussianHead(f, a, h, config.log_std_init)
+            self.critic = VCritic(f, h)
+        else:
+            self.actor = TanhHead(f, a, h) if config.head == "tanh" else TanhGaussianHead(f, a, h, config.log_std_init)
+            self.critic = None
+
+    def features(self, normalizer, obs: dict, base_action_n) -> torch.Tensor:
+        """Residual input (B, F) float32 from raw batched obs (B, d_k) and the normalized base action (B, A)."""
+        return residual_input(normalizer, obs, self.config.obs_keys, base_action_n, self.config.fine_keys)
+
+    def mean_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic residual (B, A), residual units (scaled by ``alpha`` in :func:`combine`)."""
+        return self.actor.deterministic(x)
+
+    @torch.no_grad()
+    def act(self, normalizer, obs: dict, base_action_n) -> torch.Tensor:
+        """Deterministic executed normalized action (B, A): ``clip(base + alpha * mean_residual, -1, 1)``."""
+        return self.combine(torch.as_tensor(base_action_n, dtype=torch.float32),
+                            self.mean_residual(self.features(normalizer, obs, base_action_n)))
+
+    def combine(self, base_n: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        """Executed normalized action: :func:`combine` with this residual's ``alpha``."""
+        return combine(base_n, res, self.config.alpha)
+
+    def dist(self, x: torch.Tensor) -> torch.distributions.Normal:
+        """The Gaussian head's action distribution (batch shape (B, A)); PPO only."""
+        self._need("gaussian", "dist")
+        return self.actor.dist(x)
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        """V(x) (B,); PPO (gaussian head) only."""
+        self._need("gaussian", "value")
+        return self.critic(x)
+
+    @torch.no_grad()
+    def explore(self, x: torch.Tensor) -> ActorStep:
+        """A stochastic residual for data collection (draws from torch's global RNG). Gaussian head: residual,
+        summed log-prob and V(x); tanh-Gaussian head: residual and log-prob. The deterministic TD3 head has no
+        exploration of its own (its learner adds noise): ConfigError."""
+        if self.config.head == "gaussian":
+            d = self.actor.dist(x)
+            res = d.sample()
+            return ActorStep(res, d.log_prob(res).sum(-1), self.critic(x))
+        self._need("tanh_gaussian", "explore")
+        return ActorStep(*self.actor.sample(x))
+
+    def _need(self, head: str, what: str) -> None:
+        if self.config.head != head:
+            raise ConfigError("residual.head", f"{what}() needs the {head} head, this residual has "
+                                               f"{self.config.head!r}", f"build the residual with head={head!r}")
 
 
 def residual_config_dict(policy: ResidualPolicy) -> dict:
-    """The residual's config as a JSON-able dict (what ``config.json`` and the server's weight push carry)."""
+    """The residual's config as a JSON-able dict (what ``config.json`` and the server's weight push carry),
+    with the tensor ``layout`` version; :func:`build_residual` rebuilds the same module from it."""
     d = asdict(policy.config)
     d["hidden"] = list(d["hidden"])
+    d["fine_keys"] = dict(d["fine_keys"] or {})
+    d["layout"] = RESIDUAL_LAYOUT
     return d
 
 
 def build_residual(cfg: dict) -> ResidualPolicy:
     """An untrained :class:`ResidualPolicy` from a config dict (as saved in a residual checkpoint or sent with a
-    weight push). Raises ConfigError naming the field for unknown fields or values of the wrong type."""
+    weight push; ``layout`` optional). Raises ConfigError naming the field for unknown fields, a newer layout or
+    values of the wrong type."""
     if not isinstance(cfg, dict):
         raise ConfigError("residual.config", "not a map", "send ResidualConfig fields")
+    cfg = dict(cfg)
+    layout = cfg.pop("layout", RESIDUAL_LAYOUT)
+    if layout not in (1, RESIDUAL_LAYOUT):
+        raise ConfigError("residual.layout", f"{layout!r} is not a layout this robot_rl reads "
+                                             f"(1..{RESIDUAL_LAYOUT})", "upgrade robot_rl")
     names = set(ResidualConfig.__dataclass_fields__)
     bad = sorted(set(cfg) - names)
     if bad:
@@ -179,6 +246,33 @@ def freeze(policy: ResidualPolicy) -> ResidualPolicy:
     return policy
 
 
+
+def apply_residual(normalizer, residual, obs: Mapping, base_raw) -> tuple[np.ndarray, np.ndarray]:
+    """Base action + a residual's deterministic correction, for B steps or envs.
+
+    Args:
+        normalizer: the base policy's normalizer (``normalize`` / ``unnormalize`` of ``"action"`` and obs keys).
+        residual: a :class:`ResidualPolicy`, or None.
+        obs: raw batched observation {key: (B, d)} with the residual's keys (others are ignored).
+        base_raw: raw base actions (B, A).
+
+    Returns:
+        (residual (B, A) float32: the residual's mean in residual units, before alpha; executed (B, A) float32 raw:
+        ``unnormalize(combine(normalize(base), residual))`` with :func:`combine`). Without a
+        residual: (zeros, ``base_raw``).
+    """
+    base_raw = np.asarray(base_raw, dtype=np.float32)
+    if residual is None:
+        return np.zeros_like(base_raw), base_raw
+    with torch.no_grad():
+        base_n = normalizer.normalize("action", torch.as_tensor(base_raw))
+        r = residual.mean_residual(residual.features(normalizer, obs, base_n))
+        executed = normalizer.unnormalize("action", residual.combine(base_n, r))
+    return r.numpy().astype(np.float32, copy=False), executed.numpy().astype(np.float32, copy=False)
+
+RESIDUAL_FORMAT = "robot_rl.residual"
+
+
 def save_residual(policy: ResidualPolicy, path_dir, extra: dict | None = None):
     """Save as ``model.safetensors`` + ``config.json`` (no pickle). ``extra`` e.g. the base checkpoint path."""
     from robot_rl.policies.checkpoint import save_module_safetensors
@@ -187,24 +281,34 @@ def save_residual(policy: ResidualPolicy, path_dir, extra: dict | None = None):
                                    extra=extra)
 
 
+def _layout1_names(tensors: dict) -> dict:
+    """Tensor names of a layout-1 residual (``actor.<i>.*``, ``critic.<i>.*``, ``log_std``) in layout 2."""
+    if "log_std" not in tensors:
+        return tensors
+    out = {}
+    for k, v in tensors.items():
+        head, _, rest = k.partition(".")
+        out["actor.log_std" if k == "log_std" else f"{head}.net.{rest}"] = v
+    return out
+
+
 def residual_from_tensors(cfg: dict, tensors: dict, base=None) -> ResidualPolicy:
-    """A frozen residual from a config dict and a {name: tensor} state dict (a weight push), checked against
-    ``base`` when given. Raises ConfigError for bad configs, mismatched tensors or a residual of another base."""
+    """A frozen residual from a config dict and a {name: tensor} state dict (a weight push or a checkpoint of
+    either layout), checked against ``base`` when given. Raises ConfigError for bad configs, mismatched tensors or
+    a residual of another base."""
     from robot_rl.policies.checkpoint import load_state_strict
 
     pol = build_residual(cfg)
     if base is not None:
         check_compatible(pol.config, base.config)
-    load_state_strict(pol, tensors)
+    load_state_strict(pol, _layout1_names(tensors))
     return freeze(pol)
 
 
 def load_residual(path, base=None) -> ResidualPolicy:
     """Load a frozen residual checkpoint directory; with ``base`` given, check it matches the base's obs keys and
     action dim. Raises ConfigError for pickle/corrupt/mismatched checkpoints."""
-    from robot_rl.policies.checkpoint import load_module_safetensors
+    from robot_rl.policies.checkpoint import read_checkpoint
 
-    pol, _ = load_module_safetensors(path, build_residual, format_name=RESIDUAL_FORMAT)
-    if base is not None:
-        check_compatible(pol.config, base.config)
-    return freeze(pol)
+    tensors, meta = read_checkpoint(path, RESIDUAL_FORMAT)
+    return residual_from_tensors(meta["config"], tensors, base)

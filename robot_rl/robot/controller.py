@@ -17,7 +17,7 @@ posture, a few iterations per control step, then clipped to joint limits and a p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

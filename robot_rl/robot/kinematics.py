@@ -6,8 +6,7 @@ path from ``base_link`` to ``tip_link`` are used; everything else in the URDF is
 
 The chain is parsed from the URDF here, then compiled into a kinematic-only MuJoCo model (bodies, joints, a tip
 site; no geometry, no physics) so forward kinematics (``mj_kinematics``) and the geometric Jacobian
-(``mj_jacSite``) run in MuJoCo's C code: about 10 us per call instead of ~120 us for the same maths in numpy. That
-model is independent of the simulated scene, so the PyBullet backend and the real-arm bridge use it too.
+(``mj_jacSite``) run in MuJoCo's C code (cost against numpy: docs/MEASUREMENTS.md). That model is independent of the simulated scene, so the PyBullet backend and the real-arm bridge use it too.
 
 Frames: all poses are expressed in the ``base_link`` frame. Units: metres and radians. Quaternions are xyzw.
 """

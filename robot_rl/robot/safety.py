@@ -160,9 +160,6 @@ class SafetyFilter:
         p = np.asarray(self.fk(q), float)
         return float(np.linalg.norm(np.maximum(self.box_lo - p, 0) + np.maximum(p - self.box_hi, 0)))
 
-    def within_limits(self, q: np.ndarray) -> bool:
-        return bool(np.all(np.isfinite(q)) and np.all(q >= self.lo - 1e-12) and np.all(q <= self.hi + 1e-12))
-
     def filter(self, q_cmd, q_ref, dt: float) -> tuple[np.ndarray, SafetyReport]:
         """Safe command (n,) for ``q_cmd`` moving from ``q_ref`` in ``dt`` seconds, and what was changed."""
         rep = SafetyReport()

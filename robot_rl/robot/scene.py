@@ -98,8 +98,8 @@ class RobotSpec:
     finger_armature: float = 0.01  # kg, per finger joint
     finger_friction: float = 1.5  # sliding friction coefficient of the finger pads
     # links PyBullet draws with their collision mesh: TinyRenderer's cost is per triangle, and these flat-coloured
-    # links are 94 k of the visual meshes' 120 k triangles (18 ms -> 4 ms per 96x96 frame); hand and fingers, the
-    # parts the cameras look at, keep their visual meshes. MuJoCo's GL renderer draws the visual meshes.
+    # links hold most of the visual meshes' triangles (docs/MEASUREMENTS.md); hand and fingers, the parts the
+    # cameras look at, keep their visual meshes. MuJoCo's GL renderer draws the visual meshes.
     proxy_visual_links: tuple = tuple(f"panda_link{i}" for i in range(1, 7))
 
 

@@ -8,8 +8,14 @@ Config::
       - name: sim_robot                  # node name (remapped with -r __node:=NAME)
         executable: robot-rl-sim-robot   # console script on PATH (or python -m module)
         params: config/sim_robot.yaml    # ROS parameter file, relative to the config file
-        parameters: {backend: mujoco}    # optional overrides (also --set NAME.PARAM=VALUE)
+        parameters: {backend: mujoco}    # optional overrides (also robot-rl bringup --set NAME.PARAM=VALUE)
         respawn: false                   # restart it when it exits (default false)
+
+``robot-rl bringup --set NAME.PARAM=VALUE`` addresses a node of the config (``NAME``) and one of its ROS parameters
+(``PARAM``, which may itself be dotted: ``sim_robot.task.tolerance=0.004``), not a config section; the value is
+parsed as YAML by the same function as every command's ``--set`` (:func:`robot_rl.config.parse_value`). Dotted
+parameter names are written nested into the node's parameter file (``task: {tolerance: 0.004}``), as ROS 2 reads
+them.
 
 Supervision: every node's output is prefixed with its name; a node that exits is reported (and restarted with
 ``respawn``, at most once per second); when a node without ``respawn`` exits non-zero everything is stopped.
@@ -43,8 +49,9 @@ def _resolve_executable(exe: str) -> str | None:
         return str(local)
     return shutil.which(exe)
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> list[dict]:
-    """Parse a bringup config (+ ``NAME.PARAM=VALUE`` overrides, values parsed as YAML). Raises ConfigError."""
+def load_config(path: str | os.PathLike, overrides: list[tuple[str, str, object]] | None = None) -> list[dict]:
+    """Parse a bringup config, with ``overrides`` [(node name, parameter name, parsed value)] applied (the CLI parses
+    ``--set NAME.PARAM=VALUE``). Raises ConfigError for a malformed config or an override of an unknown node."""
     p = Path(path)
     try:
         cfg = yaml.safe_load(p.read_text())
@@ -84,18 +91,25 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         nodes.append({"name": n["name"], "executable": exe, "params": params,
                       "parameters": dict(n.get("parameters") or {}), "respawn": bool(n.get("respawn", False))})
     by_name = {n["name"]: n for n in nodes}
-    for o in overrides or []:
-        key, sep, val = o.partition("=")
-        name, dot, param = key.partition(".")
-        if not sep or not dot or name not in by_name:
-            raise ConfigError("set", f"{o!r} is not NODE.PARAM=VALUE for a node of the config",
+    for name, param, value in overrides or []:
+        if name not in by_name or not param:
+            raise ConfigError("--set", f"{name}.{param}: not NODE.PARAM for a node of the config",
                               f"nodes: {sorted(by_name)}")
-        try:
-            by_name[name]["parameters"][param] = yaml.safe_load(val) if val else ""
-        except yaml.YAMLError:
-            raise ConfigError("set", f"{o!r}: the value is not YAML", "write e.g. --set policy_node.control_rate=10 "
-                              "or --set sim_robot.cameras=[front]") from None
+        by_name[name]["parameters"][param] = value
     return nodes
+
+
+def nested(params: dict) -> dict:
+    """``{"task.tolerance": 0.004, "seed": 1}`` -> ``{"task": {"tolerance": 0.004}, "seed": 1}``: dotted ROS
+    parameter names as the nested mappings of a ROS 2 parameter file."""
+    out: dict = {}
+    for k, v in params.items():
+        *head, last = str(k).split(".")
+        d = out
+        for h in head:
+            d = d.setdefault(h, {})
+        d[last] = v
+    return out
 
 
 def node_command(node: dict, tmp: Path) -> list[str]:
@@ -106,7 +120,7 @@ def node_command(node: dict, tmp: Path) -> list[str]:
         cmd += ["--params-file", str(node["params"])]
     if node["parameters"]:
         f = tmp / f"{node['name']}.overrides.yaml"
-        f.write_text(yaml.safe_dump({node["name"]: {"ros__parameters": node["parameters"]}}))
+        f.write_text(yaml.safe_dump({node["name"]: {"ros__parameters": nested(node["parameters"])}}))
         cmd += ["--params-file", str(f)]
     return cmd
 
@@ -205,7 +219,10 @@ class _Done:
         return self.returncode
 
 
-def bringup(config: str, overrides: list[str] | None = None, grace: float = 5.0, dry_run: bool = False) -> int:
+def bringup(config: str, overrides: list[tuple[str, str, object]] | None = None, grace: float = 5.0,
+            dry_run: bool = False) -> int:
+    """Start (or with ``dry_run`` print) the nodes of ``config`` with ``overrides`` (see :func:`load_config`);
+    returns the exit code (0 after a clean Ctrl-C stop, 1 when a node failed)."""
     nodes = load_config(config, overrides)
     if dry_run:  # the commands only (their override files are not kept)
         with tempfile.TemporaryDirectory(prefix="robot_rl_bringup_") as tmp:

@@ -15,7 +15,6 @@ and every hop can measure observation -> command latency.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Callable
@@ -282,17 +281,27 @@ def declare_safety(node, timeout_what: str = "hold when no command for this long
         command_timeout=float(declare(node, "command_timeout", sc.command_timeout, timeout_what))).validate()
 
 
-def json_param(node, name: str, value: str) -> dict:
-    """Parse a JSON-object string parameter; ConfigError naming the parameter on bad JSON."""
-    if not value:
-        return {}
-    try:
-        d = json.loads(value)
-    except ValueError as e:
-        raise ConfigError(name, f"not valid JSON ({e})", "pass a JSON object, e.g. '{\"tolerance\": 0.01}'") from None
-    if not isinstance(d, dict):
-        raise ConfigError(name, "not a JSON object", "pass a JSON object, e.g. '{\"tolerance\": 0.01}'")
-    return d
+def declare_task(node, description: str):
+    """Declare the task parameters, named like the ``task`` config section's fields (:mod:`robot_rl.config`):
+    ``task.name`` (lift | place) and one ``task.<field>`` per field of that task's dataclass, with the task's
+    default (``task.tolerance`` [m], ``task.max_steps``, ``task.target_x`` [lo, hi] m, ...; in a parameter file
+    ``task: {name: place, tolerance: 0.004}``). A field of another task is refused like any undeclared parameter
+    (:func:`reject_undeclared`). Returns (Task, {field: value} of every task field) — the kwargs ``make_task`` /
+    ``make_env(task_kwargs=...)`` take. Raises ConfigError for an unknown task or a bad value."""
+    import dataclasses
+
+    from robot_rl.envs.tasks import make_task
+
+    name = declare(node, "task.name", "place", description)
+    default = make_task(name)
+    kwargs = {}
+    for f in dataclasses.fields(default):
+        if f.name in ("name", "derived_keys"):  # not settings (see make_task)
+            continue
+        d = getattr(default, f.name)
+        v = declare(node, f"task.{f.name}", list(d) if isinstance(d, tuple) else d, f"{name} task field {f.name}")
+        kwargs[f.name] = tuple(v) if isinstance(d, tuple) else v
+    return make_task(name, **kwargs), kwargs
 
 
 def robot_model(node):

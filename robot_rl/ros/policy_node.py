@@ -60,10 +60,9 @@ from robot_rl.robot.controller import DiffIKController
 from robot_rl.envs.env import assemble_observation
 from robot_rl.errors import ConfigError
 from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, JointStateCache, PoseCache, action_to_msg, declare,
-                                 diagnostic, json_param, msg_to_image, now_sec, robot_model, run_node, sec_to_stamp,
+                                 declare_task, diagnostic, msg_to_image, now_sec, robot_model, run_node, sec_to_stamp,
                                  stamp_to_sec)
 from robot_rl.robot.safety import EStopLatch
-from robot_rl.envs.tasks import make_task
 
 
 class _NaNObjects:
@@ -77,13 +76,9 @@ class InProcessSource:
     """Base (+ residual) in this process via :class:`robot_rl.stages.evaluation.CombinedPolicy` (one env)."""
 
     def __init__(self, checkpoint: str, residual: str = "", seed: int = 0):
-        import torch
-
-        from robot_rl.stages.evaluation import CombinedPolicy
         from robot_rl.policies.checkpoint import load_policy
         from robot_rl.rl.residual import load_residual
 
-        torch.set_num_threads(1)
         if not checkpoint:
             raise ConfigError("checkpoint", "empty", "set checkpoint:=DIR (a base policy) or server:=HOST:PORT")
         self.base = load_policy(checkpoint)
@@ -104,7 +99,7 @@ class InProcessSource:
 
     def drop_chunk(self):
         if self.pol is not None:
-            self.pol.ex.queue[0].clear()
+            self.pol.drop_chunks()
 
     def act(self, obs: dict, timeout_s: float) -> np.ndarray:
         b = {k: v[None] for k, v in obs.items() if k in self.keys}
@@ -244,8 +239,6 @@ def make_node():
                 "connect_timeout": float(declare(self, "connect_timeout", 10.0, "server start-up / first-step "
                                                                                "deadline [s]", positive=True)),
                 "token_file": declare(self, "token_file", "", "file with the server token ('' = env/none)"),
-                "task": declare(self, "task", "place", "task whose observation keys are assembled"),
-                "task_json": declare(self, "task_json", "", "task overrides (JSON)"),
                 "control_rate": float(declare(self, "control_rate", 10.0, "control loop rate [Hz]", positive=True)),
                 "max_obs_age": float(declare(self, "max_obs_age", 0.25, "hold when an input is older [s]",
                                              positive=True)),
@@ -267,7 +260,7 @@ def make_node():
                 raise ConfigError("trigger", f"{self.p['trigger']!r} is not timer, image or auto",
                                   "set trigger:=auto (image-triggered when the policy uses a camera)")
             self.period = 1.0 / self.p["control_rate"]
-            self.task = make_task(self.p["task"], **json_param(self, "task_json", self.p["task_json"]))
+            self.task, _ = declare_task(self, "task whose observation keys are assembled")
             self.source = None
             self.timer = None
             self.trigger_camera: str | None = None
@@ -555,6 +548,10 @@ class _Stale(Exception):
 
 
 def main(args=None) -> int:
+    # entry point's thread choice: an in-process policy runs torch on one thread (the control loop and, in
+    # simulation, the simulator need the other cores). Set through the environment because torch is imported only
+    # in in-process mode, later; an OMP_NUM_THREADS already set by the user is kept.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     return run_node(make_node, args)
 
 

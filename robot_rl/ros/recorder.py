@@ -1,5 +1,6 @@
 """``recorder`` node: ROS 2 topics -> episodes in the zarr store, one row per executed action, with the SAME keys as
-the simulated env's collection (:mod:`robot_rl.stages.collect`), so ``robot-rl train-base`` trains on them unchanged.
+the simulated env's collection (:mod:`robot_rl.stages.collect`), so ``robot-rl train-base`` trains on them unchanged
+(both build their episodes with :class:`robot_rl.datasets.episodes.EpisodeWriter`).
 
 Rows are driven by the executed actions, as LeRobot's record loop reads the observation right before it sends an
 action: when a message arrives on ``action_topic`` (what the arm bridge executes) while recording, the recorder
@@ -37,10 +38,10 @@ import numpy as np
 from robot_rl.robot.controller import DiffIKController
 from robot_rl.envs.env import assemble_observation
 from robot_rl.errors import ConfigError
-from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, JointStateCache, PoseCache, declare, json_param,
+from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, JointStateCache, PoseCache, declare, declare_task,
                                  msg_to_action, msg_to_image, robot_model, run_node)
+from robot_rl.datasets.episodes import EpisodeWriter
 from robot_rl.datasets.store import SOURCES, ZarrStore
-from robot_rl.envs.tasks import make_task
 
 
 def make_node():
@@ -60,9 +61,8 @@ def make_node():
             self.store_path = declare(self, "store", "", "zarr store directory (created if missing)")
             if not self.store_path:
                 raise ConfigError("store", "empty", "set store:=/path/demos.zarr")
-            self.task_name = declare(self, "task", "place", "task name (observation keys, metadata)")
-            self.task = make_task(self.task_name, **json_param(self, "task_json",
-                                                               declare(self, "task_json", "", "task overrides")))
+            self.task, _ = declare_task(self, "task name (observation keys, metadata)")
+            self.task_name = self.task.name
             self.source = declare(self, "source", "teleop", f"episode source: {', '.join(SOURCES)}")
             if self.source not in SOURCES:
                 raise ConfigError("source", f"{self.source!r}", f"use one of {list(SOURCES)}")
@@ -82,7 +82,7 @@ def make_node():
             self.images: dict = {}
             self.episode_info: dict = {}
             self.success = False
-            self.buf: dict | None = None
+            self.buf: EpisodeWriter | None = None  # the episode being recorded (None: not recording)
             self.skipped = 0
             self.t_actions: list[float] = []
             self.create_subscription(JointState, "/joint_states", lambda m: self.js.update(m, time.monotonic()),
@@ -200,24 +200,20 @@ def make_node():
                 obs, a, t = self.pending.popleft()
                 inter = bool(self._nearest("intervention", t, False))
                 human = self._nearest("human", t, None) if inter else None
-                for k, v in obs.items():
-                    self.buf.setdefault(k, []).append(v)
-                self.buf.setdefault("action", []).append(np.asarray(a, dtype=np.float32))
-                self.buf.setdefault("intervention", []).append(inter)
-                self.buf.setdefault("human_action", []).append(
-                    np.asarray(human if human is not None else np.full(5, np.nan), dtype=np.float32))
+                self.buf.add(obs, a, intervention=inter, human_action=human if self.record_human else None)
                 self.t_actions.append(t)
 
         def _on_start(self, req, res):
-            dropped = self.buf is not None and len(self.buf.get("action", [])) + len(self.pending)
-            self.buf, self.skipped, self.bad_actions, self.t_actions = {}, 0, 0, []
+            dropped = self.buf is not None and len(self.buf) + len(self.pending)
+            self.buf = EpisodeWriter(human_action=self.record_human)
+            self.skipped, self.bad_actions, self.t_actions = 0, 0, []
             self.pending.clear()
             res.success = True
             res.message = "recording" + (f" (dropped an unfinished episode of {dropped} steps)" if dropped else "")
             return res
 
         def _on_discard(self, req, res):
-            n = len(self.buf.get("action", [])) + len(self.pending) if self.buf is not None else 0
+            n = len(self.buf) + len(self.pending) if self.buf is not None else 0
             self.buf = None
             self.pending.clear()
             res.success, res.message = True, f"discarded {n} steps"
@@ -226,25 +222,22 @@ def make_node():
         def _on_stop(self, req, res):
             if self.buf is not None:
                 self._complete(np.inf)
-            if self.buf is None or not self.buf.get("action"):
+            if self.buf is None or not len(self.buf):
                 res.success, res.message = False, "nothing recorded (call ~/start first, and check the inputs)"
                 self.buf = None
                 return res
-            data = {k: np.stack(v) for k, v in self.buf.items()}
-            data["intervention"] = data["intervention"].astype(bool)
-            if not self.record_human:
-                data.pop("human_action")
             info = self.episode_info
             dts = np.diff(self.t_actions)
             rate = float(1.0 / np.median(dts)) if len(dts) else float("nan")
             if len(dts) and abs(rate * self.dt - 1.0) > 0.2:
                 self.get_logger().warning(f"actions came at {rate:.1f} Hz, not control_rate {1.0 / self.dt:.1f} "
                                           "Hz: the stored steps follow the sender's rate")
-            source = "intervention" if data["intervention"].any() and self.source != "scripted" else self.source
+            source = "intervention" if self.buf.intervened and self.source != "scripted" else self.source
+            n = len(self.buf)
             try:
                 store = ZarrStore.open_or_create(self.store_path)
-                idx = store.add_episode(
-                    data, seed=int(info.get("seed", -1)), task=self.task_name, source=source,
+                idx = self.buf.commit(
+                    store, seed=int(info.get("seed", -1)), task=self.task_name, source=source,
                     success=bool(self.success), backend=str(info.get("backend", self.backend_label)),
                     robot=self.robot_label, extra={"params": info.get("params", {}), "recorder": "ros2",
                                                    "control_rate": 1.0 / self.dt, "action_rate": rate,
@@ -255,7 +248,6 @@ def make_node():
                 return res
             finally:
                 self.buf = None
-            n = len(data["action"])
             res.success = True
             res.message = json.dumps({"index": idx, "length": n, "success": bool(self.success), "source": source,
                                       "skipped_steps": self.skipped})

@@ -10,7 +10,8 @@
   requests the next chunk in the background once fewer than ``threshold`` actions are queued, and blends
   overlapping chunks with temporal ensembling (ACT, Zhao et al. 2023: the action for step t is the weighted mean of
   every chunk's prediction for t, weight ``exp(-m * i)`` with i = 0 for the oldest prediction) — or, with
-  ``ensemble_decay=None``, switches to the newest chunk.
+  ``ensemble_decay=None``, switches to the newest chunk. The history and the queue are a
+  :class:`robot_rl.policies.execution.ChunkStream`, as in every other execution path.
 - :class:`RemotePolicy` — the :class:`robot_rl.stages.evaluation.CombinedPolicy` interface (reset/observe/act on N envs)
   backed by a server, one session per env, one pipelined round of requests per step (``robot-rl eval --server``).
 
@@ -24,7 +25,6 @@ import operator
 import os
 import random
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Mapping
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from robot_rl.errors import ConfigError
+from robot_rl.policies.execution import ChunkStream, check_ensemble_decay
 from robot_rl.serve import protocol as P
 
 
@@ -156,6 +157,11 @@ def _session(value) -> str:
         raise ConfigError("session", f"{value!r} {e.message}", "use e.g. 'robot0' or f'env{i}'") from None
 
 
+def _rows(frames: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """{key: (F, ...)} -> F frames {key: (...)}."""
+    return [{k: v[i] for k, v in frames.items()} for i in range(next(iter(frames.values())).shape[0])]
+
+
 class PolicyClient:
     """Synchronous client of one policy server.
 
@@ -185,7 +191,7 @@ class PolicyClient:
         self.sock = None
         self._next_id = random.SystemRandom().randrange(1, 2**62)
         self._meta: dict | None = None
-        self._hist: dict[str, deque] = {}  # session -> last n_obs_steps frames sent (for recovery)
+        self._sent: dict[str, ChunkStream] = {}  # session -> the frames sent (history only), for recovery
         self._seeds: dict[str, int | None] = {}
         self.reconnects = 0
 
@@ -335,11 +341,9 @@ class PolicyClient:
             m = replies[rid]
             recovered = False
             sid = body["session"]
-            if (m["type"] == "error" and m["code"] == "unknown_session" and self.recover and sid in self._hist
+            if (m["type"] == "error" and m["code"] == "unknown_session" and self.recover and sid in self._sent
                     and not body["reset"]):
-                hist = deque(self._hist[sid], maxlen=to)
-                for i in range(next(iter(fr.values())).shape[0]):
-                    hist.append({k: v[i] for k, v in fr.items()})
+                hist = [*self._sent[sid].hist, *_rows(fr)][-to:]  # the last n_obs_steps frames, these included
                 stacked = {k: np.stack([f[k] for f in hist]) for k in fr}
                 rid2 = self._new_id()
                 b2 = dict(body, obs=stacked, reset=True, seed=self._seeds.get(sid), new_chunk=None)
@@ -356,17 +360,18 @@ class PolicyClient:
         return out
 
     def _remember(self, sid, body, fr, to):
-        if body["reset"] or sid not in self._hist:
-            self._hist[sid] = deque(maxlen=to)
+        if body["reset"] or sid not in self._sent:
+            self._sent[sid] = ChunkStream(to)
+            self._sent[sid].reset(_rows(fr), body["step"])
             self._seeds[sid] = body.get("seed")
-        h = self._hist[sid]
-        for i in range(next(iter(fr.values())).shape[0]):
-            h.append({k: v[i] for k, v in fr.items()})
+        else:
+            for f in _rows(fr):
+                self._sent[sid].observe(f)
 
     # --- other requests -----------------------------------------------------------------------------------------
     def close_session(self, session: str, timeout_s: float | None = None) -> bool:
         """Free a session on the server; True if it existed."""
-        self._hist.pop(session, None)
+        self._sent.pop(session, None)
         self._seeds.pop(session, None)
         return bool(self._call("close", timeout_s, session=session)["closed"])
 
@@ -406,15 +411,16 @@ class AsyncChunkClient:
     loop keeps executing queued actions meanwhile. A chunk computed for step s and received at step t > s is used
     from step t on (its rows for steps < t are stale and dropped). Overlapping predictions are blended by temporal
     ensembling with decay ``ensemble_decay`` (m; ACT uses 0.01); ``None`` switches to the newest chunk instead.
+    The frames and the queue are a :class:`robot_rl.policies.execution.ChunkStream` (``stream``; its step clock
+    ``stream.t`` is the current step), the blending its :class:`~robot_rl.policies.execution.ActionQueue`.
     Residual rows beyond the request step use the observation at the request step (zero-order hold, see
     :mod:`robot_rl.serve.server`). Raises ServerTimeout when no action for the current step arrives within
-    ``timeout_s``, ServerError on an error reply.
+    ``timeout_s``, ServerError on an error reply, ConfigError for a bad ``threshold`` / ``ensemble_decay``.
     """
 
     def __init__(self, address: str, session: str, *, token: str | None = None, threshold: int = 2,
                  ensemble_decay: float | None = 0.01, timeout_s: float = 2.0, retries: int = 2):
-        if ensemble_decay is not None and not ensemble_decay >= 0:
-            raise ConfigError("ensemble_decay", f"{ensemble_decay!r} < 0", "use e.g. 0.01, or None to switch")
+        check_ensemble_decay(ensemble_decay)  # before connecting
         self.session, self.decay, self.timeout_s = session, ensemble_decay, timeout_s
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robot_rl-chunk-client")
         self._client = None
@@ -430,18 +436,19 @@ class AsyncChunkClient:
             raise ConfigError("threshold", f"{threshold!r} not in 0..n_action_steps-1 = {self.Ta - 1}",
                               "request the next chunk when e.g. 2 actions are left")
         self.threshold = threshold
-        self.t = -1
-        self._unsent: deque = deque(maxlen=self.To)
-        self._preds: dict[int, list] = {}
-        self._covered_until = -1  # last step covered by the newest chunk
+        self.stream = ChunkStream(self.To, ensemble_decay)
         self._inflight = None
         self.last_result: ActResult | None = None
         self.requests = 0
 
+    @property
+    def t(self) -> int:
+        """The current control step of the episode (-1 before the first ``act(..., reset=True)``)."""
+        return self.stream.t
+
     def _submit(self, reset: bool, seed: int | None):
-        frames = {k: np.stack([f[k] for f in self._unsent]) for k in self._unsent[0]}
-        self._unsent.clear()
-        step = self.t
+        frames = self.stream.new_frames()
+        step = self.stream.t
         self.requests += 1
         self._inflight = self._pool.submit(
             lambda: self._client.act(self.session, step, frames, reset=reset, seed=seed, new_chunk=True,
@@ -449,59 +456,48 @@ class AsyncChunkClient:
 
     def _integrate(self, r: ActResult):
         self.last_result = r
-        for i, a in enumerate(r.executed):
-            s = r.chunk_start + i
-            if s >= self.t:
-                self._preds.setdefault(s, []).append(a)
-        self._covered_until = max(self._covered_until, r.chunk_start + len(r.executed) - 1)
+        self.stream.queue.add(r.executed, r.chunk_start, now=self.stream.t)
 
     def act(self, obs: dict, reset: bool = False, seed: int | None = None,
             timeout_s: float | None = None) -> np.ndarray:
         """Observation of the current step (one frame per key) -> action float32 (A,). ``timeout_s``: this
         call's deadline (default: the constructor's)."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if not reset and self.stream.t < 0:
+            raise ConfigError("reset", "the first act() of an episode needs reset=True", "pass reset=True")
+        frame = {k: v[0] for k, v in prepare_frames(self.meta, obs).items()}  # here: the worker may be busy
         if reset:
             if self._inflight is not None:
                 try:
                     self._inflight.result(timeout=timeout_s)
                 except Exception:
                     pass
-            self.t, self._inflight, self._covered_until = 0, None, -1
-            self._preds.clear()
-            self._unsent.clear()
-        elif self.t < 0:
-            raise ConfigError("reset", "the first act() of an episode needs reset=True", "pass reset=True")
+            self._inflight = None
+            self.stream.reset([frame])
         else:
-            self.t += 1
-        frame = prepare_frames(self.meta, obs)  # on this thread: the worker may be busy with a request
-        self._unsent.append({k: v[0] for k, v in frame.items()})
+            self.stream.t += 1
+            self.stream.observe(frame)
         if self._inflight is not None and self._inflight.done():
             r, self._inflight = self._inflight.result(), None
             self._integrate(r)
         if reset:
             self._submit(True, seed)
-        elif self._inflight is None and self._covered_until - self.t + 1 <= self.threshold:
+        elif self._inflight is None and self.stream.needs_chunk(self.threshold):
             self._submit(False, None)
         end = time.monotonic() + timeout_s
-        while self.t not in self._preds:
+        while not self.stream.queue.covers(self.stream.t):
             if self._inflight is None:
                 self._submit(False, None)
             try:
                 r = self._inflight.result(timeout=max(0.0, end - time.monotonic()))
             except FutureTimeout:
-                raise ServerTimeout(f"no action for step {self.t} within {timeout_s} s") from None
+                raise ServerTimeout(f"no action for step {self.stream.t} within {timeout_s} s") from None
             except BaseException:
                 self._inflight = None
                 raise
             self._inflight = None
             self._integrate(r)
-        for s in [s for s in self._preds if s < self.t]:
-            del self._preds[s]
-        preds = self._preds[self.t]
-        if self.decay is None or len(preds) == 1:
-            return np.asarray(preds[-1], dtype=np.float32)
-        w = np.exp(-self.decay * np.arange(len(preds)))
-        return (np.tensordot(w / w.sum(), np.stack(preds), axes=1)).astype(np.float32)
+        return self.stream.action()
 
     def close(self) -> None:
         def _close():

@@ -13,13 +13,16 @@ Two layers:
   requests, or as soon as every recently active session is waiting), runs it, replies. Weight pushes are applied
   between batches, so no request is dropped and none sees half-loaded weights.
 
-Determinism ("the server equals in-process inference"): every session owns a ``torch.Generator`` seeded at reset
-(``seed`` of the request, default ``zlib.crc32(session id)``); each base call draws that session's initial noise
-(1, T, A) from its own generator and passes the stacked noise as ``init_noise``. This is exactly the draw
-:class:`robot_rl.envs.vector.ChunkExecutor` makes for one env with ``torch.Generator().manual_seed(seed)``, so a session
-reproduces ``CombinedPolicy(base, residual, n_envs=1, seed=seed)`` step for step, and batch composition never changes
-a session's noise. Row 0 of every reply (the action for ``step``) gets its own residual call on a batch of one, as
-in-process per-step execution does, so it is bit-identical.
+Determinism ("the server equals in-process inference"): every session is a
+:class:`robot_rl.policies.execution.ChunkStream` (observation history, chunk queue) with its own ``torch.Generator``
+seeded at reset (``seed`` of the request, default ``zlib.crc32(session id)``); each batched base call
+(:func:`robot_rl.policies.execution.predict_chunks`) draws every session's initial noise (1, T, A) from its own
+generator and passes the stacked noise as ``init_noise``. This is exactly the draw
+:class:`robot_rl.policies.execution.ChunkExecutor` makes for one env with ``torch.Generator().manual_seed(seed)``, so a
+session reproduces ``CombinedPolicy(base, residual, n_envs=1, seed=seed)`` step for step, and batch composition never
+changes a session's noise. Row 0 of every reply (the action for ``step``) gets its own residual call on a batch of
+one (:func:`robot_rl.rl.residual.apply_residual`), as in-process per-step execution does, so it is
+bit-identical.
 
 Reply rows: ``base[i]``, ``residual[i]``, ``executed[i]`` are for step ``step + i`` (the remaining actions of the
 session's current chunk, 1..n_action_steps rows). The residual of rows i >= 1 is evaluated on the newest
@@ -39,7 +42,6 @@ import math
 import sys
 import time
 import zlib
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +49,8 @@ import torch
 
 import robot_rl
 from robot_rl.errors import ConfigError
-from robot_rl.rl.residual import check_compatible, residual_config_dict
+from robot_rl.policies.execution import ChunkStream, predict_chunks
+from robot_rl.rl.residual import apply_residual, check_compatible, residual_config_dict
 from robot_rl.serve import protocol as P
 
 
@@ -110,27 +113,14 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-def _res_keys(res) -> list[str]:
-    return list(res.config.obs_keys) + list(getattr(res.config, "fine_keys", None) or {})
-
-
-def _res_features(res, norm, obs, base_n):
-    if hasattr(res, "features"):
-        return res.features(norm, obs, base_n)
-    from robot_rl.rl.residual import residual_input
-
-    return residual_input(norm, obs, list(res.config.obs_keys), base_n)
-
-
 class _Session:
-    __slots__ = ("sid", "hist", "gen", "seed", "chunk", "chunk_start", "last_step", "last_id", "last_reply",
-                 "last_seen", "pending")
+    """A client's episode: its :class:`ChunkStream` (history, chunk queue, own generator) and the retry state."""
+
+    __slots__ = ("sid", "stream", "last_step", "last_id", "last_reply", "last_seen", "pending")
 
     def __init__(self, sid: str, n_obs: int, seed: int):
-        self.sid, self.seed = sid, seed
-        self.hist: deque = deque(maxlen=n_obs)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.chunk, self.chunk_start = None, 0
+        self.sid = sid
+        self.stream = ChunkStream(n_obs, seed=seed)
         self.last_step, self.last_id, self.last_reply = -1, None, None
         self.last_seen, self.pending = time.monotonic(), False
 
@@ -299,10 +289,7 @@ class PolicyService:
             seed = req["seed"] if req["seed"] is not None else (zlib.crc32(sid.encode()) + self.cfg.seed) % 2**63
             s = _Session(sid, self.To, seed)
             self.sessions[sid] = s
-            for _ in range(self.To):
-                s.hist.append(fr[0])
-            for f in fr[1:]:
-                s.hist.append(f)
+            s.stream.reset(fr, step)
         else:
             if s is None:
                 raise P.ProtocolError("unknown_session", "session", f"no session {sid!r} on this server (new or "
@@ -312,11 +299,11 @@ class PolicyService:
                 raise P.ProtocolError("stale_step", "step", f"step {step} <= last step {s.last_step} of this "
                                                             "session; steps must increase (or send reset=true)")
             for f in fr:
-                s.hist.append(f)
+                s.stream.observe(f)
+            s.stream.t = step
         s.last_seen = time.monotonic()
         s.last_step = step  # the step is consumed even if the base call fails later
-        covered = s.chunk is not None and 0 <= step - s.chunk_start < len(s.chunk)
-        if req["reset"] or req["new_chunk"] or not covered:
+        if req["reset"] or req["new_chunk"] or not s.stream.queue.covers(step):
             s.pending = True
             return None, Pending(req, s, t_recv)
         return self._act_reply(req, s, t_recv, None, 0.0, 0), None
@@ -328,23 +315,19 @@ class PolicyService:
         t0 = time.perf_counter()
         sess = [p.session for p in pend]
         try:
-            batch = {k: np.stack([np.stack([f[k] for f in s.hist]) for s in sess]) for k in self.base_keys}
-            noise = None
-            if self.base.config.kind == "diffusion":
-                noise = torch.cat([torch.randn((1, self.T, self.A), generator=s.gen) for s in sess])
-            chunks = self.base.predict_chunk(batch, init_noise=noise)
+            chunks = predict_chunks(self.base, [s.stream for s in sess], self.base_keys)
             base_ms = (time.perf_counter() - t0) * 1e3
             self.stats["batches"] += 1
             self.stats["batched_requests"] += len(pend)
             out = []
             for j, p in enumerate(pend):
-                p.session.chunk = np.array(chunks[j], dtype=np.float32)
-                p.session.chunk_start = p.req["step"]
+                p.session.stream.queue.add(chunks[j], p.req["step"])
                 out.append(self._act_reply(p.req, p.session, p.t_recv, t0, base_ms, len(pend)))
             return out
         except Exception as e:
             for s in sess:
-                s.chunk, s.last_reply = None, None
+                s.stream.queue.clear()
+                s.last_reply = None
             msg = f"{type(e).__name__}: {e}"[:500]
             return [self._error(p.req["id"], "internal", "base", msg) for p in pend]
         finally:
@@ -354,29 +337,20 @@ class PolicyService:
     def _act_reply(self, req, s: _Session, t_recv, t_batch, base_ms, batch_size) -> bytes:
         t0 = time.perf_counter()
         step = req["step"]
-        rows = s.chunk[step - s.chunk_start:]
+        rows = s.stream.queue.rows(step)
         n = rows.shape[0]
-        res = self.residual
-        if res is None:
-            r = np.zeros_like(rows)
-            executed = rows
-        else:
-            norm = self.base.normalizer
-            keys = _res_keys(res)
-            obs1 = {k: s.hist[-1][k][None] for k in keys}
-            with torch.no_grad():
-                base_n = norm.normalize("action", torch.as_tensor(rows))
-                parts_r, parts_e = [], []
-                # row 0 alone (a batch of one, like per-step in-process execution: bit-identical); rows 1.. together
-                for a, b in ((0, 1), (1, n)):
-                    if b <= a:
-                        continue
+        if self.residual is None:
+            r, executed = apply_residual(self.base.normalizer, None, {}, rows)
+        else:  # the newest observation's low-dim keys (the residual reads low-dim keys only)
+            obs1 = {k: v[None] for k, v in s.stream.latest.items() if self.spec[k]["dtype"] == "float32"}
+            parts = []
+            # row 0 alone (a batch of one, like per-step in-process execution: bit-identical); rows 1.. together
+            for a, b in ((0, 1), (1, n)):
+                if b > a:
                     ob = obs1 if b - a == 1 else {k: np.repeat(v, b - a, axis=0) for k, v in obs1.items()}
-                    ra = res.actor(_res_features(res, norm, ob, base_n[a:b]))
-                    parts_r.append(ra)
-                    parts_e.append(norm.unnormalize("action", res.combine(base_n[a:b], ra)))
-                r = torch.cat(parts_r).numpy().astype(np.float32, copy=False)
-                executed = torch.cat(parts_e).numpy().astype(np.float32, copy=False)
+                    parts.append(apply_residual(self.base.normalizer, self.residual, ob, rows[a:b]))
+            r = np.concatenate([p[0] for p in parts])
+            executed = np.concatenate([p[1] for p in parts])
         now = time.perf_counter()
         body = P.reply("act", req["id"], session=s.sid, step=step, chunk_start=step,
                        base=P.encode_array(rows), residual=P.encode_array(r), executed=P.encode_array(executed),

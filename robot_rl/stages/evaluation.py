@@ -12,15 +12,37 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.stats import binomtest
 from robot_rl.progress import progress_bar
 
+from robot_rl.datasets.episodes import EpisodeWriter
 from robot_rl.errors import ConfigError
 from robot_rl.envs.env import make_env
 from robot_rl.envs.vector import EVAL_SEED_START, SeedSchedule, env_kwargs_for, make_vector_env, reset_some
 from robot_rl.policies.execution import ChunkExecutor
+from robot_rl.rl.residual import apply_residual
 
+
+@dataclasses.dataclass
+class EvalConfig:
+    """The ``eval`` config section (``robot-rl eval``, the pipeline's evaluations; its ``n_envs`` also runs the
+    residual's validation). episodes: evaluated episodes, on the seeds ``seed_start, seed_start + 1, ...``
+    (:data:`EVAL_SEED_START`: disjoint from demonstration, training and validation seeds); n_envs: parallel env
+    workers; videos: rollouts rendered to mp4 (the first seeds)."""
+
+    episodes: int = 200
+    n_envs: int = 4
+    seed_start: int = EVAL_SEED_START
+    videos: int = 3
+
+    def validate(self, section: str = "eval") -> "EvalConfig":
+        """Return self, or raise ConfigError naming ``<section>.<field>`` for a count below its minimum."""
+        for k, lo in (("episodes", 1), ("n_envs", 1), ("videos", 0)):
+            v = getattr(self, k)
+            if not (isinstance(v, int) and v >= lo):
+                raise ConfigError(f"{section}.{k}", f"{v!r} < {lo}", f"use an integer >= {max(lo, 1)}, e.g. "
+                                  f"--set {section}.{k}={getattr(type(self), k)}")
+        return self
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -32,12 +54,15 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
 
 
 class CombinedPolicy:
-    """Frozen base + optional residual, executed per step on batched raw observations (N envs)."""
+    """Frozen base + optional residual executed on N envs: the base through a
+    :class:`~robot_rl.policies.execution.ChunkExecutor` (receding horizon, one batched base call for the envs that
+    need a new chunk, chunk alignment off: rollouts equal single-env execution), the residual per step with its mean
+    (:func:`~robot_rl.rl.residual.apply_residual`). ``reset(mask, obs)``, ``observe(obs, mask)``,
+    ``act(obs) -> (N, A)`` raw float32, ``drop_chunks(mask)``; ``ex`` is the executor."""
 
     def __init__(self, base, residual=None, n_envs: int = 1, seed: int = 0):
         self.base, self.residual = base, residual
         self.ex = ChunkExecutor(base, n_envs, seed=seed)
-        self.keys = list(base.config.obs_keys)
 
     def reset(self, mask, obs):
         self.ex.reset(mask, obs)
@@ -45,19 +70,17 @@ class CombinedPolicy:
     def observe(self, obs, mask):
         self.ex.observe(obs, mask)
 
-    @torch.no_grad()
+    def drop_chunks(self, mask=None):
+        """The next action of the envs in ``mask`` (default all) starts a new base chunk from the current history."""
+        self.ex.drop_chunks(mask)
+
     def act(self, obs) -> np.ndarray:
-        """Executed raw actions (N, A) float32."""
-        base_raw = self.ex.actions()
-        if self.residual is None:
-            return base_raw
-        norm = self.base.normalizer
-        base_n = norm.normalize("action", torch.as_tensor(base_raw))
-        return norm.unnormalize("action", self.residual.act(norm, obs, base_n)).numpy()
+        """Executed raw actions (N, A) float32 for batched raw obs {key: (N, ...)}."""
+        return apply_residual(self.base.normalizer, self.residual, obs, self.ex.actions())[1]
 
 
-def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_start: int = EVAL_SEED_START,
-             n_envs: int = 4, task_kwargs: dict | None = None, env_kwargs: dict | None = None, seed: int = 0,
+def evaluate(base, task: str, *, residual=None, n_episodes: int = EvalConfig.episodes,
+             seed_start: int = EvalConfig.seed_start, n_envs: int = EvalConfig.n_envs, task_kwargs: dict | None = None, env_kwargs: dict | None = None, seed: int = 0,
              progress: bool = True, desc: str = "eval", policy=None, backend: str = "mujoco", record=None,
              record_extra: dict | None = None) -> dict:
     """Run ``n_episodes`` seeded episodes; returns {success_rate, ci95, successes, episodes, mean_length, seeds...}
@@ -81,7 +104,6 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     if not (isinstance(n_envs, int) and n_envs >= 1):
         raise ConfigError("n_envs", f"{n_envs!r} < 1", "use at least one env, e.g. --n-envs 4")
     n_envs = min(n_envs, n_episodes)
-    torch.set_num_threads(1)  # the env workers own the other cores; OpenMP oversubscription is catastrophic
     env_kwargs = dict(env_kwargs or {})
     backend = env_kwargs.pop("backend", backend)  # as train_residual's env_kwargs may carry it
     if base is not None:
@@ -97,15 +119,14 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
     obs = reset_some(venv, active, cur, None)
     pol.reset(active, obs)
     results = []
-    steps: list[dict] = [{} for _ in range(n_envs)]  # the running episode of each env (only when recording)
+    episodes = [EpisodeWriter() for _ in range(n_envs)]  # the running episode of each env (only when recording)
     bar = progress_bar(total=n_episodes, desc=desc, unit="ep", disable=not progress)
     try:
         while active.any():
             a = pol.act(obs)
             if record is not None:
                 for i in np.flatnonzero(active):
-                    for k, v in (*obs.items(), ("action", a)):
-                        steps[i].setdefault(k, []).append(np.array(v[i]))
+                    episodes[i].add({k: v[i] for k, v in obs.items()}, a[i])
             obs, _, term, trunc, info = venv.step(a)
             done = np.logical_or(term, trunc) & active
             if done.any():
@@ -114,12 +135,10 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = 200, seed_star
                 for i in np.flatnonzero(done):
                     results.append({"seed": cur[i], "success": bool(info["success"][i]), "length": int(info["t"][i])})
                     if record is not None:
-                        record.add_episode({k: np.stack(v) for k, v in steps[i].items()}, seed=int(cur[i]),
-                                           task=task, source="policy", success=bool(info["success"][i]),
-                                           backend=built_backend, extra={"params": params[i],
-                                                                         "randomization": rnd[i],
-                                                                         **(record_extra or {})})
-                        steps[i] = {}
+                        episodes[i].commit(record, seed=int(cur[i]), task=task, source="policy",
+                                           success=bool(info["success"][i]), backend=built_backend,
+                                           extra={"params": params[i], "randomization": rnd[i],
+                                                  **(record_extra or {})})
                     cur[i] = seeds.take()
                     if cur[i] is None:
                         active[i] = False

@@ -91,12 +91,12 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     if not cfg.obs_keys:
         task = store.episode_meta(0)["task"]
         cfg.obs_keys = list(DEFAULT_OBS_KEYS.get(task, []))
-    for field, keys in (("obs_keys", cfg.obs_keys), ("image_keys", cfg.image_keys), ("action", ["action"])):
+    for name, keys in (("obs_keys", cfg.obs_keys), ("image_keys", cfg.image_keys), ("action", ["action"])):
         for k in keys:
             if k not in store.schema:
-                fix = ("collect with --cameras (image keys are image_<camera>)" if field == "image_keys"
+                fix = ("collect with --cameras (image keys are image_<camera>)" if name == "image_keys"
                        else f"use keys from {store.keys}")
-                raise ConfigError(field, f"{k!r} is not in the store {store_path}", fix)
+                raise ConfigError(name, f"{k!r} is not in the store {store_path}", fix)
     schema = store.schema
     image_shape = list(schema[cfg.image_keys[0]]["shape"]) if cfg.image_keys else None
     pcfg = PolicyConfig.from_dict({

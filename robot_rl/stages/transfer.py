@@ -13,11 +13,25 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from robot_rl.errors import ConfigError
-from robot_rl.stages.evaluation import EVAL_SEED_START, evaluate, record_videos
 from robot_rl.envs.randomization import as_nested, resolve
+from robot_rl.stages.evaluation import EvalConfig, evaluate, record_videos
+
+
+@dataclass
+class TransferConfig(EvalConfig):
+    """The ``transfer`` config section (``robot-rl transfer``): :class:`EvalConfig`'s fields per condition (the same
+    seeds in every condition) plus the two simulators. The randomized conditions use the ``randomization`` section;
+    ``robot-rl transfer`` starts it from the ``default`` preset unless ``randomization.preset`` is given."""
+
+    episodes: int = 100
+    n_envs: int = 2
+    videos: int = 1
+    train_backend: str = "mujoco"
+    eval_backend: str = "pybullet"
 
 
 def newcombe_diff(a: dict, b: dict) -> tuple[float, float, float]:
@@ -28,11 +42,13 @@ def newcombe_diff(a: dict, b: dict) -> tuple[float, float, float]:
     return d, d - math.sqrt((pa - la) ** 2 + (ub - pb) ** 2), d + math.sqrt((ua - pa) ** 2 + (pb - lb) ** 2)
 
 
-def transfer_report(base, task: str, out_dir: str | Path, *, residual=None, train_backend: str = "mujoco",
-                    eval_backend: str = "pybullet", randomization="default", task_kwargs: dict | None = None,
-                    env_kwargs: dict | None = None, n_episodes: int = 50, n_envs: int = 2,
-                    seed_start: int = EVAL_SEED_START, videos: int = 1, progress: bool = True,
-                    extra: dict | None = None) -> dict:
+def transfer_report(base, task: str, out_dir: str | Path, *, residual=None,
+                    train_backend: str = TransferConfig.train_backend,
+                    eval_backend: str = TransferConfig.eval_backend, randomization="default",
+                    task_kwargs: dict | None = None, env_kwargs: dict | None = None,
+                    n_episodes: int = TransferConfig.episodes, n_envs: int = TransferConfig.n_envs,
+                    seed_start: int = TransferConfig.seed_start, videos: int = TransferConfig.videos,
+                    progress: bool = True, extra: dict | None = None) -> dict:
     """Evaluate ``base`` (+ ``residual``) in four conditions {train, eval backend} x {nominal, randomized} on the
     seeds ``seed_start .. seed_start + n_episodes - 1`` and write ``report.md`` / ``report.json`` / videos.
 

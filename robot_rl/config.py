@@ -1,0 +1,559 @@
+"""One configuration system for every command: dataclass defaults <- preset <- YAML file(s) <- flags and
+``--set section.field=value``, resolved by :func:`resolve` into typed dataclass instances.
+
+The dataclasses are the single source of defaults. A command uses some of these sections (:data:`COMMAND_SECTIONS`):
+
+=================  ==================================================================================================
+``seed``           the run's seed (an int, not a mapping): demonstrations, base training, PPO, policy noise
+``task``           ``name`` (lift | place) plus any field of that task's dataclass (:mod:`robot_rl.envs.tasks`), e.g.
+                   ``tolerance`` [m], ``max_steps``; the resolved config lists every field of the task
+``env``            :class:`~robot_rl.envs.env.EnvConfig` fields (``randomization`` is its own section) plus
+                   ``backend`` (mujoco | pybullet); ``cameras`` / ``image_size`` None = taken from the policy
+                   checkpoint where one is rolled out, else EnvConfig's
+``randomization``  ``preset`` (none | default) and the groups ``physics`` / ``sensing`` / ``visual``
+                   (:mod:`robot_rl.envs.randomization`); groups alone randomize only what they name
+``collect``        :class:`~robot_rl.stages.collect.CollectConfig`
+``base``           :class:`~robot_rl.stages.train_base.BaseTrainConfig` (its ``seed`` is the run's, its ``policy`` the
+                   next section)
+``policy``         :class:`~robot_rl.policies.base.PolicyConfig` hyper-parameters (kind, keys and dims come from
+                   ``base`` and the store)
+``ppo``            :class:`~robot_rl.rl.ppo.PPOConfig` (its ``seed`` is the run's)
+``residual``       :class:`~robot_rl.rl.residual.ResidualConfig` model fields (keys, dims filled in by the trainer)
+``eval``           :class:`~robot_rl.stages.evaluation.EvalConfig`
+``transfer``       :class:`~robot_rl.stages.transfer.TransferConfig`
+``serve``          :class:`~robot_rl.serve.server.ServeConfig`
+=================  ==================================================================================================
+
+One syntax everywhere: ``--set section.field=value`` with the value parsed as YAML (:func:`parse_value`), nested
+fields by further dots (``--set policy.down_dims=[32,64,128]``, ``--set env.controller.pos_scale=0.01``,
+``--set randomization.physics.object_mass=[0.7,1.3]``). A YAML file (``--config FILE``) holds the same sections as
+mappings (``ppo: {residual_l2: 0.1}``); every command writes its resolved config as such a file
+(``<out>/config.yaml``), and ``--config`` of it reproduces the run. Mappings merge key by key; any other value
+replaces the one before. Bad input raises :class:`~robot_rl.errors.ConfigError` naming ``section.field``: an unknown
+section or field (listing the valid ones), a section the command does not use (given by a flag or ``--set``; a YAML
+file's other sections are skipped, so a pipeline's config.yaml serves ``eval`` too), a value of the wrong type, or
+a value its dataclass's own check refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from robot_rl.errors import ConfigError
+
+ORDER = ("seed", "task", "env", "randomization", "collect", "base", "policy", "ppo", "residual", "eval", "transfer",
+         "serve")
+COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "collect": ("seed", "task", "env", "randomization", "collect"),
+    "train-base": ("seed", "base", "policy"),
+    "train-residual": ("seed", "task", "env", "randomization", "ppo", "residual", "eval"),
+    "eval": ("seed", "task", "env", "randomization", "eval"),
+    "transfer": ("task", "env", "randomization", "transfer"),
+    "pipeline": ("seed", "task", "env", "randomization", "collect", "base", "policy", "ppo", "residual", "eval"),
+    "serve": ("serve",),
+}
+
+
+# --------------------------------------------------------------------------------------------------- values
+def parse_value(text: str):
+    """A command-line value parsed as YAML (``0.004`` -> float, ``[32, 64]`` -> list, ``{a: 1}`` -> dict, ``true``,
+    ``null``); the empty string stays ``""``. Used by ``--set`` of every command, ``robot-rl bringup --set``
+    included. Raises ConfigError (field ``--set``) when ``text`` is not YAML."""
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("--set", f"{text!r} is not a YAML value ({str(e).splitlines()[0]})",
+                          "write e.g. --set ppo.n_envs=8 or --set policy.down_dims=[32,64,128]") from None
+
+
+def parse_set(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=V"`` -> (``["a", "b", "c"]``, :func:`parse_value` ``(V)``). Raises ConfigError (field ``--set``)
+    when there is no ``=`` or a key part is empty."""
+    key, eq, val = text.partition("=")
+    parts = key.strip().split(".")
+    if not eq or not all(parts):
+        raise ConfigError("--set", f"{text!r} is not section.field=value", "write e.g. --set ppo.residual_l2=0.1")
+    try:
+        return parts, parse_value(val)
+    except ConfigError as e:
+        raise ConfigError("--set", f"{text!r}: {e.problem}", e.fix) from None
+
+
+def plain(v):
+    """``v`` as plain YAML/JSON data: dataclasses -> dicts, tuples -> lists, numpy scalars -> Python numbers."""
+    if is_dataclass(v) and not isinstance(v, type):
+        return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+    if isinstance(v, dict):
+        return {str(k): plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    if hasattr(v, "item") and callable(v.item):  # numpy scalar
+        return v.item()
+    return v
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if is_dataclass(hint):
+        return f"a mapping of {hint.__name__} fields"
+    name = getattr(origin or hint, "__name__", str(hint))
+    return {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string", "list": "a list",
+            "tuple": "a list", "dict": "a mapping"}.get(name, name)
+
+
+def _number(value):
+    """A YAML scalar that should be a number: PyYAML (YAML 1.1) reads ``1e6`` as a string, so numeric strings count."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def coerce(value, hint, where: str, example=None):
+    """``value`` converted to the type ``hint`` (int, float, bool, str, list[X], tuple, dict[K, V], X | None, a
+    dataclass given as a mapping of its fields); ints are accepted for floats and integral numbers for ints.
+    Raises ConfigError naming ``where`` (with ``example`` in the fix) for anything else."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def bad(why: str = ""):
+        eg = f", e.g. --set {where}={json.dumps(plain(example))}" if example is not None else ""
+        return ConfigError(where, f"{value!r} is not {_describe(hint)}{why}", f"give {_describe(hint)}{eg}")
+
+    if hint in (Any, object) or hint is None:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, where, example)
+            except ConfigError:
+                pass
+        raise bad()
+    if is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise bad()
+        return build_dataclass(hint, value, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if hint is int:
+        v = _number(value)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad()
+        if isinstance(v, float):
+            if not v.is_integer():
+                raise bad()
+            return int(v)
+        return int(v)
+    if hint is float:
+        v = _number(value)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise bad()
+        return float(v)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    base = origin or hint
+    if base in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if base is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                raise bad(f" of {len(args)} items")
+            items = [coerce(v, a, f"{where}.{i}") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            items = [coerce(v, args[0], f"{where}.{i}") if args else v for i, v in enumerate(value)]
+        return tuple(items) if base is tuple else items
+    if base is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        vh = args[1] if len(args) == 2 else Any
+        return {k: coerce(v, vh, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation that does not evaluate: fall back to the defaults' types
+        return {}
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def build_dataclass(cls, values: dict, where: str, start=None):
+    """``cls`` built from its defaults (or from instance ``start``) with ``values`` (a mapping of its fields) applied,
+    each converted by :func:`coerce`; nested dataclass fields merge key by key. Fields listed in the class's
+    ``__not_settable__`` ({field: fix}) are refused. Raises ConfigError for an unknown field (listing the valid
+    ones) or a value of the wrong type."""
+    if not isinstance(values, dict):
+        raise ConfigError(where, f"is {values!r}, not a mapping of fields",
+                          f"set its fields, e.g. --set {where}.{fields(cls)[0].name}=...")
+    hints, fs = _hints(cls), {f.name: f for f in fields(cls)}
+    refused = getattr(cls, "__not_settable__", {})
+    kw = {n: (getattr(start, n) if start is not None else _default(f)) for n, f in fs.items()}
+    for k, v in values.items():
+        name = f"{where}.{k}"
+        if k in refused:
+            raise ConfigError(name, "is not a setting of this section", refused[k])
+        if k not in fs:
+            raise ConfigError(name, f"unknown field of {where}", f"use one of {', '.join(fs)}")
+        hint = hints.get(k, type(kw[k]) if kw[k] is not None else Any)
+        if is_dataclass(kw[k]) and isinstance(v, dict):
+            kw[k] = build_dataclass(type(kw[k]), v, name, start=kw[k])
+        else:
+            kw[k] = coerce(v, hint, name, example=kw[k])
+    return cls(**kw)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def nest(path: Sequence[str], value) -> dict:
+    """``(["a", "b"], 1)`` -> ``{"a": {"b": 1}}``."""
+    for part in reversed(path):
+        value = {part: value}
+    return value
+
+
+def _paths(d: dict, prefix: str = "") -> Iterable[str]:
+    for k, v in d.items():
+        yield f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _paths(v, f"{prefix}{k}.")
+
+
+# --------------------------------------------------------------------------------------------------- sections
+@dataclass
+class TaskSection:
+    """``name``: the task; ``kwargs``: every field of that task's dataclass (written flat in YAML:
+    ``task: {name: place, tolerance: 0.004, ...}``)."""
+
+    name: str = "place"
+    kwargs: dict = field(default_factory=dict)
+
+
+_TASK_INTERNAL = ("name", "derived_keys")  # Task dataclass fields that are not settings (see make_task)
+
+
+def build_task(values: dict) -> TaskSection:
+    """The ``task`` section from a flat mapping ``{name: ..., <field>: ...}``: the task is built (make_task checks
+    every field name and value), and ``kwargs`` holds all of its fields. Raises ConfigError naming ``task.<field>``."""
+    from robot_rl.envs.tasks import make_task
+
+    if not isinstance(values, dict):
+        raise ConfigError("task", f"is {values!r}, not a mapping of fields", "set its fields, e.g. --set task.name=lift")
+    values = dict(values)
+    name = coerce(values.pop("name", TaskSection.name), str, "task.name", "place")
+    if "kwargs" in values:
+        raise ConfigError("task.kwargs", "is not a setting", "set the task's fields directly, e.g. "
+                          "--set task.tolerance=0.004")
+    task = make_task(name, **values)
+    return TaskSection(name, {f.name: plain(getattr(task, f.name)) for f in fields(task)
+                              if f.name not in _TASK_INTERNAL})
+
+
+@dataclass
+class RandomizationSection:
+    """``preset``: ``none`` or ``default`` (:data:`robot_rl.envs.randomization.PRESETS`); ``physics`` / ``sensing``
+    / ``visual``: parameters of each group (:data:`robot_rl.envs.randomization.PARAMS`), on top of the preset."""
+
+    preset: str = "none"
+    physics: dict = field(default_factory=dict)
+    sensing: dict = field(default_factory=dict)
+    visual: dict = field(default_factory=dict)
+
+    def spec(self):
+        """The spec :mod:`robot_rl.envs.randomization` takes: None (off), a preset name, or a dict."""
+        groups = {g.name: getattr(self, g.name) for g in fields(self) if g.name != "preset" and getattr(self, g.name)}
+        if not groups:
+            return None if self.preset == "none" else self.preset
+        return {"preset": self.preset, **groups}
+
+
+def derived_section(name: str, cls, not_settable: dict[str, str], doc: str, extra=(), defaults=None):
+    """A section dataclass with ``cls``'s fields (same types and defaults) except ``not_settable`` ({field: fix};
+    setting one is a ConfigError with that fix), plus ``extra`` fields [(name, type, default)] first and
+    ``defaults`` {field: (type, default)} replacing some."""
+    hints, defaults = _hints(cls), defaults or {}
+    specs = [(n, t, field(default=d)) for n, t, d in extra]
+    for f in fields(cls):
+        if f.name in not_settable:
+            continue
+        if f.name in defaults:
+            t, d = defaults[f.name]
+            specs.append((f.name, t, field(default=d)))
+            continue
+        fd = field(default=f.default) if f.default is not dataclasses.MISSING else \
+            field(default_factory=f.default_factory)
+        specs.append((f.name, hints.get(f.name, Any), fd))
+    out = dataclasses.make_dataclass(name, specs, namespace={"__doc__": doc, "__module__": __name__})
+    out.__not_settable__ = dict(not_settable)
+    return out
+
+
+@functools.cache
+def section_classes() -> dict[str, type]:
+    """{section name: dataclass} (imports the stage modules, hence torch: built on first use)."""
+    from robot_rl.envs.env import EnvConfig
+    from robot_rl.policies.base import PolicyConfig
+    from robot_rl.rl.ppo import PPOConfig
+    from robot_rl.rl.residual import ResidualConfig
+    from robot_rl.serve.server import ServeConfig
+    from robot_rl.stages.collect import CollectConfig
+    from robot_rl.stages.evaluation import EvalConfig
+    from robot_rl.stages.train_base import BaseTrainConfig
+    from robot_rl.stages.transfer import TransferConfig
+
+    seed = "the run's seed is the top-level `seed`: use --set seed=N"
+    store = "read from the demonstration store by train-base"
+    env = derived_section(
+        "EnvSection", EnvConfig, {"randomization": "use the randomization section, e.g. "
+                                                   "--set randomization.preset=default"},
+        "EnvConfig fields + backend; cameras / image_size None = the policy's (rollouts) or EnvConfig's.",
+        extra=[("backend", str, "mujoco")],
+        defaults={"cameras": (tuple | None, None), "image_size": (tuple | None, None)})
+    base = derived_section("BaseSection", BaseTrainConfig,
+                           {"seed": seed, "policy": "use the policy section, e.g. --set policy.horizon=16"},
+                           BaseTrainConfig.__doc__)
+    policy = derived_section("PolicySection", PolicyConfig, {
+        "kind": "use --set base.kind=bc|diffusion", "obs_keys": "use --set base.obs_keys=[...]",
+        "image_keys": "use --set base.image_keys=[...]", "obs_dims": store, "image_shape": store,
+        "action_dim": store}, PolicyConfig.__doc__)
+    ppo = derived_section("PPOSection", PPOConfig, {"seed": seed}, PPOConfig.__doc__)
+    derived = "filled in by the trainer from the base policy and the task"
+    residual = derived_section("ResidualSection", ResidualConfig,
+                               {k: derived for k in ("obs_keys", "obs_dims", "action_dim")
+                                if k in ResidualConfig.__dataclass_fields__}, ResidualConfig.__doc__)
+    return {"task": TaskSection, "env": env, "randomization": RandomizationSection, "collect": CollectConfig,
+            "base": base, "policy": policy, "ppo": ppo, "residual": residual, "eval": EvalConfig,
+            "transfer": TransferConfig, "serve": ServeConfig}
+
+
+# --------------------------------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    """A resolved configuration: one typed instance per section the command uses (the others are None).
+
+    ``given``: the dotted fields a preset, file, flag or ``--set`` set (everything else is a dataclass default).
+    The ``*_kwargs`` / ``*_config`` helpers give what the library functions take.
+    """
+
+    command: str
+    sections: tuple
+    seed: int = 0
+    task: TaskSection | None = None
+    env: Any = None
+    randomization: RandomizationSection | None = None
+    collect: Any = None
+    base: Any = None
+    policy: Any = None
+    ppo: Any = None
+    residual: Any = None
+    eval: Any = None
+    transfer: Any = None
+    serve: Any = None
+    given: frozenset = frozenset()
+
+    def to_dict(self) -> dict:
+        """The resolved config as plain YAML data: {section: {field: value}} for the sections used."""
+        out = {}
+        for s in ORDER:
+            if s not in self.sections:
+                continue
+            if s == "seed":
+                out[s] = self.seed
+            elif s == "task":
+                out[s] = {"name": self.task.name, **plain(self.task.kwargs)}
+            else:
+                out[s] = plain(getattr(self, s))
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # ---- what the library takes
+    def env_kwargs(self, *, randomization: bool = True, backend: bool = False) -> dict:
+        """:class:`~robot_rl.envs.env.EnvConfig` fields for ``make_env`` / ``make_vector_env`` / ``evaluate``: the
+        ``env`` section without unset (None) cameras / image_size, plus ``randomization`` (its spec, when it turns
+        something on and ``randomization``) and ``backend`` (when ``backend``)."""
+        kw = {k: v for k, v in ((f.name, getattr(self.env, f.name)) for f in fields(self.env))
+              if not (k in ("cameras", "image_size") and v is None)}
+        b = kw.pop("backend")
+        if backend:
+            kw["backend"] = b
+        spec = self.randomization.spec() if self.randomization is not None else None
+        if randomization and spec is not None:
+            kw["randomization"] = spec
+        return kw
+
+    def base_config(self):
+        """:class:`~robot_rl.stages.train_base.BaseTrainConfig` (``policy`` = every policy field, ``seed``)."""
+        from robot_rl.stages.train_base import BaseTrainConfig
+
+        return BaseTrainConfig(**plain_fields(self.base), policy=plain(self.policy), seed=self.seed)
+
+    def ppo_config(self):
+        """:class:`~robot_rl.rl.ppo.PPOConfig` with the run's seed."""
+        from robot_rl.rl.ppo import PPOConfig
+
+        return PPOConfig(**plain_fields(self.ppo, keep_tuples=True), seed=self.seed)
+
+    def residual_config(self):
+        """:class:`~robot_rl.rl.residual.ResidualConfig` (its keys and dims left for the trainer to fill in)."""
+        from robot_rl.rl.residual import ResidualConfig
+
+        return ResidualConfig(**plain_fields(self.residual, keep_tuples=True))
+
+
+def plain_fields(obj, keep_tuples: bool = False) -> dict:
+    """{field: value} of a dataclass instance, one level deep (values converted by :func:`plain` unless
+    ``keep_tuples``)."""
+    return {f.name: (getattr(obj, f.name) if keep_tuples else plain(getattr(obj, f.name))) for f in fields(obj)}
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A config file: a mapping of sections. Raises ConfigError (field ``config``) when it is missing, not YAML or
+    not a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", f"{p} not found", "pass an existing YAML file (e.g. a run's config.yaml)")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError("config", f"{p} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax") \
+            from None
+    doc = {} if doc is None else doc
+    if not isinstance(doc, dict):
+        raise ConfigError("config", f"{p} holds a {type(doc).__name__}, not a mapping of sections",
+                          "write e.g. 'ppo: {total_env_steps: 600000}'")
+    return doc
+
+
+def resolve(command: str, *, preset: dict | None = None, files: Sequence[str | Path] = (),
+            flags: dict[str, Any] | None = None, sets: Sequence[str] = (), check: bool = True) -> Config:
+    """THE configuration resolver: dataclass defaults <- ``preset`` (a mapping of sections) <- YAML ``files`` (in
+    order) <- ``flags`` ({"section.field": value}, None = not given) <- ``sets`` (``"section.field=value"``, in
+    order), for the sections of ``command`` (:data:`COMMAND_SECTIONS`).
+
+    With ``check``, the sections are also checked together before anything runs: the task and env options
+    (``check_env_options``, the randomization spec included), PPO's own ``validate``, the eval/transfer counts.
+    Raises ConfigError (see the module doc)."""
+    if command not in COMMAND_SECTIONS:
+        raise ConfigError("command", f"unknown command {command!r}", f"use one of {', '.join(COMMAND_SECTIONS)}")
+    used = COMMAND_SECTIONS[command]
+    layers: list[tuple[dict, bool]] = []  # (mapping of sections, lenient: skip sections the command does not use)
+    if preset:
+        layers.append((preset, False))
+    layers += [(load_yaml(f), True) for f in files]
+    for k, v in (flags or {}).items():
+        if v is not None:
+            layers.append((nest(k.split("."), v), False))
+    for s in sets:
+        layers.append((nest(*parse_set(s)), False))
+    raw: dict[str, Any] = {}
+    given: set[str] = set()
+    for doc, lenient in layers:
+        for sec, body in doc.items():
+            if sec not in ORDER:
+                raise ConfigError(str(sec), "unknown config section", f"use one of {', '.join(used)}")
+            if sec not in used:
+                if lenient:
+                    continue
+                raise ConfigError(sec, f"`robot-rl {command}` does not use the {sec} section",
+                                  f"its sections are {', '.join(used)}")
+            if sec == "seed":
+                raw[sec] = body
+                given.add(sec)
+                continue
+            if not isinstance(body, dict):
+                raise ConfigError(sec, f"is {body!r}, not a mapping of fields",
+                                  f"set its fields, e.g. --set {sec}.<field>=... (see robot_rl/config.py)")
+            raw[sec] = _merge(raw.get(sec, {}), body)
+            given.update(f"{sec}.{p}" for p in _paths(body))
+    classes = section_classes()
+    cfg = Config(command=command, sections=used, given=frozenset(given))
+    for sec in used:
+        if sec == "seed":
+            cfg.seed = coerce(raw.get("seed", 0), int, "seed", 0)
+        elif sec == "task":
+            cfg.task = build_task(raw.get("task", {}))
+        else:
+            setattr(cfg, sec, build_dataclass(classes[sec], raw.get(sec, {}), sec))
+    if check:
+        check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """The checks :func:`resolve` runs with ``check`` (each section's own validation, and the env options against
+    the task). Raises ConfigError."""
+    if cfg.env is not None and cfg.task is not None:
+        from robot_rl.envs.env import check_env_options
+
+        check_env_options(cfg.task.name, cfg.task.kwargs, **cfg.env_kwargs(backend=True))
+    elif cfg.randomization is not None:
+        from robot_rl.envs.randomization import resolve as resolve_randomization
+
+        resolve_randomization(cfg.randomization.spec())
+    if cfg.ppo is not None:
+        cfg.ppo_config().validate()
+    for sec in ("eval", "transfer"):
+        if getattr(cfg, sec) is not None:
+            getattr(cfg, sec).validate(sec)
+    if cfg.collect is not None:
+        for k in ("episodes",):
+            v = getattr(cfg.collect, k)
+            if v < 1:
+                raise ConfigError(f"collect.{k}", f"{v} < 1", "ask for at least one episode")
+
+
+def write_config(cfg: Config, out_dir: str | Path, argv: Sequence[str] | None = None) -> Path:
+    """Write ``<out_dir>/config.yaml`` (the resolved config; ``argv``, the command line, as a comment) and return its
+    path. ``robot-rl <command> --config <that file>`` (with the same paths) reproduces the run."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    head = f"# robot-rl {cfg.command}: resolved config (reproduce: robot-rl {cfg.command} --config this-file ...)\n"
+    if argv:
+        head += "# command line: robot-rl " + " ".join(str(a) for a in argv) + "\n"
+    p = out / "config.yaml"
+    p.write_text(head + cfg.to_yaml())
+    return p
+
+
+def default_yaml(command: str) -> str:
+    """The fully resolved default config of ``command`` as YAML."""
+    return resolve(command, check=False).to_yaml()
