@@ -26,14 +26,30 @@ appends to ``meta/episode_ends`` last. zarr's local store replaces every file at
 SIGKILL leaves committed data byte-identical. Readers trust only the committed prefix of ``episode_ends`` (strictly
 increasing, positive: a resize whose chunk write never landed reads as the fill value 0 and is ignored). Opening in
 mode ``"a"`` truncates whatever lies beyond the commit (a "torn tail"), never anything committed.
-One writer at a time; any number of readers (call :meth:`ZarrStore.refresh` to see newly committed episodes).
+Writers: any number of processes may append to one store. Every write (create, repair at open, each
+``add_episode``) holds an exclusive ``fcntl.flock`` on ``<root>/.writer.lock`` (:func:`writer_lock`) and re-reads the
+commit marker under it, so concurrent writers' episodes interleave and none is lost; a writer waits at most
+``LOCK_TIMEOUT_S`` for another's commit, then raises ConfigError. The kernel drops the lock of a killed process.
+Readers take no lock (call :meth:`ZarrStore.refresh` to see newly committed episodes).
+
+Chunk verification: zarr reads a missing chunk file as the fill value (zeros). Stores created by this version carry
+the group attribute ``chunks_complete=true`` and write every chunk, fill-valued ones included
+(``write_empty_chunks``), so a chunk file of committed steps that is missing or is not a regular file is damage:
+:func:`validate_store` reports it and reads raise ConfigError naming the array. Older stores (no such attribute) may
+legitimately lack all-fill chunks, so only a non-file in place of a chunk (and a missing ``episode_ends`` chunk) is
+reported there.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
+import time
+from contextlib import contextmanager
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -50,6 +66,10 @@ META_NUM = {"episode_seed": np.int64, "episode_success": np.bool_, "episode_leng
 META_STR = ("episode_task", "episode_source", "episode_backend", "episode_robot", "episode_extra")
 META_CHUNK, TIME_CHUNK, MAX_CHUNK_BYTES = 1024, 1024, 4 << 20
 _FIX_CREATE = "create it with `robot-rl collect` (or ZarrStore.create(path)) first"
+LOCK_NAME = ".writer.lock"  # inside the store directory; never deleted (a deleted lock file would let two in)
+LOCK_TIMEOUT_S = 120.0  # longest wait for another writer's create / repair / commit
+COMPLETE_ATTR = "chunks_complete"  # group attr: every chunk of the committed steps was written (see module doc)
+_WRITE_ALL = {"array.write_empty_chunks": True}
 
 
 def is_image(dtype: np.dtype, shape: tuple[int, ...]) -> bool:
@@ -62,11 +82,12 @@ class CommittedArray:
 
     Supports ``len``, ``shape``, ``dtype``, ``np.asarray(view)`` and indexing on the first axis by int, slice, an
     integer array or a boolean mask of length ``n`` (further axes may follow in a tuple); any other index raises
-    ConfigError("index"). Only the requested frames are read from disk.
+    ConfigError("index"). Only the requested frames are read from disk. A chunk file of the requested steps that is
+    missing or not a regular file raises ConfigError naming the array (see :class:`ChunkCheck`), never reads as zeros.
     """
 
-    def __init__(self, array: zarr.Array, n: int):
-        self.array, self.n = array, n
+    def __init__(self, array: zarr.Array, n: int, chunks: "ChunkCheck | None" = None):
+        self.array, self.n, self.chunks = array, n, chunks
         self.dtype, self.shape = array.dtype, (n, *array.shape[1:])
 
     def __len__(self) -> int:
@@ -105,11 +126,13 @@ class CommittedArray:
         if isinstance(first, slice):
             start, stop, step = first.indices(self.n)
             if step == 1:
+                self._require(start, max(start, stop))
                 return self.array[(slice(start, max(start, stop)), *rest)]
             first = np.arange(start, stop, step)
         if isinstance(first, (int, np.integer)):
             if not -self.n <= first < self.n:
                 raise IndexError(f"index {first} out of range for {self.n} committed steps")
+            self._require(int(first) % self.n, int(first) % self.n + 1)
             return self.array[(int(first) % self.n, *rest)]
         idx = np.asarray(first, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < -self.n or idx.max() >= self.n):
@@ -118,10 +141,68 @@ class CommittedArray:
         if idx.size == 0:
             return np.empty((0, *self.shape[1:]), self.dtype)[(slice(None), *rest)]
         lo, hi = int(idx.min()), int(idx.max()) + 1
+        self._require(lo, hi)
         return self.array[(slice(lo, hi), *rest)][idx - lo]  # one contiguous read, then gather
+
+    def _require(self, lo: int, hi: int) -> None:
+        if self.chunks is not None:
+            self.chunks.require(lo, hi)
 
     def __repr__(self) -> str:
         return f"CommittedArray(shape={self.shape}, dtype={self.dtype})"
+
+
+class ChunkCheck:
+    """Presence check of the chunk files that hold rows ``[lo, hi)`` of one array of a store on disk.
+
+    zarr reads an absent chunk file as the fill value; here a chunk of committed rows must be a regular file when
+    ``strict`` (a store created with ``chunks_complete``, see the module doc). A directory (or anything but a file)
+    in its place is always damage. Chunks found present are remembered (committed chunks are never deleted by a
+    writer; the last, partial one is replaced atomically).
+    """
+
+    def __init__(self, root_dir: Path, array: zarr.Array, strict: bool):
+        self.dir, self.array, self.strict = Path(root_dir) / array.path, array, strict
+        self.rows = int(array.chunks[0]) if array.ndim else 1
+        self._ok: set[int] = set()
+
+    def problems(self, lo: int, hi: int, first: bool = False) -> tuple[list[int], list[int]]:
+        """(missing, not-a-file) chunk indices among those holding rows ``[lo, hi)`` (missing only when strict);
+        with ``first``, stop at the first damaged chunk (a hostile zarr.json may claim any number of rows)."""
+        missing, odd = [], []
+        tail = (0,) * max(self.array.ndim - 1, 0)
+        for i in range(lo // self.rows, -(-hi // self.rows) if hi > lo else lo // self.rows):
+            if i in self._ok:
+                continue
+            p = self.dir / self.array.metadata.encode_chunk_key((i, *tail))
+            if p.is_file():
+                self._ok.add(i)
+            elif os.path.lexists(p):
+                odd.append(i)
+            elif self.strict:
+                missing.append(i)
+            else:
+                self._ok.add(i)  # an old store may not have written an all-fill chunk: it reads as that fill
+            if first and (missing or odd):
+                break
+        return missing, odd
+
+    def describe(self, lo: int, hi: int) -> str | None:
+        """One line naming the first damaged chunk of rows ``[lo, hi)``, or None when all are in place."""
+        missing, odd = self.problems(lo, hi, first=True)
+        if not missing and not odd:
+            return None
+        i = (missing + odd)[0]
+        what = "is missing" if missing else "is not a regular file"
+        return (f"chunk file {self.array.metadata.encode_chunk_key((i, *(0,) * (self.array.ndim - 1)))} (rows "
+                f"{i * self.rows}-{min((i + 1) * self.rows, hi) - 1}) {what}; it would read as the fill value")
+
+    def require(self, lo: int, hi: int) -> None:
+        """Raise ConfigError (naming the array) when a chunk of rows ``[lo, hi)`` is missing or not a file."""
+        problem = self.describe(lo, hi)
+        if problem:
+            raise ConfigError(self.array.path, problem, "run `robot-rl store validate PATH`; restore the damaged "
+                              "files from a copy of the store (committed chunks are never rewritten)")
 
 
 class ZarrStore:
@@ -139,23 +220,57 @@ class ZarrStore:
     # ------------------------------------------------------------------ open / create
     @classmethod
     def create(cls, path: str | os.PathLike, overwrite: bool = False) -> "ZarrStore":
-        """Create an empty store at ``path`` and return it open in mode ``"a"``.
+        """Create an empty store at ``path`` (a new or empty directory) and return it open in mode ``"a"``.
 
         Raises:
-            ConfigError: ``path`` exists and is non-empty without ``overwrite=True``, or ``overwrite=True`` but the
-                directory is not a robot_rl store (only robot_rl stores are ever deleted).
+            ConfigError: ``path`` is a file; or it is a non-empty directory without ``overwrite=True``; or
+                ``overwrite=True`` but the directory is not a robot_rl store or holds files that are not part of one
+                (named in the message; nothing is deleted then).
         """
-        path = Path(path)
-        if path.exists() and (path.is_file() or any(path.iterdir())):
-            if not overwrite:
-                raise ConfigError("path", f"{path} already exists (store data is never deleted implicitly)",
-                                  "pick a new path, open it with ZarrStore.open(path, mode='a'), or pass overwrite=True")
-            if not _is_store(path):
-                raise ConfigError("path", f"{path} exists and is not a robot_rl store; refusing to delete it",
-                                  "pick a new path or remove the directory yourself")
-            shutil.rmtree(path)
-        root = zarr.open_group(str(path), mode="w")
-        root.attrs.update({"format": FORMAT, "version": VERSION, "schema": {}})
+        return cls._create(Path(path), overwrite, append=False)
+
+    @classmethod
+    def _create(cls, path: Path, overwrite: bool, append: bool) -> "ZarrStore":
+        if path.exists() and not path.is_dir():
+            raise ConfigError("path", f"{path} is a file, not a store directory", "pick a new or empty directory")
+        if path.is_dir() and not (path / LOCK_NAME).exists():
+            cls._check_replaceable(path, overwrite, append)  # before a lock file is made in someone's directory
+        path.mkdir(parents=True, exist_ok=True)
+        with writer_lock(path):  # checked again under the lock: another writer may have created it meanwhile
+            if cls._check_replaceable(path, overwrite, append):
+                for e in path.iterdir():
+                    if e.name != LOCK_NAME:
+                        shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
+                return cls._init_group(path)
+        return cls.open(path, mode="a")  # created by another writer meanwhile (open takes the lock itself)
+
+    @staticmethod
+    def _check_replaceable(path: Path, overwrite: bool, append: bool) -> bool:
+        """True when the directory ``path`` may be (emptied and) made a new store; False when it is a store to
+        append to (``append`` without ``overwrite``). Raises ConfigError otherwise, deleting nothing."""
+        entries = [e.name for e in path.iterdir() if e.name != LOCK_NAME]
+        if not entries:
+            return True
+        if not _is_store(path):
+            raise ConfigError("path", f"{path} exists and is not a robot_rl store (holds {_listing(entries)}); "
+                              f"refusing to {'delete' if overwrite else 'use'} it",
+                              "pass a new or empty directory for the store (or remove that one yourself)")
+        if append and not overwrite:
+            return False
+        if not overwrite:
+            raise ConfigError("path", f"{path} already exists (store data is never deleted implicitly)",
+                              "pick a new path, open it with ZarrStore.open(path, mode='a'), or pass overwrite=True")
+        foreign = foreign_files(path)
+        if foreign:
+            raise ConfigError("path", f"{path} holds files that are not part of a robot_rl store "
+                              f"({_listing(foreign)}); refusing to overwrite it",
+                              "move those files out of the store directory, or pick a new path")
+        return True
+
+    @classmethod
+    def _init_group(cls, path: Path) -> "ZarrStore":
+        """A new empty store in the (empty but for the lock file) directory ``path``; call under the writer lock."""
+        root = zarr.open_group(str(path), mode="a")
         root.create_group("data")
         meta = root.create_group("meta")
         meta.create_array("episode_ends", shape=(0,), dtype=np.int64, chunks=(META_CHUNK,), fill_value=0)
@@ -163,15 +278,24 @@ class ZarrStore:
             meta.create_array(name, shape=(0,), dtype=dt, chunks=(META_CHUNK,), fill_value=dt(0))
         for name in META_STR:
             meta.create_array(name, shape=(0,), dtype=str, chunks=(META_CHUNK,))
+        # the format attrs LAST: a directory is a store (_is_store) only once every array of it exists
+        root.attrs.update({"format": FORMAT, "version": VERSION, "schema": {}, COMPLETE_ATTR: True})
         return cls(path, root, "a")
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike, overwrite: bool = False) -> "ZarrStore":
-        """The store at ``path`` open for appending (mode ``"a"``), created when missing (or, with ``overwrite``,
-        replaced: see :meth:`create`). Raises ConfigError as :meth:`open` / :meth:`create`."""
-        if Path(path).exists() and not overwrite:
+        """The store at ``path`` open for appending (mode ``"a"``), created when missing or an empty directory (or,
+        with ``overwrite``, replaced: see :meth:`create`). Safe when several processes do this at once (one
+        creates, the others append). Raises ConfigError as :meth:`open` / :meth:`create`; a non-empty directory
+        that is not a store is refused, naming what it holds."""
+        path = Path(path)
+        if path.is_dir() and not overwrite and _is_store(path):
             return cls.open(path, mode="a")
-        return cls.create(path, overwrite=overwrite)
+        held = [e.name for e in path.iterdir() if e.name != LOCK_NAME] if path.is_dir() else []
+        if held and not overwrite and not (path / LOCK_NAME).exists():  # (with a lock file: maybe being created)
+            raise ConfigError("path", f"{path} is a directory but not a robot_rl store (it holds {_listing(held)})",
+                              "pass a new or empty directory for the store, or the path of an existing store")
+        return cls._create(path, overwrite, append=True)
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> "ZarrStore":
@@ -195,19 +319,24 @@ class ZarrStore:
         except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged store, said in one line
             raise _damaged(path, e) from None
         if mode == "a":
-            store._repair()
+            with writer_lock(path):
+                store.refresh()
+                store._repair()
         return store
 
     def refresh(self) -> None:
         """Re-read the commit marker and reopen arrays (shows episodes committed by another process since open)."""
         root = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+")
         self._root = root
-        raw = np.asarray(root["meta/episode_ends"][:], dtype=np.int64)  # the commit marker is read FIRST
+        ends = root["meta/episode_ends"]
+        ChunkCheck(self.path, ends, strict=True).require(0, ends.shape[0] - 1)  # all but a torn last entry
+        raw = np.asarray(ends[:], dtype=np.int64)  # the commit marker is read FIRST
         self._ends = raw[: _committed_prefix(raw)]
         self._meta = {k: root["meta"][k] for k in ("episode_ends", *META_NUM, *META_STR)}
         self._schema = {k: {"dtype": v["dtype"], "shape": tuple(v["shape"])}
                         for k, v in dict(root.attrs.get("schema", {})).items()}
         self._data = {k: root["data"][k] for k in self._schema if k in root["data"]}
+        self._strict, self._chunks = root.attrs.get(COMPLETE_ATTR) is True, {}
         missing = [k for k in self._schema if k not in self._data]
         if missing and len(self._ends):
             raise ConfigError(f"data/{missing[0]}", f"missing from {self.path} (the schema lists it)",
@@ -249,7 +378,8 @@ class ZarrStore:
         """Lazy view of ``data/<key>`` truncated to committed steps. Raises ConfigError for an unknown key."""
         if key not in self._data:
             raise ConfigError("key", f"{key!r} is not in the store", f"use one of {self.keys}")
-        return CommittedArray(self._data[key], self.n_steps)
+        arr = self._data[key]
+        return CommittedArray(arr, self.n_steps, self._chunk_check(arr))
 
     def episode_slice(self, i: int) -> slice:
         """Steps ``slice(start, end)`` of episode ``i`` (negative indices allowed). Raises ConfigError if out of range."""
@@ -271,6 +401,8 @@ class ZarrStore:
         return self._meta_rows(slice(0, self.n_episodes), first=0) if self.n_episodes else []
 
     def _meta_rows(self, sl: slice, first: int) -> list[dict[str, Any]]:
+        for k in (*META_NUM, *META_STR):
+            self._chunk_check(self._meta[k]).require(sl.start, sl.stop)
         cols = {k: self._meta[k][sl] for k in (*META_NUM, *META_STR)}
         ends = self._ends[sl]
         rows = []
@@ -282,6 +414,11 @@ class ZarrStore:
                          **{k[len("episode_"):]: str(cols[k][j]) for k in META_STR if k != "episode_extra"},
                          "extra": json.loads(str(cols["episode_extra"][j]) or "{}")})
         return rows
+
+    def _chunk_check(self, arr: zarr.Array) -> ChunkCheck:
+        if arr.path not in self._chunks:
+            self._chunks[arr.path] = ChunkCheck(self.path, arr, self._strict)
+        return self._chunks[arr.path]
 
     def _check_episode(self, i: int) -> int:
         if not isinstance(i, (int, np.integer)) or not -self.n_episodes <= i < self.n_episodes:
@@ -304,10 +441,23 @@ class ZarrStore:
 
         Raises:
             ConfigError: read-only store or any bad input (names the field/key, expected vs got). Nothing is
-                written when validation fails.
+                written when validation fails. Also after waiting ``LOCK_TIMEOUT_S`` for another writer.
+            OSError: the file system refused a write (full disk, permissions; ``filename`` is the store when the
+                error had none): the episode is not committed, the store stays valid (a torn tail at most).
         """
         if self.mode != "a":
             raise ConfigError("mode", "store is open read-only", "open it with ZarrStore.open(path, mode='a')")
+        try:
+            with writer_lock(self.path), zarr.config.set(_WRITE_ALL):
+                self.refresh()  # under the lock: episodes other writers committed since open
+                return self._append(data, seed=seed, task=task, source=source, success=success, backend=backend,
+                                    robot=robot, extra=extra)
+        except OSError as e:  # e.g. ENOSPC: nothing committed (episode_ends is written last); say which store
+            if e.filename is None:
+                e.filename = str(self.path)
+            raise
+
+    def _append(self, data, *, seed, task, source, success, backend, robot, extra) -> int:
         data, schema = self._validated(data)
         meta_str = {"episode_task": _name("task", task), "episode_source": source,
                     "episode_backend": _name("backend", backend), "episode_robot": _name("robot", robot),
@@ -420,7 +570,8 @@ class ZarrStore:
         """Check the store; return problems, each prefixed ``"error: "`` or ``"warning: "`` (empty = healthy).
 
         Errors: bad format attrs, non-monotonic ``episode_ends``, arrays shorter than the commit, schema mismatch,
-        per-episode length mismatch, unknown source, bad extra JSON, NaN/inf in ``action``. Warnings: a torn tail
+        per-episode length mismatch, unknown source, bad extra JSON, NaN/inf in ``action``, a chunk file of
+        committed steps missing or not a regular file (see :class:`ChunkCheck`). Warnings: a torn tail
         (uncommitted data from an interrupted write; harmless, truncated by opening in mode ``"a"``).
         """
         return validate_store(self.path)
@@ -507,6 +658,16 @@ def validate_store(path: str | os.PathLike) -> list[str]:
     except Exception as e:  # noqa: BLE001 - whatever is unreadable is reported, never raised
         out.append(f"error: store metadata cannot be read ({_first_line(e)})")
         return out
+    strict = root.attrs.get(COMPLETE_ATTR) is True
+    ends_arr = root["meta/episode_ends"]
+    checks = [(ends_arr, max(ends_arr.shape[0] - 1, 0), True)]  # its last entry may be a torn (unwritten) one
+    checks += [(root["meta"][k], min(E, root["meta"][k].shape[0]), strict) for k in (*META_NUM, *META_STR)
+               if k in root["meta"]]
+    checks += [(root["data"][k], min(N, root["data"][k].shape[0]), strict) for k in schema if k in root["data"]]
+    for arr, n, strict_k in checks:
+        problem = ChunkCheck(path, arr, strict_k).describe(0, n)
+        if problem:
+            out.append(f"error: {arr.path}: {problem}")
     for k in schema:
         if k in root["data"]:
             arr = root["data"][k]
@@ -558,6 +719,65 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- helpers
+@contextmanager
+def writer_lock(path: str | os.PathLike, timeout: float | None = None):
+    """Hold the exclusive writer lock of the store directory ``path`` (``fcntl.flock`` on ``path/.writer.lock``,
+    created when missing) for the ``with`` block; wait up to ``timeout`` s (default ``LOCK_TIMEOUT_S``) for another
+    holder. Not re-entrant (a second hold from the same process waits for the first). Raises ConfigError (field
+    ``path``) on timeout; OSError (e.g. PermissionError on a read-only store) when the lock file cannot be opened."""
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
+    fd = os.open(Path(path) / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never through a link
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() - t0 >= timeout:
+                    raise ConfigError("path", f"another process has been writing to {path} for over {timeout:.0f} s "
+                                      "(it holds the store's writer lock)", "wait for it to finish (or stop it), "
+                                      "then run again; nothing was written") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
+
+
+_OURS_DIR = re.compile(r"(data|meta)(/[^/]+(/c(/[0-9]+)*)?)?")
+_OURS_FILE = re.compile(r"zarr\.json|(data|meta)(/[^/]+)?/zarr\.json|(data|meta)/[^/]+/c(/[0-9]+)+")
+_PARTIAL = re.compile(r"(.*)\.[0-9a-f]{32}\.partial")
+
+
+def foreign_files(path: str | os.PathLike) -> list[str]:
+    """Paths (relative, sorted) under the store directory ``path`` that a robot_rl store never writes: anything
+    but zarr metadata, chunk files of ``data/*`` and ``meta/*``, the writer lock and temp files (``*.partial``) of
+    interrupted writes. Symbolic links are foreign. ``--overwrite`` refuses a store that holds any."""
+    root, out = Path(path), []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        rel = (lambda n: n if rel_dir == "." else f"{rel_dir}/{n}")  # noqa: E731
+        for d in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, d)) or not _OURS_DIR.fullmatch(rel(d)):
+                out.append(rel(d) + "/")
+                dirnames.remove(d)
+        for f in filenames:
+            r = rel(f)
+            tmp = _PARTIAL.fullmatch(r)  # zarr's temp file "<name minus suffix>.<hex>.partial"
+            ours = r == LOCK_NAME or _OURS_FILE.fullmatch(r) or (
+                tmp is not None and (_OURS_FILE.fullmatch(tmp[1]) or _OURS_FILE.fullmatch(tmp[1] + ".json")))
+            if os.path.islink(os.path.join(dirpath, f)) or not ours:
+                out.append(r)
+    return sorted(out)
+
+
+def _listing(names, most: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def _is_store(path: Path) -> bool:
     try:
         attrs = json.loads((path / "zarr.json").read_text())

@@ -5,7 +5,10 @@ FILE`` (repeatable) <- flags <- ``--set section.field=value`` (repeatable, value
 (``--task``, ``--episodes``, ``--n-envs``, ...) are shorthands for config fields (their help names the field) and
 default to "not given". ``--print-config`` prints the resolved config and exits.
 
-Bad input ends with one line ``robot-rl: error: <field>: <problem> -> <fix>`` and exit code 2.
+Bad input ends with one line ``robot-rl: error: <field>: <problem> -> <fix>`` and exit code 2; so does a file-system
+error (``OSError``: permissions, a full disk, a file where a directory belongs), translated once in :func:`main` as
+``robot-rl: error: <path>: <problem> -> <fix>``. ``train-base --out`` onto a directory that holds a run is refused
+unless ``--overwrite`` (a plain CLI flag, not a config field: a config.yaml that reproduces a run must not replace one).
 Every command that produces outputs writes its resolved config to ``<out>/config.yaml`` once its input has been
 validated (a rejected run leaves an existing ``<out>`` as it was); ``--config`` of that file reproduces the run.
 Threads: train-residual, eval, transfer and the pipeline's rollout stages run torch on one thread (the env workers
@@ -15,7 +18,9 @@ own the other cores); ``serve --threads N`` sets the server's.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -70,13 +75,16 @@ def cmd_train_base(a):
     from torch.utils.tensorboard import SummaryWriter
 
     from robot_rl.config import write_config
-    from robot_rl.stages.train_base import train_base
+    from robot_rl.stages.train_base import check_run_dir, train_base
 
     cfg = _resolve(a)
     out = Path(a.out)
     writers = []
+    check_run_dir(out, overwrite=True)  # a file at --out: refused at once
+    _apart(out, a.store, "--store")
 
-    def on_start():  # input validated: now write the config and open TensorBoard
+    def on_start():  # input validated: refuse to replace an existing run, write the config and open TensorBoard
+        check_run_dir(out, overwrite=a.overwrite, replace=True)
         write_config(cfg, out, _argv())
         writers.append(SummaryWriter(str(out / "tb")))
         return writers[0]
@@ -118,12 +126,22 @@ def cmd_train_residual(a):
                       "last": curve[-1]}, indent=1))
 
 
+def _apart(out: Path, store, flag: str) -> None:
+    """Refuse an output directory that is, or lies inside, the store ``store`` (its files would be foreign files
+    in the store; a run directory may hold a store, as the pipeline's does)."""
+    o, s = Path(out).resolve(), Path(store).resolve()
+    if o == s or s in o.parents:
+        raise ConfigError("out", f"{out} overlaps the store {store} ({flag})",
+                          "write the run to a directory apart from the store, e.g. runs/<name>")
+
+
 def _record_store(a):
     """``eval --record STORE``: the store the evaluated episodes are appended to (created when missing), or None."""
     if not a.record:
         return None
     from robot_rl.datasets.store import ZarrStore
 
+    _apart(Path(a.out), a.record, "--record")
     return ZarrStore.open_or_create(a.record)
 
 
@@ -193,7 +211,11 @@ def _eval_server(a, cfg):
         raise ConfigError("server", str(err), f"start it with `robot-rl serve --checkpoint ...` at {a.server}") \
             from None
     except ServerError as err:
-        raise ConfigError("server", str(err), "check that the server's policy matches this task") from None
+        fix = {"auth": "pass the server's token (ROBOT_RL_SERVER_TOKEN)",
+               "capacity": "close idle sessions or wait for them to expire, or raise the server's serve.max_sessions",
+               "version": "use a client and server of the same robot_rl version"}.get(
+            err.code, "check that the server's policy matches this task")
+        raise ConfigError("server", str(err), fix) from None
     finally:
         client.close()
     res = meta["residual"]
@@ -219,8 +241,8 @@ def cmd_serve(a):
                               "pass a readable file holding the shared token") from None
         if not token:
             raise ConfigError("token-file", f"{a.token_file} is empty", "write the shared token into it")
-    mb = None if a.max_message_mb is None else int(a.max_message_mb * 2**20)
-    cfg = _resolve(a, **{"serve.max_message_bytes": mb})  # (the token is never printed by --print-config)
+    mb = None if a.max_message_mb is None else a.max_message_mb * 2**20  # checked as serve.max_message_bytes
+    cfg = _resolve(a, **{"serve.max_message_bytes": round(mb) if mb is not None and math.isfinite(mb) else mb})  # (the token is never printed by --print-config)
     if token is not None:
         cfg.serve.token = token
     elif cfg.serve.token is None:
@@ -343,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     (_Command(sub, "collect", cmd_collect, "scripted demonstrations -> zarr store")
      .arg("--store", required=True)
-     .arg("--overwrite", action="store_true", help="empty an existing store first")
+     .arg("--overwrite", action="store_true", help="empty an existing store first (refused unless every file in it "
+                                                   "belongs to the store)")
      .field("--task", "task.name").field("--episodes", "collect.episodes", type=int)
      .field("--seed", "seed", type=int).field("--noise", "collect.noise", type=float)
      .field("--bias", "collect.bias", type=float).field("--backend", "env.backend")
@@ -355,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     (_Command(sub, "train-base", cmd_train_base, "train a diffusion / BC base policy on a store")
      .arg("--store", required=True).arg("--out", required=True)
+     .arg("--overwrite", action="store_true", help="replace the run already in --out (its checkpoint, logs and "
+                                                   "config); without it such an --out is refused")
      .field("--kind", "base.kind", choices=["diffusion", "bc"]).field("--steps", "base.steps", type=int)
      .field("--batch-size", "base.batch_size", type=int).field("--lr", "base.lr", type=float)
      .field("--seed", "seed", type=int).field("--obs-keys", "base.obs_keys", nargs="*")
@@ -439,6 +464,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_OS_FIX = {
+    errno.ENOSPC: "free disk space or write to another disk; committed store episodes are kept (check with "
+                  "`robot-rl store validate PATH`)",
+    errno.EDQUOT: "free space within your disk quota or write elsewhere; committed store episodes are kept",
+    errno.EACCES: "check its permissions, or pick a location you may write to",
+    errno.EPERM: "check its permissions and owner, or pick a location you may write to",
+    errno.EROFS: "the file system is read-only: pick a writable location",
+    errno.EEXIST: "remove it or pick another path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: fix the path",
+    errno.EISDIR: "it is a directory: pass a file path",
+    errno.ENOENT: "check that the path exists",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """``<path>: <problem> -> <fix>`` for a file-system error (the CLI's one translation of OSError)."""
+    where = e.filename if e.filename is not None else "file system"
+    problem = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
+    if e.filename2 is not None:
+        problem += f" (with {e.filename2})"
+    return f"{where}: {problem} -> {_OS_FIX.get(e.errno, 'check the path and the file system, then run again')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _ARGV[:] = sys.argv[1:] if argv is None else [str(x) for x in argv]
@@ -448,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ConfigError as e:
         print(f"robot-rl: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the one translation of file-system errors: <path>: <problem> -> <fix>
+        print(f"robot-rl: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("robot-rl: interrupted", file=sys.stderr)

@@ -31,8 +31,9 @@ mappings (``ppo: {residual_l2: 0.1}``); every command writes its resolved config
 (``<out>/config.yaml``), and ``--config`` of it reproduces the run. Mappings merge key by key; any other value
 replaces the one before. Bad input raises :class:`~robot_rl.errors.ConfigError` naming ``section.field``: an unknown
 section or field (listing the valid ones), a section the command does not use (given by a flag or ``--set``; a YAML
-file's other sections are skipped, so a pipeline's config.yaml serves ``eval`` too), a value of the wrong type, or
-a value its dataclass's own check refuses.
+file's other sections are skipped, so a pipeline's config.yaml serves ``eval`` too), a value of the wrong type, a
+number that is not finite, does not fit int64 or lies outside its field's range (:data:`LIMITS`, checked by
+:func:`check_number` for every value given, in every section), or a value its dataclass's own check refuses.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -63,6 +65,138 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# --------------------------------------------------------------------------------------------------- numbers
+@dataclass(frozen=True)
+class Limit:
+    """The allowed values of a numeric config field (of each number in it, for a list / tuple field):
+    ``lo <= v <= hi`` (``lo < v`` with ``lo_open``); None = unbounded on that side."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+
+    def text(self) -> str:
+        num = lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"  # noqa: E731
+        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        hi = "" if self.hi is None else f"<= {num(self.hi)}"
+        return " and ".join(t for t in (lo, hi) if t)
+
+    def admits(self, v) -> bool:
+        return (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)) and \
+            (self.hi is None or v <= self.hi)
+
+
+INT64 = 2**63 - 1
+SEED = Limit(0, 2**31 - 1)  # episode seeds are offsets from this (robot_rl.envs.vector), and torch/numpy take it
+POS, NONNEG, FRACTION, RATE = Limit(1), Limit(0), Limit(0, 1), Limit(0, 1, lo_open=True)
+COUNT, ENVS, WIDTH = Limit(1, 10**7), Limit(1, 256), Limit(1, 16384)
+#: Bounds of every numeric config field, by dotted name (the one table; :func:`check_number` applies it, and a test
+#: checks that every int/float field of every section has an entry). Every number is also finite and fits int64.
+LIMITS: dict[str, Limit] = {
+    "seed": SEED,
+    "task.max_steps": Limit(1, 100_000), "task.tolerance": Limit(0, 1, lo_open=True),
+    "task.lift_height": Limit(0, 1, lo_open=True),
+    "env.control_dt": Limit(0, 1, lo_open=True), "env.physics_dt": Limit(0, 0.1, lo_open=True),
+    "env.init_joint_noise": Limit(0, 1), "env.max_steps": Limit(1, 100_000), "env.image_size": Limit(8, 1024),
+    "env.render_size": Limit(16, 4096), "env.controller.pos_scale": Limit(0, 1, lo_open=True),
+    "env.controller.yaw_scale": Limit(0, math.pi, lo_open=True), "env.controller.max_width": Limit(0, 0.2),
+    "env.controller.workspace_low": Limit(-5, 5), "env.controller.workspace_high": Limit(-5, 5),
+    "env.controller.yaw_limit": Limit(0, math.pi), "env.controller.ik_iters": Limit(1, 1000),
+    "env.controller.damping": Limit(0, 10), "env.controller.nullspace_gain": Limit(0, 10),
+    "env.controller.max_joint_delta": Limit(0, math.pi, lo_open=True),
+    "collect.episodes": Limit(1, 10**6), "collect.noise": Limit(0, 10), "collect.bias": Limit(-1, 1),
+    "collect.max_attempts": COUNT,
+    "base.steps": Limit(1, 10**8), "base.batch_size": Limit(1, 65536), "base.lr": Limit(0, 1, lo_open=True),
+    "base.weight_decay": Limit(0, 1), "base.warmup_steps": Limit(0, 10**8), "base.val_ratio": Limit(0, 0.9),
+    "base.val_every": Limit(1, 10**8),
+    "policy.image_crop": Limit(1, 1024), "policy.n_obs_steps": Limit(1, 64), "policy.n_action_steps": Limit(1, 512),
+    "policy.horizon": Limit(1, 512), "policy.down_dims": WIDTH, "policy.kernel_size": Limit(1, 31),
+    "policy.n_groups": Limit(1, 1024), "policy.diffusion_step_embed_dim": WIDTH,
+    "policy.num_train_timesteps": Limit(1, 10_000), "policy.num_inference_steps": Limit(1, 10_000),
+    "policy.ema_power": Limit(0, 10, lo_open=True), "policy.ema_max_decay": FRACTION,
+    "policy.image_channels": WIDTH, "policy.image_num_keypoints": Limit(1, 1024), "policy.image_feature_dim": WIDTH,
+    "policy.bc_hidden": WIDTH,
+    "ppo.total_env_steps": Limit(1, 10**10), "ppo.n_envs": ENVS, "ppo.n_steps": Limit(1, 100_000),
+    "ppo.gamma": RATE, "ppo.gae_lambda": FRACTION, "ppo.clip_coef": Limit(0, 10, lo_open=True),
+    "ppo.update_epochs": Limit(1, 1000), "ppo.n_minibatches": Limit(1, 100_000), "ppo.lr_actor": RATE,
+    "ppo.lr_critic": RATE, "ppo.max_grad_norm": Limit(0, 1e6, lo_open=True), "ppo.target_kl": Limit(0, 1e3),
+    "ppo.vf_coef": Limit(0, 1e3), "ppo.residual_l2": Limit(0, 1e6), "ppo.val_every": Limit(0, 10**10),
+    "ppo.val_episodes": Limit(1, 100_000),
+    "residual.alpha": Limit(0, 10), "residual.hidden": WIDTH, "residual.log_std_init": Limit(-20, 5),
+    "eval.episodes": Limit(1, 10**6), "eval.n_envs": ENVS, "eval.seed_start": SEED, "eval.videos": Limit(0, 1000),
+    "transfer.episodes": Limit(1, 10**6), "transfer.n_envs": ENVS, "transfer.seed_start": SEED,
+    "transfer.videos": Limit(0, 1000),
+    "serve.port": Limit(0, 65535), "serve.max_batch": Limit(1, 4096), "serve.batch_window_ms": Limit(0, 10_000),
+    "serve.max_message_bytes": Limit(1024, 2**31 - 1), "serve.control_rate_hz": Limit(0, 10_000, lo_open=True),
+    "serve.max_sessions": Limit(1, 10**6), "serve.session_ttl_s": Limit(0, 10**7, lo_open=True), "serve.seed": SEED,
+    "serve.max_sessions_per_client": Limit(1, 10**6), "serve.session_idle_s": Limit(0, 10**7, lo_open=True),
+}
+
+
+def check_number(value, where: str) -> None:
+    """THE number check of every config value: a float must be finite, an int must fit int64, and a field of
+    :data:`LIMITS` (dotted name ``where``; list items ``where.<i>`` use their field's limit) must lie in its range.
+    Non-numbers (and bools) pass. Raises ConfigError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(where, f"{value!r} is not a finite number", "give a finite number")
+    if isinstance(value, int) and abs(value) > INT64:
+        raise ConfigError(where, f"{value} does not fit a 64-bit integer", "give a smaller integer")
+    field_name = where
+    while field_name not in LIMITS and "." in field_name and field_name.rsplit(".", 1)[1].isdigit():
+        field_name = field_name.rsplit(".", 1)[0]  # policy.down_dims.2 -> policy.down_dims
+    limit = LIMITS.get(field_name)
+    if limit is not None and not limit.admits(value):
+        raise ConfigError(where, f"{value!r} is out of range (must be {limit.text()})",
+                          f"give a value {limit.text()}")
+
+
+def check_numbers(value, where: str) -> None:
+    """:func:`check_number` on ``value`` and on every number nested in it (lists, tuples, mappings, dataclasses)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        for f in fields(value):
+            check_numbers(getattr(value, f.name), f"{where}.{f.name}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_numbers(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_numbers(v, f"{where}.{i}")
+    else:
+        check_number(value, where)
+
+
+MAX_NODES = 10_000  # most values (list items, mapping entries, scalars) one --set or config file may expand to
+
+
+def check_size(doc, where: str):
+    """``doc`` (parsed YAML), unless it is cyclic (a recursive YAML alias) or expands to more than
+    :data:`MAX_NODES` values with every alias counted where it is used (a "billion laughs" document is a few
+    hundred bytes and would take the resolver hours). Raises ConfigError naming ``where``."""
+    sizes: dict[int, int] = {}
+
+    def size(v) -> int:
+        if not isinstance(v, (list, tuple, dict)):
+            return 1
+        key = id(v)
+        if key in sizes:
+            if sizes[key] < 0:
+                raise ConfigError(where, "holds a recursive YAML alias (a value that contains itself)",
+                                  "write the value out without anchors (&name) and aliases (*name)")
+            return sizes[key]
+        sizes[key] = -1
+        items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+        sizes[key] = 1 + sum(size(x) for x in items)
+        return sizes[key]
+
+    n = size(doc)
+    if n > MAX_NODES:
+        raise ConfigError(where, f"expands to {n} values (more than {MAX_NODES}; YAML aliases count each use)",
+                          "give a config of ordinary size; write repeated values out without aliases (*name)")
+    return doc
+
+
 # --------------------------------------------------------------------------------------------------- values
 def parse_value(text: str):
     """A command-line value parsed as YAML (``0.004`` -> float, ``[32, 64]`` -> list, ``{a: 1}`` -> dict, ``true``,
@@ -71,7 +205,7 @@ def parse_value(text: str):
     if text == "":
         return ""
     try:
-        return yaml.safe_load(text)
+        return check_size(yaml.safe_load(text), "--set")
     except yaml.YAMLError as e:
         raise ConfigError("--set", f"{text!r} is not a YAML value ({str(e).splitlines()[0]})",
                           "write e.g. --set ppo.n_envs=8 or --set policy.down_dims=[32,64,128]") from None
@@ -83,11 +217,11 @@ def parse_set(text: str) -> tuple[list[str], Any]:
     key, eq, val = text.partition("=")
     parts = key.strip().split(".")
     if not eq or not all(parts):
-        raise ConfigError("--set", f"{text!r} is not section.field=value", "write e.g. --set ppo.residual_l2=0.1")
+        raise ConfigError("--set", f"{_short(text)} is not section.field=value", "write e.g. --set ppo.residual_l2=0.1")
     try:
         return parts, parse_value(val)
     except ConfigError as e:
-        raise ConfigError("--set", f"{text!r}: {e.problem}", e.fix) from None
+        raise ConfigError("--set", f"{_short(text)}: {e.problem}", e.fix) from None
 
 
 def plain(v):
@@ -101,6 +235,12 @@ def plain(v):
     if hasattr(v, "item") and callable(v.item):  # numpy scalar
         return v.item()
     return v
+
+
+def _short(value, most: int = 120) -> str:
+    """``repr(value)`` cut to ``most`` characters (error messages stay one readable line)."""
+    text = repr(value)
+    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 def _describe(hint) -> str:
@@ -132,7 +272,7 @@ def coerce(value, hint, where: str, example=None):
 
     def bad(why: str = ""):
         eg = f", e.g. --set {where}={json.dumps(plain(example))}" if example is not None else ""
-        return ConfigError(where, f"{value!r} is not {_describe(hint)}{why}", f"give {_describe(hint)}{eg}")
+        return ConfigError(where, f"{_short(value)} is not {_describe(hint)}{why}", f"give {_describe(hint)}{eg}")
 
     if hint in (Any, object) or hint is None:
         return value
@@ -232,6 +372,7 @@ def build_dataclass(cls, values: dict, where: str, start=None):
             kw[k] = build_dataclass(type(kw[k]), v, name, start=kw[k])
         else:
             kw[k] = coerce(v, hint, name, example=kw[k])
+            check_numbers(kw[k], name)
     return cls(**kw)
 
 
@@ -277,6 +418,7 @@ def build_task(values: dict) -> TaskSection:
     if not isinstance(values, dict):
         raise ConfigError("task", f"is {values!r}, not a mapping of fields", "set its fields, e.g. --set task.name=lift")
     values = dict(values)
+    check_numbers(values, "task")
     name = coerce(values.pop("name", TaskSection.name), str, "task.name", "place")
     if "kwargs" in values:
         raise ConfigError("task.kwargs", "is not a setting", "set the task's fields directly, e.g. "
@@ -456,7 +598,10 @@ def load_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         raise ConfigError("config", f"{p} is not valid YAML ({str(e).splitlines()[0]})", "fix the YAML syntax") \
             from None
-    doc = {} if doc is None else doc
+    try:
+        doc = {} if doc is None else check_size(doc, "config")
+    except ConfigError as e:
+        raise ConfigError("config", f"{p} {e.problem}", e.fix) from None
     if not isinstance(doc, dict):
         raise ConfigError("config", f"{p} holds a {type(doc).__name__}, not a mapping of sections",
                           "write e.g. 'ppo: {total_env_steps: 600000}'")
@@ -509,6 +654,7 @@ def resolve(command: str, *, preset: dict | None = None, files: Sequence[str | P
     for sec in used:
         if sec == "seed":
             cfg.seed = coerce(raw.get("seed", 0), int, "seed", 0)
+            check_number(cfg.seed, "seed")
         elif sec == "task":
             cfg.task = build_task(raw.get("task", {}))
         else:

@@ -61,7 +61,28 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def set_state(self, state: np.ndarray) -> None:
-        """Restore a state from :meth:`get_state`."""
+        """Restore a state from :meth:`get_state` (checked first with :meth:`check_state`)."""
+
+    @abc.abstractmethod
+    def state_size(self) -> int:
+        """Length of the flat :meth:`get_state` vector of this scene."""
+
+    def check_state(self, state) -> np.ndarray:
+        """``state`` as the flat float64 vector :meth:`set_state` takes, without changing anything. Raises
+        ConfigError (field ``state.backend``) for something that is not a numeric vector of :meth:`state_size`
+        values (a state of another task or backend) or that holds NaN/inf (MuJoCo would silently reset such a
+        state to its default pose on the next step)."""
+        fix = f"pass get_state() of a {self.name} env of the same task"
+        try:
+            s = np.asarray(state, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ConfigError("state.backend", f"{type(state).__name__} is not a numeric state vector", fix) from None
+        n = self.state_size()
+        if s.shape != (n,):
+            raise ConfigError("state.backend", f"shape {s.shape}, this {self.name} scene's state has ({n},)", fix)
+        if not np.all(np.isfinite(s)):
+            raise ConfigError("state.backend", f"{int(np.sum(~np.isfinite(s)))} NaN/inf values", fix)
+        return s
 
     def close(self) -> None:
         """Release renderers and native resources."""

@@ -207,8 +207,11 @@ class MujocoBackend(Backend):
         mujoco.mj_getState(self.model, self.data, s, self._state_spec)
         return s
 
+    def state_size(self):
+        return int(mujoco.mj_stateSize(self.model, self._state_spec))
+
     def set_state(self, state):
-        mujoco.mj_setState(self.model, self.data, np.asarray(state, dtype=np.float64), self._state_spec)
+        mujoco.mj_setState(self.model, self.data, self.check_state(state), self._state_spec)
         mujoco.mj_forward(self.model, self.data)
 
     # -- randomization setters ---------------------------------------------------------------------------------

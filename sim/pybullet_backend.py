@@ -405,11 +405,13 @@ class PybulletBackend(Backend):
             p.removeState(self._snapshots.pop(old), physicsClientId=self.cid)
         return np.concatenate([[_STATE_MAGIC, self._token, float(self._serial)], self._explicit_state()])
 
+    def state_size(self):
+        return 3 + len(self._explicit_state())
+
     def set_state(self, state):
-        s = np.asarray(state, dtype=np.float64).ravel()
-        n = 3 + len(self._explicit_state())
-        if s.shape != (n,) or s[0] != _STATE_MAGIC:
-            raise ConfigError("state", f"not a PyBullet state of this scene (expected {n} values)",
+        s = self.check_state(np.ravel(state) if isinstance(state, np.ndarray) else state)
+        if s[0] != _STATE_MAGIC:
+            raise ConfigError("state.backend", f"not a PyBullet state of this scene ({s.shape[0]} values)",
                               "pass a vector returned by get_state() of a pybullet env with the same task")
         c, x = self.cid, s[3:]
         n_obj, n_mk = 13 * len(self._objects), 3 * len(self._markers)

@@ -15,7 +15,7 @@ PACKAGE_DIRS = {"robot_rl": "robot_rl", "sim": "robot_rl.sim", "datasets": "robo
                 "hw_drivers": "robot_rl.hw_drivers"}
 # lowest first; a module may import from its own layer and the layers listed before it (docs/ARCHITECTURE.md)
 LAYERS = [
-    ("robot_rl", "robot_rl.errors", "robot_rl.progress"),
+    ("robot_rl", "robot_rl.errors", "robot_rl.progress", "robot_rl.provenance"),
     ("robot_rl.robot",),
     ("robot_rl.sim",),
     ("robot_rl.envs",),
@@ -30,7 +30,7 @@ LAYERS = [
     ("robot_rl.pipeline",),
     ("robot_rl.cli",),
 ]
-TOP_LEVEL_MODULES = {"__init__", "cli", "pipeline", "errors", "config", "progress"}
+TOP_LEVEL_MODULES = {"__init__", "cli", "pipeline", "errors", "config", "progress", "provenance"}
 
 
 def _modules() -> dict[str, Path]:

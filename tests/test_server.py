@@ -8,7 +8,6 @@ kill the server; CLI bad input -> one-line errors; ``robot-rl eval --server`` ==
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 import torch
 import zmq
 
+from bench_hostile_server import start_server as bench_start_server
 from robot_rl.errors import ConfigError
 from robot_rl.envs.env import make_env
 from robot_rl.stages.evaluation import EVAL_SEED_START, CombinedPolicy, evaluate
@@ -77,14 +77,7 @@ def ckpts(tmp_path_factory):
 
 def start_server(*args, port=0, env=ENV):
     """Start ``python -m robot_rl.cli serve ARGS``; returns (process, "127.0.0.1:PORT") once it is listening."""
-    p = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "serve", "--port", str(port), "--threads", "1",
-                          *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    line = p.stdout.readline()
-    m = re.search(r"listening on tcp://([\d.]+:\d+)", line)
-    if m is None:
-        p.kill()
-        raise AssertionError(f"server did not start: {line!r} {p.stderr.read()[-2000:]}")
-    return p, m.group(1)
+    return bench_start_server(*args, port=port, env=env)
 
 
 def stop(p):

@@ -28,7 +28,15 @@ from robot_rl.robot.scene import SceneSpec
 from robot_rl.envs.tasks import Task, canonical_quat, is_real, make_task
 
 ROBOT_OBS_DIMS = {"joint_pos": 7, "joint_vel": 7, "ee_pos": 3, "ee_quat": 4, "gripper_width": 1}
+
+
+class ResetNeeded(ConfigError, gym.error.ResetNeeded):
+    """:meth:`RobotEnv.step` before the first :meth:`RobotEnv.reset` /
+    :meth:`RobotEnv.set_state`. Both a :class:`~robot_rl.errors.ConfigError` (a usage error: the CLI prints it on
+    one line, field ``reset``) and gymnasium's ``gymnasium.error.ResetNeeded`` (what gymnasium's
+    ``OrderEnforcing`` wrapper raises for the same mistake), so callers of either convention catch it."""
 EE_QUAT_REF = np.array([1.0, 0.0, 0.0, 0.0])  # tool pointing down, yaw 0
+_RANDOMIZATION_STATE_KEYS = {"sample", "obs_buf", "act_buf", "rng"}  # of Randomizer.get_state()
 
 
 @dataclass
@@ -169,6 +177,11 @@ class RobotEnv(gym.Env):
         self.params: dict = {}
         self.t = 0
         self._seed = None
+        self._started = False  # True once reset() or set_state() gave the episode its parameters
+        # keys of an episode's params (the task's sample + the initial posture): what set_state() must be given
+        sample = {**task.sample(np.random.default_rng(0)), "q0": [0.0] * 7}
+        self._param_shapes = {k: np.shape(v) for k, v in sample.items()}
+        self._param_keys = frozenset(sample)
 
     # -- observation -------------------------------------------------------------------------------------------
     def observe(self) -> dict[str, np.ndarray]:
@@ -199,6 +212,7 @@ class RobotEnv(gym.Env):
         self.backend.reset_robot(q0, self.scene.robot.max_width)
         self.task.apply(self.backend, self.params)
         self.t = 0
+        self._started = True
         obs = self.observe()
         if self.randomizer.active:
             hold = np.zeros(5)  # executed until the first (delayed) command arrives: stay, gripper as at reset
@@ -206,7 +220,15 @@ class RobotEnv(gym.Env):
             obs = self.randomizer.start_episode(ep_seed, self.randomization, obs, hold)
         return obs, {"success": False, "params": self.params, "randomization": self.randomization}
 
+    def _need_reset(self, what: str) -> None:
+        if not self._started:
+            raise ResetNeeded("reset", f"{what}() before the first reset()",
+                              "call env.reset(seed=...) (or env.set_state(state)) first")
+
     def step(self, action):
+        """One control step (``control_dt`` s). Raises :class:`ResetNeeded` before the first reset, ConfigError for
+        an action that is not 5 finite numbers."""
+        self._need_reset("step")
         a = np.asarray(action, dtype=np.float64).reshape(-1)
         if a.shape != (5,):
             raise ConfigError("action", f"shape {a.shape} != (5,)", "send [dx, dy, dz, dyaw, gripper] in [-1, 1]")
@@ -243,11 +265,52 @@ class RobotEnv(gym.Env):
         return st
 
     def set_state(self, state: dict) -> None:
-        if self.randomizer.active and "randomization" in state:
+        """Restore a :meth:`get_state` of an env of the same task, backend and randomization setting.
+
+        Everything is checked before anything changes: ConfigError naming ``state`` (not a dict), the missing or
+        unexpected key (``state.backend``, ``state.t``, ``state.params.target_xy``, ``state.randomization``), a
+        ``t`` that is not an integer >= 0, non-finite params, or a backend state of another scene or with NaN/inf
+        (the backend's check: ``state.backend``). A bad state leaves the env as it was."""
+        if not isinstance(state, dict):
+            raise ConfigError("state", f"{type(state).__name__} is not an env state",
+                              "pass a dict returned by env.get_state()")
+        want = {"backend", "t", "params"} | ({"randomization"} if self.randomizer.active else set())
+        missing, extra = sorted(want - set(state)), sorted(set(state) - want, key=str)
+        if missing or extra:
+            k = (missing or extra)[0]
+            why = "missing" if missing else "not a key of this env's state" + (
+                " (randomization is off here)" if k == "randomization" else "")
+            raise ConfigError(f"state.{str(k)[:40]}", why,
+                              "pass env.get_state() of an env with the same task and randomization setting")
+        t, params = state["t"], state["params"]
+        if not (isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0):
+            raise ConfigError("state.t", f"{repr(t)[:60]} is not a step count (integer >= 0)", "pass env.get_state()")
+        if not isinstance(params, dict) or set(params) != self._param_keys:
+            got = sorted(params, key=str) if isinstance(params, dict) else type(params).__name__
+            k = str(sorted(self._param_keys ^ set(params), key=str)[0])[:40] if isinstance(params, dict) else ""
+            raise ConfigError(f"state.params{'.' + k if k else ''}",
+                              f"keys {str(got)[:200]} do not match this task's {sorted(self._param_keys)}",
+                              f"pass a state saved from a {self.task.name!r} env")
+        for k, v in params.items():
+            try:
+                a = np.asarray(v, dtype=np.float64)
+                ok = a.shape == self._param_shapes[k] and bool(np.all(np.isfinite(a)))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"state.params.{k}", f"is not {self._param_shapes[k] or 'one'} finite number(s)",
+                                  "pass env.get_state()")
+        self.backend.check_state(state["backend"])
+        if self.randomizer.active:
+            r, want_r = state["randomization"], _RANDOMIZATION_STATE_KEYS
+            if not isinstance(r, dict) or set(r) != want_r:
+                raise ConfigError("state.randomization", f"not a randomization state (keys {sorted(want_r)})",
+                                  "pass env.get_state() of an env with the same randomization setting")
             self.randomizer.set_state(self.backend, state["randomization"])  # physics first (MuJoCo setConst)
             self.randomization = self.randomizer.sample_
         self.backend.set_state(state["backend"])
-        self.t, self.params = state["t"], dict(state["params"])
+        self.t, self.params = int(t), dict(params)
+        self._started = True
 
     def close(self):
         self.backend.close()

@@ -218,6 +218,8 @@ def build_residual(cfg: dict) -> ResidualPolicy:
     bad = sorted(set(cfg) - names)
     if bad:
         raise ConfigError(f"residual.{bad[0]}", "unknown residual config field", f"use only {sorted(names)}")
+    for k, v in cfg.items():
+        _check_field_type(k, v)
     try:
         return ResidualPolicy(ResidualConfig(**{**cfg, "hidden": tuple(cfg.get("hidden", (256, 256)))}))
     except ConfigError:
@@ -225,6 +227,44 @@ def build_residual(cfg: dict) -> ResidualPolicy:
     except Exception as e:  # wrong types inside the config
         raise ConfigError("residual.config", f"cannot build the residual ({type(e).__name__}: {e})"[:300],
                           "use the config saved with the residual checkpoint") from None
+
+
+# field -> (kind of the value, kind of its items / map values) as JSON carries them; from ResidualConfig's annotations
+_JSON_KINDS = {int: "an integer", float: "a number", str: "a string", list: "a list", tuple: "a list",
+               dict: "a map", type(None): "null"}
+_ITEM_KINDS = {"obs_keys": str, "hidden": int, "obs_dims": int, "fine_keys": float}
+
+
+def _is_kind(v, kind) -> bool:
+    if kind is int:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+    if kind is float:
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+    if kind in (list, tuple):
+        return isinstance(v, (list, tuple))
+    return isinstance(v, kind)
+
+
+def _check_field_type(name: str, value) -> None:
+    """Raise ConfigError naming ``residual.<name>`` when a config value (e.g. from ``config.json`` or a weight
+    push) is not of its :class:`ResidualConfig` annotation's kind (``"alpha": "0.1"``, ``"hidden": "256"``), or a
+    list / map holds items of the wrong kind (``hidden: [256, "x"]``)."""
+    import typing
+
+    hint = typing.get_type_hints(ResidualConfig)[name]
+    kinds = [typing.get_origin(a) or a for a in (typing.get_args(hint) or (hint,))]
+    want = " or ".join(_JSON_KINDS.get(kd, kd.__name__) for kd in kinds)
+    if not any(_is_kind(value, kd) for kd in kinds):
+        shown = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+        raise ConfigError(f"residual.{name}", f"{shown[:60]} is not {want}",
+                          "fix config.json (or the pushed config): use the values saved with the checkpoint")
+    item = _ITEM_KINDS.get(name)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    if item is not None and not all(_is_kind(x, item) for x in items):
+        raise ConfigError(f"residual.{name}", f"holds items that are not {_JSON_KINDS[item]}",
+                          "fix config.json (or the pushed config): use the values saved with the checkpoint")
+    if isinstance(value, dict) and not all(isinstance(x, str) for x in value):
+        raise ConfigError(f"residual.{name}", "has keys that are not strings", "use observation key names")
 
 
 def check_compatible(residual_config: ResidualConfig, base_config) -> None:

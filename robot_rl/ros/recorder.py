@@ -243,7 +243,7 @@ def make_node():
                                                    "control_rate": 1.0 / self.dt, "action_rate": rate,
                                                    "skipped_steps": self.skipped,
                                                    "bad_actions": self.bad_actions})
-            except ConfigError as e:
+            except (ConfigError, OSError) as e:  # bad episode, another writer too long, lock file / disk refused
                 res.success, res.message = False, f"not committed: {e}"
                 return res
             finally:

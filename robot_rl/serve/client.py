@@ -16,6 +16,9 @@
   backed by a server, one session per env, one pipelined round of requests per step (``robot-rl eval --server``).
 
 A client object is not thread-safe: use one per thread. ``token`` defaults to ``$ROBOT_RL_SERVER_TOKEN``.
+Sessions belong to the client object that opened them: each :class:`PolicyClient` connects with its own random
+ZeroMQ routing identity (kept across reconnects), and the server serves a session only to that identity (see
+docs/SECURITY.md). Two client objects therefore never share a session, even with the same session id.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import math
 import operator
 import os
 import random
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -190,6 +194,9 @@ class PolicyClient:
         self.ctx = context or zmq.Context.instance()
         self.sock = None
         self._next_id = random.SystemRandom().randrange(1, 2**62)
+        # this client's ZeroMQ routing identity, kept across reconnects: the server binds sessions to it, so only
+        # this object (not another peer, not a guess) can step them; random, so it cannot be guessed either
+        self.identity = b"R" + secrets.token_bytes(16)
         self._meta: dict | None = None
         self._sent: dict[str, ChunkStream] = {}  # session -> the frames sent (history only), for recovery
         self._seeds: dict[str, int | None] = {}
@@ -203,6 +210,7 @@ class PolicyClient:
         s.setsockopt(zmq.MAXMSGSIZE, self.max_reply_bytes)
         s.setsockopt(zmq.RECONNECT_IVL, 50)
         s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        s.setsockopt(zmq.ROUTING_ID, self.identity)
         if self.address.startswith("tcp://["):
             s.setsockopt(zmq.IPV6, 1)
         s.connect(self.address)
@@ -518,7 +526,7 @@ class RemotePolicy:
     client: PolicyClient
     n_envs: int
     seed: int = 0
-    prefix: str = field(default_factory=lambda: f"eval-{os.getpid()}-{random.randrange(16**8):08x}")
+    prefix: str = field(default_factory=lambda: f"eval-{os.getpid()}-{secrets.token_hex(8)}")
 
     def __post_init__(self):
         self.has_residual = bool(self.client.metadata()["residual"]["loaded"])

@@ -27,6 +27,15 @@ Arrays are maps ``{"dtype": <name in DTYPES>, "shape": [int, ...], "data": <bin,
 Errors are replies ``{"v": 1, "type": "error", "id": <id or nil>, "code": <ERROR_CODES>, "field": str,
 "message": str}``; the server answers every request, malformed ones included, and never dies of one.
 A change of any of this bumps :data:`PROTOCOL_VERSION`; a request with another ``v`` gets a ``version`` error.
+
+Sessions and clients (server behaviour within v1; no field changed): the client chooses session ids, and a
+session belongs to the *client* that opened it — the ZeroMQ routing identity of its connection (plus the token
+when the server has one). Session ids are a per-client namespace: a request naming a session the sending client
+did not open gets ``unknown_session`` and changes nothing (``reset=true`` opens the sender's own session of that
+id), so ids need not be secret. A client keeps its sessions across reconnects by connecting with the same routing
+identity (the server sets ``ROUTER_HANDOVER``); :class:`robot_rl.serve.client.PolicyClient` uses a random
+17-byte identity per client object. Raw ZeroMQ peers that set no identity get one per connection. Limits
+(``capacity`` errors, ``too_large`` pushes): see :class:`robot_rl.serve.server.ServeConfig` and docs/SECURITY.md.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ import math
 import sys
 import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,11 +63,18 @@ class ServeConfig:
     max_batch: most sessions in one base-policy call; batch_window_ms: longest wait (ms) for more requests once one
     needs a base call (the batch closes at once when every session active in the last second is waiting, so a
     lone client never waits; 10 ms lets 16 lockstep Python clients on 2 cores fill one batch).
-    max_message_bytes: larger requests get a ``too_large`` error reply; anything beyond ``4 x max_message_bytes``
-    is cut by ZeroMQ itself (the peer is disconnected) before it is read into memory.
+    max_message_bytes: larger requests get a ``too_large`` error reply; anything beyond ``2 x max_message_bytes``
+    is cut by ZeroMQ itself (the peer is disconnected) before it is read into memory, and at most
+    :func:`receive_hwm` requests per connection wait in memory (the server stops reading a connection beyond).
     token: shared secret every request must carry (None: no authentication). control_rate_hz: the rate the policy
-    was trained for (reported to clients). max_sessions / session_ttl_s: session table size and idle expiry (s).
-    allow_push: accept ``push_weights``. seed: added to every session's default seed.
+    was trained for (reported to clients).
+    Session limits (see :meth:`PolicyService.open_session` and docs/SECURITY.md): sessions belong to the *client*
+    that opened them (its ZeroMQ routing identity, plus the token when one is set); ``max_sessions`` bounds the
+    whole table, ``max_sessions_per_client`` one client's share; a session unused for ``session_idle_s`` seconds
+    may be evicted (least recently used first: the client's own when it is at its share, anyone's when the table
+    is full) to make room for a new one, and every session unused for ``session_ttl_s`` seconds is dropped.
+    allow_push: accept ``push_weights`` (on a non-loopback host only with a token). seed: added to every session's
+    default seed.
     """
 
     host: str = "127.0.0.1"
@@ -77,7 +85,9 @@ class ServeConfig:
     token: str | None = None
     control_rate_hz: float = 10.0
     max_sessions: int = 1024
-    session_ttl_s: float = 3600.0
+    max_sessions_per_client: int = 64
+    session_idle_s: float = 5.0
+    session_ttl_s: float = 300.0
     allow_push: bool = True
     seed: int = 0
 
@@ -99,7 +109,11 @@ class ServeConfig:
              "print(secrets.token_urlsafe(32))'`)")
         need(self.control_rate_hz > 0, "control_rate_hz", f"{self.control_rate_hz!r} <= 0", "e.g. 10")
         need(self.max_sessions >= 1, "max_sessions", f"{self.max_sessions!r} < 1", "e.g. 1024")
-        need(self.session_ttl_s > 0, "session_ttl_s", f"{self.session_ttl_s!r} <= 0", "e.g. 3600")
+        need(isinstance(self.max_sessions_per_client, int) and 1 <= self.max_sessions_per_client,
+             "max_sessions_per_client", f"{self.max_sessions_per_client!r} < 1", "e.g. 64")
+        need(self.session_ttl_s > 0, "session_ttl_s", f"{self.session_ttl_s!r} <= 0", "e.g. 300")
+        need(0 <= self.session_idle_s <= self.session_ttl_s, "session_idle_s",
+             f"{self.session_idle_s!r} not in [0, session_ttl_s={self.session_ttl_s!r}]", "e.g. 5")
         return self
 
 
@@ -113,13 +127,27 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
+#: the client identity of :meth:`PolicyService.process` / :meth:`PolicyService.handle` callers that pass none
+#: (an in-process caller: tests, the fuzzer). Socket peers get their ZeroMQ routing identity instead.
+LOCAL_CLIENT = b"local"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_ARCH_FIELDS = ("obs_keys", "obs_dims", "fine_keys", "action_dim", "hidden", "head")  # fixed for a served residual
+_HEADER_SLACK = 64 * 1024  # bytes of a safetensors header (JSON) allowed on top of the tensor bytes of a push
+_MAX_LAYERS = 16
+
+
+def _brief(v) -> str:
+    return repr(v)[:80]
+
+
 class _Session:
-    """A client's episode: its :class:`ChunkStream` (history, chunk queue, own generator) and the retry state."""
+    """A client's episode: its :class:`ChunkStream` (history, chunk queue, own generator) and the retry state.
+    ``client`` is the key of the client that opened it (see :meth:`PolicyService.client_key`)."""
 
-    __slots__ = ("sid", "stream", "last_step", "last_id", "last_reply", "last_seen", "pending")
+    __slots__ = ("client", "sid", "stream", "last_step", "last_id", "last_reply", "last_seen", "pending")
 
-    def __init__(self, sid: str, n_obs: int, seed: int):
-        self.sid = sid
+    def __init__(self, client: bytes, sid: str, n_obs: int, seed: int):
+        self.client, self.sid = client, sid
         self.stream = ChunkStream(n_obs, seed=seed)
         self.last_step, self.last_id, self.last_reply = -1, None, None
         self.last_seen, self.pending = time.monotonic(), False
@@ -160,8 +188,11 @@ class PolicyService:
         self.residual_digest = weights_digest(residual) if residual is not None else None
         self._last_push_sha = None
         self.base_version = weights_digest(base)
-        self.sessions: dict[str, _Session] = {}
-        self.stats = {"requests": 0, "errors": 0, "batches": 0, "batched_requests": 0, "pushes": 0}
+        # (client key, session id) -> session, least recently used first; and per client, sid -> session (LRU)
+        self.sessions: OrderedDict[tuple[bytes, str], _Session] = OrderedDict()
+        self.clients: dict[bytes, OrderedDict[str, _Session]] = {}
+        self._push_limit = self._tensor_bytes(residual) + _HEADER_SLACK if residual is not None else None
+        self.stats = {"requests": 0, "errors": 0, "batches": 0, "batched_requests": 0, "pushes": 0, "evicted": 0}
         self._last_sweep = time.monotonic()
 
     # --- residual compatibility ---------------------------------------------------------------------------------
@@ -203,13 +234,28 @@ class PolicyService:
             "batching": {"max_batch": self.cfg.max_batch, "window_ms": float(self.cfg.batch_window_ms)},
             "max_message_bytes": self.cfg.max_message_bytes, "auth_required": self.cfg.token is not None,
             "weight_push": bool(self.cfg.allow_push),
+            "session_limits": {"max_sessions": self.cfg.max_sessions,
+                               "max_sessions_per_client": self.cfg.max_sessions_per_client,
+                               "idle_s": float(self.cfg.session_idle_s), "ttl_s": float(self.cfg.session_ttl_s)},
         }
 
     # --- request entry points -----------------------------------------------------------------------------------
-    def handle(self, raw, t_recv: float | None = None) -> tuple[bytes | None, Pending | None]:
-        """One raw request -> (reply bytes, None) when it can be answered now, or (None, Pending) for an ``act``
-        that needs a base call (run it with :meth:`run_batch`), or (None, None) with the session busy (the caller
-        must re-submit it after the current batch: see :meth:`process`). Never raises."""
+    def client_key(self, identity: bytes) -> bytes:
+        """The key sessions are bound to: the peer's ZeroMQ routing identity (bytes, 1..255), plus a digest of the
+        token when the server has one (only requests carrying that token get this far)."""
+        if self.cfg.token is None:
+            return bytes(identity)
+        return bytes(identity) + b"|" + hashlib.sha256(self.cfg.token.encode()).digest()[:8]
+
+    def handle(self, raw, t_recv: float | None = None,
+               client: bytes = LOCAL_CLIENT) -> tuple[bytes | None, Pending | None]:
+        """One raw request from ``client`` -> (reply bytes, None) when it can be answered now, or (None, Pending)
+        for an ``act`` that needs a base call (run it with :meth:`run_batch`), or (None, None) with the session busy
+        (the caller must re-submit it after the current batch: see :meth:`process`). Never raises.
+
+        ``client``: the sender's identity (the socket loop passes the ZeroMQ routing identity; default
+        :data:`LOCAL_CLIENT` for in-process callers). Sessions are looked up, created and closed in that client's
+        namespace only: another client can neither see nor advance them (it gets ``unknown_session``)."""
         t_recv = time.perf_counter() if t_recv is None else t_recv
         self.stats["requests"] += 1
         rid = None
@@ -222,16 +268,19 @@ class PolicyService:
                     raise P.ProtocolError("auth", "token", "missing or wrong token; pass the server's shared token")
             req = P.parse_request(m, self.cfg.max_message_bytes)
             t = req["type"]
+            key = self.client_key(client)
             if t == "act":
-                return self._act(req, t_recv)
+                return self._act(req, t_recv, key)
             if t == "metadata":
                 return self._pack(P.reply("metadata", rid, **self.metadata())), None
             if t == "ping":
                 return self._pack(P.reply("ping", rid, time=time.time(), stats=dict(self.stats),
                                           sessions=len(self.sessions))), None
             if t == "close":
-                return self._pack(P.reply("close", rid, closed=self.sessions.pop(req["session"], None)
-                                          is not None)), None
+                s = self.sessions.get((key, req["session"]))
+                if s is not None:  # (a request of it still in a batch gets its reply; the session is gone after)
+                    self._drop(s)
+                return self._pack(P.reply("close", rid, closed=s is not None)), None
             if t == "push_weights":
                 return self._push(req), None
             raise P.ProtocolError("schema", "type", "unhandled request type")  # unreachable: parse checked it
@@ -242,14 +291,16 @@ class PolicyService:
         except Exception as e:  # a bug must not take the server down: answer and carry on
             return self._error(rid, "internal", "server", f"{type(e).__name__}: {e}"[:500]), None
 
-    def process(self, raws: list) -> list[bytes]:
-        """Synchronously answer a list of raw requests (same order), batching all base calls they need."""
+    def process(self, raws: list, client: bytes = LOCAL_CLIENT) -> list[bytes]:
+        """Synchronously answer a list of raw requests (same order), batching all base calls they need. Every
+        request is from ``client`` (default :data:`LOCAL_CLIENT`: one in-process caller; pass distinct identities
+        to act as several peers, as the socket loop does with ZeroMQ routing identities)."""
         replies: list = [None] * len(raws)
         todo = list(range(len(raws)))
         while todo:
             pend, later = [], []
             for i in todo:
-                r, p = self.handle(raws[i])
+                r, p = self.handle(raws[i], client=client)
                 if r is not None:
                     replies[i] = r
                 elif p is not None:
@@ -269,39 +320,34 @@ class PolicyService:
         return replies
 
     # --- act ----------------------------------------------------------------------------------------------------
-    def _act(self, req: dict, t_recv: float):
+    def _act(self, req: dict, t_recv: float, client: bytes):
         rid, sid, step = req["id"], req["session"], req["step"]
         frames = P.check_obs(req["obs"], self.spec, self.To)
-        s = self.sessions.get(sid)
+        s = self.sessions.get((client, sid))
         if s is not None and s.pending:
             return None, None  # one request per session at a time: the caller retries it after the batch
         if s is not None and s.last_id == rid and s.last_reply is not None:  # a client retry: same answer again
-            s.last_seen = time.monotonic()
+            self._touch(s)
             return self._pack({**s.last_reply, "id": rid}), None
         obs = req["obs"]
         fr = [{k: np.array(obs[k][i]) for k in self.spec} for i in range(frames)]  # own, writable copies
         if req["reset"]:
-            if s is None and len(self.sessions) >= self.cfg.max_sessions:
-                self._sweep(force=True)
-                if len(self.sessions) >= self.cfg.max_sessions:
-                    raise P.ProtocolError("capacity", "session", f"{len(self.sessions)} sessions open (limit "
-                                                                 f"{self.cfg.max_sessions}); close unused sessions")
             seed = req["seed"] if req["seed"] is not None else (zlib.crc32(sid.encode()) + self.cfg.seed) % 2**63
-            s = _Session(sid, self.To, seed)
-            self.sessions[sid] = s
+            s = self.open_session(client, sid, seed)
             s.stream.reset(fr, step)
         else:
             if s is None:
-                raise P.ProtocolError("unknown_session", "session", f"no session {sid!r} on this server (new or "
-                                                                    "restarted server); send reset=true with the "
-                                                                    "last n_obs_steps frames")
+                raise P.ProtocolError("unknown_session", "session", f"no session {sid!r} of this client on this "
+                                                                    "server (new or restarted server, expired, or "
+                                                                    "opened over another connection); send "
+                                                                    "reset=true with the last n_obs_steps frames")
             if step <= s.last_step:
                 raise P.ProtocolError("stale_step", "step", f"step {step} <= last step {s.last_step} of this "
                                                             "session; steps must increase (or send reset=true)")
             for f in fr:
                 s.stream.observe(f)
             s.stream.t = step
-        s.last_seen = time.monotonic()
+        self._touch(s)
         s.last_step = step  # the step is consumed even if the base call fails later
         if req["reset"] or req["new_chunk"] or not s.stream.queue.covers(step):
             s.pending = True
@@ -364,15 +410,28 @@ class PolicyService:
 
     # --- weight push --------------------------------------------------------------------------------------------
     def _push(self, req: dict) -> bytes:
+        """Apply a weight push. Checked in order of cost, so a flood of bad pushes costs little: push allowed (and
+        authenticated off loopback), the weights' byte size (before anything is decoded: at most the served
+        residual's tensor bytes + header, or ``max_message_bytes`` without a residual), version, the config (same
+        architecture as the served residual, compared as plain data; then built on the meta device, so an
+        oversized config allocates nothing, and sized), then the safetensors bytes and the real module."""
         from safetensors.torch import load as st_load
 
-        from robot_rl.rl.residual import residual_from_tensors
+        from robot_rl.rl.residual import build_residual, residual_from_tensors
 
-        rid, version = req["id"], req["version"]
+        rid, version, weights = req["id"], req["version"], req["weights"]
         if not self.cfg.allow_push:
             raise P.ProtocolError("push_rejected", "push_weights", "weight push is disabled on this server "
                                                                    "(started with --no-weight-push)")
-        sha = hashlib.sha256(req["weights"]).hexdigest()
+        if self.cfg.token is None and self.cfg.host not in _LOOPBACK:
+            raise P.ProtocolError("auth", "token", f"weight push to a server listening on {self.cfg.host} needs "
+                                                   "authentication; restart it with --token-file (or on loopback)")
+        limit = self._push_limit or self.cfg.max_message_bytes
+        if len(weights) > limit:
+            raise P.ProtocolError("too_large", "weights", f"{len(weights)} bytes > {limit} bytes, the size of the "
+                                                          "served residual's weights; push a residual of the same "
+                                                          "architecture")
+        sha = hashlib.sha256(weights).hexdigest()
         if version == self.residual_version and sha == self._last_push_sha:  # a retry of the push just applied
             return self._pack(P.reply("push_weights", rid, residual_version=version))
         if version <= self.residual_version:
@@ -384,8 +443,31 @@ class PolicyService:
                 raise P.ProtocolError("push_rejected", "config", "this server has no residual yet; send the "
                                                                  "residual's config with the first push")
             cfg = residual_config_dict(self.residual)
+        served = residual_config_dict(self.residual) if self.residual is not None else None
+        for k in _ARCH_FIELDS:  # plain data compare: nothing built yet
+            if served is not None and k in cfg and cfg[k] != served[k]:
+                raise P.ProtocolError("push_rejected", f"config.{k}", f"{_brief(cfg[k])} != the served residual's "
+                                                                      f"{_brief(served[k])}; a push may change "
+                                                                      "weights and alpha, not the architecture "
+                                                                      "(restart the server for another one)")
+        if isinstance(cfg.get("hidden"), list) and len(cfg["hidden"]) > _MAX_LAYERS:
+            raise P.ProtocolError("push_rejected", "config.hidden", f"more than {_MAX_LAYERS} layers")
         try:
-            tensors = st_load(req["weights"])
+            with torch.device("meta"):  # shapes only: no memory for the parameters
+                probe = build_residual(cfg)
+            self._check_residual(probe)
+        except ConfigError as e:
+            raise P.ProtocolError("push_rejected", e.field, f"{e.problem} -> {e.fix}") from None
+        need = self._tensor_bytes(probe)
+        if need > self.cfg.max_message_bytes:
+            raise P.ProtocolError("too_large", "config", f"describes a residual of {need} bytes of weights, more "
+                                                         f"than fits in a message ({self.cfg.max_message_bytes} "
+                                                         "bytes); push a smaller residual")
+        if len(weights) > need + _HEADER_SLACK:
+            raise P.ProtocolError("too_large", "weights", f"{len(weights)} bytes for a config of {need} bytes of "
+                                                          "weights; send the safetensors file of that residual")
+        try:
+            tensors = st_load(weights)
         except Exception as e:
             raise P.ProtocolError("push_rejected", "weights", f"not a safetensors file ({type(e).__name__}: "
                                                               f"{e})"[:300]) from None
@@ -396,8 +478,13 @@ class PolicyService:
             raise P.ProtocolError("push_rejected", e.field, f"{e.problem} -> {e.fix}") from None
         self.residual, self.residual_version = new, version
         self.residual_digest, self._last_push_sha = weights_digest(new), sha
+        self._push_limit = need + _HEADER_SLACK
         self.stats["pushes"] += 1
         return self._pack(P.reply("push_weights", rid, residual_version=version))
+
+    @staticmethod
+    def _tensor_bytes(module: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
     # --- helpers ------------------------------------------------------------------------------------------------
     def _pack(self, msg: dict) -> bytes:
@@ -407,19 +494,95 @@ class PolicyService:
         self.stats["errors"] += 1
         return P.pack(P.error_reply(rid, code, fld, message))
 
+    # --- sessions -----------------------------------------------------------------------------------------------
+    def open_session(self, client: bytes, sid: str, seed: int) -> _Session:
+        """A fresh session ``sid`` of ``client`` (replacing that client's session of the same id), within the limits:
+
+        1. a client already holding ``max_sessions_per_client`` sessions gets its own least recently used session
+           evicted if that one has been idle for ``session_idle_s``; otherwise ProtocolError ``capacity``;
+        2. when the whole table holds ``max_sessions``, expired sessions (``session_ttl_s``) are dropped, then the
+           least recently used session idle for ``session_idle_s`` (anyone's); otherwise ProtocolError ``capacity``.
+
+        So one peer that opens sessions and abandons them only ever evicts its own, and everyone else can still
+        open theirs. The session is not yet touched (the caller sets ``last_seen``)."""
+        own = self.clients.get(client)
+        old = own.get(sid) if own else None
+        if old is not None:
+            self._drop(old)
+        elif own is not None and len(own) >= self.cfg.max_sessions_per_client:
+            if not self._evict(own.values()):
+                raise P.ProtocolError(
+                    "capacity", "session",
+                    f"this client already has {len(own)} sessions open (limit serve.max_sessions_per_client="
+                    f"{self.cfg.max_sessions_per_client}), all used in the last {self.cfg.session_idle_s:g} s; close "
+                    "sessions it no longer needs (close request / RemotePolicy.close) or reuse their ids")
+        if len(self.sessions) >= self.cfg.max_sessions:
+            self._sweep(force=True)
+            if len(self.sessions) >= self.cfg.max_sessions and not self._evict(self.sessions.values()):
+                raise P.ProtocolError(
+                    "capacity", "session",
+                    f"the server holds {len(self.sessions)} sessions (limit serve.max_sessions="
+                    f"{self.cfg.max_sessions}), all used in the last {self.cfg.session_idle_s:g} s; retry later or "
+                    "start the server with a larger serve.max_sessions")
+        s = _Session(client, sid, self.To, seed)
+        self.sessions[(client, sid)] = s
+        self.clients.setdefault(client, OrderedDict())[sid] = s
+        return s
+
+    def _evict(self, lru) -> bool:
+        """Drop the least recently used session of ``lru`` (sessions, oldest use first) if it has been idle for
+        ``session_idle_s`` and is not waiting for a batch. True if one was dropped."""
+        now = time.monotonic()
+        for s in lru:
+            if s.pending:
+                continue
+            if now - s.last_seen < self.cfg.session_idle_s:
+                return False
+            self._drop(s)
+            self.stats["evicted"] += 1
+            return True
+        return False
+
+    def _touch(self, s: _Session) -> None:
+        s.last_seen = time.monotonic()
+        self.sessions.move_to_end((s.client, s.sid))
+        self.clients[s.client].move_to_end(s.sid)
+
+    def _drop(self, s: _Session) -> None:
+        self.sessions.pop((s.client, s.sid), None)
+        own = self.clients.get(s.client)
+        if own is not None:
+            own.pop(s.sid, None)
+            if not own:
+                del self.clients[s.client]
+
     def active_sessions(self, within_s: float = 1.0) -> int:
         """Sessions that sent a request in the last ``within_s`` seconds."""
         now = time.monotonic()
-        return sum(1 for s in self.sessions.values() if now - s.last_seen <= within_s)
+        n = 0
+        for s in reversed(self.sessions.values()):  # most recently used first: stop at the first older one
+            if now - s.last_seen > within_s:
+                break
+            n += 1
+        return n
 
     def _sweep(self, force: bool = False) -> None:
+        """Drop sessions idle for more than ``session_ttl_s`` (at most every 10 s unless ``force``)."""
         now = time.monotonic()
-        if not force and now - self._last_sweep < 10.0:
+        if not force and now - self._last_sweep < min(10.0, self.cfg.session_ttl_s):
             return
         self._last_sweep = now
-        for sid in [sid for sid, s in self.sessions.items()
-                    if not s.pending and now - s.last_seen > self.cfg.session_ttl_s]:
-            del self.sessions[sid]
+        for s in list(self.sessions.values()):
+            if now - s.last_seen <= self.cfg.session_ttl_s:
+                break  # least recently used first: the rest are newer
+            if not s.pending:
+                self._drop(s)
+
+
+def receive_hwm(max_message_bytes: int) -> int:
+    """ZeroMQ receive high-water mark (messages queued per connection before the server stops reading from it):
+    about 256 MiB of the largest messages ZeroMQ lets through (2 x ``max_message_bytes``), between 8 and 1000."""
+    return max(8, min(1000, 256 * 2**20 // (2 * max_message_bytes)))
 
 
 class PolicyServer:
@@ -445,9 +608,11 @@ class PolicyServer:
         host = self.cfg.host
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.cfg.max_message_bytes)
-        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.cfg.max_message_bytes)
+        sock.setsockopt(zmq.RCVHWM, receive_hwm(self.cfg.max_message_bytes))
         sock.setsockopt(zmq.SNDHWM, 10_000)
+        # a client reconnecting with its (random) routing identity takes its sessions over from the old connection
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
         h = f"[{host}]" if ":" in host else host
@@ -496,7 +661,7 @@ class PolicyServer:
             """Answer now, queue for the next batch (whose window opens at ``t_open``), or park the request while
             its session already has one pending."""
             nonlocal deadline
-            reply, p = svc.handle(payload, t_recv)
+            reply, p = svc.handle(payload, t_recv, client=envelope[0])
             if reply is not None:
                 self._send(envelope, reply)
             elif p is not None:
@@ -601,9 +766,10 @@ def serve(base_path: str, residual_path: str | None = None, config: ServeConfig 
     server = load_server(base_path, residual_path, config or ServeConfig(), device)
     cfg, service = server.cfg, server.service
     endpoint = server.bind()
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.token is None:
+    if cfg.host not in _LOOPBACK and cfg.token is None:
         print(f"robot-rl serve: warning: listening on {cfg.host} without a token: anyone who can reach this "
-              "port can query the policy and push weights (use --token-file, or --no-weight-push)", file=sys.stderr)
+              "port can query the policy (weight push is refused without a token; use --token-file, see "
+              "docs/SECURITY.md)", file=sys.stderr)
 
     def _stop(signum, frame):
         server.stop()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binomtest
 from robot_rl.progress import progress_bar
+from robot_rl.provenance import provenance
 
 from robot_rl.datasets.episodes import EpisodeWriter
 from robot_rl.errors import ConfigError
@@ -244,7 +245,8 @@ def write_report(out_dir: str | Path, results: dict[str, dict], extra: dict | No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slim = {k: {kk: vv for kk, vv in v.items() if kk != "per_episode"} for k, v in results.items()}
-    payload = {"results": slim, **(extra or {})}
+    prov = provenance()
+    payload = {"results": slim, **(extra or {}), "provenance": prov}
     (out / "report.json").write_text(json.dumps(payload, indent=1, default=str))
     per_episode = {k: v["per_episode"] for k, v in results.items() if "per_episode" in v}
     if per_episode:
@@ -266,6 +268,11 @@ def write_report(out_dir: str | Path, results: dict[str, dict], extra: dict | No
     backends = sorted({r["backend"] for r in slim.values() if "backend" in r})
     if backends:
         lines += ["", "Simulator: " + ", ".join(backends)]
+    g, v, c = prov["git"], prov["versions"], prov["cpu"]
+    lines += ["", f"Measured on commit `{(g['commit'] or 'unknown')[:12]}`{' (uncommitted changes)' if g['dirty'] else ''}"
+              f", torch {v['torch']}, numpy {v['numpy']}, mujoco {v['mujoco']}, CPU {c['model']} (family "
+              f"{c['family']} model {c['model_number']}, OpenBLAS {prov['openblas_core']}); results are bit-for-bit "
+              "reproducible only with the same code, libraries and CPU kernels (provenance in report.json)."]
     for p in (extra or {}).get("figures", []):
         lines += ["", f"![{Path(p).stem}]({Path(p).name})"]
     vids = (extra or {}).get("videos", [])

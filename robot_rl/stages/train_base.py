@@ -8,6 +8,7 @@ safetensors checkpoint whose inference weights are the EMA weights.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,26 @@ class BaseTrainConfig:
     policy: dict = field(default_factory=dict)  # PolicyConfig overrides (horizon, down_dims, ...)
     only_success: bool = False
     sources: list = field(default_factory=list)
+
+
+RUN_FILES = ("checkpoint", "train_summary.json", "train_config.json", "config.yaml", "tb")  # what a run writes
+
+
+def check_run_dir(out: str | Path, overwrite: bool = False, replace: bool = False) -> None:
+    """Check that ``out`` may receive a training run: it must not be a file, and unless ``overwrite`` it must not
+    hold a run already (any of :data:`RUN_FILES`). With ``overwrite`` and ``replace``, the previous run's files are
+    deleted (nothing else in ``out``). Raises ConfigError (field ``out``)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{out} is a file, not a run directory", "pass a new directory path for the run")
+    found = [n for n in RUN_FILES if (out / n).exists()] if out.is_dir() else []
+    if found and not overwrite:
+        raise ConfigError("out", f"{out} already holds a run ({', '.join(found)})",
+                          "pass a new --out, or --overwrite to replace that run")
+    if found and replace:
+        for n in found:
+            p = out / n
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def select_episodes(store: ZarrStore, only_success: bool = False, sources=()) -> np.ndarray:
