@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import yaml
 
-from robot_rl.policies.base import PolicyConfig, make_policy
+from robot_rl.policies import make_policy
+from robot_rl.policies.base import PolicyConfig
 
 
 def timed(fn, calls: int, sync) -> np.ndarray:

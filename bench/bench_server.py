@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from robot_rl.stages.evaluation import CombinedPolicy
-from robot_rl.policies.base import PolicyConfig, make_policy
+from robot_rl.policies import make_policy
+from robot_rl.policies.base import PolicyConfig
 from robot_rl.policies.checkpoint import save_policy
 from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, save_residual
 from robot_rl.serve.client import PolicyClient

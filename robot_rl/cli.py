@@ -105,11 +105,14 @@ def cmd_train_residual(a):
     from robot_rl.policies.checkpoint import load_policy
     from robot_rl.rl.ppo import train_residual
     from robot_rl.stages.evaluation import plot_learning_curve
+    from robot_rl.stages.train_base import check_run_dir
 
     _one_thread()
     cfg = _resolve(a)  # checked before anything is loaded or written
     out = Path(a.out)
+    check_run_dir(out, overwrite=a.overwrite)
     base = load_policy(a.base)
+    check_run_dir(out, overwrite=a.overwrite, replace=True)  # the base loaded: now the old run may go
     ppo = cfg.ppo_config()
     write_config(cfg, out, _argv())
     w = SummaryWriter(str(out / "tb"))
@@ -391,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     (_Command(sub, "train-residual", cmd_train_residual, "residual PPO on top of a frozen base")
      .arg("--base", required=True).arg("--out", required=True)
+     .arg("--overwrite", action="store_true", help="replace the run already in --out (its checkpoints, logs and "
+                                                   "config); without it such an --out is refused")
      .field("--task", "task.name").field("--env-steps", "ppo.total_env_steps", type=int)
      .field("--n-envs", "ppo.n_envs", type=int).field("--n-steps", "ppo.n_steps", type=int)
      .field("--alpha", "residual.alpha", type=float).field("--seed", "seed", type=int)

@@ -94,7 +94,7 @@ COUNT, ENVS, WIDTH = Limit(1, 10**7), Limit(1, 256), Limit(1, 16384)
 #: checks that every int/float field of every section has an entry). Every number is also finite and fits int64.
 LIMITS: dict[str, Limit] = {
     "seed": SEED,
-    "task.max_steps": Limit(1, 100_000), "task.tolerance": Limit(0, 1, lo_open=True),
+    "task.max_steps": Limit(1, 100_000), "task.tolerance": Limit(0, 0.05, lo_open=True),
     "task.lift_height": Limit(0, 1, lo_open=True),
     "env.control_dt": Limit(0, 1, lo_open=True), "env.physics_dt": Limit(0, 0.1, lo_open=True),
     "env.init_joint_noise": Limit(0, 1), "env.max_steps": Limit(1, 100_000), "env.image_size": Limit(8, 1024),
@@ -122,12 +122,12 @@ LIMITS: dict[str, Limit] = {
     "ppo.lr_critic": RATE, "ppo.max_grad_norm": Limit(0, 1e6, lo_open=True), "ppo.target_kl": Limit(0, 1e3),
     "ppo.vf_coef": Limit(0, 1e3), "ppo.residual_l2": Limit(0, 1e6), "ppo.val_every": Limit(0, 10**10),
     "ppo.val_episodes": Limit(1, 100_000),
-    "residual.alpha": Limit(0, 10), "residual.hidden": WIDTH, "residual.log_std_init": Limit(-20, 5),
+    "residual.alpha": Limit(0, 1, lo_open=True), "residual.hidden": WIDTH, "residual.log_std_init": Limit(-20, 5),
     "eval.episodes": Limit(1, 10**6), "eval.n_envs": ENVS, "eval.seed_start": SEED, "eval.videos": Limit(0, 1000),
     "transfer.episodes": Limit(1, 10**6), "transfer.n_envs": ENVS, "transfer.seed_start": SEED,
     "transfer.videos": Limit(0, 1000),
-    "serve.port": Limit(0, 65535), "serve.max_batch": Limit(1, 4096), "serve.batch_window_ms": Limit(0, 10_000),
-    "serve.max_message_bytes": Limit(1024, 2**31 - 1), "serve.control_rate_hz": Limit(0, 10_000, lo_open=True),
+    "serve.port": Limit(0, 65535), "serve.max_batch": Limit(1, 4096), "serve.batch_window_ms": Limit(0, 1000),
+    "serve.max_message_bytes": Limit(1024, 2**30), "serve.control_rate_hz": Limit(0, 10_000, lo_open=True),
     "serve.max_sessions": Limit(1, 10**6), "serve.session_ttl_s": Limit(0, 10**7, lo_open=True), "serve.seed": SEED,
     "serve.max_sessions_per_client": Limit(1, 10**6), "serve.session_idle_s": Limit(0, 10**7, lo_open=True),
 }
@@ -677,6 +677,8 @@ def check_config(cfg: Config) -> None:
         resolve_randomization(cfg.randomization.spec())
     if cfg.ppo is not None:
         cfg.ppo_config().validate()
+    if cfg.residual is not None:
+        _check_residual_section(cfg)
     for sec in ("eval", "transfer"):
         if getattr(cfg, sec) is not None:
             getattr(cfg, sec).validate(sec)
@@ -685,6 +687,31 @@ def check_config(cfg: Config) -> None:
             v = getattr(cfg.collect, k)
             if v < 1:
                 raise ConfigError(f"collect.{k}", f"{v} < 1", "ask for at least one episode")
+
+
+def _check_residual_section(cfg: Config) -> None:
+    """The residual's model fields, checked before any stage runs (a pipeline would otherwise find a bad one only
+    after collecting demonstrations and training the base): ResidualConfig's own checks on stand-in keys, the PPO
+    head, and fine keys the task observes."""
+    from dataclasses import replace
+
+    from robot_rl.envs.env import ROBOT_OBS_DIMS
+    from robot_rl.envs.tasks import make_task
+    from robot_rl.rl.residual import DEFAULT_FINE_KEYS
+
+    rc = cfg.residual_config()
+    if cfg.ppo is not None and rc.head != "gaussian":
+        raise ConfigError("residual.head", f"PPO trains the gaussian head, not {rc.head!r}", "use residual.head=gaussian")
+    fine = dict(DEFAULT_FINE_KEYS.get(cfg.task.name, {}) if rc.fine_keys is None else rc.fine_keys) \
+        if cfg.task is not None else dict(rc.fine_keys or {})
+    if cfg.task is not None:
+        have = {**ROBOT_OBS_DIMS, **make_task(cfg.task.name, **cfg.task.kwargs).obs_dims()}
+        for k in fine:
+            if k not in have:
+                raise ConfigError(f"residual.fine_keys.{k}", f"task {cfg.task.name!r} has no observation {k!r}",
+                                  f"use keys from {sorted(have)} or residual.fine_keys={{}}")
+    replace(rc, obs_keys=["joint_pos"], obs_dims={"joint_pos": 1, **{k: 1 for k in fine}}, fine_keys=fine,
+            action_dim=1).validate()
 
 
 def write_config(cfg: Config, out_dir: str | Path, argv: Sequence[str] | None = None) -> Path:

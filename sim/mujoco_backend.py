@@ -198,7 +198,7 @@ class MujocoBackend(Backend):
         rd = self._renderers[key]
         rd.update_scene(self.data, camera=camera, scene_option=self._vis_opt)
         # no shadows: PyBullet's cameras render none either (shadow=0), and on a software GL (EGL/llvmpipe, OSMesa)
-        # the 4096^2 shadow maps cost ~70 ms of a ~73 ms 96x96 frame
+        # the 4096^2 shadow maps cost nearly the whole frame (docs/MEASUREMENTS.md)
         rd.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         return rd.render().copy()
 

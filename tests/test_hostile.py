@@ -190,6 +190,19 @@ def test_overwrite_refuses_foreign_files_and_train_base_refuses_an_existing_run(
     assert (run_dir / "checkpoint" / "model.safetensors").stat().st_size > 100
 
 
+def test_train_residual_refuses_an_existing_run(tmp_path, capsys):
+    base = Path(__file__).parent / "fixtures" / "place_bc_mujoco"
+    run_dir = tmp_path / "res"
+    (run_dir / "checkpoint_best").mkdir(parents=True)
+    (run_dir / "checkpoint_best" / "model.safetensors").write_text("old")
+    assert main(["train-residual", "--base", str(base), "--out", str(run_dir)]) == 2
+    one_line_error(capsys.readouterr().err, "out", "--overwrite")
+    assert (run_dir / "checkpoint_best" / "model.safetensors").read_text() == "old"
+    (tmp_path / "afile").write_text("x")
+    assert main(["train-residual", "--base", str(base), "--out", str(tmp_path / "afile")]) == 2
+    one_line_error(capsys.readouterr().err, "out", "afile")
+
+
 # ------------------------------------------------------------------------------------------------ file system
 def test_read_only_store_is_one_line(tmp_path):
     if os.geteuid() != 0 or not shutil.which("setpriv"):

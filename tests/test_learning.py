@@ -101,7 +101,18 @@ def _deterministic_rollouts(pol, n_steps=300, residual=True):
     return float(np.mean(succ)), np.concatenate(corr).mean(0)
 
 
-def test_ppo_update_moves_log_prob_with_the_advantage():
+@pytest.fixture(params=["intact", "sign flipped"])
+def loss_sign(request, monkeypatch):
+    """Each learning test also runs with the policy loss's sign flipped and must then fail: proof that it can."""
+    if request.param == "sign flipped":
+        import robot_rl.rl.ppo as ppo_mod
+
+        intact = ppo_mod.clipped_surrogate
+        monkeypatch.setattr(ppo_mod, "clipped_surrogate", lambda a, r, c: -intact(a, r, c))
+    return request.param
+
+
+def test_ppo_update_moves_log_prob_with_the_advantage(loss_sign):
     torch.manual_seed(0)
     pol = ResidualPolicy(ResidualConfig(obs_keys=["o"], obs_dims={"o": 3}, action_dim=2, hidden=(32, 32)))
     x = torch.randn(256, pol.config.in_dim)
@@ -113,11 +124,12 @@ def test_ppo_update_moves_log_prob_with_the_advantage():
                                                     "advantage": adv, "return": torch.zeros(256)})
     with torch.no_grad():
         delta = pol.dist(x).log_prob(step.residual).sum(-1) - step.log_prob
-    assert delta[adv > 0].mean() > 0.01 and delta[adv < 0].mean() < -0.01
-    assert (delta[adv > 0] > 0).float().mean() > 0.7 and (delta[adv < 0] < 0).float().mean() > 0.7
+    learned = bool(delta[adv > 0].mean() > 0.01 and delta[adv < 0].mean() < -0.01
+                   and (delta[adv > 0] > 0).float().mean() > 0.7 and (delta[adv < 0] < 0).float().mean() > 0.7)
+    assert learned == (loss_sign == "intact"), (loss_sign, delta[adv > 0].mean(), delta[adv < 0].mean())
 
 
-def test_residual_cancels_a_biased_base(tmp_path):
+def test_residual_cancels_a_biased_base(tmp_path, loss_sign):
     """~5k env steps (10 PPO updates, ~3 s on one core): from ~6 % (base alone) to >= 90 % deterministic
     success, with the executed correction within 0.1 of -BIAS."""
     ppo = PPOConfig(total_env_steps=5120, n_envs=8, n_steps=64, lr_actor=3e-3, gamma=0.5, gae_lambda=0.5,
@@ -128,6 +140,9 @@ def test_residual_cancels_a_biased_base(tmp_path):
     base_rate, _ = _deterministic_rollouts(pol, residual=False)
     rate, corr = _deterministic_rollouts(pol)
     assert base_rate < 0.2, base_rate
+    if loss_sign != "intact":
+        assert rate < 0.5, (rate, curve[-1])  # broken learning must not pass
+        return
     assert rate >= 0.9, (rate, curve[-1])
     assert np.all(np.abs(corr + BIAS) < 0.1), corr
     assert (tmp_path / "checkpoint").is_dir() and not (tmp_path / "checkpoint_best").exists()

@@ -97,6 +97,12 @@ def make_optimizer(pol: ResidualPolicy, cfg: PPOConfig) -> torch.optim.Adam:
                              {"params": pol.critic.parameters(), "lr": cfg.lr_critic}], eps=1e-5)
 
 
+def clipped_surrogate(advantage: torch.Tensor, ratio: torch.Tensor, clip_coef: float) -> torch.Tensor:
+    """PPO's clipped surrogate policy loss (Schulman et al. 2017, eq. 7, negated for minimisation):
+    ``mean(max(-A·r, -A·clip(r, 1-eps, 1+eps)))`` over (M,) advantages and probability ratios."""
+    return torch.max(-advantage * ratio, -advantage * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+
+
 def ppo_update(pol: ResidualPolicy, opt: torch.optim.Optimizer, cfg: PPOConfig, batch: dict) -> dict:
     """One PPO update (clipped surrogate + value loss + optional residual L2) on a flat rollout.
 
@@ -119,7 +125,7 @@ def ppo_update(pol: ResidualPolicy, opt: torch.optim.Optimizer, cfg: PPOConfig, 
             ratio = (logp - LOGP[idx]).exp()
             a = ADV[idx]
             a = (a - a.mean()) / (a.std() + 1e-8)
-            pl = torch.max(-a * ratio, -a * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
+            pl = clipped_surrogate(a, ratio, cfg.clip_coef)
             vl = 0.5 * (pol.value(X[idx]) - RET[idx]).pow(2).mean()
             l2 = 0.5 * d.mean.pow(2).sum(-1).mean()
             loss = pl + cfg.vf_coef * vl + cfg.residual_l2 * l2

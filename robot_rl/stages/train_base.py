@@ -51,7 +51,9 @@ class BaseTrainConfig:
     sources: list = field(default_factory=list)
 
 
-RUN_FILES = ("checkpoint", "train_summary.json", "train_config.json", "config.yaml", "tb")  # what a run writes
+# what a training run writes (train-base; train-residual adds the best-on-validation checkpoint and its curves)
+RUN_FILES = ("checkpoint", "checkpoint_best", "train_summary.json", "train_config.json", "config.yaml", "tb",
+             "learning_curve.json", "validation.json", "ppo_config.json")
 
 
 def check_run_dir(out: str | Path, overwrite: bool = False, replace: bool = False) -> None:
