@@ -725,8 +725,3 @@ def write_config(cfg: Config, out_dir: str | Path, argv: Sequence[str] | None = 
     p = out / "config.yaml"
     p.write_text(head + cfg.to_yaml())
     return p
-
-
-def default_yaml(command: str) -> str:
-    """The fully resolved default config of ``command`` as YAML."""
-    return resolve(command, check=False).to_yaml()
