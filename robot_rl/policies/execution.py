@@ -320,6 +320,29 @@ class ChunkExecutor:
                 s.queue.add(chunks[j][:keep], s.t)
         return np.stack([s.action() for s in self.streams])
 
+    def final_actions(self, mask: np.ndarray, obs: dict) -> np.ndarray:
+        """The base action each env of ``mask`` (bool (N,)) would execute next at ``obs`` (batched raw obs, the
+        final observation of an episode that just ended), (N, A) raw float32; rows outside ``mask`` are NaN.
+
+        For bootstrapping a truncated episode in off-policy RL: the frame is appended to those envs' histories and
+        their queued chunk is used (one batched ``predict_chunk`` for those whose queue is empty), so the action
+        is what the base would have done had the episode gone on. Call :meth:`reset` on those envs afterwards."""
+        out = np.full((self.n, self.policy.config.action_dim), np.nan, dtype=np.float32)
+        idx = np.flatnonzero(mask)
+        if not len(idx):
+            return out
+        self.observe(obs, mask)
+        need = [i for i in idx if self.streams[i].needs_chunk(self.threshold)]
+        if need:
+            chunks = predict_chunks(self.policy, [self.streams[i] for i in need], self.keys, self.gen)
+            self.calls += 1
+            self.chunks += len(need)
+            for j, i in enumerate(need):
+                self.streams[i].queue.add(chunks[j], self.streams[i].t)
+        for i in idx:
+            out[i] = self.streams[i].action()
+        return out
+
     def actions(self) -> np.ndarray:
         """Next base action for every env, (N, A) raw float32 (consumed: every env's clock advances one step)."""
         a = self.peek()

@@ -8,7 +8,11 @@ Ended episodes are reset with their own seeds from a :class:`~robot_rl.envs.vect
 runs with autoreset disabled), AFTER their final observation has been put into the transition's ``next_obs``.
 
 The interface knows nothing of the learner: PPO (:mod:`robot_rl.rl.ppo`) stores transitions in a rollout buffer,
-an off-policy learner would store ``(x, residual, reward, terminated, truncated, next_obs)`` in a replay buffer.
+TD3 (:mod:`robot_rl.rl.td3`) stores ``(x, residual, reward, terminated, truncated, next_x)`` in a replay buffer
+(:mod:`robot_rl.rl.replay`). With ``next_features=True`` the collector also gives ``next_x``, the residual features
+of the true next observation with the base action the base executes there (for an ended episode: the action it
+would have executed had the episode gone on, :meth:`~robot_rl.policies.execution.ChunkExecutor.final_actions`),
+which an off-policy critic bootstraps from.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Transition:
         success: (N,) bool, the env's ``info["success"]`` at this step.
         episode_seed: (N,) int64, the reset seed of the episode this step belongs to.
         episode_length: (N,) int64, steps of that episode so far, this one included.
+        next_x: (N, F) residual features of ``next_obs`` with the next base action, or None (collector built
+            without ``next_features``).
     """
 
     obs: dict
@@ -59,6 +65,7 @@ class Transition:
     success: np.ndarray
     episode_seed: np.ndarray
     episode_length: np.ndarray
+    next_x: torch.Tensor | None = None
 
     @property
     def done(self) -> np.ndarray:
@@ -81,13 +88,16 @@ class Collector:
         align_chunks: ChunkExecutor ``align_chunks``.
         explore: ``x (N, F) -> ActorStep(residual, log_prob, value)``, the exploring actor; default
             ``policy.explore``. Called without gradients.
+        next_features: also compute :attr:`Transition.next_x` (one extra batched base call when episodes end
+            with an empty chunk queue).
 
     Call :meth:`reset` once, then :meth:`step` (or :meth:`rollout`); :meth:`close` closes ``venv``.
     """
 
     def __init__(self, venv, base, policy, *, seed_start: int, executor_seed: int = 0, align_chunks: bool = False,
-                 explore: Callable | None = None):
+                 explore: Callable | None = None, next_features: bool = False):
         self.venv, self.base, self.policy = venv, base, policy
+        self.next_features = next_features
         self.explore = policy.explore if explore is None else explore
         self.normalizer = base.normalizer
         self.n_envs = int(venv.num_envs)
@@ -139,11 +149,17 @@ class Collector:
                         terminated=term, truncated=trunc, next_obs=next_obs,
                         success=np.asarray(info.get("success", np.zeros(self.n_envs)), dtype=bool),
                         episode_seed=self.episode_seed.copy(), episode_length=self.episode_length.copy())
+        final_base = self.executor.final_actions(done, next_obs) if self.next_features else None
         if done.any():
             self._start(done, next_obs)  # reset_some returns a new dict: next_obs keeps the final observations
         else:
             self.obs = next_obs
         self.executor.observe(self.obs, ~done)
+        if self.next_features:  # peek: the same batched call the next step's base_action() would make
+            nb = self.executor.peek()
+            nb[done] = final_base[done]
+            nb_n = self.normalizer.normalize("action", torch.as_tensor(nb))
+            tr.next_x = self.policy.features(self.normalizer, next_obs, nb_n)
         return tr
 
     def rollout(self, n_steps: int) -> Iterator[Transition]:

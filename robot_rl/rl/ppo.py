@@ -30,6 +30,7 @@ from robot_rl.progress import progress_bar
 from robot_rl.rl.buffers import RolloutBuffer
 from robot_rl.rl.collector import Collector
 from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, save_residual
+from robot_rl.rl.validation import Validation
 
 
 @dataclass
@@ -208,7 +209,7 @@ def train_residual(base, task: str, ppo: PPOConfig, out_dir: str | Path, *, resi
     buf = RolloutBuffer(T, N, rcfg.in_dim, rcfg.action_dim)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    val = _Validation(validate, ppo, out, checkpoint_extra)
+    val = Validation(validate, ppo.val_every, ppo.val_episodes, out, checkpoint_extra)
     n_updates = max(1, ppo.total_env_steps // (N * T))
     curve, steps, t0 = [], 0, time.time()
     bar = progress_bar(total=n_updates * N * T, desc="residual PPO", unit="step", disable=not progress)
@@ -249,33 +250,3 @@ def train_residual(base, task: str, ppo: PPOConfig, out_dir: str | Path, *, resi
     (out / "learning_curve.json").write_text(json.dumps(curve, indent=1))
     (out / "ppo_config.json").write_text(json.dumps(asdict(ppo), indent=1))
     return pol, curve
-
-
-class _Validation:
-    """Validation schedule, best-checkpoint keeping and ``validation.json`` for :func:`train_residual`."""
-
-    def __init__(self, validate: Callable | None, ppo: PPOConfig, out: Path, extra: dict | None):
-        self.fn, self.every, self.n_episodes = validate, ppo.val_every, ppo.val_episodes
-        self.out, self.extra = out, dict(extra or {})
-        self.rows: list[dict] = []
-        self.best: dict | None = None
-
-    def due(self, steps: int, last: bool) -> bool:
-        if self.fn is None or self.every <= 0:
-            return False
-        done_at = self.rows[-1]["env_steps"] if self.rows else 0
-        return last or steps // self.every > done_at // self.every
-
-    def run(self, pol: ResidualPolicy, steps: int) -> float:
-        with torch.random.fork_rng(devices=[]):
-            score = float(self.fn(pol, self.n_episodes))
-        if not 0.0 <= score <= 1.0:
-            raise ConfigError("validate", f"returned {score}, not a success rate in [0, 1]",
-                              "return the validation episodes' success rate")
-        self.rows.append({"env_steps": steps, "val_success": score})
-        if self.best is None or score > self.best["val_success"]:
-            self.best = dict(self.rows[-1])
-            save_residual(pol, self.out / "checkpoint_best", extra={**self.extra, **self.best})
-        (self.out / "validation.json").write_text(json.dumps(
-            {"episodes": self.n_episodes, "val_every": self.every, "best": self.best, "rows": self.rows}, indent=1))
-        return score

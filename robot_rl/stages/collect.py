@@ -81,6 +81,8 @@ def collect(store_path: str | Path, task: str, n_episodes: int, *, seed: int = 0
     expert = ScriptedExpert(task, noise=noise, bias=bias, pos_scale=env.controller.cfg.pos_scale,
                             yaw_scale=env.controller.cfg.yaw_scale)
     max_attempts = max_attempts or 4 * n_episodes
+    # the task settings the success flags were judged under (an off-policy learner checks them: robot_rl.rl.replay)
+    recorded = {k: getattr(env.task, k) for k in ("tolerance", "max_steps", "lift_height") if hasattr(env.task, k)}
     kept, attempts, successes, s = 0, 0, 0, seed
     bar = progress_bar(total=n_episodes, desc=f"collect {task}", unit="ep", disable=not progress)
     try:
@@ -91,7 +93,7 @@ def collect(store_path: str | Path, task: str, n_episodes: int, *, seed: int = 0
             if ok or not only_success:
                 episode.commit(store, seed=s, task=task, source="scripted", success=ok, backend=backend,
                                extra={"params": env.params, "noise": noise, "bias": bias,
-                                      "randomization": env.randomization})
+                                      "randomization": env.randomization, "task_kwargs": recorded})
                 kept += 1
                 bar.update(1)
             s += 1

@@ -1,0 +1,406 @@
+"""Off-policy residual RL with TD3 over a frozen chunking base, ResFiT style (Ankile et al. 2025, "Residual
+Off-Policy RL for Finetuning Behavior Cloning Policies"), with RLPD's demonstration replay (Ball et al. 2023).
+
+Algorithm (one file, top to bottom):
+
+- Actor: the deployable :class:`~robot_rl.rl.residual.ResidualPolicy` with the ``tanh`` head (residual in
+  [-1, 1], executed as ``clip(base + alpha * residual, -1, 1)``, last layer zero: the untrained residual is the
+  base). Critic: a :class:`~robot_rl.rl.heads.QEnsemble` of K LayerNorm heads in one batched matmul per layer.
+- Target (REDQ, Chen et al. 2021; TD3, Fujimoto et al. 2018): ``y = R + discount * min_{k in M} Q'_k(x', a')``
+  with ``M`` a random subset of ``n_target_critics`` heads and ``a' = clip(pi'(x') + clip(eps, -c, c), -1, 1)``,
+  ``eps ~ N(0, target_noise)`` (target-policy smoothing); ``R`` and ``discount`` are n-step
+  (:mod:`robot_rl.rl.replay`: truncations bootstrapped, terminations not).
+- Updates: every head regresses on the same ``y``; the actor maximises the mean over heads of ``Q_k(x, pi(x))``
+  every ``policy_delay`` critic updates (delayed actor updates), after ``critic_warmup_updates`` critic-only
+  updates; Polyak-averaged targets (``tau``); global gradient-norm clipping per optimiser.
+- Data: ``utd_ratio`` gradient updates per env transition (RLPD's definition); each batch half online, half
+  demonstrations (``demo_ratio``; :func:`~robot_rl.rl.replay.sample_mixed`), the demos relabelled with the frozen
+  base's actions (:func:`~robot_rl.rl.replay.demo_buffer`).
+- Exploration: the first ``learning_starts`` env steps execute base + uniform noise of ``warmup_noise`` residual
+  units (ResFiT's ``use_base_policy_for_warmup``); after that ``pi(x) + N(0, explore_std)``, clipped to [-1, 1].
+
+Resume: ``out_dir/state`` (written every ``checkpoint_every`` env steps and at the end) holds the actor, critics,
+their targets, both optimisers, the online replay buffer, the RNG states and the counters in one safetensors file
+(+ JSON), no pickle. ``train_residual_td3(..., resume=True)`` continues from it: in-flight episodes are not in a
+checkpoint (the simulators' states are not saved), so the resumed run starts fresh episodes with the next seeds of
+the same seed schedule; everything learned and every stored transition carries over.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from robot_rl.envs.vector import TRAIN_SEED_START, env_kwargs_for, make_vector_env
+from robot_rl.errors import ConfigError
+from robot_rl.progress import progress_bar
+from robot_rl.rl.collector import Collector
+from robot_rl.rl.heads import QEnsemble
+from robot_rl.rl.replay import NStep, ReplayBuffer, demo_buffer, sample_mixed
+from robot_rl.rl.residual import ActorStep, ResidualConfig, ResidualPolicy, save_residual
+from robot_rl.rl.validation import Validation
+
+STATE_FORMAT = "robot_rl.td3_state"
+
+
+@dataclass
+class TD3Config:
+    """TD3 hyper-parameters, each with its source (the residual model's fields are in
+    :class:`~robot_rl.rl.residual.ResidualConfig`, whose ``alpha`` 0.1 is ResFiT's residual scale).
+
+    ResFiT's defaults were tuned for GPU learners; the presets of :mod:`robot_rl.pipeline` set smaller critics and a
+    lower UTD so that a run fits a 2-core CPU, and say so.
+    """
+
+    total_env_steps: int = 100_000  # env transitions, summed over all envs
+    n_envs: int = 8  # parallel envs (one subprocess each)
+    batch_size: int = 256  # ResFiT / RLPD
+    # gradient updates per env transition (RLPD's UTD). ResFiT: 4 updates per vector step of its envs.
+    utd_ratio: float = 0.5
+    n_step: int = 3  # n-step returns (ResFiT: 3)
+    gamma: float = 0.99  # discount (ResFiT: 0.99-0.995)
+    n_critics: int = 10  # Q ensemble size K (REDQ, ResFiT: 10)
+    n_target_critics: int = 2  # heads in the target's min (REDQ: a random 2 of K)
+    critic_hidden: tuple = (256, 256)  # widths of each Q head (LayerNorm + ReLU after each)
+    lr_actor: float = 1e-6  # Adam (ResFiT: 1e-6 to 5e-6; the tiny rate keeps the residual near the base)
+    lr_critic: float = 1e-4  # Adam (ResFiT: 1e-4)
+    tau: float = 0.005  # Polyak rate of both target networks (TD3, ResFiT: 0.005)
+    policy_delay: int = 2  # critic updates per actor update (TD3: 2)
+    target_noise: float = 0.2  # std of the target-policy smoothing noise, residual units (TD3: 0.2)
+    target_noise_clip: float = 0.5  # clip of that noise (TD3: 0.5)
+    explore_std: float = 0.1  # Gaussian exploration noise, residual units (ResFiT: 0.025-0.05 action units)
+    learning_starts: int = 5_000  # env steps of warm-up exploration before any update (ResFiT: 10 000)
+    warmup_noise: float = 0.2  # warm-up residual ~ U(-w, w), residual units (ResFiT: random_action_noise_scale 0.2)
+    critic_warmup_updates: int = 2_000  # critic-only updates before the actor trains (ResFiT: 10 000)
+    max_grad_norm: float = 1.0  # global gradient-norm clip of each optimiser step
+    demo_ratio: float = 0.5  # share of each batch from demonstrations (RLPD symmetric sampling: 0.5)
+    use_interventions: bool = True  # human intervention steps join the demo side (HIL-SERL)
+    intervention_penalty: float = 0.0  # reward penalty on the step before an intervention (RLIF); 0: off
+    buffer_size: int = 1_000_000  # online replay capacity (transitions)
+    align_chunks: bool = True  # one batched base call for all envs per Ta steps (see ChunkExecutor)
+    log_every: int = 2_000  # env steps between learning-curve rows
+    checkpoint_every: int = 0  # env steps between resumable ``state`` checkpoints (0: at the end only)
+    seed: int = 0  # torch seed, base sampling seed and training episode seeds (TRAIN_SEED_START + seed * 10^7)
+    val_every: int = 10_000  # env steps between validations (and one at the end) when validate is given; 0: off
+    val_episodes: int = 50  # episodes per validation
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field."""
+        for k in ("total_env_steps", "n_envs", "batch_size", "n_step", "n_critics", "policy_delay", "buffer_size",
+                  "log_every", "val_episodes"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"td3.{k}", f"{getattr(self, k)} < 1", "use a positive integer")
+        if not 1 <= self.n_target_critics <= self.n_critics:
+            raise ConfigError("td3.n_target_critics", f"{self.n_target_critics} not in 1..n_critics "
+                              f"({self.n_critics})", "use 2 (REDQ) or at most n_critics")
+        if not 0.0 <= self.demo_ratio <= 1.0:
+            raise ConfigError("td3.demo_ratio", f"{self.demo_ratio} outside [0, 1]", "use 0.5 (RLPD) or 0 (no demos)")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ConfigError("td3.gamma", f"{self.gamma} outside (0, 1]", "use e.g. 0.99")
+        for k in ("utd_ratio", "tau", "lr_actor", "lr_critic", "max_grad_norm"):
+            if not getattr(self, k) > 0:
+                raise ConfigError(f"td3.{k}", f"{getattr(self, k)} <= 0", "use a positive number")
+        for k in ("target_noise", "target_noise_clip", "explore_std", "warmup_noise", "intervention_penalty",
+                  "learning_starts", "critic_warmup_updates", "checkpoint_every", "val_every"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"td3.{k}", f"{getattr(self, k)} < 0", "use 0 (off) or a positive value")
+        if not self.critic_hidden or any(int(h) < 1 for h in self.critic_hidden):
+            raise ConfigError("td3.critic_hidden", f"{list(self.critic_hidden)} is not a list of positive widths",
+                              "use e.g. [256, 256]")
+
+
+def td_target(reward: torch.Tensor, discount: torch.Tensor, next_q: torch.Tensor) -> torch.Tensor:
+    """The TD target ``reward + discount * next_q`` (B,): n-step return plus the discounted bootstrap (``discount``
+    is 0 after a termination, :mod:`robot_rl.rl.replay`). The one place the target is formed."""
+    return reward + discount * next_q
+
+
+class TD3Learner:
+    """Networks, optimisers and the update of residual TD3 (see the module doc).
+
+    Args:
+        policy: the residual actor (``tanh`` head); trained in place.
+        cfg: :class:`TD3Config`.
+    """
+
+    def __init__(self, policy: ResidualPolicy, cfg: TD3Config):
+        if policy.config.head != "tanh":
+            raise ConfigError("residual.head", f"TD3 trains the tanh head, not {policy.config.head!r}",
+                              "use residual.head=tanh (the default with --algo td3)")
+        self.cfg, self.policy = cfg, policy
+        rc = policy.config
+        self.actor_target = copy.deepcopy(policy).requires_grad_(False)
+        self.critic = QEnsemble(rc.in_dim, rc.action_dim, tuple(int(h) for h in cfg.critic_hidden), cfg.n_critics)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.opt_actor = torch.optim.Adam(policy.actor.parameters(), lr=cfg.lr_actor)
+        self.opt_critic = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic)
+        self.updates = 0  # critic updates so far
+        self.actor_updates = 0
+
+    def update(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One critic update (and, when due, one actor update + target Polyak step) on a batch of
+        :data:`~robot_rl.rl.replay.FIELDS`. Returns {critic_loss, q_mean, target_mean[, actor_loss]}."""
+        cfg = self.cfg
+        x, res, nx = batch["x"], batch["residual"], batch["next_x"]
+        with torch.no_grad():
+            eps = (torch.randn_like(res) * cfg.target_noise).clamp(-cfg.target_noise_clip, cfg.target_noise_clip)
+            a2 = (self.actor_target.actor(nx) + eps).clamp(-1.0, 1.0)
+            q2 = self.critic_target(nx, a2)
+            heads = torch.randperm(cfg.n_critics)[:cfg.n_target_critics]
+            y = td_target(batch["reward"], batch["discount"], q2[heads].min(0).values)
+        q = self.critic(x, res)
+        critic_loss = (q - y).pow(2).mean(1).sum()  # each head's own MSE
+        self.opt_critic.zero_grad()
+        critic_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
+        self.opt_critic.step()
+        self.updates += 1
+        out = {"critic_loss": float(critic_loss.detach()) / cfg.n_critics, "q_mean": float(q.detach().mean()),
+               "target_mean": float(y.mean())}
+        if self.updates > cfg.critic_warmup_updates and self.updates % cfg.policy_delay == 0:
+            self.critic.requires_grad_(False)
+            actor_loss = -self.critic(x, self.policy.actor(x)).mean()
+            self.critic.requires_grad_(True)
+            self.opt_actor.zero_grad()
+            actor_loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.policy.actor.parameters(), cfg.max_grad_norm)
+            self.opt_actor.step()
+            self.actor_updates += 1
+            out["actor_loss"] = float(actor_loss.detach())
+            _polyak(self.actor_target, self.policy, cfg.tau)
+        _polyak(self.critic_target, self.critic, cfg.tau)
+        return out
+
+    # ---- checkpoint
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the learner (networks, targets, optimiser moments) under prefixed names."""
+        out = {}
+        for name, mod in (("actor", self.policy), ("actor_target", self.actor_target), ("critic", self.critic),
+                          ("critic_target", self.critic_target)):
+            out.update({f"{name}.{k}": v for k, v in mod.state_dict().items()})
+        for name, opt in (("opt_actor", self.opt_actor), ("opt_critic", self.opt_critic)):
+            for i, st in opt.state_dict()["state"].items():
+                out.update({f"{name}.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
+        return out
+
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`tensors`. Raises ConfigError for missing or mis-shaped tensors."""
+        from robot_rl.policies.checkpoint import load_state_strict
+
+        for name, mod in (("actor", self.policy), ("actor_target", self.actor_target), ("critic", self.critic),
+                          ("critic_target", self.critic_target)):
+            load_state_strict(mod, {k[len(name) + 1:]: v for k, v in t.items() if k.startswith(name + ".")})
+        for name, opt in (("opt_actor", self.opt_actor), ("opt_critic", self.opt_critic)):
+            sd = opt.state_dict()
+            state: dict[int, dict] = {}
+            for k, v in t.items():
+                if k.startswith(name + "."):
+                    i, key = k[len(name) + 1:].split(".", 1)
+                    state.setdefault(int(i), {})[key] = v.clone()
+            sd["state"] = state
+            opt.load_state_dict(sd)
+
+
+def _polyak(target: torch.nn.Module, source: torch.nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for tp, p in zip(target.parameters(), source.parameters()):
+            tp.lerp_(p, tau)
+
+
+class Explorer:
+    """The exploring actor the collector calls: base + U(-warmup_noise, warmup_noise) before ``learning_starts``
+    env steps, then ``clip(pi(x) + N(0, explore_std), -1, 1)`` (residual units). Draws from torch's global RNG."""
+
+    def __init__(self, policy: ResidualPolicy, cfg: TD3Config):
+        self.policy, self.cfg, self.warm = policy, cfg, True
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> ActorStep:
+        shape = (x.shape[0], self.policy.config.action_dim)
+        if self.warm:
+            return ActorStep((torch.rand(shape) * 2 - 1) * self.cfg.warmup_noise)
+        res = self.policy.actor(x) + torch.randn(shape) * self.cfg.explore_std
+        return ActorStep(res.clamp(-1.0, 1.0))
+
+
+def _env_obs_dims(venv) -> dict:
+    space = venv.single_observation_space
+    return {k: int(np.prod(s.shape)) for k, s in space.spaces.items()}
+
+
+def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, residual: ResidualConfig | None = None,
+                       demos: str | Path | None = None, task_kwargs: dict | None = None,
+                       env_kwargs: dict | None = None, writer=None, progress: bool = True,
+                       validate: Callable | None = None, checkpoint_extra: dict | None = None,
+                       make_venv: Callable | None = None, resume: bool = False) -> tuple[ResidualPolicy, list]:
+    """Train a residual with TD3 on top of the frozen ``base`` (state observations).
+
+    Args:
+        base, task, task_kwargs, env_kwargs, writer, validate, checkpoint_extra, make_venv: as for
+            :func:`robot_rl.rl.ppo.train_residual` (``validate`` every ``td3.val_every`` env steps, best kept in
+            ``checkpoint_best``).
+        td3: algorithm settings; ``residual``: model settings (default ``ResidualConfig(head="tanh")``).
+        demos: a zarr store of demonstrations for the demo side of the replay (:func:`robot_rl.rl.replay.demo_buffer`);
+            None (or ``td3.demo_ratio`` 0): online replay only.
+        resume: continue the run saved in ``out_dir/state`` (ConfigError when there is none).
+
+    Writes ``out_dir/{checkpoint, state, learning_curve.json, td3_config.json}`` (+ ``checkpoint_best``,
+    ``validation.json``). Returns (the residual, learning-curve rows {env_steps, episodes, success_rate, wall_s,
+    updates, actor_updates, utd, critic_loss, q_mean, target_mean, actor_loss, residual_abs, online_size,
+    demo_size, intervention_share, base_calls[, val_success]}), one row per ``log_every`` env steps.
+    Raises ConfigError for bad configs, an image base, or a bad demo store.
+    """
+    td3.validate()
+    base.freeze()
+    bc = base.config
+    if bc.image_keys:
+        raise ConfigError("base.image_keys", "residual TD3 currently runs on state observations only",
+                          "train the base on low-dim obs keys")
+    out = Path(out_dir)
+    state_dir = out / "state"
+    if resume and not (state_dir / "model.safetensors").is_file():
+        raise ConfigError("resume", f"no saved state in {state_dir}", "run without --resume to start the run")
+    torch.manual_seed(td3.seed)
+    N = td3.n_envs
+    venv = make_venv(N) if make_venv is not None else make_vector_env(
+        task, N, task_kwargs=task_kwargs, **env_kwargs_for(bc, task, task_kwargs, env_kwargs))
+    try:
+        rcfg = (residual or ResidualConfig(head="tanh")).derive(bc, task, _env_obs_dims(venv))
+        pol = ResidualPolicy(rcfg)
+        learner = TD3Learner(pol, td3)
+        demo_buf, demo_stats = None, {"transitions": 0, "intervention_steps": 0}
+        if demos is not None and td3.demo_ratio > 0:
+            from robot_rl.envs.tasks import make_task
+
+            tk = make_task(task, **(task_kwargs or {}))
+            demo_buf, demo_stats = demo_buffer(demos, base, pol, n_step=td3.n_step, gamma=td3.gamma, task=task,
+                                               max_steps=tk.max_steps, tolerance=getattr(tk, "tolerance", None),
+                                               intervention_penalty=td3.intervention_penalty,
+                                               use_interventions=td3.use_interventions, seed=td3.seed)
+    except ConfigError:
+        venv.close()
+        raise
+    online = ReplayBuffer(min(td3.buffer_size, td3.total_env_steps), rcfg.in_dim, rcfg.action_dim)
+    explorer = Explorer(pol, td3)
+    seed_start = TRAIN_SEED_START + td3.seed * 10_000_000
+    steps, curve = 0, []
+    if resume:
+        steps, curve, seed_start = _load_state(state_dir, learner, online, out)
+    col = Collector(venv, base, pol, seed_start=seed_start, executor_seed=td3.seed + steps,
+                    align_chunks=td3.align_chunks, explore=explorer, next_features=True)
+    nstep = NStep(N, td3.n_step, td3.gamma)
+    out.mkdir(parents=True, exist_ok=True)
+    val = Validation(validate, td3.val_every, td3.val_episodes, out, checkpoint_extra)
+    if resume:
+        val.restore()
+    gen = torch.Generator().manual_seed(td3.seed + steps)
+    t0 = time.time() - (curve[-1]["wall_s"] if curve else 0.0)
+    window = {"succ": [], "stats": [], "res": []}
+    bar = progress_bar(total=td3.total_env_steps, desc="residual TD3", unit="step", disable=not progress)
+    bar.update(steps)
+    next_log = (steps // td3.log_every + 1) * td3.log_every
+    next_ckpt = (steps // td3.checkpoint_every + 1) * td3.checkpoint_every if td3.checkpoint_every else None
+    try:
+        col.reset()
+        while steps < td3.total_env_steps:
+            explorer.warm = steps < td3.learning_starts
+            tr = col.step()
+            steps += N
+            bar.update(N)
+            online.add(*nstep.push(tr.x, tr.residual, tr.reward, tr.terminated, tr.truncated, tr.next_x).values())
+            window["succ"].extend(bool(s) for s in tr.success[tr.done])
+            window["res"].append(float(tr.residual.abs().mean()))
+            if steps >= td3.learning_starts:
+                owed = int((steps - td3.learning_starts) * td3.utd_ratio) - learner.updates
+                for _ in range(owed):
+                    window["stats"].append(learner.update(
+                        sample_mixed(online, demo_buf, td3.batch_size, td3.demo_ratio, gen)))
+            last = steps >= td3.total_env_steps
+            if steps >= next_log or last:
+                next_log += td3.log_every
+                row = _row(steps, window, learner, online, demo_buf, demo_stats, col, t0)
+                if val.due(steps, last=last):
+                    row["val_success"] = val.run(pol, steps)
+                curve.append(row)
+                window = {"succ": [], "stats": [], "res": []}
+                bar.set_postfix(success=f"{row['success_rate']:.2f}", q=f"{row['q_mean']:.2f}")
+                if writer is not None:
+                    for k, v in row.items():
+                        if k != "env_steps" and isinstance(v, (int, float)) and math.isfinite(v):
+                            writer.add_scalar(f"residual/{k}", v, steps)
+            if next_ckpt is not None and (steps >= next_ckpt or last):
+                next_ckpt += td3.checkpoint_every
+                _save_state(state_dir, learner, online, steps, curve, col.seeds.next, td3)
+    finally:
+        bar.close()
+        col.close()
+    if next_ckpt is None:
+        _save_state(state_dir, learner, online, steps, curve, col.seeds.next, td3)
+    save_residual(pol, out / "checkpoint", extra={**(checkpoint_extra or {}), "env_steps": steps, "algo": "td3"})
+    (out / "learning_curve.json").write_text(json.dumps(curve, indent=1))
+    (out / "td3_config.json").write_text(json.dumps(asdict(td3), indent=1))
+    return pol, curve
+
+
+def _row(steps, window, learner, online, demo_buf, demo_stats, col, t0) -> dict:
+    st = window["stats"]
+    mean = lambda k: float(np.mean([s[k] for s in st if k in s])) if any(k in s for s in st) else float("nan")  # noqa
+    n_demo = len(demo_buf) if demo_buf is not None else 0
+    succ = window["succ"]
+    return {"env_steps": steps, "episodes": len(succ), "success_rate": float(np.mean(succ)) if succ else float("nan"),
+            "wall_s": time.time() - t0, "updates": learner.updates, "actor_updates": learner.actor_updates,
+            "utd": learner.updates / max(steps, 1), "critic_loss": mean("critic_loss"), "q_mean": mean("q_mean"),
+            "target_mean": mean("target_mean"), "actor_loss": mean("actor_loss"),
+            "residual_abs": float(np.mean(window["res"])) if window["res"] else float("nan"),
+            "online_size": len(online), "demo_size": n_demo,
+            "intervention_share": demo_stats["intervention_steps"] / max(1, demo_stats["transitions"]),
+            "base_calls": col.base_calls}
+
+
+def _save_state(d: Path, learner: TD3Learner, online: ReplayBuffer, steps: int, curve: list, next_seed: int,
+                td3: TD3Config) -> None:
+    """Write the resumable state (see the module doc) atomically per file."""
+    from robot_rl.policies.checkpoint import save_module_safetensors
+
+    tensors = learner.tensors()
+    buf = online.state()
+    tensors.update({f"replay.{k}": torch.as_tensor(v) for k, v in buf.items() if k != "added"})
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"env_steps": steps, "updates": learner.updates, "actor_updates": learner.actor_updates,
+            "replay_added": int(buf["added"]), "next_seed": int(next_seed), "td3": _jsonable(asdict(td3)),
+            "residual": _jsonable(asdict(learner.policy.config)),
+            "curve": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+                      for r in curve]}
+    save_module_safetensors(learner.critic, d, meta, format_name=STATE_FORMAT, state_dict=tensors)
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=list))
+
+
+def _load_state(d: Path, learner: TD3Learner, online: ReplayBuffer, out: Path) -> tuple[int, list, int]:
+    """Restore a :func:`_save_state` directory into ``learner`` and ``online``; returns (env steps, curve rows, the
+    next episode seed). Raises ConfigError for a state of another residual model."""
+    from robot_rl.policies.checkpoint import read_checkpoint
+
+    tensors, meta = read_checkpoint(d, STATE_FORMAT)
+    cfg = meta["config"]
+    want = _jsonable(asdict(learner.policy.config))
+    if cfg["residual"] != want:
+        raise ConfigError("resume", f"the saved residual model in {d} differs from this run's",
+                          "resume with the same base, task and residual settings (the run's config.yaml)")
+    learner.load_tensors({k: v for k, v in tensors.items() if not k.startswith(("replay.", "rng."))})
+    learner.updates, learner.actor_updates = int(cfg["updates"]), int(cfg["actor_updates"])
+    online.load_state({**{k[len("replay."):]: v for k, v in tensors.items() if k.startswith("replay.")},
+                       "added": cfg["replay_added"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    curve = [{k: (float("nan") if v is None else v) for k, v in r.items()} for r in cfg["curve"]]
+    return int(cfg["env_steps"]), curve, int(cfg["next_seed"])

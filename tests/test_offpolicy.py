@@ -1,0 +1,245 @@
+"""Residual TD3 and its replay: n-step returns by hand, truncation bootstrapped and termination not, demo
+relabelling with the frozen (chunking) base, the untrained residual is the base, TD3 learns a toy task (and fails
+with the critic target's sign flipped), and a resumed run continues the same run."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from robot_rl.datasets.store import ZarrStore
+from robot_rl.errors import ConfigError
+from robot_rl.policies.normalizer import Normalizer
+from robot_rl.rl.collector import Collector
+from robot_rl.rl.replay import NStep, ReplayBuffer, demo_buffer, relabel_base_actions, sample_mixed
+from robot_rl.rl.residual import ActorStep, ResidualConfig, ResidualPolicy, load_residual
+from robot_rl.rl.td3 import TD3Config, TD3Learner, train_residual_td3
+from test_learning import BIAS, BiasedBase, _deterministic_rollouts, point_venv
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _push(ns, x, r, term=False, trunc=False, nx=None):
+    f = torch.tensor([[float(x)]])
+    return ns.push(f, torch.zeros(1, 1), np.array([r], np.float32), np.array([term]), np.array([trunc]),
+                   torch.tensor([[float(nx if nx is not None else x + 1)]]))
+
+
+def test_n_step_returns_by_hand():
+    g = 0.5
+    ns = NStep(1, 3, g)
+    assert len(_push(ns, 0, 1.0)["x"]) == 0 and len(_push(ns, 1, 2.0)["x"]) == 0
+    out = _push(ns, 2, 4.0)  # x=0's window is complete: 1 + 0.5*2 + 0.25*4 = 3, bootstrap from x=3 with 0.5^3
+    assert out["x"].tolist() == [[0.0]] and out["reward"].tolist() == [3.0]
+    assert out["discount"].tolist() == [0.125] and out["next_x"].tolist() == [[3.0]]
+    # termination at the next step: every pending window ends there, none bootstraps
+    out = _push(ns, 3, 8.0, term=True, nx=99)
+    assert out["x"].flatten().tolist() == [1.0, 2.0, 3.0]
+    assert out["reward"].tolist() == [2 + 0.5 * 4 + 0.25 * 8, 4 + 0.5 * 8, 8.0]
+    assert out["discount"].tolist() == [0.0, 0.0, 0.0]
+    # truncation: the pending windows are cut there and bootstrap from the true final observation
+    _push(ns, 10, 0.0)
+    out = _push(ns, 11, 1.0, trunc=True, nx=42)
+    assert out["x"].flatten().tolist() == [10.0, 11.0]
+    assert out["reward"].tolist() == [0.5, 1.0] and out["discount"].tolist() == [0.25, 0.5]
+    assert out["next_x"].flatten().tolist() == [42.0, 42.0]
+
+
+def test_envs_keep_their_own_windows():
+    ns = NStep(2, 2, 1.0)
+    f = lambda a, b: torch.tensor([[a], [b]], dtype=torch.float32)  # noqa: E731
+    ns.push(f(0, 100), torch.zeros(2, 1), np.array([1, 10], np.float32), np.array([False, True]),
+            np.array([False, False]), f(1, 101))
+    out = ns.push(f(1, 200), torch.zeros(2, 1), np.array([2, 20], np.float32), np.zeros(2, bool), np.zeros(2, bool),
+                  f(2, 201))
+    assert out["x"].flatten().tolist() == [0.0] and out["reward"].tolist() == [3.0]
+
+
+def test_replay_buffer_wraps_and_round_trips():
+    buf = ReplayBuffer(4, 1, 1)
+    for i in range(6):
+        buf.add(torch.tensor([[i]]), torch.zeros(1, 1), torch.tensor([i]), torch.ones(1), torch.tensor([[i + 1]]))
+    assert len(buf) == 4 and buf.added == 6 and sorted(buf.x.flatten().tolist()) == [2, 3, 4, 5]
+    st = buf.state()
+    assert st["x"].flatten().tolist() == [2, 3, 4, 5]  # oldest first
+    other = ReplayBuffer(4, 1, 1)
+    other.load_state(st)
+    assert other.state()["x"].flatten().tolist() == [2, 3, 4, 5] and other.added == 6
+    with pytest.raises(ConfigError):
+        ReplayBuffer(4, 2, 1).load_state(st)
+    demos = ReplayBuffer(8, 1, 1)
+    demos.add(-torch.ones(8, 1), torch.zeros(8, 1), torch.zeros(8), torch.zeros(8), torch.zeros(8, 1))
+    b = sample_mixed(buf, demos, 10, 0.5)
+    assert (b["x"][:5] == -1).all() and (b["x"][5:] >= 2).all()
+
+
+def test_truncation_bootstraps_from_the_final_observation():
+    """Through the collector: a truncated transition's next_x is the final observation's features with the base
+    action the base takes there, and its stored discount is gamma^m; a terminated one's is 0."""
+    torch.manual_seed(0)
+    base = BiasedBase()
+    pol = ResidualPolicy(ResidualConfig(alpha=0.5, hidden=(16, 16), head="tanh").derive(base.config, "point",
+                                                                                           {"goal_rel": 2}))
+    col = Collector(point_venv(4, max_steps=5, tol=0.05), base, pol, seed_start=3, next_features=True,
+                    explore=lambda x: ActorStep(torch.zeros(x.shape[0], 2)))
+    ns = NStep(4, 2, 0.9)
+    col.reset()
+    seen = {"trunc": 0, "term": 0}
+    for tr in col.rollout(60):
+        expect_base = base.normalizer.normalize("action", torch.as_tensor(base.predict_chunk(
+            {"goal_rel": tr.next_obs["goal_rel"][:, None]})[:, 0]))
+        want = pol.features(base.normalizer, tr.next_obs, expect_base)
+        assert torch.allclose(tr.next_x, want, atol=1e-6)
+        out = ns.push(tr.x, tr.residual, tr.reward, tr.terminated, tr.truncated, tr.next_x)
+        for i in np.flatnonzero(tr.done):
+            last = out["x"].shape[0] - 1  # the env's last window is among this step's outputs
+            rows = [j for j in range(last + 1) if torch.equal(out["next_x"][j], tr.next_x[i])]
+            assert rows
+            if tr.truncated[i]:
+                seen["trunc"] += 1
+                assert sorted(out["discount"][rows].tolist()) == pytest.approx([0.81, 0.9][:len(rows)])
+            else:
+                seen["term"] += 1
+                assert out["discount"][rows].eq(0).all()
+    col.close()
+    assert seen["trunc"] > 5 and seen["term"] > 5
+
+
+class ChunkBase:
+    """A base that plans from the first observation of each chunk: Ta = 3 copies of ``obs * 2`` (clipped)."""
+
+    def __init__(self):
+        self.config = SimpleNamespace(obs_keys=["goal_rel"], obs_dims={"goal_rel": 2}, image_keys=[], n_obs_steps=1,
+                                      n_action_steps=3, action_dim=2, kind="bc")
+        unit = {"min": -np.ones(2, np.float32), "max": np.ones(2, np.float32)}
+        self.normalizer = Normalizer({"goal_rel": 2, "action": 2}, {"goal_rel": unit, "action": unit})
+
+    def predict_chunk(self, batch, generator=None, init_noise=None):
+        o = np.clip(2 * np.asarray(batch["goal_rel"])[:, -1], -1, 1)
+        return np.repeat(o[:, None], 3, axis=1).astype(np.float32)
+
+    def freeze(self):
+        return self
+
+
+def _demo_store(path, episodes):
+    st = ZarrStore.create(path)
+    for k, (obs, act, success, source, inter) in enumerate(episodes):
+        data = {"goal_rel": obs.astype(np.float32), "action": act.astype(np.float32)}
+        if inter is not None:
+            data["intervention"] = inter
+        st.add_episode(data, seed=k, task="point", source=source, success=success, backend="toy")
+    return path
+
+
+def test_demo_relabelling_uses_the_frozen_base(tmp_path):
+    rng = np.random.default_rng(0)
+    obs = [rng.uniform(-0.4, 0.4, (7, 2)), rng.uniform(-0.4, 0.4, (5, 2)), rng.uniform(-0.4, 0.4, (6, 2))]
+    acts = [rng.uniform(-1, 1, (len(o), 2)) for o in obs]
+    inter = np.array([False, False, True, True, False, False])
+    path = _demo_store(tmp_path / "d.zarr", [(obs[0], acts[0], True, "scripted", None),
+                                            (obs[1], acts[1], False, "teleop", None),
+                                            (obs[2], acts[2], False, "policy", inter)])
+    base = ChunkBase()
+    # the base's action at step t is planned at the start of t's chunk (t - t % 3), not at t
+    raw = relabel_base_actions(base, {"goal_rel": np.concatenate(obs)}, [7, 5, 6])
+    for o, a in zip(obs, np.split(raw, [7, 12])):
+        want = np.clip(2 * o[(np.arange(len(o)) // 3) * 3], -1, 1)
+        assert np.allclose(a, want, atol=1e-6)
+    pol = ResidualPolicy(ResidualConfig(alpha=0.5, hidden=(8,), head="tanh", fine_keys={}).derive(
+        base.config, "point", {"goal_rel": 2}))
+    buf, stats = demo_buffer(path, base, pol, n_step=1, gamma=0.9, task="point", max_steps=7)
+    # episode 0 (7 steps, success): all 7, reward 1 on the last; episode 1 (5 < 7 steps: terminal): all 5;
+    # episode 2 (policy): only its 2 intervention steps
+    assert stats == {"episodes": 3, "transitions": 14, "intervention_steps": 2, "successes": 1}
+    st = buf.state()
+    x, res = torch.as_tensor(st["x"]), torch.as_tensor(st["residual"])
+    base_part = x[:, -2:]  # the features end with the normalized base action
+    want_base = torch.as_tensor(np.concatenate([raw[:7], raw[7:12], raw[12 + 2:12 + 4]]))
+    assert torch.allclose(base_part, want_base, atol=1e-6)
+    executed = torch.as_tensor(np.concatenate([acts[0], acts[1], acts[2][2:4]]), dtype=torch.float32)
+    assert torch.allclose(res, ((executed - want_base) / 0.5).clamp(-1, 1), atol=1e-5)
+    assert st["reward"].tolist() == [0] * 6 + [1] + [0] * 7
+    assert st["discount"][6] == 0 and st["discount"][11] == 0 and st["discount"][0] == pytest.approx(0.9)
+    with pytest.raises(ConfigError, match="holds no"):
+        demo_buffer(path, base, pol, n_step=1, gamma=0.9, task="lift", max_steps=7)
+
+
+def test_untrained_residual_is_the_base():
+    base = BiasedBase()
+    pol = ResidualPolicy(ResidualConfig(hidden=(32, 32), head="tanh").derive(base.config, "point", {"goal_rel": 2}))
+    learner = TD3Learner(pol, TD3Config(n_critics=3, critic_hidden=(16,)))
+    obs = {"goal_rel": np.random.default_rng(1).uniform(-0.3, 0.3, (64, 2)).astype(np.float32)}
+    base_n = base.normalizer.normalize("action", torch.as_tensor(base.predict_chunk(
+        {"goal_rel": obs["goal_rel"][:, None]})[:, 0]))
+    assert torch.equal(pol.act(base.normalizer, obs, base_n), base_n.clamp(-1, 1))
+    assert torch.equal(learner.actor_target.mean_residual(pol.features(base.normalizer, obs, base_n)),
+                       torch.zeros(64, 2))
+    with pytest.raises(ConfigError, match="tanh"):
+        TD3Learner(ResidualPolicy(ResidualConfig(obs_keys=["o"], obs_dims={"o": 1})), TD3Config())
+
+
+TOY = dict(n_envs=8, batch_size=128, utd_ratio=0.5, n_critics=4, critic_hidden=(64, 64), lr_actor=1e-3,
+           lr_critic=1e-3, learning_starts=500, critic_warmup_updates=200, gamma=0.9, log_every=500, explore_std=0.2)
+TOY_RES = dict(alpha=0.5, hidden=(64, 64), head="tanh")
+
+
+@pytest.fixture(params=["intact", "target sign flipped"])
+def target_sign(request, monkeypatch):
+    """The learning test also runs with the critic target's sign flipped and must then fail: proof that it can."""
+    if request.param != "intact":
+        import robot_rl.rl.td3 as td3_mod
+
+        intact = td3_mod.td_target
+        monkeypatch.setattr(td3_mod, "td_target", lambda r, d, q: -intact(r, d, q))
+    return request.param
+
+
+def test_td3_cancels_a_biased_base(tmp_path, target_sign):
+    """4 000 env steps (~1 750 updates, a few seconds): from ~6 % (base alone) to >= 90 % deterministic success,
+    the executed correction within 0.1 of -BIAS."""
+    cfg = TD3Config(total_env_steps=4000, seed=0, **TOY)
+    pol, curve = train_residual_td3(BiasedBase(), "point", cfg, tmp_path, residual=ResidualConfig(**TOY_RES),
+                                    make_venv=point_venv, progress=False)
+    rate, corr = _deterministic_rollouts(pol)
+    if target_sign != "intact":
+        assert rate < 0.5, (rate, curve[-1])
+        return
+    assert _deterministic_rollouts(pol, residual=False)[0] < 0.2
+    assert rate >= 0.9, (rate, curve[-1])
+    assert np.all(np.abs(corr + BIAS) < 0.1), corr
+    assert curve[-1]["updates"] == int((4000 - 500) * 0.5) and curve[-1]["online_size"] > 3900
+    saved = load_residual(tmp_path / "checkpoint")
+    assert all(torch.equal(v, pol.state_dict()[k]) for k, v in saved.state_dict().items())
+
+
+def test_resumed_run_continues_the_same_run(tmp_path):
+    """A run stopped at 2 000 env steps and resumed to 4 000 keeps its curve, counters, buffer and learned weights
+    and learns on to the same result as the uninterrupted run."""
+    kw = dict(residual=ResidualConfig(**TOY_RES), make_venv=point_venv, progress=False)
+    _, straight = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=4000, **TOY), tmp_path / "s",
+                                     **kw)
+    _, first = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=2000, **TOY), tmp_path / "r", **kw)
+    saved = json.loads((tmp_path / "r" / "state" / "config.json").read_text())["config"]
+    assert saved["env_steps"] == 2000 and saved["updates"] == first[-1]["updates"]
+    pol, resumed = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=4000, **TOY), tmp_path / "r",
+                                      resume=True, **kw)
+    drop = ("wall_s",)
+    strip = lambda rows: json.dumps([{k: v for k, v in r.items() if k not in drop} for r in rows])  # noqa: E731
+    assert strip(resumed[:len(first)]) == strip(first)  # the first half is the stopped run's, unchanged
+    assert strip(first) == strip(straight[:len(first)])  # ... which is the straight run's first half
+    assert [r["env_steps"] for r in resumed] == [r["env_steps"] for r in straight]
+    assert resumed[-1]["updates"] == straight[-1]["updates"] and resumed[-1]["online_size"] > 3900
+    rate, _ = _deterministic_rollouts(pol)
+    assert rate >= 0.9, resumed[-1]
+    with pytest.raises(ConfigError, match="no saved state"):
+        train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=100, **TOY), tmp_path / "none",
+                           resume=True, **kw)
