@@ -57,7 +57,7 @@ def _resolve(a, **extra_flags):
     """The command's config from its flags (``a._flags``: dest -> field), ``--config`` files and ``--set``."""
     from robot_rl.config import resolve
 
-    flags = {field: getattr(a, dest) for dest, field in a._flags.items()}
+    flags = {f: getattr(a, dest) for dest, fields in a._flags.items() for f in fields.split("|")}
     flags.update(extra_flags)
     return _shown(a, resolve(a.cmd, files=a.config or [], flags=flags, sets=a.set or []))
 
@@ -101,26 +101,27 @@ def cmd_train_residual(a):
     from torch.utils.tensorboard import SummaryWriter
 
     from robot_rl.config import write_config
-    from robot_rl.pipeline import make_validator
+    from robot_rl.pipeline import train_residual_for
     from robot_rl.policies.checkpoint import load_policy
-    from robot_rl.rl.ppo import train_residual
     from robot_rl.stages.evaluation import plot_learning_curve
     from robot_rl.stages.train_base import check_run_dir
 
     _one_thread()
     cfg = _resolve(a)  # checked before anything is loaded or written
     out = Path(a.out)
-    check_run_dir(out, overwrite=a.overwrite)
+    if a.resume:
+        if cfg.algo != "td3":
+            raise ConfigError("resume", f"--resume continues a td3 run, not {cfg.algo}", "use --algo td3")
+    else:
+        check_run_dir(out, overwrite=a.overwrite)
     base = load_policy(a.base)
-    check_run_dir(out, overwrite=a.overwrite, replace=True)  # the base loaded: now the old run may go
-    ppo = cfg.ppo_config()
+    if not a.resume:
+        check_run_dir(out, overwrite=a.overwrite, replace=True)  # the base loaded: now the old run may go
     write_config(cfg, out, _argv())
     w = SummaryWriter(str(out / "tb"))
     try:
-        _, curve = train_residual(base, cfg.task.name, ppo, out, residual=cfg.residual_config(),
-                                  task_kwargs=cfg.task.kwargs, env_kwargs=cfg.env_kwargs(backend=True), writer=w,
-                                  validate=make_validator(base, cfg) if ppo.val_every else None,
-                                  checkpoint_extra={"base_checkpoint": str(a.base)})
+        _, curve = train_residual_for(cfg, base, out, demos=a.demos, writer=w, resume=a.resume,
+                                      checkpoint_extra={"base_checkpoint": str(a.base)})
     finally:
         w.close()
     plot_learning_curve(curve, out / "learning_curve.png")
@@ -295,8 +296,11 @@ def cmd_pipeline(a):
     cfg = _shown(a, resolve_config(a.preset, a.config or [], a.set or []))
     r = run_pipeline(cfg, a.out, argv=_argv())
     for name, v in r["results"].items():
+        pt = v.get("paired_vs_base")
+        paired = f"; vs base on the same seeds: +{pt['only_b']} / -{pt['only_a']} episodes, exact McNemar " \
+                 f"p = {pt['p_value']:.2g}" if pt else ""
         print(f"{name}: success {v['success_rate']:.3f} 95% CI [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] "
-              f"over {v['episodes']} held-out episodes")
+              f"over {v['episodes']} held-out episodes{paired}")
     print(f"wall time {r['wall_time_min']} min; report: {Path(a.out) / 'report.md'}")
 
 
@@ -392,12 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
      .field("--sources", "base.sources", "episode sources to train on: scripted teleop policy intervention "
                                          "(default: all)", nargs="*", metavar="SOURCE"))
 
-    (_Command(sub, "train-residual", cmd_train_residual, "residual PPO on top of a frozen base")
+    (_Command(sub, "train-residual", cmd_train_residual, "residual RL (PPO or TD3) on top of a frozen base")
      .arg("--base", required=True).arg("--out", required=True)
      .arg("--overwrite", action="store_true", help="replace the run already in --out (its checkpoints, logs and "
                                                    "config); without it such an --out is refused")
-     .field("--task", "task.name").field("--env-steps", "ppo.total_env_steps", type=int)
-     .field("--n-envs", "ppo.n_envs", type=int).field("--n-steps", "ppo.n_steps", type=int)
+     .arg("--demos", metavar="STORE", help="td3: zarr store of demonstrations for the demo half of the replay "
+                                           "(relabelled with the base's actions; RLPD 50/50 sampling)")
+     .arg("--resume", action="store_true", help="td3: continue the run saved in --out/state")
+     .field("--algo", "algo", "residual learner: ppo | td3", choices=["ppo", "td3"])
+     .field("--task", "task.name").field("--env-steps", "ppo.total_env_steps|td3.total_env_steps", type=int)
+     .field("--n-envs", "ppo.n_envs|td3.n_envs", type=int).field("--n-steps", "ppo.n_steps", type=int)
      .field("--alpha", "residual.alpha", type=float).field("--seed", "seed", type=int)
      .field("--backend", "env.backend").field("--randomization", "randomization.preset", rnd_help))
 

@@ -17,7 +17,10 @@ The dataclasses are the single source of defaults. A command uses some of these 
                    next section)
 ``policy``         :class:`~robot_rl.policies.base.PolicyConfig` hyper-parameters (kind, keys and dims come from
                    ``base`` and the store)
+``algo``           the residual learner (a string, not a mapping): ``ppo`` (:mod:`robot_rl.rl.ppo`) or ``td3``
+                   (:mod:`robot_rl.rl.td3`); it also picks the residual's actor head unless ``residual.head`` is set
 ``ppo``            :class:`~robot_rl.rl.ppo.PPOConfig` (its ``seed`` is the run's)
+``td3``            :class:`~robot_rl.rl.td3.TD3Config` (its ``seed`` is the run's)
 ``residual``       :class:`~robot_rl.rl.residual.ResidualConfig` model fields (keys, dims filled in by the trainer)
 ``eval``           :class:`~robot_rl.stages.evaluation.EvalConfig`
 ``transfer``       :class:`~robot_rl.stages.transfer.TransferConfig`
@@ -52,15 +55,18 @@ import yaml
 
 from robot_rl.errors import ConfigError
 
-ORDER = ("seed", "task", "env", "randomization", "collect", "base", "policy", "ppo", "residual", "eval", "transfer",
-         "serve")
+ORDER = ("seed", "algo", "task", "env", "randomization", "collect", "base", "policy", "ppo", "td3", "residual", "eval",
+         "transfer", "serve")
+SCALARS = {"seed": (int, 0), "algo": (str, "ppo")}  # top-level values that are not mappings of fields
+ALGOS = {"ppo": "gaussian", "td3": "tanh"}  # residual learner -> the actor head it trains
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "collect": ("seed", "task", "env", "randomization", "collect"),
     "train-base": ("seed", "base", "policy"),
-    "train-residual": ("seed", "task", "env", "randomization", "ppo", "residual", "eval"),
+    "train-residual": ("seed", "algo", "task", "env", "randomization", "ppo", "td3", "residual", "eval"),
     "eval": ("seed", "task", "env", "randomization", "eval"),
     "transfer": ("task", "env", "randomization", "transfer"),
-    "pipeline": ("seed", "task", "env", "randomization", "collect", "base", "policy", "ppo", "residual", "eval"),
+    "pipeline": ("seed", "algo", "task", "env", "randomization", "collect", "base", "policy", "ppo", "td3", "residual",
+                 "eval"),
     "serve": ("serve",),
 }
 
@@ -122,6 +128,16 @@ LIMITS: dict[str, Limit] = {
     "ppo.lr_critic": RATE, "ppo.max_grad_norm": Limit(0, 1e6, lo_open=True), "ppo.target_kl": Limit(0, 1e3),
     "ppo.vf_coef": Limit(0, 1e3), "ppo.residual_l2": Limit(0, 1e6), "ppo.val_every": Limit(0, 10**10),
     "ppo.val_episodes": Limit(1, 100_000),
+    "td3.total_env_steps": Limit(1, 10**10), "td3.n_envs": ENVS, "td3.batch_size": Limit(1, 65536),
+    "td3.utd_ratio": Limit(0, 1000, lo_open=True), "td3.n_step": Limit(1, 1000), "td3.gamma": RATE,
+    "td3.n_critics": Limit(1, 1000), "td3.n_target_critics": Limit(1, 1000), "td3.critic_hidden": WIDTH,
+    "td3.lr_actor": RATE, "td3.lr_critic": RATE, "td3.tau": RATE, "td3.policy_delay": Limit(1, 10**6),
+    "td3.target_noise": Limit(0, 10), "td3.target_noise_clip": Limit(0, 10), "td3.explore_std": Limit(0, 10),
+    "td3.learning_starts": Limit(0, 10**10), "td3.warmup_noise": Limit(0, 1),
+    "td3.critic_warmup_updates": Limit(0, 10**10), "td3.max_grad_norm": Limit(0, 1e6, lo_open=True),
+    "td3.demo_ratio": FRACTION, "td3.intervention_penalty": Limit(0, 1e3), "td3.buffer_size": Limit(1, 10**9),
+    "td3.log_every": Limit(1, 10**10), "td3.checkpoint_every": Limit(0, 10**10), "td3.val_every": Limit(0, 10**10),
+    "td3.val_episodes": Limit(1, 100_000),
     "residual.alpha": Limit(0, 1, lo_open=True), "residual.hidden": WIDTH, "residual.log_std_init": Limit(-20, 5),
     "eval.episodes": Limit(1, 10**6), "eval.n_envs": ENVS, "eval.seed_start": SEED, "eval.videos": Limit(0, 1000),
     "transfer.episodes": Limit(1, 10**6), "transfer.n_envs": ENVS, "transfer.seed_start": SEED,
@@ -474,6 +490,7 @@ def section_classes() -> dict[str, type]:
     from robot_rl.policies.base import PolicyConfig
     from robot_rl.rl.ppo import PPOConfig
     from robot_rl.rl.residual import ResidualConfig
+    from robot_rl.rl.td3 import TD3Config
     from robot_rl.serve.server import ServeConfig
     from robot_rl.stages.collect import CollectConfig
     from robot_rl.stages.evaluation import EvalConfig
@@ -496,12 +513,13 @@ def section_classes() -> dict[str, type]:
         "image_keys": "use --set base.image_keys=[...]", "obs_dims": store, "image_shape": store,
         "action_dim": store}, PolicyConfig.__doc__)
     ppo = derived_section("PPOSection", PPOConfig, {"seed": seed}, PPOConfig.__doc__)
+    td3 = derived_section("TD3Section", TD3Config, {"seed": seed}, TD3Config.__doc__)
     derived = "filled in by the trainer from the base policy and the task"
     residual = derived_section("ResidualSection", ResidualConfig,
                                {k: derived for k in ("obs_keys", "obs_dims", "action_dim")
                                 if k in ResidualConfig.__dataclass_fields__}, ResidualConfig.__doc__)
     return {"task": TaskSection, "env": env, "randomization": RandomizationSection, "collect": CollectConfig,
-            "base": base, "policy": policy, "ppo": ppo, "residual": residual, "eval": EvalConfig,
+            "base": base, "policy": policy, "ppo": ppo, "td3": td3, "residual": residual, "eval": EvalConfig,
             "transfer": TransferConfig, "serve": ServeConfig}
 
 
@@ -517,6 +535,7 @@ class Config:
     command: str
     sections: tuple
     seed: int = 0
+    algo: str = "ppo"
     task: TaskSection | None = None
     env: Any = None
     randomization: RandomizationSection | None = None
@@ -524,6 +543,7 @@ class Config:
     base: Any = None
     policy: Any = None
     ppo: Any = None
+    td3: Any = None
     residual: Any = None
     eval: Any = None
     transfer: Any = None
@@ -536,8 +556,8 @@ class Config:
         for s in ORDER:
             if s not in self.sections:
                 continue
-            if s == "seed":
-                out[s] = self.seed
+            if s in SCALARS:
+                out[s] = getattr(self, s)
             elif s == "task":
                 out[s] = {"name": self.task.name, **plain(self.task.kwargs)}
             else:
@@ -574,11 +594,21 @@ class Config:
 
         return PPOConfig(**plain_fields(self.ppo, keep_tuples=True), seed=self.seed)
 
+    def td3_config(self):
+        """:class:`~robot_rl.rl.td3.TD3Config` with the run's seed."""
+        from robot_rl.rl.td3 import TD3Config
+
+        return TD3Config(**plain_fields(self.td3, keep_tuples=True), seed=self.seed)
+
     def residual_config(self):
-        """:class:`~robot_rl.rl.residual.ResidualConfig` (its keys and dims left for the trainer to fill in)."""
+        """:class:`~robot_rl.rl.residual.ResidualConfig` (its keys and dims left for the trainer to fill in); the
+        actor head is the one ``algo`` trains (:data:`ALGOS`) unless ``residual.head`` was given."""
         from robot_rl.rl.residual import ResidualConfig
 
-        return ResidualConfig(**plain_fields(self.residual, keep_tuples=True))
+        kw = plain_fields(self.residual, keep_tuples=True)
+        if "residual.head" not in self.given:
+            kw["head"] = ALGOS.get(self.algo, kw["head"])
+        return ResidualConfig(**kw)
 
 
 def plain_fields(obj, keep_tuples: bool = False) -> dict:
@@ -640,7 +670,7 @@ def resolve(command: str, *, preset: dict | None = None, files: Sequence[str | P
                     continue
                 raise ConfigError(sec, f"`robot-rl {command}` does not use the {sec} section",
                                   f"its sections are {', '.join(used)}")
-            if sec == "seed":
+            if sec in SCALARS:
                 raw[sec] = body
                 given.add(sec)
                 continue
@@ -652,9 +682,10 @@ def resolve(command: str, *, preset: dict | None = None, files: Sequence[str | P
     classes = section_classes()
     cfg = Config(command=command, sections=used, given=frozenset(given))
     for sec in used:
-        if sec == "seed":
-            cfg.seed = coerce(raw.get("seed", 0), int, "seed", 0)
-            check_number(cfg.seed, "seed")
+        if sec in SCALARS:
+            kind, default = SCALARS[sec]
+            setattr(cfg, sec, coerce(raw.get(sec, default), kind, sec, default))
+            check_number(getattr(cfg, sec), sec)
         elif sec == "task":
             cfg.task = build_task(raw.get("task", {}))
         else:
@@ -675,8 +706,12 @@ def check_config(cfg: Config) -> None:
         from robot_rl.envs.randomization import resolve as resolve_randomization
 
         resolve_randomization(cfg.randomization.spec())
+    if "algo" in cfg.sections and cfg.algo not in ALGOS:
+        raise ConfigError("algo", f"unknown residual learner {cfg.algo!r}", f"use one of {', '.join(ALGOS)}")
     if cfg.ppo is not None:
         cfg.ppo_config().validate()
+    if cfg.td3 is not None:
+        cfg.td3_config().validate()
     if cfg.residual is not None:
         _check_residual_section(cfg)
     for sec in ("eval", "transfer"):
@@ -700,8 +735,10 @@ def _check_residual_section(cfg: Config) -> None:
     from robot_rl.rl.residual import DEFAULT_FINE_KEYS
 
     rc = cfg.residual_config()
-    if cfg.ppo is not None and rc.head != "gaussian":
-        raise ConfigError("residual.head", f"PPO trains the gaussian head, not {rc.head!r}", "use residual.head=gaussian")
+    want = ALGOS.get(cfg.algo) if "algo" in cfg.sections else None
+    if want is not None and rc.head != want:
+        raise ConfigError("residual.head", f"{cfg.algo} trains the {want} head, not {rc.head!r}",
+                          f"use residual.head={want}, or leave it unset")
     fine = dict(DEFAULT_FINE_KEYS.get(cfg.task.name, {}) if rc.fine_keys is None else rc.fine_keys) \
         if cfg.task is not None else dict(rc.fine_keys or {})
     if cfg.task is not None:

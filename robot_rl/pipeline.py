@@ -22,6 +22,10 @@ from robot_rl.errors import ConfigError
 from robot_rl.stages.train_base import DEFAULT_OBS_KEYS
 
 _PLACE_KEYS = DEFAULT_OBS_KEYS["place"]  # pinned into the presets, so a later default change keeps their figures
+# TD3 settings of the off-policy presets, sized for a 2-core CPU: ResFiT's 10 LayerNorm Q heads, n = 3, critic lr
+# 1e-4, batch 256 and alpha 0.1 (robot_rl.rl.td3.TD3Config), with fewer updates per env step than ResFiT's GPU runs
+TD3_CPU = {"n_envs": 8, "utd_ratio": 0.25, "learning_starts": 5_000, "critic_warmup_updates": 2_000,
+           "val_every": 10_000, "val_episodes": 50}
 PRESETS = {
     # the README's precision-task acceptance run: MLP BC base + residual PPO, place at 4 mm (demos at the default
     # 1 cm: collect.nominal_task)
@@ -41,6 +45,26 @@ PRESETS = {
                  "obs_keys": [*_PLACE_KEYS, "cube_to_target"]},
         "policy": {"down_dims": [32, 64, 128], "num_inference_steps": 5},
         "ppo": {"total_env_steps": 1_100_000, "n_envs": 8, "n_steps": 100, "residual_l2": 0.1},
+        "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
+    },
+    # the off-policy acceptance run: residual TD3 (ResFiT / RLPD) on an MLP BC base, place at 4 mm. Demonstrations
+    # are collected at the training task (4 mm), so their success flags are the TD3 demo side's rewards
+    # (robot_rl.rl.replay.demo_buffer); critics and UTD sized for a 2-core CPU (robot_rl.rl.td3.TD3Config).
+    "full-offpolicy": {
+        "task": {"name": "place", "tolerance": 0.004}, "seed": 0, "algo": "td3",
+        "collect": {"episodes": 100, "noise": 0.3, "bias": 0.0, "nominal_task": False},
+        "base": {"kind": "bc", "steps": 4000, "batch_size": 256, "lr": 1e-3, "obs_keys": list(_PLACE_KEYS)},
+        "td3": dict(TD3_CPU, total_env_steps=100_000),
+        "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
+    },
+    # the same on the frozen Diffusion Policy base of full-diffusion
+    "full-diffusion-offpolicy": {
+        "task": {"name": "place", "tolerance": 0.004}, "seed": 0, "algo": "td3",
+        "collect": {"episodes": 100, "noise": 0.05, "bias": 0.003, "nominal_task": False},
+        "base": {"kind": "diffusion", "steps": 6000, "batch_size": 256, "lr": 1e-3,
+                 "obs_keys": [*_PLACE_KEYS, "cube_to_target"]},
+        "policy": {"down_dims": [32, 64, 128], "num_inference_steps": 5},
+        "td3": dict(TD3_CPU, total_env_steps=150_000),
         "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
     },
     "quick": {
@@ -119,6 +143,29 @@ def make_validator(base, cfg: Config, desc: str = "validate"):
     return validate
 
 
+def train_residual_for(cfg: Config, base, out_dir: str | Path, *, demos=None, writer=None, progress: bool = True,
+                       checkpoint_extra: dict | None = None, resume: bool = False):
+    """Train the residual with the config's learner (``algo``: :func:`robot_rl.rl.ppo.train_residual` or
+    :func:`robot_rl.rl.td3.train_residual_td3`, whose demo side reads ``demos``), validated on
+    :data:`~robot_rl.envs.vector.VAL_SEED_START` seeds when the learner's ``val_every`` is set. Returns
+    (residual, learning curve). ``resume``: TD3 only (ConfigError for PPO)."""
+    kw = dict(residual=cfg.residual_config(), task_kwargs=cfg.task.kwargs, env_kwargs=cfg.env_kwargs(backend=True),
+              writer=writer, progress=progress, checkpoint_extra={**(checkpoint_extra or {}), "algo": cfg.algo})
+    if cfg.algo == "td3":
+        from robot_rl.rl.td3 import train_residual_td3
+
+        td3 = cfg.td3_config()
+        return train_residual_td3(base, cfg.task.name, td3, out_dir, demos=demos,
+                                  validate=make_validator(base, cfg) if td3.val_every else None, resume=resume, **kw)
+    from robot_rl.rl.ppo import train_residual
+
+    if resume:
+        raise ConfigError("resume", "PPO runs do not resume", "resume a td3 run, or start the PPO run again")
+    ppo = cfg.ppo_config()
+    return train_residual(base, cfg.task.name, ppo, out_dir, validate=make_validator(base, cfg) if ppo.val_every
+                          else None, **kw)
+
+
 def _line(name: str, r: dict) -> str:
     return (f"{name}: success {r['success_rate']:.3f} 95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] over "
             f"{r['episodes']} episodes")
@@ -135,10 +182,9 @@ def run_pipeline(cfg: Config, out_dir: str | Path, progress: bool = True, argv=N
     from torch.utils.tensorboard import SummaryWriter
 
     from robot_rl.policies.checkpoint import load_policy
-    from robot_rl.rl.ppo import train_residual
     from robot_rl.rl.residual import load_residual
     from robot_rl.stages.collect import collect
-    from robot_rl.stages.evaluation import evaluate, plot_learning_curve, record_videos, write_report
+    from robot_rl.stages.evaluation import evaluate, paired_test, plot_learning_curve, record_videos, write_report
     from robot_rl.stages.train_base import train_base
 
     validate_config(cfg)
@@ -169,11 +215,8 @@ def run_pipeline(cfg: Config, out_dir: str | Path, progress: bool = True, argv=N
         print(_line(f"base ({base.config.kind})", r_base), flush=True)
 
     t = time.time()
-    ppo = cfg.ppo_config()
-    validate = make_validator(base, cfg) if ppo.val_every else None
-    res, curve = train_residual(base, task, ppo, out / "residual", residual=cfg.residual_config(), task_kwargs=tk,
-                                env_kwargs=env_kw, writer=writer, progress=progress, validate=validate,
-                                checkpoint_extra={"base_checkpoint": tb["checkpoint"]})
+    res, curve = train_residual_for(cfg, base, out / "residual", demos=out / "demos.zarr", writer=writer,
+                                    progress=progress, checkpoint_extra={"base_checkpoint": tb["checkpoint"]})
     timings["train_residual_s"] = time.time() - t
 
     t = time.time()
@@ -186,12 +229,16 @@ def run_pipeline(cfg: Config, out_dir: str | Path, progress: bool = True, argv=N
         results["base + residual (best on validation)"] = evaluate(
             base, task, residual=best, n_episodes=ev.episodes, n_envs=ev.n_envs, seed_start=ev.seed_start,
             task_kwargs=tk, env_kwargs=env_kw, seed=seed, progress=progress, desc="eval base+best residual")
+    for name, r in results.items():
+        if name.startswith("base + residual"):
+            r["paired_vs_base"] = paired_test(r_base["per_episode"], r["per_episode"])
     timings["eval_residual_s"] = time.time() - t
     seeds = [ev.seed_start + i for i in range(ev.videos)]
     videos = record_videos(base, task, out / "videos", seeds=seeds, task_kwargs=tk, prefix="base", env_kwargs=env_kw)
     videos += record_videos(base, task, out / "videos", residual=res, seeds=seeds, task_kwargs=tk, prefix="residual",
                             env_kwargs=env_kw)
-    fig = plot_learning_curve(curve, out / "learning_curve.png", base_rate=r_base["success_rate"], final=r_res)
+    fig = plot_learning_curve(curve, out / "learning_curve.png", base_rate=r_base["success_rate"], final=r_res,
+                              label=f"residual {cfg.algo.upper()}")
     timings["total_s"] = time.time() - t0
     writer.close()
     extra = {"task": task, "demos": col["episodes"], "expert_success_rate": col["expert_success_rate"],

@@ -56,6 +56,33 @@ def test_tiny_pipeline_outputs(tiny_run):
     assert yaml.safe_load(r.stdout) == yaml.safe_load((tiny_run / "config.yaml").read_text())
 
 
+def test_train_residual_td3_with_demos_and_resume(tiny_run, tmp_path):
+    """`train-residual --algo td3` end to end on the tiny run's base and demos (real MuJoCo envs), then --resume."""
+    out = tmp_path / "td3"
+    sets = ["td3.total_env_steps=300", "td3.n_envs=2", "td3.learning_starts=100", "td3.batch_size=32",
+            "td3.n_critics=2", "td3.critic_hidden=[16]", "td3.critic_warmup_updates=10", "td3.val_every=200",
+            "td3.val_episodes=2", "td3.log_every=100", "td3.utd_ratio=0.1", "eval.n_envs=2", "residual.hidden=[16]",
+            "residual.alpha=1.0"]  # alpha 1: the tiny base's noisy demos are within the residual's reach
+    args = ["train-residual", "--algo", "td3", "--base", tiny_run / "base" / "checkpoint", "--demos",
+            tiny_run / "demos.zarr", "--out", out, *[a for s in sets for a in ("--set", s)]]
+    r = run(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    curve = json.loads((out / "learning_curve.json").read_text())
+    assert [row["env_steps"] for row in curve] == [100, 200, 300]
+    assert curve[-1]["demo_size"] > 0 and curve[-1]["updates"] == 20 and "val_success" in curve[1]
+    meta = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert meta["config"]["head"] == "tanh" and meta["extra"]["algo"] == "td3"
+    assert (out / "state" / "model.safetensors").exists() and (out / "checkpoint_best").is_dir()
+    r = run(*args[:-2 * len(sets)], *[a for s in sets for a in ("--set", s.replace("=300", "=500"))], "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    curve = json.loads((out / "learning_curve.json").read_text())
+    assert [row["env_steps"] for row in curve] == [100, 200, 300, 400, 500] and curve[-1]["updates"] == 40
+    _one_line_error(run("train-residual", "--algo", "ppo", "--base", tiny_run / "base" / "checkpoint", "--out", out,
+                        "--resume"), "resume")
+    _one_line_error(run("train-residual", "--algo", "td3", "--base", tiny_run / "base" / "checkpoint", "--out",
+                        tmp_path / "x", "--set", "residual.head=gaussian"), "residual.head")
+
+
 def test_presets_resolve_validate_and_merge_overrides():
     from robot_rl.errors import ConfigError
     from robot_rl.pipeline import PRESETS, resolve_config, validate_config

@@ -143,32 +143,35 @@ def _demo_store(path, episodes):
 def test_demo_relabelling_uses_the_frozen_base(tmp_path):
     rng = np.random.default_rng(0)
     obs = [rng.uniform(-0.4, 0.4, (7, 2)), rng.uniform(-0.4, 0.4, (5, 2)), rng.uniform(-0.4, 0.4, (6, 2))]
-    acts = [rng.uniform(-1, 1, (len(o), 2)) for o in obs]
-    inter = np.array([False, False, True, True, False, False])
-    path = _demo_store(tmp_path / "d.zarr", [(obs[0], acts[0], True, "scripted", None),
-                                            (obs[1], acts[1], False, "teleop", None),
-                                            (obs[2], acts[2], False, "policy", inter)])
     base = ChunkBase()
     # the base's action at step t is planned at the start of t's chunk (t - t % 3), not at t
     raw = relabel_base_actions(base, {"goal_rel": np.concatenate(obs)}, [7, 5, 6])
     for o, a in zip(obs, np.split(raw, [7, 12])):
         want = np.clip(2 * o[(np.arange(len(o)) // 3) * 3], -1, 1)
         assert np.allclose(a, want, atol=1e-6)
+    # demonstrated actions within the residual's reach (alpha 0.5) of the base's, except episode 0's step 3
+    acts = [np.clip(a + rng.uniform(-0.4, 0.4, a.shape), -1, 1) for a in np.split(raw, [7, 12])]
+    acts[0][3] = np.clip(raw[3] + np.where(raw[3] > 0, -0.9, 0.9), -1, 1)
+    inter = np.array([False, False, True, True, False, False])
+    path = _demo_store(tmp_path / "d.zarr", [(obs[0], acts[0], True, "scripted", None),
+                                            (obs[1], acts[1], False, "teleop", None),
+                                            (obs[2], acts[2], False, "policy", inter)])
     pol = ResidualPolicy(ResidualConfig(alpha=0.5, hidden=(8,), head="tanh", fine_keys={}).derive(
         base.config, "point", {"goal_rel": 2}))
     buf, stats = demo_buffer(path, base, pol, n_step=1, gamma=0.9, task="point", max_steps=7)
-    # episode 0 (7 steps, success): all 7, reward 1 on the last; episode 1 (5 < 7 steps: terminal): all 5;
-    # episode 2 (policy): only its 2 intervention steps
-    assert stats == {"episodes": 3, "transitions": 14, "intervention_steps": 2, "successes": 1}
+    # episode 0 (7 steps, success): all but the unreachable step 3, reward 1 on the last; episode 1 (5 < 7 steps:
+    # terminal): all 5; episode 2 (policy): only its 2 intervention steps
+    assert stats == {"episodes": 3, "transitions": 13, "intervention_steps": 2, "successes": 1, "unreachable": 1}
     st = buf.state()
     x, res = torch.as_tensor(st["x"]), torch.as_tensor(st["residual"])
     base_part = x[:, -2:]  # the features end with the normalized base action
-    want_base = torch.as_tensor(np.concatenate([raw[:7], raw[7:12], raw[12 + 2:12 + 4]]))
+    rows = [0, 1, 2, 4, 5, 6, *range(7, 12), 14, 15]
+    want_base = torch.as_tensor(raw[rows])
     assert torch.allclose(base_part, want_base, atol=1e-6)
-    executed = torch.as_tensor(np.concatenate([acts[0], acts[1], acts[2][2:4]]), dtype=torch.float32)
-    assert torch.allclose(res, ((executed - want_base) / 0.5).clamp(-1, 1), atol=1e-5)
-    assert st["reward"].tolist() == [0] * 6 + [1] + [0] * 7
-    assert st["discount"][6] == 0 and st["discount"][11] == 0 and st["discount"][0] == pytest.approx(0.9)
+    executed = torch.as_tensor(np.concatenate(acts)[rows], dtype=torch.float32)
+    assert torch.allclose(res, (executed - want_base) / 0.5, atol=1e-5)
+    assert st["reward"].tolist() == [0] * 5 + [1] + [0] * 7
+    assert st["discount"][5] == 0 and st["discount"][10] == 0 and st["discount"][0] == pytest.approx(0.9)
     with pytest.raises(ConfigError, match="holds no"):
         demo_buffer(path, base, pol, n_step=1, gamma=0.9, task="lift", max_steps=7)
 

@@ -207,9 +207,11 @@ def demo_buffer(store_path: str | Path, base, policy, *, n_step: int, gamma: flo
 
     Relabelling: the frozen ``base`` is run over each episode's recorded observations
     (:func:`relabel_base_actions`); the residual label is ``(action_n - base_n) / alpha`` clipped to [-1, 1]
-    (normalized actions, ``alpha = policy.config.alpha``), so ``combine(base, label)`` reproduces the demonstrated
-    action wherever the residual's bound allows. Features are built by ``policy.features`` with that base action
-    (the next step's for ``next_x``).
+    (normalized actions, ``alpha = policy.config.alpha``). A step whose demonstrated action the residual cannot
+    reach (``combine(base, label)`` differs from it by more than 1e-3 in some dimension) is not stored: its clipped
+    label was never executed, and crediting it with the demo's return teaches the critic that saturated residuals
+    pay (with noisy scripted demos and alpha 0.1 that made TD3 collapse; docs/MEASUREMENTS.md). Features are built
+    by ``policy.features`` with that base action (the next step's for ``next_x``).
 
     Rewards: the task's sparse reward, 1 on the last step of an episode the store marks successful, 0 elsewhere.
     The store's success flag is taken as the training task's: an episode recorded under other task settings
@@ -221,7 +223,7 @@ def demo_buffer(store_path: str | Path, base, policy, *, n_step: int, gamma: flo
     task's limit); otherwise (a time-limit truncation, whose final observation a store does not keep) the last step is
     dropped and the one before it bootstraps from the last recorded observation.
 
-    Returns (buffer, stats {episodes, transitions, intervention_steps, successes}). Raises ConfigError for a
+    Returns (buffer, stats {episodes, transitions, intervention_steps, successes, unreachable}). Raises ConfigError for a
     missing / damaged store or a store without episodes of the task.
     """
     from robot_rl.datasets.store import ZarrStore
@@ -259,17 +261,20 @@ def demo_buffer(store_path: str | Path, base, policy, *, n_step: int, gamma: flo
         executed = np.concatenate([_executed(e) for e in eps])
         act_n = norm.normalize("action", torch.as_tensor(executed, dtype=torch.float32))
         label = ((act_n - base_n) / rc.alpha).clamp(-1.0, 1.0)
+        reachable = ((policy.combine(base_n, label) - act_n).abs() <= 1e-3).all(-1).numpy()
         x_all = policy.features(norm, cat, base_n)
     buf = ReplayBuffer(capacity or max(1, int(sum(lengths))), rc.in_dim, rc.action_dim)
     nstep = NStep(1, n_step, gamma)
-    stats = {"episodes": len(picks), "transitions": 0, "intervention_steps": 0, "successes": 0}
+    stats = {"episodes": len(picks), "transitions": 0, "intervention_steps": 0, "successes": 0, "unreachable": 0}
     start = 0
     for i, e in zip(picks, eps):
         T, m = len(e["action"]), metas[i]
         success = bool(m["success"])
         terminal = success or T < limit
         inter = np.asarray(e["intervention"], bool)
-        keep = np.ones(T, bool) if m["source"] in DEMO_SOURCES else inter
+        keep = (np.ones(T, bool) if m["source"] in DEMO_SOURCES else inter).copy()
+        stats["unreachable"] += int((keep & ~reachable[start:start + T]).sum())
+        keep &= reachable[start:start + T]
         reward = np.zeros(T, np.float32)
         if success:
             reward[-1] = 1.0

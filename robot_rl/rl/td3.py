@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -288,6 +289,10 @@ def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, 
     except ConfigError:
         venv.close()
         raise
+    if demo_buf is not None and progress:
+        print(f"TD3 demo side: {demo_stats['transitions']} transitions from {demo_stats['episodes']} episodes of "
+              f"{demos} ({demo_stats['unreachable']} steps beyond the residual's reach dropped, "
+              f"{demo_stats['intervention_steps']} intervention steps)", file=sys.stderr, flush=True)
     online = ReplayBuffer(min(td3.buffer_size, td3.total_env_steps), rcfg.in_dim, rcfg.action_dim)
     explorer = Explorer(pol, td3)
     seed_start = TRAIN_SEED_START + td3.seed * 10_000_000

@@ -206,36 +206,66 @@ def record_videos(base, task: str, out_dir: str | Path, *, residual=None, seeds=
 
 
 def plot_learning_curve(curve: list[dict], path: str | Path, base_rate: float | None = None,
-                        final: dict | None = None) -> str:
-    """Success rate of training episodes vs env steps (PNG)."""
+                        final: dict | None = None, label: str = "residual", others: dict | None = None) -> str:
+    """Learning curves as a PNG with two panels, success rate vs env steps and vs wall time (minutes):
+    training-episode success (exploring policy) and, where the rows have it, validation success (deterministic).
+
+    Args:
+        curve: rows with ``env_steps``, ``wall_s``, ``success_rate`` [, ``val_success``] (PPO or TD3 curves).
+        label: the curve's name (e.g. ``"residual TD3"``); ``others``: {label: curve} drawn on the same axes,
+            e.g. a PPO run on the same base for comparison.
+        base_rate: the frozen base's evaluation success (dashed line); ``final``: an :func:`evaluate` result of
+            the trained residual, drawn with its Wilson interval at the last step.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r["env_steps"] for r in curve]
-    y = [r["success_rate"] for r in curve]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, y, label="residual PPO (training episodes, stochastic)")
-    if len(y) >= 5:
-        k = 5
-        sm = np.convolve(np.nan_to_num(y, nan=0.0), np.ones(k) / k, mode="valid")
-        ax.plot(x[k - 1:], sm, label=f"moving average ({k} updates)")
-    if base_rate is not None:
-        ax.axhline(base_rate, color="gray", ls="--", label=f"frozen base (eval) {base_rate:.2f}")
-    if final is not None:
-        ax.errorbar([x[-1]], [final["success_rate"]], yerr=[[final["success_rate"] - final["ci95"][0]],
-                    [final["ci95"][1] - final["success_rate"]]], fmt="o", color="C3", capsize=4,
-                    label=f"base + residual (eval) {final['success_rate']:.2f}")
-    ax.set_xlabel("env steps")
-    ax.set_ylabel("success rate")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    runs = {label: curve, **(others or {})}
+    for ax, xkey, xlabel in ((axes[0], "env_steps", "env steps"), (axes[1], "wall_s", "wall time (min)")):
+        for c, (name, rows) in enumerate(runs.items()):
+            scale = 1 / 60 if xkey == "wall_s" else 1
+            x = [r[xkey] * scale for r in rows]
+            y = [r["success_rate"] for r in rows]
+            ax.plot(x, y, color=f"C{c}", alpha=0.45, label=f"{name}: training episodes (exploring)")
+            val = [(r[xkey] * scale, r["val_success"]) for r in rows if r.get("val_success") is not None]
+            if val:
+                ax.plot(*zip(*val), "o-", color=f"C{c}", ms=3, label=f"{name}: validation (deterministic)")
+        if base_rate is not None:
+            ax.axhline(base_rate, color="gray", ls="--", label=f"frozen base (eval) {base_rate:.2f}")
+        if final is not None and curve:
+            xf = curve[-1][xkey] * (1 / 60 if xkey == "wall_s" else 1)
+            ax.errorbar([xf], [final["success_rate"]], yerr=[[final["success_rate"] - final["ci95"][0]],
+                        [final["ci95"][1] - final["success_rate"]]], fmt="s", color="C3", capsize=4,
+                        label=f"base + residual (eval) {final['success_rate']:.2f}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("success rate")
+    axes[1].legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
+
+
+def paired_test(a: list[dict], b: list[dict]) -> dict:
+    """Exact McNemar test (two-sided binomial test on the discordant pairs; McNemar 1947) of two policies evaluated
+    on the SAME episode seeds: ``a`` and ``b`` are ``per_episode`` lists of :func:`evaluate` ({seed, success, ...}).
+
+    Returns {episodes, both, neither, only_a, only_b, p_value}. Raises ConfigError when the seeds differ."""
+    sa, sb = {r["seed"]: bool(r["success"]) for r in a}, {r["seed"]: bool(r["success"]) for r in b}
+    if set(sa) != set(sb):
+        raise ConfigError("paired_test", "the two evaluations ran on different seeds",
+                          "evaluate both policies on the same seed range")
+    only_a = sum(sa[s] and not sb[s] for s in sa)
+    only_b = sum(sb[s] and not sa[s] for s in sa)
+    both = sum(sa[s] and sb[s] for s in sa)
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"episodes": len(sa), "both": both, "neither": len(sa) - both - only_a - only_b, "only_a": only_a,
+            "only_b": only_b, "p_value": float(p)}
 
 
 def write_report(out_dir: str | Path, results: dict[str, dict], extra: dict | None = None) -> tuple[str, str]:
@@ -261,6 +291,12 @@ def write_report(out_dir: str | Path, results: dict[str, dict], extra: dict | No
         lines.append(f"| {name} | {r['task']} | {r['episodes']} ({r['seed_range'][0]}–{r['seed_range'][1]}) | "
                      f"{r['success_rate']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
                      f"{r['mean_length']:.1f} |")
+    for name, r in slim.items():
+        pt = r.get("paired_vs_base")
+        if pt:
+            lines += ["", f"Paired test, {name} vs the base on the same {pt['episodes']} seeds (exact McNemar): "
+                          f"{pt['only_b']} episodes succeed only with the residual, {pt['only_a']} only without; "
+                          f"p = {pt['p_value']:.2g}."]
     configs = {json.dumps(r["task_config"], sort_keys=True) for r in slim.values() if "task_config" in r}
     for c in sorted(configs):
         lines += ["", "Task settings (as the envs were built): " + ", ".join(
