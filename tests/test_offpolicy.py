@@ -16,15 +16,7 @@ from robot_rl.rl.collector import Collector
 from robot_rl.rl.replay import NStep, ReplayBuffer, demo_buffer, relabel_base_actions, sample_mixed
 from robot_rl.rl.residual import ActorStep, ResidualConfig, ResidualPolicy, load_residual
 from robot_rl.rl.td3 import TD3Config, TD3Learner, train_residual_td3
-from test_learning import BIAS, BiasedBase, _deterministic_rollouts, point_venv
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from test_learning import BIAS, BiasedBase, _deterministic_rollouts, one_torch_thread, point_venv  # noqa: F401
 
 
 def _push(ns, x, r, term=False, trunc=False, nx=None):

@@ -27,6 +27,12 @@ from robot_rl.envs.vector import SeedSchedule, reset_some
 from robot_rl.policies.execution import ChunkExecutor
 
 
+def env_obs_dims(venv) -> dict[str, int]:
+    """{observation key: flat dimension} of a vector env's Dict observation space (what ``ResidualConfig.derive``
+    takes)."""
+    return {k: int(np.prod(s.shape)) for k, s in venv.single_observation_space.spaces.items()}
+
+
 @dataclass
 class Transition:
     """One step of N envs (row i = env i). Tensors are float32 torch on the CPU, arrays numpy.

@@ -28,7 +28,7 @@ from robot_rl.envs.vector import TRAIN_SEED_START, env_kwargs_for, make_vector_e
 from robot_rl.errors import ConfigError
 from robot_rl.progress import progress_bar
 from robot_rl.rl.buffers import RolloutBuffer
-from robot_rl.rl.collector import Collector
+from robot_rl.rl.collector import Collector, env_obs_dims
 from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, save_residual
 from robot_rl.rl.validation import Validation
 
@@ -147,11 +147,6 @@ def ppo_update(pol: ResidualPolicy, opt: torch.optim.Optimizer, cfg: PPOConfig, 
             "residual_sq": 2 * float(np.mean(l2s))}
 
 
-def _env_obs_dims(venv) -> dict:
-    space = venv.single_observation_space
-    return {k: int(np.prod(s.shape)) for k, s in space.spaces.items()}
-
-
 def train_residual(base, task: str, ppo: PPOConfig, out_dir: str | Path, *, residual: ResidualConfig | None = None,
                    task_kwargs: dict | None = None, env_kwargs: dict | None = None, writer=None,
                    progress: bool = True, validate: Callable | None = None, checkpoint_extra: dict | None = None,
@@ -196,7 +191,7 @@ def train_residual(base, task: str, ppo: PPOConfig, out_dir: str | Path, *, resi
     else:
         venv = make_venv(N)
     try:
-        rcfg = (residual or ResidualConfig()).derive(bc, task, _env_obs_dims(venv))
+        rcfg = (residual or ResidualConfig()).derive(bc, task, env_obs_dims(venv))
         if rcfg.head != "gaussian":
             raise ConfigError("residual.head", f"PPO trains the gaussian head, not {rcfg.head!r}", "use head=gaussian")
         pol = ResidualPolicy(rcfg)

@@ -43,7 +43,7 @@ import torch
 from robot_rl.envs.vector import TRAIN_SEED_START, env_kwargs_for, make_vector_env
 from robot_rl.errors import ConfigError
 from robot_rl.progress import progress_bar
-from robot_rl.rl.collector import Collector
+from robot_rl.rl.collector import Collector, env_obs_dims
 from robot_rl.rl.heads import QEnsemble
 from robot_rl.rl.replay import NStep, ReplayBuffer, demo_buffer, sample_mixed
 from robot_rl.rl.residual import ActorStep, ResidualConfig, ResidualPolicy, save_residual
@@ -232,11 +232,6 @@ class Explorer:
         return ActorStep(res.clamp(-1.0, 1.0))
 
 
-def _env_obs_dims(venv) -> dict:
-    space = venv.single_observation_space
-    return {k: int(np.prod(s.shape)) for k, s in space.spaces.items()}
-
-
 def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, residual: ResidualConfig | None = None,
                        demos: str | Path | None = None, task_kwargs: dict | None = None,
                        env_kwargs: dict | None = None, writer=None, progress: bool = True,
@@ -274,7 +269,7 @@ def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, 
     venv = make_venv(N) if make_venv is not None else make_vector_env(
         task, N, task_kwargs=task_kwargs, **env_kwargs_for(bc, task, task_kwargs, env_kwargs))
     try:
-        rcfg = (residual or ResidualConfig(head="tanh")).derive(bc, task, _env_obs_dims(venv))
+        rcfg = (residual or ResidualConfig(head="tanh")).derive(bc, task, env_obs_dims(venv))
         pol = ResidualPolicy(rcfg)
         learner = TD3Learner(pol, td3)
         demo_buf, demo_stats = None, {"transitions": 0, "intervention_steps": 0}
