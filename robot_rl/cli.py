@@ -124,7 +124,7 @@ def cmd_train_residual(a):
                                       checkpoint_extra={"base_checkpoint": str(a.base)})
     finally:
         w.close()
-    plot_learning_curve(curve, out / "learning_curve.png")
+    plot_learning_curve(curve, out / "learning_curve.png", label=f"residual {cfg.algo.upper()}")
     best = out / "checkpoint_best"
     print(json.dumps({"checkpoint": str(out / "checkpoint"), "checkpoint_best": str(best) if best.is_dir() else None,
                       "last": curve[-1]}, indent=1))
