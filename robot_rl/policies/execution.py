@@ -309,16 +309,20 @@ class ChunkExecutor:
     def peek(self) -> np.ndarray:
         """Next base action for every env, (N, A) raw float32, without consuming it. Queues with at most
         ``threshold`` actions left are refilled with one batched ``predict_chunk`` call over those envs."""
-        need = [i for i, s in enumerate(self.streams) if s.needs_chunk(self.threshold)]
+        self._refill(range(self.n), self.Ta - self.t % self.Ta if self.align else None)
+        return np.stack([s.action() for s in self.streams])
+
+    def _refill(self, envs, keep: int | None) -> None:
+        """One batched ``predict_chunk`` for those of ``envs`` whose queue is (nearly) empty; their chunks are queued
+        cut to ``keep`` actions (None: whole)."""
+        need = [i for i in envs if self.streams[i].needs_chunk(self.threshold)]
         if need:
             chunks = predict_chunks(self.policy, [self.streams[i] for i in need], self.keys, self.gen)
             self.calls += 1
             self.chunks += len(need)
-            keep = self.Ta - self.t % self.Ta if self.align else None
             for j, i in enumerate(need):
                 s = self.streams[i]
                 s.queue.add(chunks[j][:keep], s.t)
-        return np.stack([s.action() for s in self.streams])
 
     def final_actions(self, mask: np.ndarray, obs: dict) -> np.ndarray:
         """The base action each env of ``mask`` (bool (N,)) would execute next at ``obs`` (batched raw obs, the
@@ -332,13 +336,7 @@ class ChunkExecutor:
         if not len(idx):
             return out
         self.observe(obs, mask)
-        need = [i for i in idx if self.streams[i].needs_chunk(self.threshold)]
-        if need:
-            chunks = predict_chunks(self.policy, [self.streams[i] for i in need], self.keys, self.gen)
-            self.calls += 1
-            self.chunks += len(need)
-            for j, i in enumerate(need):
-                self.streams[i].queue.add(chunks[j], self.streams[i].t)
+        self._refill(idx, None)
         for i in idx:
             out[i] = self.streams[i].action()
         return out

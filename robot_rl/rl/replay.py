@@ -284,20 +284,22 @@ def demo_buffer(store_path: str | Path, base, policy, *, n_step: int, gamma: flo
         stats["intervention_steps"] += int(inter.sum())
         stats["successes"] += int(success)
         last = T if terminal else T - 1  # a truncated episode's last step has no recorded next observation
-        rows = []
+        pushed = []
         for t in range(last):
             end_term = terminal and t == T - 1
             end_trunc = not terminal and t == T - 2
             nx = x_all[start + t] if end_term else x_all[start + t + 1]
-            done = nstep.push(x_all[start + t][None], label[start + t][None], reward[t:t + 1],
-                              np.array([end_term]), np.array([end_trunc]), nx[None])
-            rows.append((done, keep[t]))
+            pushed.append(nstep.push(x_all[start + t][None], label[start + t][None], reward[t:t + 1],
+                                     np.array([end_term]), np.array([end_trunc]), nx[None]))
         nstep.clear()
         start += T
-        # keep n-step windows that START at a kept step (the pushes emit in order of their start step)
-        kept = _windows_by_start(rows, keep[:last])
-        buf.add(*(kept[k] for k in FIELDS))
-        stats["transitions"] += len(kept["x"])
+        if not pushed:
+            continue
+        # one env: the windows come out in order of their start step; keep those that start at a kept step
+        emitted = {k: torch.cat([p[k] for p in pushed]) for k in FIELDS}
+        sel = torch.as_tensor(keep[:last])
+        buf.add(*(emitted[k][sel] for k in FIELDS))
+        stats["transitions"] += int(sel.sum())
     return buf, stats
 
 
@@ -309,13 +311,3 @@ def _executed(ep: dict) -> np.ndarray:
         use = np.asarray(ep["intervention"], bool) & np.isfinite(h).all(-1)
         a = np.where(use[:, None], h, a)
     return a
-
-
-def _windows_by_start(rows: list, keep: np.ndarray) -> dict[str, torch.Tensor]:
-    """The transitions emitted while pushing one episode, in order of their start step, filtered by ``keep``."""
-    emitted = [tr for done, _ in rows for tr in zip(*(done[k] for k in FIELDS))]
-    sel = [tr for t, tr in enumerate(emitted) if keep[t]]
-    if not sel:
-        fdim, adim = rows[0][0]["x"].shape[-1], rows[0][0]["residual"].shape[-1]
-        return stack([], fdim, adim)
-    return {k: torch.stack([tr[j] for tr in sel]) for j, k in enumerate(FIELDS)}
