@@ -406,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
      .field("--algo", "algo", "residual learner: ppo | td3", choices=["ppo", "td3"])
      .field("--task", "task.name").field("--env-steps", "ppo.total_env_steps|td3.total_env_steps", type=int)
      .field("--n-envs", "ppo.n_envs|td3.n_envs", type=int).field("--n-steps", "ppo.n_steps", type=int)
+     .field("--actors", "td3.actors", "td3: actor processes acting through a policy server in the learner "
+                                      "process (0: single process)", type=int)
      .field("--alpha", "residual.alpha", type=float).field("--seed", "seed", type=int)
      .field("--backend", "env.backend").field("--randomization", "randomization.preset", rnd_help))
 

@@ -238,3 +238,30 @@ def test_resumed_run_continues_the_same_run(tmp_path):
     with pytest.raises(ConfigError, match="no saved state"):
         train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=100, **TOY), tmp_path / "none",
                            resume=True, **kw)
+
+
+def test_actor_learner_split_streams_every_step_and_never_mixes_versions(tmp_path):
+    """Two actor processes act through the learner's policy server on real MuJoCo envs while the learner trains and
+    pushes weights every 2 actor updates: every executed step reaches the replay once, versions advance during
+    acting, and no action chunk mixes two versions."""
+    from pathlib import Path
+
+    from robot_rl.policies.checkpoint import load_policy, read_checkpoint
+    from robot_rl.serve.learner import train_residual_td3_actors
+    from robot_rl.rl.td3 import STATE_FORMAT
+
+    base = load_policy(Path(__file__).parent / "fixtures" / "place_bc_mujoco")
+    td3 = TD3Config(total_env_steps=480, n_envs=4, actors=2, learning_starts=120, critic_warmup_updates=0,
+                    push_every=2, utd_ratio=0.25, batch_size=32, log_every=60, val_every=0, critic_hidden=(32, 32),
+                    n_critics=4, lr_actor=1e-3)
+    pol, curve = train_residual_td3_actors(base, "place", td3, tmp_path, progress=False)
+    assert curve[-1]["env_steps"] == 480 and curve[-1]["updates"] == int((480 - 120) * 0.25)
+    assert curve[-1]["weight_version"] >= 5 and max(r["policy_lag"] for r in curve) > 0
+    assert all(r["mixed_version_chunks"] == 0 for r in curve)
+    assert sum(r["episodes"] for r in curve) > 0
+    _, meta = read_checkpoint(tmp_path / "state", STATE_FORMAT)
+    added = meta["config"]["replay_added"]  # n-step windows still open at the end: at most n-1 per env
+    assert 480 - 4 * (td3.n_step - 1) <= added <= 480
+    saved = load_residual(tmp_path / "checkpoint", base)
+    assert float(saved.actor.net[-1].weight.abs().sum()) > 0  # trained (the last layer starts at zero)
+    assert json.loads((tmp_path / "td3_config.json").read_text())["actors"] == 2

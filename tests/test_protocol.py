@@ -70,7 +70,7 @@ def test_valid_requests_and_named_errors(service):
     assert m["type"] == "act" and m["id"] == 7 and m["executed"].shape == (4, 5)
     cases = {
         "decode": b"\xc1not msgpack",
-        "version": P.pack({**_valid_act(), "v": 2}),
+        "version": P.pack({**_valid_act(), "v": 1}),  # a v1 client (before transitions)
         "auth": P.pack({**_valid_act(), "token": "wrong"}),
         "schema": P.pack({**_valid_act(), "surprise": 1}),
         "too_large": P.pack({**_valid_act(), "obs": {"ee_pos": {"dtype": "uint8", "shape": [70000],

@@ -462,3 +462,81 @@ def test_eval_through_server_equals_in_process(tmp_path):
         assert rep == want["per_episode"]
     finally:
         stop(p)
+
+
+def _service(ckpts, residual="res1"):
+    from robot_rl.serve.server import PolicyService, ServeConfig
+
+    base = load_policy(ckpts / "diff")
+    return PolicyService(base, load_residual(ckpts / residual, base), ServeConfig(port=0))
+
+
+def _call(svc, type_, id_, **fields):
+    return P.parse_reply(P.unpack(svc.process([P.pack(P.request(type_, id_, **fields))])[0]))
+
+
+def test_a_push_mid_chunk_takes_effect_at_the_next_chunk(ckpts, models):
+    """No action chunk mixes two residual versions: a push lands between the steps of a chunk, the rest of that
+    chunk is still served by the old residual (bit-identical to it), the next chunk by the new one."""
+    base, res1, res2 = models
+    svc = _service(ckpts)
+    rng = np.random.default_rng(5)
+    obs = [_obs(rng) for _ in range(8)]
+    Ta = base.config.n_action_steps
+    from safetensors.torch import save as st_save
+
+    got = []
+    for t, o in enumerate(obs):
+        if t == 1:  # mid-chunk
+            rep = _call(svc, "push_weights", 100, version=1,
+                        weights=st_save({k: v.contiguous() for k, v in res2.state_dict().items()}))
+            assert rep["residual_version"] == 1
+        got.append(_call(svc, "act", 200 + t, session="s", step=t, reset=t == 0, seed=9 if t == 0 else None,
+                         obs={k: v[None] for k, v in o.items()}))
+    versions = [r["residual_version"] for r in got]
+    assert versions == [0] * Ta + [1] * (len(obs) - Ta)
+    assert [r["new_chunk"] for r in got] == [t % Ta == 0 for t in range(len(obs))]
+    want1, _, _ = _reference(base, res1, 9, obs)
+    want2, _, _ = _reference(base, res2, 9, obs)
+    acts = np.stack([r["executed"][0] for r in got])
+    assert np.array_equal(acts[:Ta], want1[:Ta]) and np.array_equal(acts[Ta:], want2[Ta:])
+    assert not np.allclose(want1[Ta:], want2[Ta:])
+
+
+def _transitions(k, A=5, **over):
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.uniform(-1, 1, s).astype(np.float32)  # noqa: E731
+    msg = {"sessions": [f"a-{i}" for i in range(k)], "steps": np.arange(k, dtype=np.int64),
+           "obs": {key: f(k, d) for key, d in KEYS.items()}, "next_obs": {key: f(k, d) for key, d in KEYS.items()},
+           "base": f(k, A), "residual": f(k, A), "executed": f(k, A), "next_base": f(k, A),
+           "reward": np.zeros(k, np.float32), "terminated": np.zeros(k, bool), "truncated": np.zeros(k, bool),
+           "success": np.zeros(k, bool), "residual_version": np.zeros(k, np.int64), "new_chunk": np.ones(k, bool)}
+    msg.update(over)
+    return msg
+
+
+def test_transitions_reach_the_learner_once_and_bad_rows_name_their_field(ckpts):
+    from robot_rl.rl.td3 import TD3Config
+    from robot_rl.serve.learner import TransitionInbox
+
+    svc = _service(ckpts)
+    r = _call(svc, "transitions", 1, **_transitions(3))
+    assert r["type"] == "error" and r["code"] == "not_learning"
+    inbox = TransitionInbox(TD3Config(learning_starts=4))
+    svc.learner = inbox
+    r = _call(svc, "transitions", 2, **_transitions(3))
+    assert r["accepted"] == 3 and r["backlog"] == 3 and r["explore"]["mode"] == "warmup" and not r["stop"]
+    assert _call(svc, "transitions", 2, **_transitions(3))["accepted"] == 0  # a retry of request 2: counted once
+    r = _call(svc, "transitions", 3, **_transitions(2))
+    assert r["accepted"] == 2 and r["explore"]["mode"] == "policy"  # 5 rows >= learning_starts
+    got = inbox.drain(0.1)
+    assert [len(q["sessions"]) for q in got] == [3, 2] and inbox.received == 5
+    np.testing.assert_array_equal(got[0]["obs"]["ee_pos"], _transitions(3)["obs"]["ee_pos"])
+    for over, code, field in [({"base": np.zeros((3, 4), np.float32)}, "shape", "base"),
+                              ({"reward": np.array([0, np.nan, 0], np.float32)}, "value", "reward"),
+                              ({"terminated": np.zeros(3, np.float32)}, "dtype", "terminated"),
+                              ({"next_obs": {"ee_pos": np.zeros((3, 3), np.float32)}}, "schema", "next_obs.cube_pos")]:
+        r = _call(svc, "transitions", 10, **_transitions(3, **over))
+        assert (r["type"], r["code"], r["field"]) == ("error", code, field), r
+    assert inbox.received == 5  # nothing of a bad request was counted
+    assert _call(svc, "ping", 11)["learner"]["backlog"] == 5

@@ -113,11 +113,16 @@ class NStep:
         self.n, self.gamma = int(n), float(gamma)
         self.pending: list[list[tuple]] = [[] for _ in range(n_envs)]
 
-    def push(self, x, residual, reward, terminated, truncated, next_x) -> dict[str, torch.Tensor]:
-        """One step of N envs: x (N, F), residual (N, A), reward (N,), terminated / truncated (N,) bool,
-        next_x (N, F)."""
+    def push(self, x, residual, reward, terminated, truncated, next_x, slots=None) -> dict[str, torch.Tensor]:
+        """One step of B envs: x (B, F), residual (B, A), reward (B,), terminated / truncated (B,) bool,
+        next_x (B, F). ``slots`` (B ints): the window of each row (rows of one window in step order); default all
+        N windows, row i -> window i. Raises ConfigError for a slot outside 0..N-1."""
         out = []
-        for i, pend in enumerate(self.pending):
+        slots = range(len(self.pending)) if slots is None else slots
+        for i, j in enumerate(slots):
+            if not 0 <= j < len(self.pending):
+                raise ConfigError("slot", f"{j} outside 0..{len(self.pending) - 1}", "use one window per env/session")
+            pend = self.pending[j]
             pend.append((x[i], residual[i], float(reward[i])))
             if bool(terminated[i]) or bool(truncated[i]):
                 while pend:

@@ -92,6 +92,11 @@ class TD3Config:
     seed: int = 0  # torch seed, base sampling seed and training episode seeds (TRAIN_SEED_START + seed * 10^7)
     val_every: int = 10_000  # env steps between validations (and one at the end) when validate is given; 0: off
     val_episodes: int = 50  # episodes per validation
+    # actor-learner split (robot_rl.serve.learner): actor processes sharing the n_envs (0: single process; SERL
+    # and ResFiT's real-robot runs use separate actor and learner processes)
+    actors: int = 0
+    push_every: int = 50  # actor updates between weight pushes to the actors (SERL: steps_per_update 50)
+    max_backlog: int = 256  # rows the learner may fall behind before actors wait (keeps the UTD ratio)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
@@ -113,6 +118,12 @@ class TD3Config:
                   "learning_starts", "critic_warmup_updates", "checkpoint_every", "val_every"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"td3.{k}", f"{getattr(self, k)} < 0", "use 0 (off) or a positive value")
+        if self.actors < 0 or (self.actors and self.n_envs % self.actors):
+            raise ConfigError("td3.actors", f"{self.actors} is negative or does not divide n_envs ({self.n_envs})",
+                              "use 0 (single process) or a divisor of td3.n_envs")
+        for k in ("push_every", "max_backlog"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"td3.{k}", f"{getattr(self, k)} < 1", "use a positive integer")
         if not self.critic_hidden or any(int(h) < 1 for h in self.critic_hidden):
             raise ConfigError("td3.critic_hidden", f"{list(self.critic_hidden)} is not a list of positive widths",
                               "use e.g. [256, 256]")
@@ -232,12 +243,149 @@ class Explorer:
         return ActorStep(res.clamp(-1.0, 1.0))
 
 
+class TD3Run:
+    """One TD3 training run: the learner, both replay sides, the n-step windows, the curve, validation and the
+    resumable state. The single-process loop (:func:`train_residual_td3`) and the actor-learner split
+    (:mod:`robot_rl.serve.learner`) differ only in where transitions come from; both feed them to :meth:`add`.
+
+    Args:
+        base, task, td3, out_dir, residual, demos, task_kwargs, writer, progress, validate, checkpoint_extra,
+            resume: as for :func:`train_residual_td3`.
+        obs_dims: {observation key: flat dim} of the env (:func:`robot_rl.rl.collector.env_obs_dims`).
+        n_slots: n-step windows kept apart (one per env or actor session).
+
+    Attributes: ``policy`` (the residual, trained in place), ``learner``, ``online``, ``demos`` (or None),
+    ``explorer``, ``steps`` (env transitions so far), ``curve``, ``seed_start`` (the first episode seed to use:
+    the run's, or the saved next one when resuming). Raises ConfigError for bad configs, an image base, a bad demo
+    store or a missing/mismatched saved state.
+    """
+
+    def __init__(self, base, task: str, td3: TD3Config, out_dir: str | Path, *, obs_dims: dict, n_slots: int,
+                 residual: ResidualConfig | None = None, demos: str | Path | None = None,
+                 task_kwargs: dict | None = None, writer=None, progress: bool = True, validate: Callable | None = None,
+                 checkpoint_extra: dict | None = None, resume: bool = False):
+        td3.validate()
+        base.freeze()
+        bc = base.config
+        if bc.image_keys:
+            raise ConfigError("base.image_keys", "residual TD3 currently runs on state observations only",
+                              "train the base on low-dim obs keys")
+        self.td3, self.writer, self.checkpoint_extra = td3, writer, checkpoint_extra
+        self.out = Path(out_dir)
+        self.state_dir = self.out / "state"
+        if resume and not (self.state_dir / "model.safetensors").is_file():
+            raise ConfigError("resume", f"no saved state in {self.state_dir}", "run without --resume to start the run")
+        rcfg = (residual or ResidualConfig(head="tanh")).derive(bc, task, obs_dims)
+        self.policy = ResidualPolicy(rcfg)
+        self.learner = TD3Learner(self.policy, td3)
+        self.demos, self.demo_stats = None, {"transitions": 0, "intervention_steps": 0}
+        if demos is not None and td3.demo_ratio > 0:
+            from robot_rl.envs.tasks import make_task
+
+            tk = make_task(task, **(task_kwargs or {}))
+            self.demos, self.demo_stats = demo_buffer(
+                demos, base, self.policy, n_step=td3.n_step, gamma=td3.gamma, task=task, max_steps=tk.max_steps,
+                tolerance=getattr(tk, "tolerance", None), intervention_penalty=td3.intervention_penalty,
+                use_interventions=td3.use_interventions, seed=td3.seed)
+            if progress:
+                st = self.demo_stats
+                print(f"TD3 demo side: {st['transitions']} transitions from {st['episodes']} episodes of {demos} "
+                      f"({st['unreachable']} steps beyond the residual's reach dropped, {st['intervention_steps']} "
+                      "intervention steps)", file=sys.stderr, flush=True)
+        self.online = ReplayBuffer(min(td3.buffer_size, td3.total_env_steps), rcfg.in_dim, rcfg.action_dim)
+        self.explorer = Explorer(self.policy, td3)
+        self.seed_start = TRAIN_SEED_START + td3.seed * 10_000_000
+        self.steps, self.curve = 0, []
+        if resume:
+            self.steps, self.curve, self.seed_start = _load_state(self.state_dir, self.learner, self.online, self.out)
+        self.nstep = NStep(n_slots, td3.n_step, td3.gamma)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.val = Validation(validate, td3.val_every, td3.val_episodes, self.out, checkpoint_extra)
+        if resume:
+            self.val.restore()
+        self.gen = torch.Generator().manual_seed(td3.seed + self.steps)
+        self.t0 = time.time() - (self.curve[-1]["wall_s"] if self.curve else 0.0)
+        self.window = {"succ": [], "stats": [], "res": []}
+        self.bar = progress_bar(total=td3.total_env_steps, desc="residual TD3", unit="step", disable=not progress)
+        self.bar.update(self.steps)
+        self.next_log = (self.steps // td3.log_every + 1) * td3.log_every
+        ce = td3.checkpoint_every
+        self.next_ckpt = (self.steps // ce + 1) * ce if ce else None
+
+    @property
+    def done(self) -> bool:
+        """The run has its ``total_env_steps``."""
+        return self.steps >= self.td3.total_env_steps
+
+    def add(self, x, residual, reward, terminated, truncated, next_x, success, slots=None) -> None:
+        """Store B executed steps (see :meth:`robot_rl.rl.replay.NStep.push` for the arrays; ``success`` (B,) bool;
+        ``slots``: each row's n-step window, default row i -> window i) and count them as env steps."""
+        self.online.add(*self.nstep.push(x, residual, reward, terminated, truncated, next_x, slots=slots).values())
+        done = np.logical_or(np.asarray(terminated, dtype=bool), np.asarray(truncated, dtype=bool))
+        self.window["succ"].extend(bool(v) for v in np.asarray(success, dtype=bool)[done])
+        self.window["res"].append(float(torch.as_tensor(residual).abs().mean()))
+        self.steps += int(x.shape[0])
+        self.bar.update(int(x.shape[0]))
+
+    def train(self) -> None:
+        """The gradient updates owed at the UTD ratio for the env steps so far (none before ``learning_starts``)."""
+        td3 = self.td3
+        if self.steps < td3.learning_starts:
+            return
+        owed = int((self.steps - td3.learning_starts) * td3.utd_ratio) - self.learner.updates
+        for _ in range(owed):
+            self.window["stats"].append(self.learner.update(
+                sample_mixed(self.online, self.demos, td3.batch_size, td3.demo_ratio, self.gen)))
+
+    def log(self, base_calls: int, extra: dict | None = None) -> None:
+        """When due (every ``log_every`` env steps and at the end): one curve row (+ ``extra`` fields), validation
+        when due, TensorBoard scalars, the progress postfix."""
+        last = self.done
+        if not (self.steps >= self.next_log or last):
+            return
+        self.next_log += self.td3.log_every
+        row = {**_row(self.steps, self.window, self.learner, self.online, self.demos, self.demo_stats, base_calls,
+                      self.t0), **(extra or {})}
+        if self.val.due(self.steps, last=last):
+            row["val_success"] = self.val.run(self.policy, self.steps)
+        self.curve.append(row)
+        self.window = {"succ": [], "stats": [], "res": []}
+        self.bar.set_postfix(success=f"{row['success_rate']:.2f}", q=f"{row['q_mean']:.2f}")
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "env_steps" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(f"residual/{k}", v, self.steps)
+
+    def checkpoint(self, next_seed: int) -> None:
+        """Write the resumable state when due (every ``checkpoint_every`` env steps and at the end)."""
+        if self.next_ckpt is not None and (self.steps >= self.next_ckpt or self.done):
+            self.next_ckpt += self.td3.checkpoint_every
+            _save_state(self.state_dir, self.learner, self.online, self.steps, self.curve, next_seed, self.td3)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def finish(self, next_seed: int, extra: dict | None = None) -> tuple[ResidualPolicy, list]:
+        """The end of the run: the state (when not checkpointed on a schedule), the deployable ``checkpoint``
+        (``extra`` added to its metadata), ``learning_curve.json`` and ``td3_config.json``."""
+        self.close()
+        if self.next_ckpt is None:
+            _save_state(self.state_dir, self.learner, self.online, self.steps, self.curve, next_seed, self.td3)
+        save_residual(self.policy, self.out / "checkpoint",
+                      extra={**(self.checkpoint_extra or {}), "env_steps": self.steps, "algo": "td3", **(extra or {})})
+        (self.out / "learning_curve.json").write_text(json.dumps(self.curve, indent=1))
+        (self.out / "td3_config.json").write_text(json.dumps(asdict(self.td3), indent=1))
+        return self.policy, self.curve
+
+
 def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, residual: ResidualConfig | None = None,
                        demos: str | Path | None = None, task_kwargs: dict | None = None,
                        env_kwargs: dict | None = None, writer=None, progress: bool = True,
                        validate: Callable | None = None, checkpoint_extra: dict | None = None,
                        make_venv: Callable | None = None, resume: bool = False) -> tuple[ResidualPolicy, list]:
-    """Train a residual with TD3 on top of the frozen ``base`` (state observations).
+    """Train a residual with TD3 on top of the frozen ``base`` (state observations), in this process: one
+    Collector steps ``td3.n_envs`` vector envs and the updates run between steps (the actor-learner split is
+    :func:`robot_rl.serve.learner.train_residual_td3_actors`).
 
     Args:
         base, task, task_kwargs, env_kwargs, writer, validate, checkpoint_extra, make_venv: as for
@@ -255,102 +403,35 @@ def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, 
     Raises ConfigError for bad configs, an image base, or a bad demo store.
     """
     td3.validate()
-    base.freeze()
-    bc = base.config
-    if bc.image_keys:
-        raise ConfigError("base.image_keys", "residual TD3 currently runs on state observations only",
-                          "train the base on low-dim obs keys")
-    out = Path(out_dir)
-    state_dir = out / "state"
-    if resume and not (state_dir / "model.safetensors").is_file():
-        raise ConfigError("resume", f"no saved state in {state_dir}", "run without --resume to start the run")
     torch.manual_seed(td3.seed)
     N = td3.n_envs
     venv = make_venv(N) if make_venv is not None else make_vector_env(
-        task, N, task_kwargs=task_kwargs, **env_kwargs_for(bc, task, task_kwargs, env_kwargs))
+        task, N, task_kwargs=task_kwargs, **env_kwargs_for(base.config, task, task_kwargs, env_kwargs))
     try:
-        rcfg = (residual or ResidualConfig(head="tanh")).derive(bc, task, env_obs_dims(venv))
-        pol = ResidualPolicy(rcfg)
-        learner = TD3Learner(pol, td3)
-        demo_buf, demo_stats = None, {"transitions": 0, "intervention_steps": 0}
-        if demos is not None and td3.demo_ratio > 0:
-            from robot_rl.envs.tasks import make_task
-
-            tk = make_task(task, **(task_kwargs or {}))
-            demo_buf, demo_stats = demo_buffer(demos, base, pol, n_step=td3.n_step, gamma=td3.gamma, task=task,
-                                               max_steps=tk.max_steps, tolerance=getattr(tk, "tolerance", None),
-                                               intervention_penalty=td3.intervention_penalty,
-                                               use_interventions=td3.use_interventions, seed=td3.seed)
+        run = TD3Run(base, task, td3, out_dir, obs_dims=env_obs_dims(venv), n_slots=N, residual=residual,
+                     demos=demos, task_kwargs=task_kwargs, writer=writer, progress=progress, validate=validate,
+                     checkpoint_extra=checkpoint_extra, resume=resume)
     except ConfigError:
         venv.close()
         raise
-    if demo_buf is not None and progress:
-        print(f"TD3 demo side: {demo_stats['transitions']} transitions from {demo_stats['episodes']} episodes of "
-              f"{demos} ({demo_stats['unreachable']} steps beyond the residual's reach dropped, "
-              f"{demo_stats['intervention_steps']} intervention steps)", file=sys.stderr, flush=True)
-    online = ReplayBuffer(min(td3.buffer_size, td3.total_env_steps), rcfg.in_dim, rcfg.action_dim)
-    explorer = Explorer(pol, td3)
-    seed_start = TRAIN_SEED_START + td3.seed * 10_000_000
-    steps, curve = 0, []
-    if resume:
-        steps, curve, seed_start = _load_state(state_dir, learner, online, out)
-    col = Collector(venv, base, pol, seed_start=seed_start, executor_seed=td3.seed + steps,
-                    align_chunks=td3.align_chunks, explore=explorer, next_features=True)
-    nstep = NStep(N, td3.n_step, td3.gamma)
-    out.mkdir(parents=True, exist_ok=True)
-    val = Validation(validate, td3.val_every, td3.val_episodes, out, checkpoint_extra)
-    if resume:
-        val.restore()
-    gen = torch.Generator().manual_seed(td3.seed + steps)
-    t0 = time.time() - (curve[-1]["wall_s"] if curve else 0.0)
-    window = {"succ": [], "stats": [], "res": []}
-    bar = progress_bar(total=td3.total_env_steps, desc="residual TD3", unit="step", disable=not progress)
-    bar.update(steps)
-    next_log = (steps // td3.log_every + 1) * td3.log_every
-    next_ckpt = (steps // td3.checkpoint_every + 1) * td3.checkpoint_every if td3.checkpoint_every else None
+    col = Collector(venv, base, run.policy, seed_start=run.seed_start, executor_seed=td3.seed + run.steps,
+                    align_chunks=td3.align_chunks, explore=run.explorer, next_features=True)
     try:
         col.reset()
-        while steps < td3.total_env_steps:
-            explorer.warm = steps < td3.learning_starts
+        while not run.done:
+            run.explorer.warm = run.steps < td3.learning_starts
             tr = col.step()
-            steps += N
-            bar.update(N)
-            online.add(*nstep.push(tr.x, tr.residual, tr.reward, tr.terminated, tr.truncated, tr.next_x).values())
-            window["succ"].extend(bool(s) for s in tr.success[tr.done])
-            window["res"].append(float(tr.residual.abs().mean()))
-            if steps >= td3.learning_starts:
-                owed = int((steps - td3.learning_starts) * td3.utd_ratio) - learner.updates
-                for _ in range(owed):
-                    window["stats"].append(learner.update(
-                        sample_mixed(online, demo_buf, td3.batch_size, td3.demo_ratio, gen)))
-            last = steps >= td3.total_env_steps
-            if steps >= next_log or last:
-                next_log += td3.log_every
-                row = _row(steps, window, learner, online, demo_buf, demo_stats, col, t0)
-                if val.due(steps, last=last):
-                    row["val_success"] = val.run(pol, steps)
-                curve.append(row)
-                window = {"succ": [], "stats": [], "res": []}
-                bar.set_postfix(success=f"{row['success_rate']:.2f}", q=f"{row['q_mean']:.2f}")
-                if writer is not None:
-                    for k, v in row.items():
-                        if k != "env_steps" and isinstance(v, (int, float)) and math.isfinite(v):
-                            writer.add_scalar(f"residual/{k}", v, steps)
-            if next_ckpt is not None and (steps >= next_ckpt or last):
-                next_ckpt += td3.checkpoint_every
-                _save_state(state_dir, learner, online, steps, curve, col.seeds.next, td3)
+            run.add(tr.x, tr.residual, tr.reward, tr.terminated, tr.truncated, tr.next_x, tr.success)
+            run.train()
+            run.log(col.base_calls)
+            run.checkpoint(col.seeds.next)
     finally:
-        bar.close()
+        run.close()
         col.close()
-    if next_ckpt is None:
-        _save_state(state_dir, learner, online, steps, curve, col.seeds.next, td3)
-    save_residual(pol, out / "checkpoint", extra={**(checkpoint_extra or {}), "env_steps": steps, "algo": "td3"})
-    (out / "learning_curve.json").write_text(json.dumps(curve, indent=1))
-    (out / "td3_config.json").write_text(json.dumps(asdict(td3), indent=1))
-    return pol, curve
+    return run.finish(col.seeds.next)
 
 
-def _row(steps, window, learner, online, demo_buf, demo_stats, col, t0) -> dict:
+def _row(steps, window, learner, online, demo_buf, demo_stats, base_calls, t0) -> dict:
     st = window["stats"]
     mean = lambda k: float(np.mean([s[k] for s in st if k in s])) if any(k in s for s in st) else float("nan")  # noqa
     n_demo = len(demo_buf) if demo_buf is not None else 0
@@ -362,7 +443,7 @@ def _row(steps, window, learner, online, demo_buf, demo_stats, col, t0) -> dict:
             "residual_abs": float(np.mean(window["res"])) if window["res"] else float("nan"),
             "online_size": len(online), "demo_size": n_demo,
             "intervention_share": demo_stats["intervention_steps"] / max(1, demo_stats["transitions"]),
-            "base_calls": col.base_calls}
+            "base_calls": base_calls}
 
 
 def _save_state(d: Path, learner: TD3Learner, online: ReplayBuffer, steps: int, curve: list, next_seed: int,

@@ -408,6 +408,16 @@ class PolicyClient:
         m = self._call("push_weights", timeout_s, version=int(version), weights=bytes(weights), config=config)
         return int(m["residual_version"])
 
+    def send_transitions(self, rows: dict, timeout_s: float | None = None) -> dict:
+        """Stream executed control steps to the learner behind the server (the ``transitions`` request of
+        :mod:`robot_rl.serve.protocol`, whose doc lists the fields): ``rows`` maps ``sessions`` to a list of K
+        session ids and every other field to numpy arrays of K rows (``obs`` / ``next_obs``: {key: (K, d)}). A
+        retried request carries the same id and is counted once. Returns {accepted, backlog, explore, stop}.
+        Raises ServerError (``not_learning``: no learner behind this server; ``schema`` / ``shape`` / ``dtype`` /
+        ``value``: a bad row) and ServerTimeout."""
+        m = self._call("transitions", timeout_s, **rows)
+        return {k: m[k] for k in ("accepted", "backlog", "explore", "stop")}
+
 
 class AsyncChunkClient:
     """Asynchronous chunk execution for one control loop (one server session).

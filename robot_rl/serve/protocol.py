@@ -7,7 +7,7 @@ every field is checked here against an explicit schema before the server looks a
 
 Common fields of every request::
 
-    {"v": 1, "type": <str>, "id": <int 0..2**63-1, echoed in the reply>, "token": <str, only if the server wants one>}
+    {"v": 2, "type": <str>, "id": <int 0..2**63-1, echoed in the reply>, "token": <str, only if the server wants one>}
 
 Request types (extra fields):
 
@@ -21,14 +21,36 @@ Request types (extra fields):
   a safetensors file of the residual's ``state_dict``), optional ``config`` (map of ``ResidualConfig`` fields;
   default: the served residual's config). Reply: ``{"residual_version": int}``.
 - ``close`` — ``session``: forget a session's state. Reply ``{"closed": bool}``.
-- ``ping`` — none. Reply ``{"time": float (server wall clock, s)}``.
+- ``ping`` — none. Reply ``{"time": float (server wall clock, s), "stats": map, "sessions": int}`` (+ ``learner``,
+  the map of a ``transitions`` reply, when a learner is attached).
+- ``transitions`` (v2) — K >= 1 executed control steps, actor -> learner, accepted only by a server with a learner
+  attached (``robot-rl train-residual --actors``; else error ``not_learning``). Each row is self-contained, so the
+  learner needs no per-session state beyond its n-step windows and rows of one session must arrive in step order:
+  ``sessions`` (list of K session ids), ``steps`` (int64 (K,): control step of the row), ``obs`` ({key: float32
+  (K, d)}: every low-dim key of the server's ``obs_spec`` at that step), ``base`` (float32 (K, A): the raw base
+  action executed there), ``residual`` (float32 (K, A): the residual actually executed, residual units in [-1, 1],
+  exploration noise included), ``executed`` (float32 (K, A): the raw executed action), ``reward`` (float32 (K,)),
+  ``terminated``, ``truncated``, ``success`` (bool (K,)), ``next_obs`` ({key: float32 (K, d)}: the TRUE next
+  observation, the final one for an ended episode), ``next_base`` (float32 (K, A): the raw base action at
+  ``next_obs``, i.e. the next step's, or for an ended episode the one the base would have executed there),
+  ``residual_version`` (int64 (K,): version of the residual that produced the row), ``new_chunk`` (bool (K,):
+  the row's base action opened a new action chunk), optional ``intervention`` (bool (K,), default false: a human
+  drove the step; ``executed`` is then the human's action). Reply ``{"accepted": int, "backlog": int
+  (transitions received and not yet trained on), "explore": {"mode": "warmup" | "policy", "warmup_noise": float,
+  "std": float}, "stop": bool (the learner has what it needs)}``.
 
 Arrays are maps ``{"dtype": <name in DTYPES>, "shape": [int, ...], "data": <bin, C order, little endian>}``.
 Errors are replies ``{"v": 1, "type": "error", "id": <id or nil>, "code": <ERROR_CODES>, "field": str,
 "message": str}``; the server answers every request, malformed ones included, and never dies of one.
 A change of any of this bumps :data:`PROTOCOL_VERSION`; a request with another ``v`` gets a ``version`` error.
 
-Sessions and clients (server behaviour within v1; no field changed): the client chooses session ids, and a
+v2 added ``transitions`` and the ``not_learning`` error code; v1 clients get a ``version`` error.
+
+Weight versions and chunks: a session takes the newest pushed residual when its base plans a chunk (or at reset)
+and keeps it for every step of that chunk, so no action chunk mixes two residual versions; ``act`` replies carry
+the version that produced them.
+
+Sessions and clients (server behaviour within v2; no field changed): the client chooses session ids, and a
 session belongs to the *client* that opened it — the ZeroMQ routing identity of its connection (plus the token
 when the server has one). Session ids are a per-client namespace: a request naming a session the sending client
 did not open gets ``unknown_session`` and changes nothing (``reset=true`` opens the sender's own session of that
@@ -46,7 +68,7 @@ import string
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_PORT = 5555
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20  # 16 MiB: e.g. 2 frames of two 480x640 RGB cameras with room to spare
 
@@ -56,9 +78,10 @@ DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "uint8": "|u1", 
 MAX_NDIM = 6
 MAX_SESSION_LEN = 128
 MAX_ID = 2**63 - 1
-REQUEST_TYPES = ("metadata", "act", "push_weights", "close", "ping")
+REQUEST_TYPES = ("metadata", "act", "push_weights", "close", "ping", "transitions")
+MAX_TRANSITIONS = 4096  # rows of one ``transitions`` request
 ERROR_CODES = ("decode", "too_large", "version", "schema", "auth", "dtype", "shape", "value", "unknown_session",
-               "stale_step", "capacity", "push_rejected", "internal")
+               "stale_step", "capacity", "push_rejected", "internal", "not_learning")
 _SESSION_CHARS = frozenset(string.ascii_letters + string.digits + "-_.:/@+=")
 
 
@@ -194,7 +217,15 @@ def check_session(s) -> str:
 _COMMON = {"v", "type", "id", "token"}
 _FIELDS = {"metadata": set(), "ping": set(), "close": {"session"},
            "act": {"session", "step", "obs", "reset", "seed", "new_chunk"},
-           "push_weights": {"version", "weights", "config"}}
+           "push_weights": {"version", "weights", "config"},
+           "transitions": {"sessions", "steps", "obs", "base", "residual", "executed", "reward", "terminated",
+                           "truncated", "success", "next_obs", "next_base", "residual_version", "new_chunk",
+                           "intervention"}}
+#: ``transitions`` arrays: name -> (dtype, trailing shape: "A" = the action dim, () = per row); all have K rows
+TRANSITION_ARRAYS = {"steps": ("int64", ()), "base": ("float32", ("A",)), "residual": ("float32", ("A",)),
+                     "executed": ("float32", ("A",)), "reward": ("float32", ()), "terminated": ("bool", ()),
+                     "truncated": ("bool", ()), "success": ("bool", ()), "next_base": ("float32", ("A",)),
+                     "residual_version": ("int64", ()), "new_chunk": ("bool", ()), "intervention": ("bool", ())}
 
 
 def request_id(m) -> int | None:
@@ -231,15 +262,7 @@ def parse_request(m: dict, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict:
         out["seed"] = _int(m, "seed", 0, 2**63 - 1, default=None)
         if out["seed"] is not None and not out["reset"]:
             raise ProtocolError("schema", "seed", "only allowed together with reset=true")
-        obs = m.get("obs")
-        if not isinstance(obs, dict) or not obs or len(obs) > 64:
-            raise ProtocolError("schema", "obs", "must be a map {key: array} with 1..64 keys")
-        out["obs"] = {}
-        for k, a in obs.items():
-            if not isinstance(k, str) or not k.isidentifier() or len(k) > 64:
-                shown = repr(k[:64]) if isinstance(k, str) else _show(k)
-                raise ProtocolError("schema", "obs", f"bad observation key {shown}; keys are identifiers")
-            out["obs"][k] = decode_array(a, f"obs.{k}", max_bytes)
+        out["obs"] = _obs_map(m, "obs", max_bytes)
     elif t == "push_weights":
         out["version"] = _int(m, "version", 1)
         w = m.get("weights")
@@ -250,7 +273,61 @@ def parse_request(m: dict, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict:
         if cfg is not None and not isinstance(cfg, dict):
             raise ProtocolError("schema", "config", "must be a map of ResidualConfig fields or absent")
         out["config"] = cfg
+    elif t == "transitions":
+        sess = m.get("sessions")
+        if not isinstance(sess, list) or not 1 <= len(sess) <= MAX_TRANSITIONS:
+            raise ProtocolError("schema", "sessions", f"must be a list of 1..{MAX_TRANSITIONS} session ids")
+        out["sessions"] = [check_session(x) for x in sess]
+        for name in ("obs", "next_obs"):
+            out[name] = _obs_map(m, name, max_bytes)
+        for name in TRANSITION_ARRAYS:
+            if name in m:
+                out[name] = decode_array(m[name], name, max_bytes)
+            elif name != "intervention":
+                raise ProtocolError("schema", name, "missing (required array)")
     return out
+
+
+def _obs_map(m: dict, name: str, max_bytes: int) -> dict:
+    obs = m.get(name)
+    if not isinstance(obs, dict) or not obs or len(obs) > 64:
+        raise ProtocolError("schema", name, "must be a map {key: array} with 1..64 keys")
+    out = {}
+    for k, a in obs.items():
+        if not isinstance(k, str) or not k.isidentifier() or len(k) > 64:
+            shown = repr(k[:64]) if isinstance(k, str) else _show(k)
+            raise ProtocolError("schema", name, f"bad observation key {shown}; keys are identifiers")
+        out[k] = decode_array(a, f"{name}.{k}", max_bytes)
+    return out
+
+
+def check_transitions(req: dict, spec: dict, action_dim: int) -> int:
+    """Check a parsed ``transitions`` request against the server's low-dim ``obs_spec`` and action dim; returns K.
+    Raises ProtocolError (``schema``, ``dtype``, ``shape``, ``value``) naming the field."""
+    k = len(req["sessions"])
+    low = {key: s for key, s in spec.items() if s["dtype"] == "float32"}
+    for name in ("obs", "next_obs"):
+        obs = req[name]
+        missing, extra = sorted(set(low) - set(obs)), sorted(set(obs) - set(low))
+        if missing or extra:
+            raise ProtocolError("schema", f"{name}.{(missing or extra)[0]}",
+                                f"{'missing' if missing else 'not a low-dim observation of this policy'}; send "
+                                f"exactly {sorted(low)}")
+        for key, s in low.items():
+            _check_rows(obs[key], f"{name}.{key}", "float32", [k, *s["shape"]])
+    for name, (dt, tail) in TRANSITION_ARRAYS.items():
+        if name in req:
+            _check_rows(req[name], name, dt, [k, *(action_dim for _ in tail)])
+    return k
+
+
+def _check_rows(a: np.ndarray, field: str, dtype: str, shape: list) -> None:
+    if a.dtype.name != dtype:
+        raise ProtocolError("dtype", field, f"dtype {a.dtype.name}, expected {dtype}")
+    if list(a.shape) != shape:
+        raise ProtocolError("shape", field, f"shape {list(a.shape)}, expected {shape} (K rows)")
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise ProtocolError("value", field, "contains NaN or inf")
 
 
 def check_obs(obs: dict, spec: dict, max_frames: int) -> int:
@@ -287,14 +364,18 @@ def check_obs(obs: dict, spec: dict, max_frames: int) -> int:
 
 
 def request(type_: str, id_: int, token: str | None = None, **fields) -> dict:
-    """Build a request map (numpy arrays inside ``obs`` are encoded). Client side; no validation of values."""
+    """Build a request map (numpy arrays, also inside ``obs`` / ``next_obs``, are encoded). Client side; no
+    validation of values."""
     m = {"v": PROTOCOL_VERSION, "type": type_, "id": int(id_)}
     if token is not None:
         m["token"] = token
     for k, v in fields.items():
         if v is None:
             continue
-        m[k] = {kk: encode_array(vv) for kk, vv in v.items()} if k == "obs" else v
+        if k in ("obs", "next_obs"):
+            m[k] = {kk: encode_array(vv) for kk, vv in v.items()}
+        else:
+            m[k] = encode_array(v) if isinstance(v, np.ndarray) else v
     return m
 
 

@@ -144,13 +144,15 @@ class _Session:
     """A client's episode: its :class:`ChunkStream` (history, chunk queue, own generator) and the retry state.
     ``client`` is the key of the client that opened it (see :meth:`PolicyService.client_key`)."""
 
-    __slots__ = ("client", "sid", "stream", "last_step", "last_id", "last_reply", "last_seen", "pending")
+    __slots__ = ("client", "sid", "stream", "last_step", "last_id", "last_reply", "last_seen", "pending", "residual",
+                 "residual_version")
 
     def __init__(self, client: bytes, sid: str, n_obs: int, seed: int):
         self.client, self.sid = client, sid
         self.stream = ChunkStream(n_obs, seed=seed)
         self.last_step, self.last_id, self.last_reply = -1, None, None
         self.last_seen, self.pending = time.monotonic(), False
+        self.residual, self.residual_version = None, 0  # pinned for the current chunk (see PolicyService.run_batch)
 
 
 @dataclass
@@ -193,6 +195,9 @@ class PolicyService:
         self.clients: dict[bytes, OrderedDict[str, _Session]] = {}
         self._push_limit = self._tensor_bytes(residual) + _HEADER_SLACK if residual is not None else None
         self.stats = {"requests": 0, "errors": 0, "batches": 0, "batched_requests": 0, "pushes": 0, "evicted": 0}
+        #: the learner that ``transitions`` requests go to (``receive(req) -> reply fields``, ``status() -> map``),
+        #: or None (:mod:`robot_rl.serve.learner` attaches one); called on the serving thread
+        self.learner = None
         self._last_sweep = time.monotonic()
 
     # --- residual compatibility ---------------------------------------------------------------------------------
@@ -274,8 +279,9 @@ class PolicyService:
             if t == "metadata":
                 return self._pack(P.reply("metadata", rid, **self.metadata())), None
             if t == "ping":
+                extra = {"learner": self.learner.status()} if self.learner is not None else {}
                 return self._pack(P.reply("ping", rid, time=time.time(), stats=dict(self.stats),
-                                          sessions=len(self.sessions))), None
+                                          sessions=len(self.sessions), **extra)), None
             if t == "close":
                 s = self.sessions.get((key, req["session"]))
                 if s is not None:  # (a request of it still in a batch gets its reply; the session is gone after)
@@ -283,6 +289,13 @@ class PolicyService:
                 return self._pack(P.reply("close", rid, closed=s is not None)), None
             if t == "push_weights":
                 return self._push(req), None
+            if t == "transitions":
+                if self.learner is None:
+                    raise P.ProtocolError("not_learning", "transitions", "this server has no learner attached; "
+                                                                         "start it with robot-rl train-residual "
+                                                                         "--actors N")
+                P.check_transitions(req, self.spec, self.A)
+                return self._pack(P.reply("transitions", rid, **self.learner.receive(req))), None
             raise P.ProtocolError("schema", "type", "unhandled request type")  # unreachable: parse checked it
         except P.ProtocolError as e:
             return self._error(rid, e.code, e.field, e.message), None
@@ -368,6 +381,8 @@ class PolicyService:
             out = []
             for j, p in enumerate(pend):
                 p.session.stream.queue.add(chunks[j], p.req["step"])
+                # the newest residual serves this whole chunk: a push mid-chunk takes effect at the next chunk
+                p.session.residual, p.session.residual_version = self.residual, self.residual_version
                 out.append(self._act_reply(p.req, p.session, p.t_recv, t0, base_ms, len(pend)))
             return out
         except Exception as e:
@@ -385,7 +400,7 @@ class PolicyService:
         step = req["step"]
         rows = s.stream.queue.rows(step)
         n = rows.shape[0]
-        if self.residual is None:
+        if s.residual is None:
             r, executed = apply_residual(self.base.normalizer, None, {}, rows)
         else:  # the newest observation's low-dim keys (the residual reads low-dim keys only)
             obs1 = {k: v[None] for k, v in s.stream.latest.items() if self.spec[k]["dtype"] == "float32"}
@@ -394,13 +409,13 @@ class PolicyService:
             for a, b in ((0, 1), (1, n)):
                 if b > a:
                     ob = obs1 if b - a == 1 else {k: np.repeat(v, b - a, axis=0) for k, v in obs1.items()}
-                    parts.append(apply_residual(self.base.normalizer, self.residual, ob, rows[a:b]))
+                    parts.append(apply_residual(self.base.normalizer, s.residual, ob, rows[a:b]))
             r = np.concatenate([p[0] for p in parts])
             executed = np.concatenate([p[1] for p in parts])
         now = time.perf_counter()
         body = P.reply("act", req["id"], session=s.sid, step=step, chunk_start=step,
                        base=P.encode_array(rows), residual=P.encode_array(r), executed=P.encode_array(executed),
-                       base_version=self.base_version, residual_version=self.residual_version,
+                       base_version=self.base_version, residual_version=s.residual_version,
                        new_chunk=t_batch is not None,
                        timing={"queue_ms": ((t_batch - t_recv) * 1e3) if t_batch is not None else 0.0,
                                "base_ms": base_ms, "residual_ms": (now - t0) * 1e3, "batch_size": batch_size,

@@ -1,0 +1,193 @@
+"""Actors of the actor-learner split: simulated envs driven through the policy server, their executed steps streamed
+back to the learner as ``transitions`` (:mod:`robot_rl.serve.protocol`).
+
+An actor is one process (:func:`run_actor`) with ``n_envs`` envs stepped in that process. Per control step it sends
+one pipelined round of ``act`` requests (one session per env, so the server batches the base calls across every
+actor's envs and serves base + the newest residual pinned per action chunk), adds the exploration the learner
+asks for, steps its envs and sends the completed rows of the previous step in one ``transitions`` request. A row is
+complete once the base action at its next observation is known: the next step's for a running episode, or, for
+an episode that ended, one more ``act`` on the final observation (the action the base would have executed there,
+as :meth:`robot_rl.policies.execution.ChunkExecutor.final_actions` gives the in-process learner).
+
+Exploration (what the learner's replies say; the same rule as :class:`robot_rl.rl.td3.Explorer`): ``warmup`` ->
+residual ~ U(-warmup_noise, warmup_noise); ``policy`` -> ``clip(residual_mean + N(0, std), -1, 1)``, residual
+units. The executed action is ``unnormalize(clip(normalize(base) + alpha * residual, -1, 1))``
+(:func:`robot_rl.rl.residual.combine`), with the base's action normalization from the server's metadata.
+
+Backpressure: when the learner's backlog (rows received, not yet trained on) exceeds ``max_backlog``, the actor
+waits, so the UTD ratio the learner keeps is the one configured and the residual the actors run lags the learner
+by a bounded amount. A robot would not wait (the next issue); simulated envs can.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from robot_rl.envs.vector import SeedSchedule, make_vector_env, reset_some
+from robot_rl.policies.normalizer import Normalizer
+from robot_rl.rl.residual import combine
+from robot_rl.serve.client import PolicyClient
+
+
+@dataclass
+class ActorSpec:
+    """What one actor process needs (plain data: it crosses a process boundary).
+
+    endpoint: the policy server (``tcp://host:port``); index: the actor's number (session ids
+    ``actor<index>-env<i>``, noise seed); task / task_kwargs / env_kwargs: the envs (``make_vector_env``);
+    n_envs: envs in this process; seed_start: its first episode seed (episodes take ``seed_start, +1, ...``);
+    seed: exploration-noise seed; max_backlog: learner backlog (rows) above which the actor waits.
+    """
+
+    endpoint: str
+    index: int
+    task: str
+    n_envs: int
+    seed_start: int
+    seed: int = 0
+    max_backlog: int = 256
+    task_kwargs: dict = field(default_factory=dict)
+    env_kwargs: dict = field(default_factory=dict)
+    token: str | None = None
+
+
+def run_actor(spec: ActorSpec, stop) -> None:
+    """Process entry point: run :class:`SimActor` until ``stop`` (a multiprocessing Event) is set or the learner
+    says stop. One torch thread (the learner and the server own the other core)."""
+    torch.set_num_threads(1)
+    venv = make_vector_env(spec.task, spec.n_envs, task_kwargs=spec.task_kwargs, asynchronous=False,
+                           **spec.env_kwargs)
+    client = PolicyClient(spec.endpoint, token=spec.token, timeout_s=60.0, retries=2)
+    try:
+        client.wait_ready(60.0)
+        SimActor(venv, client, spec).run(stop)
+    finally:
+        venv.close()
+        client.close()
+
+
+class SimActor:
+    """The actor loop over a vector env (autoreset off, per-env seeds) and a :class:`PolicyClient`.
+
+    Attributes: ``steps_sent`` (rows sent), ``episodes`` (episodes finished), ``waits`` (backpressure waits).
+    """
+
+    def __init__(self, venv, client: PolicyClient, spec: ActorSpec):
+        self.venv, self.client, self.spec = venv, client, spec
+        meta = client.metadata()
+        if not meta["residual"]["loaded"]:
+            raise RuntimeError("the policy server serves no residual; the learner starts it with one")
+        self.alpha = float(meta["residual"]["alpha"])
+        self.low_keys = [k for k, s in meta["obs_spec"].items() if s["dtype"] == "float32"]
+        A = int(meta["action_spec"]["shape"][0])
+        self.norm = Normalizer({"action": A}, {"action": meta["normalization"]["action"]})
+        self.n = int(venv.num_envs)
+        self.sessions = [f"actor{spec.index}-env{i}" for i in range(self.n)]
+        self.seeds = SeedSchedule(spec.seed_start)
+        self.rng = np.random.default_rng([spec.seed, spec.index])
+        self.explore = {"mode": "warmup", "warmup_noise": 0.0, "std": 0.0}  # until the learner's first reply
+        self.stop_now = False
+        self.steps_sent = self.episodes = self.waits = 0
+
+    # --- pieces -------------------------------------------------------------------------------------------------
+    def _act(self, envs, obs: dict, steps, reset=None, seeds=None) -> list:
+        items = []
+        for j, i in enumerate(envs):
+            it = dict(session=self.sessions[i], step=int(steps[j]), obs={k: v[i] for k, v in obs.items()})
+            if reset is not None and reset[j]:
+                it.update(reset=True, seed=int(seeds[j]))
+            items.append(it)
+        return self.client.act_many(items)
+
+    def _residual(self, mean: np.ndarray) -> np.ndarray:
+        e = self.explore
+        if e["mode"] == "warmup":
+            return self.rng.uniform(-1.0, 1.0, mean.shape).astype(np.float32) * float(e["warmup_noise"])
+        noisy = mean + self.rng.standard_normal(mean.shape).astype(np.float32) * float(e["std"])
+        return np.clip(noisy, -1.0, 1.0).astype(np.float32)
+
+    def _executed(self, base_raw: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            base_n = self.norm.normalize("action", torch.as_tensor(base_raw))
+            out = self.norm.unnormalize("action", combine(base_n, torch.as_tensor(residual), self.alpha))
+        return out.numpy().astype(np.float32)
+
+    def _send(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        msg = {"sessions": [r["session"] for r in rows]}
+        for k in ("obs", "next_obs"):
+            msg[k] = {key: np.stack([r[k][key] for r in rows]).astype(np.float32) for key in self.low_keys}
+        for k, dt in (("steps", np.int64), ("base", np.float32), ("residual", np.float32),
+                      ("executed", np.float32), ("reward", np.float32), ("terminated", bool), ("truncated", bool),
+                      ("success", bool), ("next_base", np.float32), ("residual_version", np.int64),
+                      ("new_chunk", bool)):
+            msg[k] = np.asarray([r[k] for r in rows], dtype=dt)
+        rep = self.client.send_transitions(msg)
+        self.steps_sent += len(rows)
+        self._follow(rep)
+
+    def _follow(self, rep: dict) -> None:
+        """Take the learner's exploration setting; wait while its backlog is above ``max_backlog``."""
+        self.explore, self.stop_now = rep["explore"], bool(rep["stop"])
+        backlog = int(rep["backlog"])
+        while backlog > self.spec.max_backlog and not self.stop_now:
+            self.waits += 1
+            time.sleep(0.002)
+            st = self.client.ping()["learner"]
+            backlog, self.stop_now, self.explore = int(st["backlog"]), bool(st["stop"]), st["explore"]
+
+    # --- loop ---------------------------------------------------------------------------------------------------
+    def run(self, stop=None, max_steps: int | None = None) -> None:
+        """Step until ``stop`` is set, the learner says stop, or ``max_steps`` control steps (tests)."""
+        n, every = self.n, np.arange(self.n)
+        seeds = [self.seeds.take() for _ in range(n)]
+        obs = reset_some(self.venv, np.ones(n, bool), seeds, None)
+        step = np.zeros(n, np.int64)
+        fresh = np.ones(n, bool)
+        pending: list[dict | None] = [None] * n  # the previous step's row of each env, waiting for its next base
+        ready: list[dict] = []  # complete rows to send
+        t = 0
+        while not self.stop_now and (stop is None or not stop.is_set()) and (max_steps is None or t < max_steps):
+            res = self._act(every, obs, step, fresh, seeds)
+            base = np.stack([r.base[0] for r in res])
+            for i in every:
+                if pending[i] is not None:
+                    ready.append({**pending[i], "next_base": base[i]})
+                    pending[i] = None
+            self._send(ready)
+            ready = []
+            residual = self._residual(np.stack([r.residual[0] for r in res]))
+            executed = self._executed(base, residual)
+            next_obs, rew, term, trunc, info = self.venv.step(executed)
+            term, trunc = np.asarray(term, bool), np.asarray(trunc, bool)
+            done = term | trunc
+            success = np.asarray(info.get("success", np.zeros(n)), bool)
+            for i in every:
+                pending[i] = {"session": self.sessions[i], "steps": step[i],
+                              "obs": {k: obs[k][i] for k in self.low_keys}, "base": base[i],
+                              "residual": residual[i], "executed": executed[i], "reward": float(rew[i]),
+                              "terminated": term[i], "truncated": trunc[i], "success": success[i],
+                              "next_obs": {k: next_obs[k][i] for k in self.low_keys},
+                              "residual_version": res[i].residual_version, "new_chunk": res[i].new_chunk}
+            ended = np.flatnonzero(done)
+            if len(ended):  # the base action at each final observation completes those rows now
+                final = self._act(ended, next_obs, step[ended] + 1)
+                for j, i in enumerate(ended):
+                    ready.append({**pending[i], "next_base": final[j].base[0]})
+                    pending[i] = None
+                self.episodes += len(ended)
+                for i in ended:
+                    seeds[i] = self.seeds.take()
+                obs = reset_some(self.venv, done, seeds, next_obs)
+            else:
+                obs = next_obs
+            step = np.where(done, 0, step + 1)
+            fresh = done
+            t += 1
+        if ready and not self.stop_now:
+            self._send(ready)
