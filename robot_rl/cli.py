@@ -118,6 +118,13 @@ def cmd_train_residual(a):
     if not a.resume:
         check_run_dir(out, overwrite=a.overwrite, replace=True)  # the base loaded: now the old run may go
     write_config(cfg, out, _argv())
+    if a.train_seeds is not None:
+        from robot_rl.pipeline import train_residual_seeds
+
+        rep = train_residual_seeds(cfg, base, out, a.train_seeds, demos=a.demos, resume=a.resume,
+                                   checkpoint_extra={"base_checkpoint": str(a.base)})
+        print(f"{rep['summary']}; report in {out / 'report.md'}")
+        return
     w = SummaryWriter(str(out / "tb"))
     try:
         _, curve = train_residual_for(cfg, base, out, demos=a.demos, writer=w, resume=a.resume,
@@ -403,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
      .arg("--demos", metavar="STORE", help="td3: zarr store of demonstrations for the demo half of the replay "
                                            "(relabelled with the base's actions; RLPD 50/50 sampling)")
      .arg("--resume", action="store_true", help="td3: continue the run saved in --out/state")
+     .arg("--train-seeds", type=int, metavar="N", help="train N seeds (--seed, +1, ...) into --out/seed_S, evaluate "
+                                                      "each and the base on the same held-out seeds (eval.*) and "
+                                                      "report per-seed Wilson intervals, paired tests against the "
+                                                      "base, and the IQM with a bootstrap CI over seeds (rliable)")
      .field("--algo", "algo", "residual learner: ppo | td3", choices=["ppo", "td3"])
      .field("--task", "task.name").field("--env-steps", "ppo.total_env_steps|td3.total_env_steps", type=int)
      .field("--n-envs", "ppo.n_envs|td3.n_envs", type=int).field("--n-steps", "ppo.n_steps", type=int)

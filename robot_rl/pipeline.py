@@ -169,6 +169,69 @@ def train_residual_for(cfg: Config, base, out_dir: str | Path, *, demos=None, wr
                           else None, **kw)
 
 
+def train_residual_seeds(cfg: Config, base, out_dir: str | Path, n_seeds: int, *, demos=None, progress: bool = True,
+                         checkpoint_extra: dict | None = None, resume: bool = False) -> dict:
+    """Train the residual with ``n_seeds`` training seeds (``cfg.seed``, +1, ...; each into ``<out>/seed_<s>``, as
+    :func:`train_residual_for`), evaluate the base and every base + residual on the same held-out episodes
+    (``eval.*``; the base's sampling seeded ``cfg.seed`` in all of them, so only the residual differs), and report:
+    each seed's success with its Wilson interval and an exact McNemar test against the base, and over seeds the IQM
+    and mean with 95 % stratified bootstrap intervals (:func:`robot_rl.stages.evaluation.over_seeds`, rliable).
+
+    Writes ``<out>/{report.json, report.md, eval_per_episode.json, learning_curves.png}``; returns the report
+    dict. Raises ConfigError for ``n_seeds`` < 1 (and whatever the training raises)."""
+    import dataclasses
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from robot_rl.stages.evaluation import evaluate, over_seeds, paired_test, plot_learning_curve, write_report
+
+    if not (isinstance(n_seeds, int) and n_seeds >= 1):
+        raise ConfigError("train_seeds", f"{n_seeds!r} < 1", "train at least one seed, e.g. --train-seeds 3")
+    out = Path(out_dir)
+    ev, task, tk, env_kw = cfg.eval, cfg.task.name, cfg.task.kwargs, cfg.env_kwargs(backend=True)
+    kw = dict(n_episodes=ev.episodes, n_envs=ev.n_envs, seed_start=ev.seed_start, task_kwargs=tk, env_kwargs=env_kw,
+              seed=cfg.seed, progress=progress)
+    r_base = evaluate(base, task, desc="eval base", **kw)
+    if progress:
+        print(_line(f"base ({base.config.kind})", r_base), flush=True)
+    results, curves, times = {f"base ({base.config.kind})": r_base}, {}, {}
+    for s in range(cfg.seed, cfg.seed + n_seeds):
+        run = out / f"seed_{s}"
+        t = time.time()
+        writer = SummaryWriter(str(run / "tb"))
+        try:
+            res, curve = train_residual_for(dataclasses.replace(cfg, seed=s), base, run, demos=demos, writer=writer,
+                                            progress=progress, checkpoint_extra=checkpoint_extra, resume=resume)
+        finally:
+            writer.close()
+        times[s] = time.time() - t
+        r = evaluate(base, task, residual=res, desc=f"eval base+residual seed {s}", **kw)
+        r["paired_vs_base"] = paired_test(r_base["per_episode"], r["per_episode"])
+        r["train_wall_min"] = round(times[s] / 60, 2)
+        results[f"base + residual, training seed {s}"] = r
+        curves[f"seed {s}"] = curve
+        if progress:
+            pt = r["paired_vs_base"]
+            print(_line(f"base + residual, training seed {s}", r) + f"; vs base {pt['only_b']} won / "
+                  f"{pt['only_a']} lost, McNemar p = {pt['p_value']:.2g}", flush=True)
+    agg = over_seeds([r["success_rate"] for k, r in results.items() if k.startswith("base + residual")],
+                     seed=cfg.seed)
+    first, *rest = curves
+    fig = plot_learning_curve(curves[first], out / "learning_curves.png", base_rate=r_base["success_rate"],
+                              label=f"residual {cfg.algo.upper()} {first}", others={f"{cfg.algo.upper()} {k}": curves[k]
+                                                                                   for k in rest})
+    extra = {"task": task, "algo": cfg.algo, "training_seeds": list(curves),
+             "over_seeds": agg, "summary": (f"{agg['n_seeds']} training seeds: IQM {agg['iqm']:.3f} "
+                                            f"[{agg['iqm_ci95'][0]:.3f}, {agg['iqm_ci95'][1]:.3f}], mean "
+                                            f"{agg['mean']:.3f} ± {agg['std']:.3f} (s.d.), 95 % stratified "
+                                            f"bootstrap intervals (rliable); base {r_base['success_rate']:.3f}"),
+             "figures": [fig]}
+    write_report(out, results, extra)
+    if progress:
+        print(extra["summary"], flush=True)
+    return {"results": results, **extra}
+
+
 def _line(name: str, r: dict) -> str:
     return (f"{name}: success {r['success_rate']:.3f} 95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] over "
             f"{r['episodes']} episodes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,35 @@ def paired_test(a: list[dict], b: list[dict]) -> dict:
     p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
     return {"episodes": len(sa), "both": both, "neither": len(sa) - both - only_a - only_b, "only_a": only_a,
             "only_b": only_b, "p_value": float(p)}
+
+
+def over_seeds(rates, reps: int = 20_000, seed: int = 0) -> dict:
+    """Success over training seeds as Agarwal et al. 2021 ("Deep Reinforcement Learning at the Edge of the
+    Statistical Precipice") recommend, computed with their ``rliable`` library: the interquartile mean (IQM) and the
+    mean, each with a 95 % stratified bootstrap confidence interval over runs (percentile method, ``reps``
+    resamples, a RandomState seeded ``seed``; with one task the strata are the runs themselves).
+
+    Args: rates: one held-out success rate per training seed (in [0, 1]).
+    Returns {n_seeds, rates, iqm, iqm_ci95, mean, mean_ci95, std (sample s.d., 0 for one seed)}. Raises
+    ConfigError for no rates or a rate outside [0, 1].
+    """
+    from rliable import library as rly
+    from rliable import metrics
+
+    r = np.asarray(list(rates), dtype=np.float64)
+    if r.size == 0 or not np.all((r >= 0) & (r <= 1)):
+        raise ConfigError("rates", f"{r.tolist()} is not a non-empty list of success rates in [0, 1]",
+                          "train and evaluate at least one seed")
+    with warnings.catch_warnings():  # arch's notice that it will move from RandomState to Generator
+        warnings.simplefilter("ignore", FutureWarning)
+        point, ci = rly.get_interval_estimates(
+            {"run": r[:, None]}, lambda s: np.array([metrics.aggregate_iqm(s), metrics.aggregate_mean(s)]),
+            reps=reps, random_state=np.random.RandomState(seed))
+    (iqm, mean), lo_hi = point["run"], ci["run"]
+    return {"n_seeds": int(r.size), "rates": r.tolist(), "iqm": float(iqm),
+            "iqm_ci95": [float(lo_hi[0, 0]), float(lo_hi[1, 0])], "mean": float(mean),
+            "mean_ci95": [float(lo_hi[0, 1]), float(lo_hi[1, 1])],
+            "std": float(r.std(ddof=1)) if r.size > 1 else 0.0}
 
 
 def write_report(out_dir: str | Path, results: dict[str, dict], extra: dict | None = None) -> tuple[str, str]:
