@@ -328,6 +328,10 @@ def cmd_bringup(a):
 def cmd_store(a):
     from robot_rl.datasets.store import ZarrStore, format_info, validate_store
 
+    if a.action in ("import", "export"):
+        return _store_convert(a)
+    if a.dst is not None:
+        raise ConfigError("dst", f"store {a.action} takes one path", f"use robot-rl store {a.action} PATH")
     if a.action == "info":
         print(format_info(ZarrStore.open(a.path, mode="r").info()))
         return 0
@@ -337,6 +341,33 @@ def cmd_store(a):
     fatal = [p for p in problems if "torn" not in p]
     print("OK" if not fatal else f"{len(fatal)} problem(s)")
     return 1 if fatal else 0
+
+
+def _store_convert(a):
+    """``store import --format F SRC STORE`` / ``store export --format F STORE DST`` (robot_rl.datasets.formats)."""
+    from robot_rl.datasets.formats import MetaDefaults, export_dataset, import_dataset, parse_key_map
+
+    if a.format is None or a.dst is None:
+        raise ConfigError("format" if a.format is None else "dst", "missing",
+                          f"use robot-rl store {a.action} --format FORMAT "
+                          + ("SRC STORE" if a.action == "import" else "STORE DST"))
+    key_map = parse_key_map(a.map)
+    opts = {k: getattr(a, k) for k in ("fps", "vcodec", "crf", "gop") if getattr(a, k) is not None}
+    if a.action == "import":
+        if opts:
+            raise ConfigError(next(iter(opts)), "is an export option", "drop it from store import")
+        given = {k: getattr(a, k) for k in ("task", "source", "backend", "robot", "seed_start")
+                 if getattr(a, k) is not None}
+        if a.success is not None:
+            given["success"] = a.success == "true"
+        r = import_dataset(a.format, a.path, a.dst, defaults=MetaDefaults(**given, force=tuple(a.force or ())),
+                           key_map=key_map, overwrite=a.overwrite)
+        print(f"imported {r['episodes']} episodes ({r['steps']} steps, keys {', '.join(r['keys'])}) from "
+              f"{a.path} ({a.format}) into {r['store']}")
+    else:
+        r = export_dataset(a.format, a.path, a.dst, key_map=key_map, overwrite=a.overwrite, **opts)
+        print(f"exported {r['episodes']} episodes ({r['steps']} steps) of {a.path} to {r['path']} ({a.format})")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------- parser
@@ -454,8 +485,29 @@ def build_parser() -> argparse.ArgumentParser:
     pp.arg("--preset", default="quick", help="quick | full (MLP BC base) | full-diffusion (Diffusion Policy base)")
     pp.arg("--out", default="runs/pipeline")
 
-    s = _Command(sub, "store", cmd_store, "inspect or validate a zarr store", config=False)
-    s.arg("action", choices=["info", "validate"]).arg("path")
+    s = _Command(sub, "store", cmd_store, "inspect, validate, import or export a zarr store "
+                                          "(formats: diffusion_policy, robomimic, lerobot; docs/DATASETS.md)",
+                 config=False)
+    s.arg("action", choices=["info", "validate", "import", "export"])
+    s.arg("path", help="the store (info, validate, export) or the dataset to import")
+    s.arg("dst", nargs="?", help="import: the new store; export: the new dataset")
+    s.arg("--format", choices=["diffusion_policy", "robomimic", "lerobot"], help="import/export: the other format")
+    s.arg("--map", action="append", metavar="FROM=TO", help="rename a key (import: theirs=ours, after the format's "
+                                                           "own naming; export: ours=theirs); repeatable")
+    s.arg("--overwrite", action="store_true", help="replace an existing destination")
+    s.arg("--task", help="import: task name of episodes that name none (e.g. place)")
+    s.arg("--source", help="import: episode source (default teleop)")
+    s.arg("--success", choices=["true", "false"], help="import: success of episodes the format does not judge "
+                                                      "(default true)")
+    s.arg("--backend", help="import: simulator or 'real' (default real)")
+    s.arg("--robot", help="import: robot name (default panda)")
+    s.arg("--seed-start", type=int, help="import: seed of the first episode without one (default 0)")
+    s.arg("--force", nargs="+", choices=["task", "source", "success", "backend", "robot", "seed"],
+          help="import: use these defaults even where the dataset has a value")
+    s.arg("--fps", type=float, help="export lerobot: frame rate (default 10)")
+    s.arg("--vcodec", help="export lerobot: video encoder, libsvtav1 (AV1, LeRobot's default) or libx264")
+    s.arg("--crf", type=int, help="export lerobot: constant rate factor (quality; default 30)")
+    s.arg("--gop", type=int, help="export lerobot: keyframe interval in frames (default 2)")
 
     (_Command(sub, "serve", cmd_serve, "serve a frozen base (+ residual) over ZeroMQ: batching, async chunks, "
                                        "weight push (see robot_rl/serve)")
