@@ -356,12 +356,14 @@ def _store_convert(a):
     if a.action == "import":
         if opts:
             raise ConfigError(next(iter(opts)), "is an export option", "drop it from store import")
+        if a.filter_key is not None:
+            opts["filter_key"] = a.filter_key
         given = {k: getattr(a, k) for k in ("task", "source", "backend", "robot", "seed_start")
                  if getattr(a, k) is not None}
         if a.success is not None:
             given["success"] = a.success == "true"
         r = import_dataset(a.format, a.path, a.dst, defaults=MetaDefaults(**given, force=tuple(a.force or ())),
-                           key_map=key_map, overwrite=a.overwrite)
+                           key_map=key_map, overwrite=a.overwrite, **opts)
         print(f"imported {r['episodes']} episodes ({r['steps']} steps, keys {', '.join(r['keys'])}) from "
               f"{a.path} ({a.format}) into {r['store']}")
     else:
@@ -504,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.arg("--seed-start", type=int, help="import: seed of the first episode without one (default 0)")
     s.arg("--force", nargs="+", choices=["task", "source", "success", "backend", "robot", "seed"],
           help="import: use these defaults even where the dataset has a value")
+    s.arg("--filter-key", help="import robomimic: only the demos of mask/<KEY> (e.g. train)")
     s.arg("--fps", type=float, help="export lerobot: frame rate (default 10)")
     s.arg("--vcodec", help="export lerobot: video encoder, libsvtav1 (AV1, LeRobot's default) or libx264")
     s.arg("--crf", type=int, help="export lerobot: constant rate factor (quality; default 30)")
