@@ -11,7 +11,9 @@ Two layers:
 - :class:`PolicyServer` — one ROUTER socket and one thread: receives, answers what needs no base call at once,
   collects ``act`` requests that need a base call into a batch (closed after ``batch_window_ms``, at ``max_batch``
   requests, or as soon as every recently active session is waiting), runs it, replies. Weight pushes are applied
-  between batches, so no request is dropped and none sees half-loaded weights.
+  between batches, so no request is dropped and none sees half-loaded weights. A session keeps the residual it
+  planned its current chunk with until its next chunk (``run_batch``), so no chunk mixes two weight versions.
+  ``transitions`` requests go to the attached learner (``PolicyService.learner``, :mod:`robot_rl.serve.learner`).
 
 Determinism ("the server equals in-process inference"): every session is a
 :class:`robot_rl.policies.execution.ChunkStream` (observation history, chunk queue) with its own ``torch.Generator``
