@@ -1,15 +1,20 @@
 """Training windows over a :class:`~robot_rl.datasets.store.ZarrStore` (diffusion_policy convention).
 
-For step ``t`` of an episode of length ``L`` the window covers steps ``t-To+1 ... t-To+T`` (``T`` = horizon,
-``To`` = n_obs_steps): the last observed frame is ``t`` and the first action is the one taken at ``t-To+1``.
-Indices outside ``[0, L-1]`` are edge-padded with that episode's first/last frame, so a window never reads another
-episode. Observation keys return the first ``To`` frames, every other key (``action``, ``intervention``...) all ``T``.
+A window is ``T`` (= horizon) consecutive steps ``s ... s+T-1`` of one episode of length ``L``; indices outside
+``[0, L-1]`` are edge-padded with that episode's first/last frame, so a window never reads another episode.
+Observation keys return the first ``To`` (= n_obs_steps) frames, every other key (``action``, ``intervention``...)
+all ``T``. The window start ``s`` runs over ``-pad_before ... L - T + pad_after``, exactly as diffusion_policy's
+``create_indices`` (``diffusion_policy/common/sampler.py``), so an episode gives ``max(0, L - T + pad_before +
+pad_after + 1)`` windows. The defaults, ``pad_before = To - 1`` and ``pad_after = T - To``, give one window per step
+``t`` (the last observed frame, ``s = t - To + 1``): ``L`` windows per episode, the last ones holding up to
+``T - To`` padded copies of the final action. diffusion_policy's training configs use ``pad_before = To - 1`` and
+``pad_after = Ta - 1`` (Ta = n_action_steps): no window then pads more than ``Ta - 1`` steps after an episode's end.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +44,7 @@ def _episode_indices(store: ZarrStore, episode_indices) -> np.ndarray:
 
 
 class SequenceSampler:
-    """Random access to fixed-length windows, one per step of the selected episodes.
+    """Random access to fixed-length windows of the selected episodes (see the module doc for the window rule).
 
     Args:
         store: an open store.
@@ -48,19 +53,36 @@ class SequenceSampler:
         horizon: T >= 1, window length.
         n_obs_steps: To, 1 <= To <= T.
         episode_indices: episodes to draw from (default: all committed).
+        pad_before: int in 0..T-1, how many steps a window may start before its episode (edge-padded);
+            default ``To - 1`` (diffusion_policy's ``pad_before``, which its configs set to ``To - 1`` too).
+        pad_after: int in 0..T-1, how many steps a window may reach past its episode's end (edge-padded with the
+            last frame); default ``T - To`` (one window per step). diffusion_policy's ``pad_after``, usually
+            ``Ta - 1``. Unlike diffusion_policy, a value outside 0..T-1 is an error (it clamps silently).
+        key_first_k: ``{key: k}``, 1 <= k <= T: only the first ``k`` frames of the window are read and returned for
+            these keys, shape ``(k, *shape)`` (for an obs key this replaces ``To``). diffusion_policy reads the
+            same ``k`` frames but returns ``(T, *shape)`` with the frames past ``k`` left NaN ("should never be
+            used"; its datasets then keep ``[:To]``); here the unread frames are simply not returned, which also
+            works for uint8 and bool keys, where NaN does not exist.
+        float_images: return image keys (uint8 (H, W, C) in the store) as float32 ``(n, C, H, W)`` in [0, 1]
+            (value / 255) instead of uint8 ``(n, H, W, C)``. The in-memory cache stays uint8.
         cache_images: load image keys into memory (None: only if they total <= ``cache_limit_bytes``).
             Low-dim keys are always loaded once; uncached images are read from zarr per window (one read per key).
 
-    ``sampler[i]`` returns ``{key: np.ndarray}`` with shape ``(To, *shape)`` for obs keys and ``(T, *shape)`` for the
-    others, in the store dtype. ``len(sampler)`` = total steps of the selected episodes.
+    ``sampler[i]`` returns ``{key: np.ndarray}``, ``(n, *shape)`` in the store dtype with ``n`` = ``k`` for
+    ``key_first_k`` keys, ``To`` for the other obs keys and ``T`` for the rest (image keys: see ``float_images``).
+    ``len(sampler)`` = sum over the selected episodes of ``max(0, L - T + pad_before + pad_after + 1)`` (= their
+    total steps with the default padding).
 
     Raises:
-        ConfigError: unknown key, obs key not in keys, bad horizon/n_obs_steps, empty or out-of-range episodes.
+        ConfigError: unknown key, obs key not in keys, bad horizon/n_obs_steps/pad_before/pad_after/key_first_k/
+            float_images, empty or out-of-range episodes, or no window at all (every episode too short for the
+            padding).
     """
 
     def __init__(self, store: ZarrStore, keys: Sequence[str], obs_keys: Sequence[str], horizon: int,
-                 n_obs_steps: int, episode_indices: Sequence[int] | None = None, *,
-                 cache_images: bool | None = None, cache_limit_bytes: int = 1 << 30):
+                 n_obs_steps: int, episode_indices: Sequence[int] | None = None, *, pad_before: int | None = None,
+                 pad_after: int | None = None, key_first_k: Mapping[str, int] | None = None,
+                 float_images: bool = False, cache_images: bool | None = None, cache_limit_bytes: int = 1 << 30):
         keys, obs_keys = list(keys), list(obs_keys)
         for k in keys:
             if k not in store.schema:
@@ -72,29 +94,50 @@ class SequenceSampler:
         if not (_is_int(n_obs_steps) and 1 <= n_obs_steps <= horizon):
             raise ConfigError("n_obs_steps", f"must be an int in 1..horizon={horizon}, got {n_obs_steps!r}",
                               "set n_obs_steps to e.g. 2")
-        horizon, n_obs_steps = int(horizon), int(n_obs_steps)
+        T, To = int(horizon), int(n_obs_steps)
+        pad_before = _padding("pad_before", pad_before, To - 1, T)
+        pad_after = _padding("pad_after", pad_after, T - To, T)
+        frames = {k: To for k in obs_keys}
+        for k, n in dict(key_first_k or {}).items():
+            if k not in keys:
+                raise ConfigError("key_first_k", f"{k!r} is not one of the sampled keys {keys}", "add it to keys")
+            if not (_is_int(n) and 1 <= n <= T):
+                raise ConfigError("key_first_k", f"{k!r}: k must be an int in 1..horizon={T}, got {n!r}",
+                                  f"use e.g. {{{k!r}: {To}}} (n_obs_steps)")
+            frames[k] = int(n)
+        if not isinstance(float_images, (bool, np.bool_)):
+            raise ConfigError("float_images", f"expected a bool, got {float_images!r}", "pass True or False")
         eps = _episode_indices(store, episode_indices)
-        self.keys, self.obs_keys, self.horizon, self.n_obs_steps = keys, obs_keys, horizon, n_obs_steps
+        self.keys, self.obs_keys, self.horizon, self.n_obs_steps = keys, obs_keys, T, To
+        self.pad_before, self.pad_after, self.float_images = pad_before, pad_after, bool(float_images)
+        self.frames = {k: frames.get(k, T) for k in keys}  # frames returned per key
         self.episode_indices = eps
         ends = store.episode_ends
-        starts, lengths = np.where(eps > 0, ends[eps - 1], 0), ends[eps] - np.where(eps > 0, ends[eps - 1], 0)
-        # per sample: global start of its episode, episode length, step within the episode
-        self._start = np.repeat(starts, lengths)
-        self._len = np.repeat(lengths, lengths)
-        self._t = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        starts = np.where(eps > 0, ends[eps - 1], 0)
+        lengths = ends[eps] - starts
+        counts = np.maximum(lengths - T + pad_before + pad_after + 1, 0)  # diffusion_policy's create_indices
+        if counts.sum() == 0:
+            raise ConfigError("pad_after", f"no window fits: each of the {len(eps)} episodes is shorter than horizon "
+                              f"- pad_before - pad_after = {T - pad_before - pad_after} steps (longest: "
+                              f"{int(lengths.max())})", "raise pad_after / pad_before, lower horizon or select "
+                              "longer episodes")
+        # per window: global start of its episode, episode length, first step of the window within the episode
+        self._start = np.repeat(starts, counts)
+        self._len = np.repeat(lengths, counts)
+        self._s = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) - pad_before
         images = [k for k in keys if is_image(np.dtype(store.schema[k]["dtype"]), store.schema[k]["shape"])]
         if cache_images is None:
             cache_images = sum(int(np.prod(store[k].shape)) for k in images) <= cache_limit_bytes
         self.image_keys = images
         self._arrays = {k: store[k] if k in images and not cache_images else store[k][:] for k in keys}
-        self._offsets = np.arange(horizon) - n_obs_steps + 1
+        self._offsets = np.arange(T)
 
     def __len__(self) -> int:
-        return len(self._t)
+        return len(self._s)
 
     def indices(self, i: int) -> np.ndarray:
         """Global store steps (int64 (T,)) of window ``i``, edge-padded inside its episode."""
-        return self._start[i] + np.clip(self._t[i] + self._offsets, 0, self._len[i] - 1)
+        return self._start[i] + np.clip(self._s[i] + self._offsets, 0, self._len[i] - 1)
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         if not -len(self) <= i < len(self):
@@ -102,9 +145,22 @@ class SequenceSampler:
         idx = self.indices(int(i) % len(self))
         out = {}
         for k in self.keys:
-            sel = idx[: self.n_obs_steps] if k in self.obs_keys else idx
-            out[k] = np.asarray(self._arrays[k][sel])  # uncached images: one contiguous zarr read
+            x = np.asarray(self._arrays[k][idx[: self.frames[k]]])  # uncached images: one contiguous zarr read
+            if self.float_images and k in self.image_keys:
+                x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+                x /= 255.0
+            out[k] = x
         return out
+
+
+def _padding(field: str, value, default: int, horizon: int) -> int:
+    """``value`` (None: ``default``) checked to be an int in 0..horizon-1. Raises ConfigError naming ``field``."""
+    if value is None:
+        return default
+    if not (_is_int(value) and 0 <= value <= horizon - 1):
+        raise ConfigError(field, f"must be an int in 0..horizon-1={horizon - 1}, got {value!r}",
+                          "diffusion_policy uses pad_before = n_obs_steps - 1, pad_after = n_action_steps - 1")
+    return int(value)
 
 
 def split_episodes(n_episodes: int, val_ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,8 +208,9 @@ def compute_normalization(store: ZarrStore, keys: Sequence[str],
 
 
 class WindowDataset(torch.utils.data.Dataset):
-    """``torch`` view of a :class:`SequenceSampler`: ``{key: tensor}``, uint8 image keys stay uint8 (To, H, W, C),
-    everything else becomes float32. Works with ``DataLoader`` (any ``num_workers``; zarr resets its IO loop on fork)."""
+    """``torch`` view of a :class:`SequenceSampler`: ``{key: tensor}``, uint8 image keys stay uint8 (To, H, W, C)
+    (float32 (To, C, H, W) in [0, 1] with the sampler's ``float_images``), everything else becomes float32. Works
+    with ``DataLoader`` (any ``num_workers``; zarr resets its IO loop on fork)."""
 
     def __init__(self, sampler: SequenceSampler):
         self.sampler = sampler

@@ -478,10 +478,15 @@ class ZarrStore:
             self._root.attrs["schema"] = {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in schema.items()}
             self._schema = schema
         for k, spec in schema.items():
-            if k not in self._data:
+            added = k not in self._data
+            if added:
                 self._data[k] = _create_data_array(self._root["data"], k, spec)
             arr = self._data[k]
             arr.resize((n0 + T, *spec["shape"]))
+            if added and n0:  # human_action first given after n0 steps: write the earlier (NaN) chunks too, so that
+                rows = int(arr.chunks[0])  # none is missing (a missing chunk of committed steps is damage)
+                for a in range(0, n0, rows):
+                    arr[a:min(a + rows, n0)] = arr.fill_value
             arr[n0:n0 + T] = data[k]
         for k, value in {"episode_seed": int(seed), "episode_success": bool(success), "episode_length": T,
                          **meta_str}.items():
@@ -577,15 +582,27 @@ class ZarrStore:
         return validate_store(self.path)
 
     def info(self) -> dict[str, Any]:
-        """Summary: path, episodes, steps, keys ({key: {dtype, shape}}), success_rate (None when empty),
-        sources / tasks / backends (episode counts), size_bytes (on disk)."""
+        """Summary: path, episodes, steps, keys ({key: {dtype, shape}}), success_rate (None when empty), successes
+        (count), sources / tasks / backends (episode counts), by_source / by_task ({name: {"episodes": n,
+        "successes": k}}), size_bytes (on disk)."""
         meta = self.episodes_meta()
+
+        def tally(field: str) -> dict[str, dict[str, int]]:
+            out: dict[str, dict[str, int]] = {}
+            for m in meta:
+                row = out.setdefault(m[field], {"episodes": 0, "successes": 0})
+                row["episodes"] += 1
+                row["successes"] += int(m["success"])
+            return dict(sorted(out.items()))
+
         return {"path": str(self.path), "episodes": self.n_episodes, "steps": self.n_steps,
                 "keys": self.schema,
                 "success_rate": float(np.mean([m["success"] for m in meta])) if meta else None,
+                "successes": sum(int(m["success"]) for m in meta),
                 "sources": dict(Counter(m["source"] for m in meta)),
                 "tasks": dict(Counter(m["task"] for m in meta)),
                 "backends": dict(Counter(m["backend"] for m in meta)),
+                "by_source": tally("source"), "by_task": tally("task"),
                 "size_bytes": sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())}
 
 
@@ -705,15 +722,25 @@ def _damaged(path: Path, e: BaseException) -> ConfigError:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    """Short human-readable text for :meth:`ZarrStore.info`."""
+    """Short human-readable text for :meth:`ZarrStore.info`: totals, then episodes and successes per source and per
+    task, episode counts per backend, and the keys."""
     rate = "n/a" if info["success_rate"] is None else f"{100 * info['success_rate']:.1f}%"
     counts = lambda d: ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
     size = next(f"{info['size_bytes'] / 2**e:.1f} {u}" for e, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
                 if info["size_bytes"] >= 2**e or e == 0)
+    total = f" ({info['successes']}/{info['episodes']})" if "successes" in info and info["episodes"] else ""
     lines = [f"store    {info['path']}",
-             f"         {info['episodes']} episodes, {info['steps']} steps, success {rate}, {size} on disk",
-             f"sources  {counts(info['sources'])}", f"tasks    {counts(info['tasks'])}",
-             f"backends {counts(info.get('backends', {}))}", "keys"]
+             f"         {info['episodes']} episodes, {info['steps']} steps, success {rate}{total}, {size} on disk"]
+    for label, by, plain in (("sources", "by_source", "sources"), ("tasks", "by_task", "tasks")):
+        rows = info.get(by)
+        if not rows:
+            lines.append(f"{label:<8} {counts(info[plain])}")
+            continue
+        width = max(len(name) for name in rows)
+        for j, (name, r) in enumerate(rows.items()):
+            lines.append(f"{label if j == 0 else '':<8} {name:<{width}} {r['episodes']:>6} episodes "
+                         f"{r['successes']:>6} successful ({100 * r['successes'] / r['episodes']:.1f}%)")
+    lines += [f"backends {counts(info.get('backends', {}))}", "keys"]
     lines += [f"  {k:<20} {v['dtype']:<8} {tuple(v['shape'])}" for k, v in sorted(info["keys"].items())]
     return "\n".join(lines)
 

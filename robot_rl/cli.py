@@ -330,8 +330,10 @@ def cmd_store(a):
 
     if a.action in ("import", "export"):
         return _store_convert(a)
-    if a.dst is not None:
-        raise ConfigError("dst", f"store {a.action} takes one path", f"use robot-rl store {a.action} PATH")
+    if a.action in ("filter", "merge"):
+        return _store_tools(a)
+    if a.rest:
+        raise ConfigError("path", f"store {a.action} takes one path", f"use robot-rl store {a.action} PATH")
     if a.action == "info":
         print(format_info(ZarrStore.open(a.path, mode="r").info()))
         return 0
@@ -347,10 +349,11 @@ def _store_convert(a):
     """``store import --format F SRC STORE`` / ``store export --format F STORE DST`` (robot_rl.datasets.formats)."""
     from robot_rl.datasets.formats import MetaDefaults, export_dataset, import_dataset, parse_key_map
 
-    if a.format is None or a.dst is None:
-        raise ConfigError("format" if a.format is None else "dst", "missing",
-                          f"use robot-rl store {a.action} --format FORMAT "
+    if a.format is None or len(a.rest) != 1:
+        raise ConfigError("format" if a.format is None else "dst", "missing" if a.format is None or not a.rest
+                          else "one destination only", f"use robot-rl store {a.action} --format FORMAT "
                           + ("SRC STORE" if a.action == "import" else "STORE DST"))
+    a.dst = a.rest[0]
     key_map = parse_key_map(a.map)
     opts = {k: getattr(a, k) for k in ("fps", "vcodec", "crf", "gop") if getattr(a, k) is not None}
     if a.action == "import":
@@ -369,6 +372,26 @@ def _store_convert(a):
     else:
         r = export_dataset(a.format, a.path, a.dst, key_map=key_map, overwrite=a.overwrite, **opts)
         print(f"exported {r['episodes']} episodes ({r['steps']} steps) of {a.path} to {r['path']} ({a.format})")
+    return 0
+
+
+def _store_tools(a):
+    """``store filter SRC DST --sources/--tasks/--success/--seeds`` and ``store merge DST SRC...``."""
+    from robot_rl.datasets.tools import filter_store, merge_stores
+
+    if not a.rest:
+        raise ConfigError("path", "missing", "use robot-rl store filter SRC DST ... or robot-rl store merge DST SRC...")
+    if a.action == "filter":
+        if len(a.rest) != 1:
+            raise ConfigError("dst", "one destination only", "use robot-rl store filter SRC DST [--sources ...]")
+        r = filter_store(a.path, a.rest[0], sources=a.sources, tasks=a.tasks, seed_range=tuple(a.seeds) if a.seeds
+                         else None, success=None if a.success is None else a.success == "true",
+                         overwrite=a.overwrite, progress=True)
+        print(f"kept {r['episodes']} episodes ({r['steps']} steps) of {a.path} in {r['store']}")
+    else:
+        r = merge_stores(a.rest, a.path, overwrite=a.overwrite, progress=True)
+        print(f"merged {r['episodes']} episodes ({r['steps']} steps) into {r['store']}: "
+              + ", ".join(f"{p['store']} {p['episodes']}" for p in r["per_store"]))
     return 0
 
 
@@ -487,12 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
     pp.arg("--preset", default="quick", help="quick | full (MLP BC base) | full-diffusion (Diffusion Policy base)")
     pp.arg("--out", default="runs/pipeline")
 
-    s = _Command(sub, "store", cmd_store, "inspect, validate, import or export a zarr store "
+    s = _Command(sub, "store", cmd_store, "inspect, validate, import, export, filter or merge zarr stores "
                                           "(formats: diffusion_policy, robomimic, lerobot; docs/DATASETS.md)",
                  config=False)
-    s.arg("action", choices=["info", "validate", "import", "export"])
-    s.arg("path", help="the store (info, validate, export) or the dataset to import")
-    s.arg("dst", nargs="?", help="import: the new store; export: the new dataset")
+    s.arg("action", choices=["info", "validate", "import", "export", "filter", "merge"])
+    s.arg("path", help="the store (info, validate, export, filter), the dataset to import, or merge's new store")
+    s.arg("rest", nargs="*", metavar="PATH", help="import: the new store; export: the new dataset; filter: the new "
+                                                 "store; merge: the stores to merge, in order")
+    s.arg("--sources", nargs="+", help="filter: keep these episode sources")
+    s.arg("--tasks", nargs="+", help="filter: keep these tasks")
+    s.arg("--seeds", nargs=2, type=int, metavar=("LO", "HI"), help="filter: keep seeds LO <= seed < HI")
     s.arg("--format", choices=["diffusion_policy", "robomimic", "lerobot"], help="import/export: the other format")
     s.arg("--map", action="append", metavar="FROM=TO", help="rename a key (import: theirs=ours, after the format's "
                                                            "own naming; export: ours=theirs); repeatable")
@@ -500,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.arg("--task", help="import: task name of episodes that name none (e.g. place)")
     s.arg("--source", help="import: episode source (default teleop)")
     s.arg("--success", choices=["true", "false"], help="import: success of episodes the format does not judge "
-                                                      "(default true)")
+                                                      "(default true); filter: keep these")
     s.arg("--backend", help="import: simulator or 'real' (default real)")
     s.arg("--robot", help="import: robot name (default panda)")
     s.arg("--seed-start", type=int, help="import: seed of the first episode without one (default 0)")

@@ -89,6 +89,75 @@ def test_sampler_errors(store):
             SequenceSampler(store, **args)
 
 
+def dp_windows(lengths, horizon, pad_before, pad_after):
+    """(episode, episode-relative steps) of every window diffusion_policy yields, in its order: create_indices'
+    start range -pad_before .. L - T + pad_after, then sample_sequence's edge padding with sample[0] / sample[-1]
+    (real-stanford/diffusion_policy, diffusion_policy/common/sampler.py)."""
+    out = []
+    for e, L in enumerate(lengths):
+        for idx in range(-pad_before, L - horizon + pad_after + 1):
+            b0, b1 = max(idx, 0), min(idx + horizon, L)  # buffer_start_idx, buffer_end_idx (episode-relative)
+            s0, s1 = b0 - idx, horizon - (idx + horizon - b1)  # sample_start_idx, sample_end_idx
+            sample = list(range(b0, b1))
+            out.append((e, [sample[0]] * s0 + sample + [sample[-1]] * (horizon - s1)))
+    return out
+
+
+def test_pad_after_matches_diffusion_policy(store):
+    # by hand: T=5, To=2, pad_after=1 (Ta=2): max(0, L - 5 + 1 + 1 + 1) windows -> 2, 0, 4
+    s = SequenceSampler(store, KEYS, OBS, horizon=5, n_obs_steps=2, pad_after=1)
+    assert len(s) == 6 and (s.pad_before, s.pad_after) == (1, 1)
+    assert [window_codes(s, i)[0] for i in range(6)] == [
+        [0, 0, 1, 2, 3], [0, 1, 2, 3, 3],
+        [200, 200, 201, 202, 203], [200, 201, 202, 203, 204], [201, 202, 203, 204, 205], [202, 203, 204, 205, 205]]
+    assert [window_codes(s, i)[1] for i in (0, 5)] == [[0, 0], [202, 203]]
+    # defaults are diffusion_policy's pad_before = To - 1, pad_after = T - To: one window per step
+    for T, To, pb, pa in [(5, 2, None, None), (5, 2, 0, 0), (5, 2, 1, 4), (3, 1, 2, 0), (4, 4, 0, 3), (1, 1, 0, 0)]:
+        s = SequenceSampler(store, KEYS, OBS, horizon=T, n_obs_steps=To, pad_before=pb, pad_after=pa)
+        pb, pa = To - 1 if pb is None else pb, T - To if pa is None else pa
+        want = dp_windows(LENGTHS, T, pb, pa)
+        assert len(s) == len(want) == sum(max(0, L - T + pb + pa + 1) for L in LENGTHS), (T, To, pb, pa)
+        for i, (e, steps) in enumerate(want):
+            act, obs, _ = window_codes(s, i)
+            assert act == [code(e, t) for t in steps] and obs == act[:To], (T, To, pb, pa, i)
+    with pytest.raises(ConfigError, match="pad_after.*no window fits"):
+        SequenceSampler(store, KEYS, OBS, horizon=8, n_obs_steps=2, pad_before=0, pad_after=0)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_key_first_k_and_float_images(store, cache):
+    s = SequenceSampler(store, KEYS, OBS, horizon=5, n_obs_steps=2, cache_images=cache,
+                        key_first_k={"image_front": 1, "action": 3})
+    ref = SequenceSampler(store, KEYS, OBS, horizon=5, n_obs_steps=2, cache_images=cache)
+    for i in (0, 3, 4, 5, 10):
+        w, r = s[i], ref[i]
+        assert w["image_front"].shape == (1, 4, 4, 3) and w["action"].shape == (3, 7) and w["joint_pos"].shape == (2, 9)
+        np.testing.assert_array_equal(w["image_front"], r["image_front"][:1])
+        np.testing.assert_array_equal(w["action"], r["action"][:3])
+        np.testing.assert_array_equal(w["intervention"], r["intervention"])
+    f = SequenceSampler(store, KEYS, OBS, horizon=5, n_obs_steps=2, cache_images=cache, float_images=True)
+    for i in (0, 7):
+        w, r = f[i], ref[i]
+        img = w["image_front"]
+        assert img.dtype == np.float32 and img.shape == (2, 3, 4, 4) and img.flags.c_contiguous
+        assert 0.0 <= img.min() and img.max() <= 1.0
+        np.testing.assert_array_equal(img, r["image_front"].transpose(0, 3, 1, 2).astype(np.float32) / 255)
+        np.testing.assert_array_equal(w["action"], r["action"])
+    b = WindowDataset(f)[10]
+    assert b["image_front"].dtype == torch.float32 and b["image_front"].shape == (2, 3, 4, 4)
+    assert b["image_front"][:, 0, 0, 0].tolist() == pytest.approx([204 / 255, 205 / 255])
+
+
+def test_sampler_option_errors(store):
+    for kw, field in [(dict(pad_after=5), "pad_after"), (dict(pad_after=-1), "pad_after"),
+                      (dict(pad_before=1.0), "pad_before"), (dict(key_first_k={"ee_pos": 1}), "key_first_k"),
+                      (dict(key_first_k={"action": 0}), "key_first_k"),
+                      (dict(key_first_k={"action": 6}), "key_first_k"),
+                      (dict(float_images="yes"), "float_images")]:
+        with pytest.raises(ConfigError, match=field):
+            SequenceSampler(store, KEYS, OBS, horizon=5, n_obs_steps=2, **kw)
+
+
 def test_split_episodes():
     tr, va = split_episodes(20, 0.25, seed=3)
     assert len(va) == 5 and len(tr) == 15 and sorted(np.concatenate([tr, va]).tolist()) == list(range(20))

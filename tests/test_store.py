@@ -94,6 +94,21 @@ def test_human_action_added_later_and_flags(tmp_path):
     assert r.validate() == []
 
 
+def test_human_action_added_after_a_full_chunk(tmp_path):
+    """human_action first given after more than one time chunk (1024 steps): the earlier chunks are written as
+    NaN too, so none of the committed steps reads from a missing chunk file (which would be damage)."""
+    s = ZarrStore.create(tmp_path / "s")
+    s.add_episode({"action": np.zeros((2100, 2), np.float32)}, seed=0, task="lift", source="scripted", success=True,
+                  backend="mujoco")
+    h = np.array([[1, 2], [3, 4]], np.float32)
+    s.add_episode({"action": np.ones((2, 2), np.float32), "human_action": h, "intervention": np.ones(2, bool)},
+                  seed=1, task="lift", source="intervention", success=True, backend="mujoco")
+    assert s.validate() == []
+    r = ZarrStore.open(tmp_path / "s")
+    assert np.isnan(r.get_episode(0)["human_action"]).all()
+    np.testing.assert_array_equal(r.get_episode(1)["human_action"], h)
+
+
 def test_float64_action_cast_and_schema_errors(tmp_path):
     s = ZarrStore.create(tmp_path / "s")
     ep = make_episode(0, 4)
