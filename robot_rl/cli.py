@@ -355,12 +355,15 @@ def _store_convert(a):
                           + ("SRC STORE" if a.action == "import" else "STORE DST"))
     a.dst = a.rest[0]
     key_map = parse_key_map(a.map)
-    opts = {k: getattr(a, k) for k in ("fps", "vcodec", "crf", "gop") if getattr(a, k) is not None}
+    opts = {k: getattr(a, k) for k in ("fps", "vcodec", "crf", "gop", "storage") if getattr(a, k) is not None}
+    both = {k: getattr(a, k) for k in ("action_topic", "control_rate") if getattr(a, k) is not None}
     if a.action == "import":
         if opts:
             raise ConfigError(next(iter(opts)), "is an export option", "drop it from store import")
-        if a.filter_key is not None:
-            opts["filter_key"] = a.filter_key
+        opts = {**both, **{k: getattr(a, k) for k in ("filter_key", "episode_topic", "max_obs_age")
+                           if getattr(a, k) is not None}}
+        if a.topic_map:
+            opts["topics"] = a.topic_map
         given = {k: getattr(a, k) for k in ("task", "source", "backend", "robot", "seed_start")
                  if getattr(a, k) is not None}
         if a.success is not None:
@@ -370,7 +373,7 @@ def _store_convert(a):
         print(f"imported {r['episodes']} episodes ({r['steps']} steps, keys {', '.join(r['keys'])}) from "
               f"{a.path} ({a.format}) into {r['store']}")
     else:
-        r = export_dataset(a.format, a.path, a.dst, key_map=key_map, overwrite=a.overwrite, **opts)
+        r = export_dataset(a.format, a.path, a.dst, key_map=key_map, overwrite=a.overwrite, **opts, **both)
         print(f"exported {r['episodes']} episodes ({r['steps']} steps) of {a.path} to {r['path']} ({a.format})")
     return 0
 
@@ -511,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.arg("--out", default="runs/pipeline")
 
     s = _Command(sub, "store", cmd_store, "inspect, validate, import, export, filter or merge zarr stores "
-                                          "(formats: diffusion_policy, robomimic, lerobot; docs/DATASETS.md)",
+                                          "(formats: diffusion_policy, robomimic, lerobot, rosbag2; docs/DATASETS.md)",
                  config=False)
     s.arg("action", choices=["info", "validate", "import", "export", "filter", "merge"])
     s.arg("path", help="the store (info, validate, export, filter), the dataset to import, or merge's new store")
@@ -520,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.arg("--sources", nargs="+", help="filter: keep these episode sources")
     s.arg("--tasks", nargs="+", help="filter: keep these tasks")
     s.arg("--seeds", nargs=2, type=int, metavar=("LO", "HI"), help="filter: keep seeds LO <= seed < HI")
-    s.arg("--format", choices=["diffusion_policy", "robomimic", "lerobot"], help="import/export: the other format")
+    s.arg("--format", choices=["diffusion_policy", "robomimic", "lerobot", "rosbag2"],
+          help="import/export: the other format")
     s.arg("--map", action="append", metavar="FROM=TO", help="rename a key (import: theirs=ours, after the format's "
                                                            "own naming; export: ours=theirs); repeatable")
     s.arg("--overwrite", action="store_true", help="replace an existing destination")
@@ -534,6 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.arg("--force", nargs="+", choices=["task", "source", "success", "backend", "robot", "seed"],
           help="import: use these defaults even where the dataset has a value")
     s.arg("--filter-key", help="import robomimic: only the demos of mask/<KEY> (e.g. train)")
+    s.arg("--topic-map", action="append", metavar="TOPIC=KEY", help="import rosbag2: observation topic -> store "
+                                                                     "key (repeatable; default: our topics by name)")
+    s.arg("--action-topic", help="rosbag2: the executed-action topic (default /arm_bridge/action)")
+    s.arg("--control-rate", type=float, help="rosbag2: control rate in Hz (pairing window; export clock)")
+    s.arg("--episode-topic", help="import rosbag2: a topic whose messages start episodes (e.g. /sim/privileged/episode)")
+    s.arg("--max-obs-age", type=float, help="import rosbag2: skip rows whose observations are older (s)")
+    s.arg("--storage", choices=["mcap", "sqlite3"], help="export rosbag2: bag storage (default mcap)")
     s.arg("--fps", type=float, help="export lerobot: frame rate (default 10)")
     s.arg("--vcodec", help="export lerobot: video encoder, libsvtav1 (AV1, LeRobot's default) or libx264")
     s.arg("--crf", type=int, help="export lerobot: constant rate factor (quality; default 30)")

@@ -8,7 +8,7 @@ one in-memory form, :class:`Episode`::
     write(episodes: Iterable[Episode], dst: Path, **options) -> dict   # a new foreign dataset; returns a summary
 
 Formats (:data:`FORMATS`): ``diffusion_policy`` (its ReplayBuffer zarr, format 2), ``robomimic`` (HDF5 through
-h5py), ``lerobot`` (LeRobot dataset v3.0 through pyarrow and PyAV).
+h5py), ``lerobot`` (LeRobot dataset v3.0 through pyarrow and PyAV), ``rosbag2`` (MCAP / sqlite3 through rosbags).
 
 This module owns what is common: key renaming (``key_map``, both directions), filling the per-episode metadata the
 other format lacks (:class:`MetaDefaults`, every default overridable, a missing required field is a one-line
@@ -33,7 +33,7 @@ import numpy as np
 from robot_rl.datasets.store import SOURCES, ZarrStore
 from robot_rl.errors import ConfigError
 
-FORMATS = ("diffusion_policy", "robomimic", "lerobot")
+FORMATS = ("diffusion_policy", "robomimic", "lerobot", "rosbag2")
 META_FIELDS = ("seed", "task", "source", "success", "backend", "robot", "extra")
 
 
@@ -84,19 +84,19 @@ class MetaDefaults:
         return {k: out[k] for k in META_FIELDS}
 
 
-def parse_key_map(items: Iterable[str] | None) -> dict[str, str]:
-    """``["theirs=ours", ...]`` (the ``--map`` flags) -> {theirs: ours}. Raises ConfigError for a malformed item
-    or a key mapped twice."""
+def parse_key_map(items: Iterable[str] | None, field: str = "map", flag: str = "--map img=image_front") -> dict[str, str]:
+    """``["FROM=TO", ...]`` (the ``--map`` flags; rosbag2's ``--topic-map``) -> {FROM: TO}. Raises ConfigError naming
+    ``field`` (with ``flag`` as the example) for a malformed item, a name mapped twice, or two names mapped to one."""
     out: dict[str, str] = {}
     for it in items or ():
         a, sep, b = str(it).partition("=")
         if not sep or not a or not b:
-            raise ConfigError("map", f"{it!r} is not FROM=TO", "use e.g. --map img=image_front")
+            raise ConfigError(field, f"{it!r} is not FROM=TO", f"use e.g. {flag}")
         if a in out:
-            raise ConfigError("map", f"{a!r} is mapped twice", "give each key one --map")
+            raise ConfigError(field, f"{a!r} is mapped twice", f"give each one {flag.split()[0]}")
         out[a] = b
     if len(set(out.values())) != len(out):
-        raise ConfigError("map", "two keys are mapped to the same name", "give every key its own target name")
+        raise ConfigError(field, f"two names are mapped to one ({out})", "give every one its own target name")
     return out
 
 
