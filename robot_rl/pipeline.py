@@ -217,9 +217,9 @@ def train_residual_seeds(cfg: Config, base, out_dir: str | Path, n_seeds: int, *
     agg = over_seeds([r["success_rate"] for k, r in results.items() if k.startswith("base + residual")],
                      seed=cfg.seed)
     first, *rest = curves
+    name = f"residual {cfg.algo.upper()}"
     fig = plot_learning_curve(curves[first], out / "learning_curves.png", base_rate=r_base["success_rate"],
-                              label=f"residual {cfg.algo.upper()} {first}", others={f"{cfg.algo.upper()} {k}": curves[k]
-                                                                                   for k in rest})
+                              label=f"{name} {first}", others={f"{name} {k}": curves[k] for k in rest})
     extra = {"task": task, "algo": cfg.algo, "training_seeds": list(curves),
              "over_seeds": agg, "summary": (f"{agg['n_seeds']} training seeds: IQM {agg['iqm']:.3f} "
                                             f"[{agg['iqm_ci95'][0]:.3f}, {agg['iqm_ci95'][1]:.3f}], mean "
