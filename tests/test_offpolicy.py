@@ -265,3 +265,13 @@ def test_actor_learner_split_streams_every_step_and_never_mixes_versions(tmp_pat
     saved = load_residual(tmp_path / "checkpoint", base)
     assert float(saved.actor.net[-1].weight.abs().sum()) > 0  # trained (the last layer starts at zero)
     assert json.loads((tmp_path / "td3_config.json").read_text())["actors"] == 2
+    # resume: the learner continues from its state (networks, buffer, counters, curve); the actors start fresh
+    # episodes on seed blocks the first run never used
+    seed_start = meta["config"]["next_seed"]
+    td3.total_env_steps = 720
+    _, curve2 = train_residual_td3_actors(base, "place", td3, tmp_path, progress=False, resume=True)
+    assert json.dumps(curve2[:len(curve)]) == json.dumps(curve) and curve2[-1]["env_steps"] == 720  # NaN == NaN
+    assert curve2[-1]["updates"] == int((720 - 120) * 0.25) and curve2[-1]["weight_version"] >= 1
+    _, meta2 = read_checkpoint(tmp_path / "state", STATE_FORMAT)
+    assert meta2["config"]["replay_added"] >= added + 240 - 4 * (td3.n_step - 1)
+    assert meta2["config"]["next_seed"] == seed_start + 2 * 1_000_000
