@@ -89,13 +89,13 @@ def main() -> None:
           f"{base['episodes']} held-out seeds {base['seed_range']}")
     summary = {"base": base["success_rate"], "modes": {}}
     for actors, rs in rows.items():
-        s = np.array([r["success"] for r in rs])
+        s = np.array([r["success"] for r in rs], dtype=float)
         label = f"split, {actors} actors" if actors else "single process (reference)"
         summary["modes"][label] = {"runs": rs, "mean": float(s.mean()), "std": float(s.std(ddof=1)) if len(s) > 1
                                    else 0.0, "steps_s": float(np.mean([r["steps_s"] for r in rs])),
                                    "wall_s": float(np.mean([r["wall_s"] for r in rs]))}
         m = summary["modes"][label]
-        print(f"{label:28s} success {m['mean']:.3f} ± {m['std']:.3f} (seeds {[round(x, 3) for x in s]}), "
+        print(f"{label:28s} success {m['mean']:.3f} ± {m['std']:.3f} (seeds {[round(float(x), 3) for x in s]}), "
               f"{m['steps_s']:.1f} env steps/s, {m['wall_s'] / 60:.1f} min per run")
     ref, new = (summary["modes"][k] for k in summary["modes"])
     print(f"ratio split / single: env steps/s {new['steps_s'] / ref['steps_s']:.2f}x, wall "

@@ -9,6 +9,11 @@ pad_after + 1)`` windows. The defaults, ``pad_before = To - 1`` and ``pad_after 
 ``t`` (the last observed frame, ``s = t - To + 1``): ``L`` windows per episode, the last ones holding up to
 ``T - To`` padded copies of the final action. diffusion_policy's training configs use ``pad_before = To - 1`` and
 ``pad_after = Ta - 1`` (Ta = n_action_steps): no window then pads more than ``Ta - 1`` steps after an episode's end.
+
+Data: low-dim keys are loaded once, decoded. Camera frames are held in memory as the store encodes them
+(``cache_images``; a fraction of their decoded size) and decoded per window, or read per window from their chunk or
+shard files (:meth:`ZarrStore.frames`: one ``pread`` per frame). :meth:`SequenceSampler.batch` fetches many windows
+at once (what a DataLoader with a batch size calls, through :meth:`WindowDataset.__getitems__`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from robot_rl.errors import ConfigError
 from robot_rl.datasets.store import ZarrStore, is_image
+from robot_rl.datasets.zarrio import FrameCache, FrameReader
 
 
 def _is_int(v) -> bool:
@@ -64,9 +70,13 @@ class SequenceSampler:
             used"; its datasets then keep ``[:To]``); here the unread frames are simply not returned, which also
             works for uint8 and bool keys, where NaN does not exist.
         float_images: return image keys (uint8 (H, W, C) in the store) as float32 ``(n, C, H, W)`` in [0, 1]
-            (value / 255) instead of uint8 ``(n, H, W, C)``. The in-memory cache stays uint8.
-        cache_images: load image keys into memory (None: only if they total <= ``cache_limit_bytes``).
-            Low-dim keys are always loaded once; uncached images are read from zarr per window (one read per key).
+            (value / 255) instead of uint8 ``(n, H, W, C)``. The in-memory cache stays as stored.
+        cache_images: hold image keys in memory (None: only if their files total <= ``cache_limit_bytes``). The
+            frames are held as the store encodes them (compressed: the size of the store's frames, see ``nbytes``)
+            and decoded per window, in the process that indexes the sampler (DataLoader workers included).
+            Uncached frames are read from their chunk or shard files per window (one read per frame,
+            :meth:`ZarrStore.frames`); an image array in a layout that reader does not handle is read through zarr
+            (and cached decoded). Low-dim keys are always loaded once, decoded.
 
     ``sampler[i]`` returns ``{key: np.ndarray}``, ``(n, *shape)`` in the store dtype with ``n`` = ``k`` for
     ``key_first_k`` keys, ``To`` for the other obs keys and ``T`` for the rest (image keys: see ``float_images``).
@@ -126,11 +136,25 @@ class SequenceSampler:
         self._len = np.repeat(lengths, counts)
         self._s = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) - pad_before
         images = [k for k in keys if is_image(np.dtype(store.schema[k]["dtype"]), store.schema[k]["shape"])]
+        readers = {k: store.frames(k) for k in images}
         if cache_images is None:
-            cache_images = sum(int(np.prod(store[k].shape)) for k in images) <= cache_limit_bytes
+            cache_images = sum(r.encoded_nbytes() if r is not None else int(np.prod(store[k].shape))
+                               for k, r in readers.items()) <= cache_limit_bytes
         self.image_keys = images
-        self._arrays = {k: store[k] if k in images and not cache_images else store[k][:] for k in keys}
+        self._arrays = {}
+        for k in keys:
+            r = readers.get(k)
+            if k in images and r is not None:
+                self._arrays[k] = r.load() if cache_images else r
+            else:
+                self._arrays[k] = store[k] if k in images and not cache_images else store[k][:]
         self._offsets = np.arange(T)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of store data this sampler holds in memory: decoded low-dim arrays, encoded (or, for a layout
+        :meth:`ZarrStore.frames` does not read, decoded) cached frames; 0 for frames read from disk per window."""
+        return sum(int(a.nbytes) for a in self._arrays.values() if isinstance(a, (np.ndarray, FrameCache)))
 
     def __len__(self) -> int:
         return len(self._s)
@@ -145,9 +169,34 @@ class SequenceSampler:
         idx = self.indices(int(i) % len(self))
         out = {}
         for k in self.keys:
-            x = np.asarray(self._arrays[k][idx[: self.frames[k]]])  # uncached images: one contiguous zarr read
+            x = np.asarray(self._arrays[k][idx[: self.frames[k]]])  # uncached images: one read per frame
             if self.float_images and k in self.image_keys:
                 x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+                x /= 255.0
+            out[k] = x
+        return out
+
+    def batch(self, windows: Sequence[int]) -> dict[str, np.ndarray]:
+        """Several windows at once: ``{key: (B, n, *shape)}`` for the B indices ``windows``, equal to stacking
+        ``self[i][key]`` over them (image keys with ``float_images``: ``(B, n, C, H, W)`` float32); one gather per
+        low-dim key and each needed frame decoded once. Raises IndexError for an index out of range."""
+        w = np.asarray(windows, dtype=np.int64).reshape(-1)
+        if w.size and (w.min() < -len(self) or w.max() >= len(self)):
+            raise IndexError(f"a window index of {w.min()}..{w.max()} is out of range for {len(self)}")
+        w = w % len(self)
+        idx = self._start[w, None] + np.clip(self._s[w, None] + self._offsets, 0, self._len[w, None] - 1)  # (B, T)
+        out = {}
+        for k in self.keys:
+            n, a = self.frames[k], self._arrays[k]
+            sel = idx[:, :n]
+            if isinstance(a, np.ndarray):
+                x = a[sel]
+            elif isinstance(a, (FrameCache, FrameReader)):
+                x = a[sel.reshape(-1)].reshape(len(w), n, *a.shape)
+            else:  # frames read through zarr (a layout FrameReader does not handle): one read per window
+                x = np.stack([np.asarray(a[r]) for r in sel]) if len(w) else np.empty((0, n, *a.shape[1:]), a.dtype)
+            if self.float_images and k in self.image_keys:
+                x = np.ascontiguousarray(x.transpose(0, 1, 4, 2, 3), dtype=np.float32)
                 x /= 255.0
             out[k] = x
         return out
@@ -210,7 +259,9 @@ def compute_normalization(store: ZarrStore, keys: Sequence[str],
 class WindowDataset(torch.utils.data.Dataset):
     """``torch`` view of a :class:`SequenceSampler`: ``{key: tensor}``, uint8 image keys stay uint8 (To, H, W, C)
     (float32 (To, C, H, W) in [0, 1] with the sampler's ``float_images``), everything else becomes float32. Works
-    with ``DataLoader`` (any ``num_workers``; zarr resets its IO loop on fork)."""
+    with ``DataLoader`` (any ``num_workers``: frames are read with plain file reads or from the sampler's encoded
+    copy, and decoded in the worker; zarr resets its IO loop on fork). A DataLoader with a batch size fetches each
+    batch through :meth:`__getitems__` (one :meth:`SequenceSampler.batch` call), with the same tensors."""
 
     def __init__(self, sampler: SequenceSampler):
         self.sampler = sampler
@@ -219,5 +270,14 @@ class WindowDataset(torch.utils.data.Dataset):
         return len(self.sampler)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v) if v.dtype == np.uint8 else torch.from_numpy(v.astype(np.float32))
+        return {k: torch.from_numpy(v if v.dtype == np.uint8 else v.astype(np.float32, copy=False))
                 for k, v in self.sampler[i].items()}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """What a ``DataLoader`` with a batch size calls (torch >= 2.1): the batch's windows from one
+        :meth:`SequenceSampler.batch`, returned as per-window views of it (the collate function stacks them), equal
+        to ``[self[i] for i in indices]``."""
+        b = {k: torch.from_numpy(v if v.dtype == np.uint8 else v.astype(np.float32, copy=False))
+             for k, v in self.sampler.batch(indices).items()}
+        keys, parts = list(b), [t.unbind(0) for t in b.values()]
+        return [dict(zip(keys, row)) for row in zip(*parts)] if parts else [{} for _ in indices]

@@ -1,43 +1,74 @@
 """Zarr v3 demonstration store: episodes of per-step arrays plus per-episode metadata.
 
-Layout (a directory store, diffusion_policy ReplayBuffer idea)::
+Layout, version 2 (new stores; a directory store, diffusion_policy ReplayBuffer idea)::
 
-    <root>/                      group attrs: format="robot_rl.datasets.store", version=1, schema={key: {dtype, shape}}
-      data/<key>                 (N, *shape) arrays concatenated over time (N = total steps)
+    <root>/                      group attrs: format="robot_rl.datasets.store", version=2, chunks_complete=true,
+                                 schema={key: {dtype, shape}}
+      data/<key>                 (>= N, *shape) arrays concatenated over time (N = committed steps, see below)
         action                   float32 (N, A)           always present
         intervention             bool    (N,)             always present (False unless a human took over)
         human_action             float32 (N, A)           present once any episode gave it; NaN where absent
-        image_<cam>              uint8   (N, H, W, 3)     one frame per chunk, Blosc-zstd
-        <low-dim>                any     (N, *shape)      time-chunked (<=1024 steps), Blosc-zstd
+        image_<cam>              uint8   (N, H, W, 3)     SHARDED (zarr v3 sharding_indexed): one shard file per
+                                                          2 MiB of decoded frames (75 of 96x96x3; 1 to 1024), one
+                                                          frame per inner chunk, Blosc lz4hc-4 or lz4-5 (image_codec)
+        <low-dim>                any     (N, *shape)      time chunks (<= 1024 steps, <= 4 MiB), Blosc-zstd
       meta/episode_ends          int64 (E,)  exclusive cumulative end of each episode -- the COMMIT MARKER
-      meta/episode_seed          int64 (E,)
-      meta/episode_success       bool  (E,)
-      meta/episode_length        int64 (E,)
-      meta/episode_task|source|backend|robot   variable-length UTF-8 strings (E,)
-      meta/episode_extra         variable-length UTF-8 strings (E,), one JSON object per episode
+      meta/episodes              variable-length UTF-8 (>= E,), one JSON object per episode: seed (int), success
+                                 (bool), length (int), task, source, backend, robot (str), extra (object)
 
-String metadata uses zarr v3's variable-length UTF-8 data type (``dtype=str``, vlen-utf8 codec): no length limit (a
-fixed ``<U16`` would truncate or force a rewrite), no ``UnstableSpecificationWarning`` (fixed-length UTF-32 has no v3
-spec yet), and a single array per field, so a crash cannot leave a bytes array and its offsets array out of sync.
-``episode_extra`` holds ``json.dumps(extra, sort_keys=True)`` (strict JSON: no NaN/inf).
+Lengths: ``meta/episode_ends`` has exactly E entries; the length of ``data/<key>`` and ``meta/episodes`` is a
+capacity, grown by whole chunks or shards (about 1024 rows at a time), so that an append rewrites the commit
+marker's ``zarr.json`` only (another array's once per ~1024 rows). Rows past the commit are not data (the fill value, or what a killed writer
+left, overwritten by the next append): read ``data/<key>[:episode_ends[-1]]``, as diffusion_policy's ReplayBuffer
+does. File count: one file per data key per 1024 steps (low-dim) or per shard (frames), ~2 per 1024 episodes for
+the metadata: 107 files and 199 directories for 50 place episodes (version 1: 3 289 files, 9 717 directories).
 
-Crash safety: ``add_episode`` resizes and fills every data array and every per-episode metadata array first and
-appends to ``meta/episode_ends`` last. zarr's local store replaces every file atomically (temp file + rename), so a
-SIGKILL leaves committed data byte-identical. Readers trust only the committed prefix of ``episode_ends`` (strictly
-increasing, positive: a resize whose chunk write never landed reads as the fill value 0 and is ignored). Opening in
-mode ``"a"`` truncates whatever lies beyond the commit (a "torn tail"), never anything committed.
+Layout, version 1 (stores written before; opened, read, validated and appended in their own layout, never converted
+implicitly; ``ZarrStore.create(path, version=1)`` still writes it, ``robot_rl.datasets.tools.migrate_store`` copies
+one into version 2): every array exactly as long as the commit; frames one per chunk file (Blosc-zstd); one
+metadata array per field: ``meta/episode_seed`` int64, ``episode_success`` bool, ``episode_length`` int64,
+``episode_task|source|backend|robot|extra`` variable-length strings (``extra``: JSON).
+
+Writing (version 2): zarr-python 3 spends about a millisecond per array call and per chunk in its event loop and
+codec pipeline (8 of the 8.4 s of a 50-episode version-1 write were ``sync()``), and a file system a fraction of a
+millisecond per created or replaced file. So ``add_episode`` writes the files itself
+(:mod:`robot_rl.datasets.zarrio`: the zarr v3 format, read back by zarr and checked so by the tests): per episode
+one file per data key (its last chunk or shard), one ``meta/episodes`` chunk, and the commit marker's chunk and
+``zarr.json``; frames are encoded straight by numcodecs. Frames go into shards (a file per 75 frames, not per
+frame); low-dim arrays are not sharded: a partial inner chunk of a shard would be re-encoded at the same offset,
+so a reader holding the shard's previous index could decode a mix of two versions, while an unsharded chunk file
+is read by one ``open``.
+
+Strings use zarr v3's variable-length UTF-8 data type (``dtype=str``, vlen-utf8 codec): no length limit (a fixed
+``<U16`` would truncate or force a rewrite), no ``UnstableSpecificationWarning`` (fixed-length UTF-32 has no v3 spec
+yet), one array (a crash cannot leave a bytes array and its offsets array out of sync). ``extra`` is strict JSON
+(``json.dumps(extra, sort_keys=True)``: no NaN/inf).
+
+Crash safety: ``add_episode`` writes every data array first, then the per-episode metadata, and ``meta/episode_ends``
+last. Every file is replaced atomically (a temp file, then a rename: zarr's LocalStore in version 1,
+:func:`robot_rl.datasets.zarrio.atomic_write` in version 2), so after a SIGKILL each file is either its old or its
+new version. Appending rewrites the last, partial chunk or shard of each array, and both versions hold every
+committed step: a new shard keeps the committed frames' encoded bytes at their offsets, a new chunk re-encodes the
+committed rows losslessly; so committed data reads back identical whichever version a kill leaves (tested: a kill
+before each file write in turn, and a real SIGKILL). Version 2 commits by replacing ``episode_ends/zarr.json`` (its
+chunk, holding the new entry past the old length, is written first); version 1 resizes first, and a resize whose
+chunk write never landed reads as the fill value 0. Readers trust only the committed prefix of ``episode_ends``
+(strictly increasing, positive). Opening in mode ``"a"`` removes what lies beyond the commit (a "torn tail":
+version 1 truncates its arrays; both delete temp files), never anything committed.
+
 Writers: any number of processes may append to one store. Every write (create, repair at open, each
 ``add_episode``) holds an exclusive ``fcntl.flock`` on ``<root>/.writer.lock`` (:func:`writer_lock`) and re-reads the
-commit marker under it, so concurrent writers' episodes interleave and none is lost; a writer waits at most
-``LOCK_TIMEOUT_S`` for another's commit, then raises ConfigError. The kernel drops the lock of a killed process.
-Readers take no lock (call :meth:`ZarrStore.refresh` to see newly committed episodes).
+commit marker under it, so concurrent writers' episodes interleave and none is lost (version 2: two small reads,
+the schema and the length of ``episode_ends``, which every commit grows; a full refresh when either changed); a
+writer waits at most ``LOCK_TIMEOUT_S`` for another's commit, then raises ConfigError. The kernel drops the lock of
+a killed process. Readers take no lock (call :meth:`ZarrStore.refresh` to see newly committed episodes).
 
-Chunk verification: zarr reads a missing chunk file as the fill value (zeros). Stores created by this version carry
+Chunk verification: zarr reads a missing chunk file as the fill value (zeros). Stores created by this code carry
 the group attribute ``chunks_complete=true`` and write every chunk, fill-valued ones included
-(``write_empty_chunks``), so a chunk file of committed steps that is missing or is not a regular file is damage:
-:func:`validate_store` reports it and reads raise ConfigError naming the array. Older stores (no such attribute) may
-legitimately lack all-fill chunks, so only a non-file in place of a chunk (and a missing ``episode_ends`` chunk) is
-reported there.
+(``write_empty_chunks``), so a chunk or shard file of committed steps that is missing or is not a regular file, or a
+shard whose index (CRC32C-checked) lacks a committed frame, is damage: :func:`validate_store` reports it and reads
+raise ConfigError naming the array. Older stores (no such attribute) may legitimately lack all-fill chunks, so only a
+non-file in place of a chunk (and a missing ``episode_ends`` chunk) is reported there.
 """
 
 from __future__ import annotations
@@ -54,22 +85,34 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from robot_rl.datasets.zarrio import AppendWriter, ArrayFiles, FrameReader, Unsupported, single_threaded_blosc
 from robot_rl.errors import ConfigError
 
-FORMAT, VERSION = "robot_rl.datasets.store", 1
+FORMAT, VERSION = "robot_rl.datasets.store", 2  # VERSION: the layout new stores get; READABLE: what opens and appends
+READABLE = (1, 2)
 SOURCES = ("scripted", "teleop", "policy", "intervention")
 META_NUM = {"episode_seed": np.int64, "episode_success": np.bool_, "episode_length": np.int64}
 META_STR = ("episode_task", "episode_source", "episode_backend", "episode_robot", "episode_extra")
+META_ROW = "episodes"  # version 2: meta/episodes, one JSON object per episode (module doc)
+ROW_FIELDS = {"seed": int, "success": bool, "length": int, "task": str, "source": str, "backend": str, "robot": str,
+              "extra": dict}
 META_CHUNK, TIME_CHUNK, MAX_CHUNK_BYTES = 1024, 1024, 4 << 20
 _FIX_CREATE = "create it with `robot-rl collect` (or ZarrStore.create(path)) first"
 LOCK_NAME = ".writer.lock"  # inside the store directory; never deleted (a deleted lock file would let two in)
 LOCK_TIMEOUT_S = 120.0  # longest wait for another writer's create / repair / commit
 COMPLETE_ATTR = "chunks_complete"  # group attr: every chunk of the committed steps was written (see module doc)
 _WRITE_ALL = {"array.write_empty_chunks": True}
+IMAGE_SHARD_BYTES, IMAGE_SHARD_FRAMES = 2 << 20, 1024  # version 2: one image shard's decoded bytes / frames at most
+# version 2 frames, Blosc: lz4hc where it pays (renders: -37 % bytes, as fast to decode), else lz4 (image_codec)
+IMAGE_CODECS = ({"cname": "lz4hc", "clevel": 4, "shuffle": "noshuffle"},
+                {"cname": "lz4", "clevel": 5, "shuffle": "noshuffle"})
+IMAGE_CODEC_GAIN = 0.8  # lz4hc is chosen when the sample frames take at most this fraction of lz4's bytes
+OPTIONAL_KEYS = ("human_action",)  # data keys an episode may lack (NaN-filled); may join the schema later
 
 
 def is_image(dtype: np.dtype, shape: tuple[int, ...]) -> bool:
@@ -153,49 +196,81 @@ class CommittedArray:
 
 
 class ChunkCheck:
-    """Presence check of the chunk files that hold rows ``[lo, hi)`` of one array of a store on disk.
+    """Presence check of the chunk (or shard) files that hold rows ``[lo, hi)`` of one array of a store on disk.
 
     zarr reads an absent chunk file as the fill value; here a chunk of committed rows must be a regular file when
     ``strict`` (a store created with ``chunks_complete``, see the module doc). A directory (or anything but a file)
-    in its place is always damage. Chunks found present are remembered (committed chunks are never deleted by a
-    writer; the last, partial one is replaced atomically).
+    in its place is always damage. For a sharded array the file is the shard, and when ``strict`` its index must also
+    list every inner chunk of the requested rows (an absent inner chunk reads as the fill value too). Files found
+    complete are remembered with the rows checked (committed rows are never deleted by a writer; the last, partial
+    file is replaced atomically by one that keeps them).
     """
 
     def __init__(self, root_dir: Path, array: zarr.Array, strict: bool):
         self.dir, self.array, self.strict = Path(root_dir) / array.path, array, strict
-        self.rows = int(array.chunks[0]) if array.ndim else 1
-        self._ok: set[int] = set()
+        shards = getattr(array, "shards", None) if array.ndim else None
+        self.sharded = bool(shards)
+        self.rows = int(shards[0]) if shards else int(array.chunks[0]) if array.ndim else 1
+        self._ok: dict[int, int] = {}  # file index -> rows of it found complete (from its first row)
+        self._files: ArrayFiles | None = None
 
-    def problems(self, lo: int, hi: int, first: bool = False) -> tuple[list[int], list[int]]:
-        """(missing, not-a-file) chunk indices among those holding rows ``[lo, hi)`` (missing only when strict);
-        with ``first``, stop at the first damaged chunk (a hostile zarr.json may claim any number of rows)."""
-        missing, odd = [], []
+    def problems(self, lo: int, hi: int, first: bool = False) -> list[tuple[int, str]]:
+        """``[(file index, what is wrong), ...]`` for the files holding rows ``[lo, hi)``: ``"is missing"`` (only when
+        strict), ``"is not a regular file"``, ``"lacks inner chunks of committed rows"`` (strict shards) or ``"has a
+        bad index (...)"``; with ``first``, stop at the first damaged file (a hostile zarr.json may claim any number of
+        rows)."""
+        out: list[tuple[int, str]] = []
         tail = (0,) * max(self.array.ndim - 1, 0)
         for i in range(lo // self.rows, -(-hi // self.rows) if hi > lo else lo // self.rows):
-            if i in self._ok:
+            need = min(hi, (i + 1) * self.rows) - i * self.rows
+            if self._ok.get(i, 0) >= need:
                 continue
             p = self.dir / self.array.metadata.encode_chunk_key((i, *tail))
             if p.is_file():
-                self._ok.add(i)
+                what = self._inner(p, need) if self.sharded and self.strict else None
+                if what is None:
+                    self._ok[i] = need
+                else:
+                    out.append((i, what))
             elif os.path.lexists(p):
-                odd.append(i)
+                out.append((i, "is not a regular file"))
             elif self.strict:
-                missing.append(i)
+                out.append((i, "is missing"))
             else:
-                self._ok.add(i)  # an old store may not have written an all-fill chunk: it reads as that fill
-            if first and (missing or odd):
+                self._ok[i] = need  # an old store may not have written an all-fill chunk: it reads as that fill
+            if first and out:
                 break
-        return missing, odd
+        return out
+
+    def _inner(self, path: Path, need: int) -> str | None:
+        """None when the shard at ``path`` lists an inner chunk for each of its first ``need`` rows, else what is
+        wrong."""
+        try:
+            if self._files is None:
+                self._files = ArrayFiles.load(self.dir)
+            f = self._files
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                index = f.read_index(fh.fileno(), size)
+        except Unsupported:
+            return None  # a layout zarrio does not parse: zarr's own read reports what it cannot decode
+        except (OSError, ValueError) as e:
+            return f"has a bad index ({_first_line(e)})"
+        if (index[:-(-need // f.inner_rows), 0] == np.iinfo(np.uint64).max).any():
+            return "lacks inner chunks of committed rows"
+        return None
 
     def describe(self, lo: int, hi: int) -> str | None:
-        """One line naming the first damaged chunk of rows ``[lo, hi)``, or None when all are in place."""
-        missing, odd = self.problems(lo, hi, first=True)
-        if not missing and not odd:
+        """One line naming the first damaged chunk (or shard) file of rows ``[lo, hi)``, or None when all are in
+        place."""
+        found = self.problems(lo, hi, first=True)
+        if not found:
             return None
-        i = (missing + odd)[0]
-        what = "is missing" if missing else "is not a regular file"
-        return (f"chunk file {self.array.metadata.encode_chunk_key((i, *(0,) * (self.array.ndim - 1)))} (rows "
-                f"{i * self.rows}-{min((i + 1) * self.rows, hi) - 1}) {what}; it would read as the fill value")
+        i, what = found[0]
+        key = self.array.metadata.encode_chunk_key((i, *(0,) * (self.array.ndim - 1)))
+        fill = "" if what.startswith("has a bad index") else "; it would read as the fill value"
+        return (f"{'shard' if self.sharded else 'chunk'} file {key} (rows {i * self.rows}-"
+                f"{min((i + 1) * self.rows, hi) - 1}) {what}{fill}")
 
     def require(self, lo: int, hi: int) -> None:
         """Raise ConfigError (naming the array) when a chunk of rows ``[lo, hi)`` is missing or not a file."""
@@ -211,26 +286,31 @@ class ZarrStore:
     Attributes:
         path: store directory.
         mode: ``"r"`` (read-only) or ``"a"`` (append; a torn tail was repaired at open).
+        version: the store's layout, 1 or 2 (module doc); appends keep it.
     """
 
     def __init__(self, path: Path, group: zarr.Group, mode: str):
         self.path, self._root, self.mode = path, group, mode
+        self._writers: dict[str, AppendWriter] = {}
         self.refresh()
 
     # ------------------------------------------------------------------ open / create
     @classmethod
-    def create(cls, path: str | os.PathLike, overwrite: bool = False) -> "ZarrStore":
+    def create(cls, path: str | os.PathLike, overwrite: bool = False, *, version: int = VERSION) -> "ZarrStore":
         """Create an empty store at ``path`` (a new or empty directory) and return it open in mode ``"a"``.
+        ``version``: the layout (module doc); 1 only to write stores as earlier releases did (tests, comparisons).
 
         Raises:
             ConfigError: ``path`` is a file; or it is a non-empty directory without ``overwrite=True``; or
                 ``overwrite=True`` but the directory is not a robot_rl store or holds files that are not part of one
                 (named in the message; nothing is deleted then).
         """
-        return cls._create(Path(path), overwrite, append=False)
+        if version not in READABLE or isinstance(version, bool):
+            raise ConfigError("version", f"{version!r} is not a store layout version", f"use one of {READABLE}")
+        return cls._create(Path(path), overwrite, append=False, version=version)
 
     @classmethod
-    def _create(cls, path: Path, overwrite: bool, append: bool) -> "ZarrStore":
+    def _create(cls, path: Path, overwrite: bool, append: bool, version: int = VERSION) -> "ZarrStore":
         if path.exists() and not path.is_dir():
             raise ConfigError("path", f"{path} is a file, not a store directory", "pick a new or empty directory")
         if path.is_dir() and not (path / LOCK_NAME).exists():
@@ -241,7 +321,7 @@ class ZarrStore:
                 for e in path.iterdir():
                     if e.name != LOCK_NAME:
                         shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
-                return cls._init_group(path)
+                return cls._init_group(path, version)
         return cls.open(path, mode="a")  # created by another writer meanwhile (open takes the lock itself)
 
     @staticmethod
@@ -268,18 +348,21 @@ class ZarrStore:
         return True
 
     @classmethod
-    def _init_group(cls, path: Path) -> "ZarrStore":
+    def _init_group(cls, path: Path, version: int = VERSION) -> "ZarrStore":
         """A new empty store in the (empty but for the lock file) directory ``path``; call under the writer lock."""
         root = zarr.open_group(str(path), mode="a")
         root.create_group("data")
         meta = root.create_group("meta")
         meta.create_array("episode_ends", shape=(0,), dtype=np.int64, chunks=(META_CHUNK,), fill_value=0)
-        for name, dt in META_NUM.items():
-            meta.create_array(name, shape=(0,), dtype=dt, chunks=(META_CHUNK,), fill_value=dt(0))
-        for name in META_STR:
-            meta.create_array(name, shape=(0,), dtype=str, chunks=(META_CHUNK,))
+        if version == 1:
+            for name, dt in META_NUM.items():
+                meta.create_array(name, shape=(0,), dtype=dt, chunks=(META_CHUNK,), fill_value=dt(0))
+            for name in META_STR:
+                meta.create_array(name, shape=(0,), dtype=str, chunks=(META_CHUNK,))
+        else:
+            meta.create_array(META_ROW, shape=(0,), dtype=str, chunks=(META_CHUNK,))
         # the format attrs LAST: a directory is a store (_is_store) only once every array of it exists
-        root.attrs.update({"format": FORMAT, "version": VERSION, "schema": {}, COMPLETE_ATTR: True})
+        root.attrs.update({"format": FORMAT, "version": version, "schema": {}, COMPLETE_ATTR: True})
         return cls(path, root, "a")
 
     @classmethod
@@ -310,9 +393,9 @@ class ZarrStore:
         try:
             root = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
             version = root.attrs.get("version")
-            if not isinstance(version, int) or version > VERSION:
-                raise ConfigError("path", f"{path} has store version {version!r}; this code reads <= {VERSION}",
-                                  "upgrade robot_rl")
+            if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE:
+                raise ConfigError("path", f"{path} has store version {version!r}; this code reads versions "
+                                  f"{READABLE}", "upgrade robot_rl")
             store = cls(path, root, mode)
         except ConfigError:
             raise
@@ -327,20 +410,31 @@ class ZarrStore:
     def refresh(self) -> None:
         """Re-read the commit marker and reopen arrays (shows episodes committed by another process since open)."""
         root = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+")
-        self._root = root
         ends = root["meta/episode_ends"]
         ChunkCheck(self.path, ends, strict=True).require(0, ends.shape[0] - 1)  # all but a torn last entry
         raw = np.asarray(ends[:], dtype=np.int64)  # the commit marker is read FIRST
         self._ends = raw[: _committed_prefix(raw)]
-        self._meta = {k: root["meta"][k] for k in ("episode_ends", *META_NUM, *META_STR)}
-        self._schema = {k: {"dtype": v["dtype"], "shape": tuple(v["shape"])}
-                        for k, v in dict(root.attrs.get("schema", {})).items()}
-        self._data = {k: root["data"][k] for k in self._schema if k in root["data"]}
-        self._strict, self._chunks = root.attrs.get(COMPLETE_ATTR) is True, {}
+        self._open_arrays(root)
+        self._writers = {}
         missing = [k for k in self._schema if k not in self._data]
         if missing and len(self._ends):
             raise ConfigError(f"data/{missing[0]}", f"missing from {self.path} (the schema lists it)",
                               "run `robot-rl store validate PATH`; restore the store from a copy")
+
+    def _open_arrays(self, root: zarr.Group) -> None:
+        """Take the zarr group, its attributes and arrays from ``root`` (the commit marker is read by the caller)."""
+        self._root, self.version = root, int(root.attrs.get("version", 1))
+        self._meta = {k: root["meta"][k] for k in ("episode_ends", *_meta_fields(self.version))}
+        self._schema_attr = dict(root.attrs.get("schema", {}))
+        self._schema = {k: {"dtype": v["dtype"], "shape": tuple(v["shape"])} for k, v in self._schema_attr.items()}
+        self._data = {k: root["data"][k] for k in self._schema if k in root["data"]}
+        self._strict, self._chunks, self._stale = root.attrs.get(COMPLETE_ATTR) is True, {}, False
+
+    def _fresh(self) -> None:
+        """Reopen the zarr arrays after this object wrote files directly (their cached shapes are old); the commit
+        this object knows stays."""
+        if self._stale:
+            self._open_arrays(zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+"))
 
     # ------------------------------------------------------------------ read
     @property
@@ -378,8 +472,25 @@ class ZarrStore:
         """Lazy view of ``data/<key>`` truncated to committed steps. Raises ConfigError for an unknown key."""
         if key not in self._data:
             raise ConfigError("key", f"{key!r} is not in the store", f"use one of {self.keys}")
+        self._fresh()
         arr = self._data[key]
         return CommittedArray(arr, self.n_steps, self._chunk_check(arr))
+
+    def frames(self, key: str) -> FrameReader | None:
+        """A reader of the committed frames of the image key ``key`` straight from its chunk or shard files
+        (:class:`~robot_rl.datasets.zarrio.FrameReader`: ``reader[idx]`` -> (len(idx), H, W, C) uint8; ``.load()``
+        keeps the encoded frames in memory), or None when the array is not one frame per (inner) chunk or uses a
+        codec that reader does not decode (read it through ``store[key]`` then). Damage raises ConfigError as
+        ``store[key]`` does. Raises ConfigError for an unknown key."""
+        if key not in self._data:
+            raise ConfigError("key", f"{key!r} is not in the store", f"use one of {self.keys}")
+        try:
+            files = ArrayFiles.load(self.path / "data" / key)
+            return FrameReader(files, self.n_steps, self._strict, f"data/{key}")
+        except Unsupported:
+            return None
+        except (OSError, ValueError) as e:
+            raise _damaged(self.path, e) from None
 
     def episode_slice(self, i: int) -> slice:
         """Steps ``slice(start, end)`` of episode ``i`` (negative indices allowed). Raises ConfigError if out of range."""
@@ -401,10 +512,24 @@ class ZarrStore:
         return self._meta_rows(slice(0, self.n_episodes), first=0) if self.n_episodes else []
 
     def _meta_rows(self, sl: slice, first: int) -> list[dict[str, Any]]:
-        for k in (*META_NUM, *META_STR):
+        self._fresh()
+        for k in _meta_fields(self.version):
             self._chunk_check(self._meta[k]).require(sl.start, sl.stop)
-        cols = {k: self._meta[k][sl] for k in (*META_NUM, *META_STR)}
         ends = self._ends[sl]
+        if self.version >= 2:
+            rows = []
+            for j, text in enumerate(self._meta[META_ROW][sl]):
+                i = first + j
+                try:
+                    row = _parse_row(str(text))
+                except ValueError as e:
+                    raise ConfigError(f"meta/{META_ROW}", f"entry {i} is damaged ({e})",
+                                      "run `robot-rl store validate PATH`; restore the store from a copy") from None
+                rows.append({"index": i, **{k: row[k] for k in ("seed", "success", "length")},
+                             "start": int(self._ends[i - 1]) if i else 0, "end": int(ends[j]),
+                             **{k: row[k] for k in ("task", "source", "backend", "robot", "extra")}})
+            return rows
+        cols = {k: self._meta[k][sl] for k in (*META_NUM, *META_STR)}
         rows = []
         for j, end in enumerate(ends):
             i = first + j
@@ -449,7 +574,7 @@ class ZarrStore:
             raise ConfigError("mode", "store is open read-only", "open it with ZarrStore.open(path, mode='a')")
         try:
             with writer_lock(self.path), zarr.config.set(_WRITE_ALL):
-                self.refresh()  # under the lock: episodes other writers committed since open
+                self._sync()  # under the lock: episodes other writers committed since open
                 return self._append(data, seed=seed, task=task, source=source, success=success, backend=backend,
                                     robot=robot, extra=extra)
         except OSError as e:  # e.g. ENOSPC: nothing committed (episode_ends is written last); say which store
@@ -470,32 +595,92 @@ class ZarrStore:
             raise ConfigError("success", f"expected a bool, got {type(success).__name__}", "pass True or False")
 
         T, E, n0 = len(data["action"]), self.n_episodes, self.n_steps
+        meta = {"episode_seed": int(seed), "episode_success": bool(success), "episode_length": T, **meta_str}
+        if self.version >= 2:
+            meta = {META_ROW: json.dumps({k[len("episode_"):]: v for k, v in meta.items() if k != "episode_extra"}
+                                         | {"extra": json.loads(meta_str["episode_extra"])}, sort_keys=True,
+                                         allow_nan=False)}
         if schema != self._schema:  # first episode, or first episode with human_action
             if E == 0:
                 for k in list(self._root["data"].array_keys()):
                     del self._root["data"][k]
+                    self._writers.pop(f"data/{k}", None)
                 self._data = {}
-            self._root.attrs["schema"] = {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in schema.items()}
+            self._schema_attr = {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in schema.items()}
+            self._root.attrs["schema"] = self._schema_attr
             self._schema = schema
+        added = [k for k in schema if k not in self._data]
+        for k in added:
+            self._data[k] = _create_data_array(self._root["data"], k, schema[k], self.version, data[k])
+        if self.version >= 2:
+            return self._append_files(data, meta, added, T, E, n0)
         for k, spec in schema.items():
-            added = k not in self._data
-            if added:
-                self._data[k] = _create_data_array(self._root["data"], k, spec)
             arr = self._data[k]
             arr.resize((n0 + T, *spec["shape"]))
-            if added and n0:  # human_action first given after n0 steps: write the earlier (NaN) chunks too, so that
-                rows = int(arr.chunks[0])  # none is missing (a missing chunk of committed steps is damage)
+            if k in added and n0:  # human_action first given after n0 steps: write the earlier (NaN) chunks too, so
+                rows = int(arr.chunks[0])  # that none is missing (a missing chunk of committed steps is damage)
                 for a in range(0, n0, rows):
                     arr[a:min(a + rows, n0)] = arr.fill_value
             arr[n0:n0 + T] = data[k]
-        for k, value in {"episode_seed": int(seed), "episode_success": bool(success), "episode_length": T,
-                         **meta_str}.items():
+        for k, value in meta.items():
             self._meta[k].resize((E + 1,))
             self._meta[k][E] = value
         ends = self._meta["episode_ends"]  # commit marker LAST
         ends.resize((E + 1,))
         ends[E] = n0 + T
         self._ends = np.append(self._ends, np.int64(n0 + T))
+        return E
+
+    def _sync(self) -> None:
+        """Under the writer lock: bring this object to the store's last commit. Version 2: when neither the schema
+        nor the length of ``meta/episode_ends`` changed since this object's last write or refresh (nobody else
+        committed: a commit always grows it), two small file reads; otherwise (and for version 1) a full refresh."""
+        if self.version >= 2:
+            try:
+                group = json.loads((self.path / "zarr.json").read_text())
+                ends = json.loads((self.path / "meta" / "episode_ends" / "zarr.json").read_text())
+                if group["attributes"].get("schema") == self._schema_attr and ends["shape"] == [self.n_episodes]:
+                    return
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # the full refresh below reports what is wrong
+        self.refresh()
+
+    def _writer(self, name: str) -> AppendWriter:
+        """The AppendWriter of array ``name`` (``data/<key>`` or ``meta/<field>``), kept between episodes."""
+        w = self._writers.get(name)
+        if w is None:
+            try:
+                w = self._writers[name] = AppendWriter(ArrayFiles.load(self.path / name), name)
+            except (Unsupported, OSError, ValueError) as e:
+                raise ConfigError(name, f"cannot be appended to ({_first_line(e)})",
+                                  "run `robot-rl store validate PATH`; copy the store with `robot-rl store migrate`"
+                                  ) from None
+        return w
+
+    def _append_files(self, data: dict[str, np.ndarray], meta: dict[str, Any], added: list[str], T: int, E: int,
+                      n0: int) -> int:
+        """Version 2: write episode ``E`` (rows ``[n0, n0 + T)``) through :class:`AppendWriter`: one write per array,
+        in the commit order of the module doc (data, then per-episode metadata, then ``meta/episode_ends``)."""
+        for k, spec in self._schema.items():
+            w, values, start = self._writer(f"data/{k}"), data[k], n0
+            if n0 and (k in added or w.files.shape[0] < n0):
+                if k not in OPTIONAL_KEYS:
+                    raise ConfigError(f"data/{k}", f"has {w.files.shape[0]} steps, {n0} are committed",
+                                      "run `robot-rl store validate PATH`; restore the store from a copy")
+                # first given after n0 steps (or its first writer was killed): the earlier steps are written as
+                # the fill value too, so that no committed row lacks its chunk
+                values = np.concatenate([np.broadcast_to(w.files.empty_chunk(1), (n0, *values.shape[1:])), values])
+                start = 0
+            w.write(start, values)
+            w.reserve(n0 + T, w.files.file_rows * -(-TIME_CHUNK // w.files.file_rows))  # capacity (module doc)
+        w = self._writer(f"meta/{META_ROW}")
+        w.write(E, np.array([meta[META_ROW]], dtype=object))
+        w.reserve(E + 1, META_CHUNK)
+        w = self._writer("meta/episode_ends")  # commit marker LAST: its chunk, then its zarr.json (the commit)
+        w.write(E, np.array([n0 + T], np.int64))
+        w.set_shape(E + 1)
+        self._ends = np.append(self._ends, np.int64(n0 + T))
+        self._stale = True  # the zarr arrays this object holds still have their old shapes
         return E
 
     def _validated(self, data: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
@@ -557,16 +742,16 @@ class ZarrStore:
             raise ConfigError("path", f"{self.path} is damaged, not appending ({'; '.join(errors[:3])})",
                               "open it with mode='r' and copy the good episodes into a new store; nothing was modified")
         E, N = self.n_episodes, self.n_steps
-        for arr in self._meta.values():
-            if arr.shape[0] > E:
+        for name, arr in self._meta.items():  # version 2: the per-episode arrays' length is a capacity
+            if arr.shape[0] > E and (self.version == 1 or name == "episode_ends"):
                 arr.resize((E,))
         if E == 0 and self._schema:  # a first episode that never committed: forget its schema and arrays
             for k in list(self._root["data"].array_keys()):
                 del self._root["data"][k]
             self._root.attrs["schema"] = {}
-            self._schema, self._data = {}, {}
+            self._schema, self._schema_attr, self._data = {}, {}, {}
         for arr in self._data.values():
-            if arr.shape[0] > N:
+            if arr.shape[0] > N and self.version == 1:
                 arr.resize((N, *arr.shape[1:]))
         for p in self.path.rglob("*.partial"):  # temp files of writes killed before their rename
             p.unlink(missing_ok=True)
@@ -582,9 +767,9 @@ class ZarrStore:
         return validate_store(self.path)
 
     def info(self) -> dict[str, Any]:
-        """Summary: path, episodes, steps, keys ({key: {dtype, shape}}), success_rate (None when empty), successes
-        (count), sources / tasks / backends (episode counts), by_source / by_task ({name: {"episodes": n,
-        "successes": k}}), size_bytes (on disk)."""
+        """Summary: path, version (layout), episodes, steps, keys ({key: {dtype, shape}}), success_rate (None when
+        empty), successes (count), sources / tasks / backends (episode counts), by_source / by_task ({name:
+        {"episodes": n, "successes": k}}), size_bytes (on disk)."""
         meta = self.episodes_meta()
 
         def tally(field: str) -> dict[str, dict[str, int]]:
@@ -595,7 +780,7 @@ class ZarrStore:
                 row["successes"] += int(m["success"])
             return dict(sorted(out.items()))
 
-        return {"path": str(self.path), "episodes": self.n_episodes, "steps": self.n_steps,
+        return {"path": str(self.path), "version": self.version, "episodes": self.n_episodes, "steps": self.n_steps,
                 "keys": self.schema,
                 "success_rate": float(np.mean([m["success"] for m in meta])) if meta else None,
                 "successes": sum(int(m["success"]) for m in meta),
@@ -614,7 +799,8 @@ def validate_store(path: str | os.PathLike) -> list[str]:
     out: list[str] = []
     try:
         root = zarr.open_group(str(path), mode="r")
-        if root.attrs.get("format") != FORMAT or root.attrs.get("version") != VERSION:
+        version = root.attrs.get("version")
+        if root.attrs.get("format") != FORMAT or isinstance(version, bool) or version not in READABLE:
             out.append(f"error: group attrs format/version are {root.attrs.get('format')!r}/{root.attrs.get('version')!r}")
         raw = np.asarray(root["meta/episode_ends"][:], dtype=np.int64)
         E = _committed_prefix(raw)
@@ -626,14 +812,15 @@ def validate_store(path: str | os.PathLike) -> list[str]:
             out.append(f"error: meta/episode_ends is not strictly increasing at index {E} "
                        f"({raw[max(E - 1, 0):E + 1].tolist()}); only {E} episodes are trusted")
             ends, E, N = raw, len(raw), int(raw.max())
-        for k in (*META_NUM, *META_STR):
+        fields = _meta_fields(version if version in READABLE else VERSION)
+        for k in fields:
             if k not in root["meta"]:
                 out.append(f"error: meta/{k} is missing")
                 continue
             n = root["meta"][k].shape[0]
             if n < E:
                 out.append(f"error: meta/{k} has {n} entries, {E} episodes are committed")
-            elif n > E:
+            elif n > E and version == 1:  # version 2: the length is a capacity (module doc)
                 out.append(f"warning: torn tail: meta/{k} has {n - E} uncommitted entries")
         schema = dict(root.attrs.get("schema", {}))
         if E and "action" not in schema:
@@ -652,21 +839,33 @@ def validate_store(path: str | os.PathLike) -> list[str]:
                            f"{tuple(spec['shape'])}")
             if arr.shape[0] < N:
                 out.append(f"error: data/{k} has {arr.shape[0]} steps, {N} are committed")
-            elif arr.shape[0] > N:
+            elif arr.shape[0] > N and version == 1:
                 out.append(f"warning: torn tail: data/{k} has {arr.shape[0] - N} uncommitted steps")
-        if E and all(k in root["meta"] for k in (*META_NUM, *META_STR)):
-            lengths = root["meta/episode_length"][:E]
+        partial = sorted(p.relative_to(path).as_posix() for p in path.rglob("*.partial"))
+        if partial:
+            out.append(f"warning: torn tail: {len(partial)} temp file(s) of an interrupted write ({_listing(partial)})")
+        if E and all(k in root["meta"] for k in fields) and root["meta"][fields[0]].shape[0] >= E:
+            if version == 1:
+                lengths = root["meta/episode_length"][:E]
+                sources = {str(s) for s in root["meta/episode_source"][:E]}
+                if sources - set(SOURCES):
+                    out.append(f"error: unknown episode sources {sorted(sources - set(SOURCES))}")
+                for i, s in enumerate(root["meta/episode_extra"][:E]):
+                    try:
+                        json.loads(str(s) or "{}")
+                    except ValueError:
+                        out.append(f"error: meta/episode_extra[{i}] is not valid JSON")
+            else:
+                lengths = np.full(E, -1, np.int64)
+                for i, s in enumerate(root[f"meta/{META_ROW}"][:E]):
+                    try:
+                        lengths[i] = _parse_row(str(s))["length"]
+                    except ValueError as e:
+                        out.append(f"error: meta/{META_ROW}[{i}] is damaged ({e})")
             bad = np.flatnonzero(np.diff(ends, prepend=0) != lengths)
             if bad.size:
-                out.append(f"error: meta/episode_length disagrees with episode_ends at episodes {bad[:10].tolist()}")
-            sources = {str(s) for s in root["meta/episode_source"][:E]}
-            if sources - set(SOURCES):
-                out.append(f"error: unknown episode sources {sorted(sources - set(SOURCES))}")
-            for i, s in enumerate(root["meta/episode_extra"][:E]):
-                try:
-                    json.loads(str(s) or "{}")
-                except ValueError:
-                    out.append(f"error: meta/episode_extra[{i}] is not valid JSON")
+                out.append(f"error: the episode lengths in meta disagree with episode_ends at episodes "
+                           f"{bad[:10].tolist()}")
             if "action" in root["data"] and root["data/action"].shape[0] >= N:
                 act = root["data/action"][:N]
                 bad_steps = np.flatnonzero(~np.isfinite(act.reshape(N, -1)).all(axis=1))
@@ -678,7 +877,7 @@ def validate_store(path: str | os.PathLike) -> list[str]:
     strict = root.attrs.get(COMPLETE_ATTR) is True
     ends_arr = root["meta/episode_ends"]
     checks = [(ends_arr, max(ends_arr.shape[0] - 1, 0), True)]  # its last entry may be a torn (unwritten) one
-    checks += [(root["meta"][k], min(E, root["meta"][k].shape[0]), strict) for k in (*META_NUM, *META_STR)
+    checks += [(root["meta"][k], min(E, root["meta"][k].shape[0]), strict) for k in fields
                if k in root["meta"]]
     checks += [(root["data"][k], min(N, root["data"][k].shape[0]), strict) for k in schema if k in root["data"]]
     for arr, n, strict_k in checks:
@@ -729,7 +928,8 @@ def format_info(info: dict[str, Any]) -> str:
     size = next(f"{info['size_bytes'] / 2**e:.1f} {u}" for e, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
                 if info["size_bytes"] >= 2**e or e == 0)
     total = f" ({info['successes']}/{info['episodes']})" if "successes" in info and info["episodes"] else ""
-    lines = [f"store    {info['path']}",
+    layout = f" (layout {info['version']})" if "version" in info else ""
+    lines = [f"store    {info['path']}{layout}",
              f"         {info['episodes']} episodes, {info['steps']} steps, success {rate}{total}, {size} on disk"]
     for label, by, plain in (("sources", "by_source", "sources"), ("tasks", "by_task", "tasks")):
         rows = info.get(by)
@@ -814,23 +1014,70 @@ def _is_store(path: Path) -> bool:
         attrs.get("attributes", {}).get("format") == FORMAT
 
 
+def _meta_fields(version: int) -> tuple[str, ...]:
+    """Names of the per-episode metadata arrays of a store of layout ``version`` (``meta/episode_ends`` aside)."""
+    return (*META_NUM, *META_STR) if version == 1 else (META_ROW,)
+
+
+def _parse_row(text: str) -> dict[str, Any]:
+    """One ``meta/episodes`` entry (version 2) as a dict of ``ROW_FIELDS``. Raises ValueError saying what is wrong
+    (not JSON, not an object, a missing field or one of another type, an unknown source)."""
+    row = json.loads(text)
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    for k, t in ROW_FIELDS.items():
+        v = row.get(k)
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+            raise ValueError(f"field {k!r} is {v!r}, expected {t.__name__}")
+    if row["source"] not in SOURCES:
+        raise ValueError(f"unknown source {row['source']!r}")
+    return row
+
+
 def _committed_prefix(raw: np.ndarray) -> int:
     """Length of the prefix of ``raw`` that is positive and strictly increasing (the committed episodes)."""
     ok = np.diff(raw, prepend=0) > 0
     return int(np.argmin(ok)) if not ok.all() else len(raw)
 
 
-def _create_data_array(group: zarr.Group, key: str, spec: dict) -> zarr.Array:
+def _create_data_array(group: zarr.Group, key: str, spec: dict, version: int, first: np.ndarray) -> zarr.Array:
+    """Create the empty ``data/<key>`` array of a store of layout ``version`` (see the module doc); ``first``: the
+    values of the episode that creates it (version-2 frames: their codec is chosen on them, see
+    :func:`image_codec`)."""
     dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
-    if is_image(dtype, shape):
-        chunks, codec = (1, *shape), BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle")  # bitshuffle: slower, larger
-    else:
-        step_bytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        chunks = (max(1, min(TIME_CHUNK, MAX_CHUNK_BYTES // max(step_bytes, 1))), *shape)
-        codec = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
     fill = np.nan if key == "human_action" else dtype.type(0)
-    return group.create_array(key, shape=(0, *shape), dtype=dtype, chunks=chunks, compressors=codec,
-                              fill_value=fill)
+    if is_image(dtype, shape):
+        frame = (1, *shape)
+        if version == 1:  # one file per frame; bitshuffle: slower, larger
+            return group.create_array(key, shape=(0, *shape), dtype=dtype, chunks=frame, fill_value=fill,
+                                      compressors=BloscCodec(cname="zstd", clevel=3, shuffle="noshuffle"))
+        rows = image_shard_rows(shape)
+        return group.create_array(key, shape=(0, *shape), dtype=dtype, chunks=frame, shards=(rows, *shape),
+                                  compressors=BloscCodec(**image_codec(first)), fill_value=fill)
+    step_bytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    chunks = (max(1, min(TIME_CHUNK, MAX_CHUNK_BYTES // max(step_bytes, 1))), *shape)
+    return group.create_array(key, shape=(0, *shape), dtype=dtype, chunks=chunks, fill_value=fill,
+                              compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
+
+
+def image_codec(frames: np.ndarray, sample: int = 16) -> dict[str, Any]:
+    """The Blosc settings (one of ``IMAGE_CODECS``) for a version-2 image array whose first episode has ``frames``
+    (T, H, W, C) uint8: lz4hc when up to ``sample`` frames spread over the episode compress to at most
+    ``IMAGE_CODEC_GAIN`` of lz4's bytes (rendered or clean frames), else lz4 (sensor noise: lz4hc would cost ~15x
+    the time for ~1 % of bytes). Both decode at about the same speed."""
+    pick = frames[np.linspace(0, len(frames) - 1, min(sample, len(frames))).astype(int)]
+    sizes = []
+    with single_threaded_blosc():
+        for cfg in IMAGE_CODECS:
+            codec = numcodecs.Blosc(cname=cfg["cname"], clevel=cfg["clevel"], shuffle=numcodecs.Blosc.NOSHUFFLE)
+            sizes.append(sum(len(codec.encode(np.ascontiguousarray(f))) for f in pick))
+    return dict(IMAGE_CODECS[0] if sizes[0] <= IMAGE_CODEC_GAIN * sizes[1] else IMAGE_CODECS[1])
+
+
+def image_shard_rows(shape: tuple[int, ...]) -> int:
+    """Frames per shard file of a version-2 image array with per-step ``shape`` (H, W, C): ``IMAGE_SHARD_BYTES`` of
+    decoded frames (96x96x3: 606), between 1 and ``IMAGE_SHARD_FRAMES`` (its index: 16 bytes per frame)."""
+    return max(1, min(IMAGE_SHARD_FRAMES, IMAGE_SHARD_BYTES // max(1, int(np.prod(shape, dtype=np.int64)))))
 
 
 def _name(field: str, value: Any) -> str:

@@ -1,6 +1,7 @@
-"""Store tools: a filtered copy of a store and the merge of several (``robot-rl store filter|merge``).
+"""Store tools: a filtered copy of a store, the merge of several and the migration of one to the current layout
+(``robot-rl store filter|merge|migrate``).
 
-Both write a NEW store (:meth:`ZarrStore.create`) and copy committed episodes into it one at a time with
+All three write a NEW store (:meth:`ZarrStore.create`) and copy committed episodes into it one at a time with
 :meth:`ZarrStore.add_episode`, so the store's commit protocol holds (an interrupted copy leaves every episode it
 committed intact and readable). Episodes are copied as they are: every data key with its dtype and per-step shape,
 arrays bit-identical (NaN included), and the metadata (seed, success, task, source, backend, robot, extra).
@@ -16,12 +17,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from robot_rl.datasets.store import SOURCES, ZarrStore
+from robot_rl.datasets.store import OPTIONAL_KEYS, SOURCES, VERSION, ZarrStore
 from robot_rl.errors import ConfigError
 from robot_rl.progress import progress_bar
 
 COPIED_META = ("seed", "task", "source", "success", "backend", "robot", "extra")
-OPTIONAL_KEYS = ("human_action",)  # the store NaN-fills it for episodes without one; stores may differ on it
 
 
 def matching_episodes(store: ZarrStore, *, sources: Sequence[str] | str | None = None, success: bool | None = None,
@@ -120,6 +120,28 @@ def merge_stores(srcs: Sequence[str | os.PathLike], dst: str | os.PathLike, *, o
     _copy(out, [(s, range(s.n_episodes)) for s in stores], fill=fill, desc="merge", progress=progress)
     per = [{"store": str(s.path), "episodes": s.n_episodes, "steps": s.n_steps} for s in stores]
     return {"store": str(out.path), "episodes": out.n_episodes, "steps": out.n_steps, "per_store": per}
+
+
+def migrate_store(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
+                  progress: bool = False) -> dict[str, Any]:
+    """Write a new store at ``dst`` in the current layout (``store.VERSION``) holding every committed episode of the
+    store ``src`` (any layout this code reads, e.g. a version-1 store with one file per camera frame), in order,
+    copied exactly (module doc). ``src`` is only read and stays usable as it is (stores of every readable version
+    open, read and append without migrating); migrating gives the smaller, faster layout.
+
+    Returns:
+        ``{"store": dst, "episodes": n, "steps": n_steps, "from_version": v, "to_version": VERSION}``.
+
+    Raises:
+        ConfigError: ``src`` is not a store; ``dst`` exists without ``overwrite`` or is/contains/lies inside ``src``
+            (``dst`` is untouched then).
+    """
+    st = ZarrStore.open(src, mode="r")
+    _check_distinct([st.path], dst)
+    out = ZarrStore.create(dst, overwrite=overwrite)
+    _copy(out, [(st, range(st.n_episodes))], fill=(), desc="migrate", progress=progress)
+    return {"store": str(out.path), "episodes": out.n_episodes, "steps": out.n_steps, "from_version": st.version,
+            "to_version": VERSION}
 
 
 def _check_schemas(a: ZarrStore, b: ZarrStore) -> None:

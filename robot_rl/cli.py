@@ -330,7 +330,7 @@ def cmd_store(a):
 
     if a.action in ("import", "export"):
         return _store_convert(a)
-    if a.action in ("filter", "merge"):
+    if a.action in ("filter", "merge", "migrate"):
         return _store_tools(a)
     if a.rest:
         raise ConfigError("path", f"store {a.action} takes one path", f"use robot-rl store {a.action} PATH")
@@ -380,11 +380,18 @@ def _store_convert(a):
 
 def _store_tools(a):
     """``store filter SRC DST --sources/--tasks/--success/--seeds`` and ``store merge DST SRC...``."""
-    from robot_rl.datasets.tools import filter_store, merge_stores
+    from robot_rl.datasets.tools import filter_store, merge_stores, migrate_store
 
     if not a.rest:
-        raise ConfigError("path", "missing", "use robot-rl store filter SRC DST ... or robot-rl store merge DST SRC...")
-    if a.action == "filter":
+        raise ConfigError("path", "missing", f"use robot-rl store {a.action} " + {
+            "filter": "SRC DST ...", "merge": "DST SRC...", "migrate": "SRC DST"}[a.action])
+    if a.action == "migrate":
+        if len(a.rest) != 1:
+            raise ConfigError("dst", "one destination only", "use robot-rl store migrate SRC DST")
+        r = migrate_store(a.path, a.rest[0], overwrite=a.overwrite, progress=True)
+        print(f"migrated {r['episodes']} episodes ({r['steps']} steps) of {a.path} (layout {r['from_version']}) "
+              f"into {r['store']} (layout {r['to_version']})")
+    elif a.action == "filter":
         if len(a.rest) != 1:
             raise ConfigError("dst", "one destination only", "use robot-rl store filter SRC DST [--sources ...]")
         r = filter_store(a.path, a.rest[0], sources=a.sources, tasks=a.tasks, seed_range=tuple(a.seeds) if a.seeds
@@ -513,13 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     pp.arg("--preset", default="quick", help="quick | full (MLP BC base) | full-diffusion (Diffusion Policy base)")
     pp.arg("--out", default="runs/pipeline")
 
-    s = _Command(sub, "store", cmd_store, "inspect, validate, import, export, filter or merge zarr stores "
+    s = _Command(sub, "store", cmd_store, "inspect, validate, import, export, filter, merge or migrate zarr stores "
                                           "(formats: diffusion_policy, robomimic, lerobot, rosbag2; docs/DATASETS.md)",
                  config=False)
-    s.arg("action", choices=["info", "validate", "import", "export", "filter", "merge"])
+    s.arg("action", choices=["info", "validate", "import", "export", "filter", "merge", "migrate"])
     s.arg("path", help="the store (info, validate, export, filter), the dataset to import, or merge's new store")
-    s.arg("rest", nargs="*", metavar="PATH", help="import: the new store; export: the new dataset; filter: the new "
-                                                 "store; merge: the stores to merge, in order")
+    s.arg("rest", nargs="*", metavar="PATH", help="import: the new store; export: the new dataset; filter, migrate: "
+                                                 "the new store; merge: the stores to merge, in order")
     s.arg("--sources", nargs="+", help="filter: keep these episode sources")
     s.arg("--tasks", nargs="+", help="filter: keep these tasks")
     s.arg("--seeds", nargs=2, type=int, metavar=("LO", "HI"), help="filter: keep seeds LO <= seed < HI")

@@ -125,7 +125,7 @@ def test_missing_or_replaced_chunk_is_reported_and_never_read_as_zeros(tmp_path,
     small_store(tmp_path / "s.zarr")
     root = tmp_path / "s.zarr"
     target, array = {"delete data chunk": ("data/ee_pos/c/0/0", "data/ee_pos"),
-                     "delete meta chunk": ("meta/episode_success/c/0", "meta/episode_success"),
+                     "delete meta chunk": ("meta/episodes/c/0", "meta/episodes"),
                      "directory for chunk": ("data/cube_pos/c/0/0", "data/cube_pos")}[damage]
     (root / target).unlink()
     if damage == "directory for chunk":

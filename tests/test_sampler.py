@@ -216,3 +216,46 @@ def test_window_dataset_dataloader(store, workers):
     assert b["action"].dtype == torch.float32 and b["action"].shape == (4, 5, 7)
     assert b["joint_pos"].shape == (4, 2, 9) and b["intervention"].dtype == torch.float32
     assert b["action"][0, :, 0].tolist() == [0, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("cache", [False, True])
+@pytest.mark.parametrize("float_images", [False, True])
+def test_batch_and_getitems_equal_the_windows_one_by_one(store, cache, float_images):
+    """``SequenceSampler.batch`` (and ``WindowDataset.__getitems__``, which a DataLoader with a batch size calls)
+    give exactly the windows of ``sampler[i]``, in any order, repeats included; the DataLoader's batches too."""
+    s = SequenceSampler(store, KEYS, OBS, horizon=5, n_obs_steps=2, pad_after=2, cache_images=cache,
+                        float_images=float_images, key_first_k={"action": 4})
+    order = [6, 0, 3, 3, len(s) - 1, -1, 2]
+    b = s.batch(order)
+    for j, i in enumerate(order):
+        for k, v in s[i].items():
+            assert b[k][j].dtype == v.dtype and np.array_equal(b[k][j], v), (k, i)
+    assert b["action"].shape == (len(order), 4, 7) and s.batch([])["joint_pos"].shape == (0, 2, 9)
+    with pytest.raises(IndexError):
+        s.batch([0, len(s)])
+    ds = WindowDataset(s)
+    items = ds.__getitems__(order)
+    assert len(items) == len(order)
+    for got, i in zip(items, order):
+        want = ds[i]
+        assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=3, shuffle=False))
+    for j, batch in enumerate(batches):
+        for k in KEYS:
+            want = torch.stack([ds[i][k] for i in range(3 * j, min(3 * j + 3, len(ds)))])
+            assert torch.equal(batch[k], want), (j, k)
+
+
+def test_images_are_held_encoded_and_decoded_per_window(store, tmp_path):
+    """cache_images keeps the store's encoded frames (``nbytes`` counts them), reads without caching go to the
+    shard files per window; both equal zarr's decoding of the store."""
+    c = SequenceSampler(store, KEYS, OBS, horizon=5, n_obs_steps=2, cache_images=True)
+    d = SequenceSampler(store, KEYS, OBS, horizon=5, n_obs_steps=2, cache_images=False)
+    frames = store.frames("image_front")
+    assert c.nbytes > 0 and d.nbytes < c.nbytes  # the uncached sampler holds only the low-dim arrays
+    assert c.nbytes - d.nbytes <= frames.encoded_nbytes()  # the encoded frames, no more than their shard files
+    every = np.arange(store.n_steps)
+    np.testing.assert_array_equal(frames[every], store["image_front"][:])
+    np.testing.assert_array_equal(frames.load()[every[::-1]], store["image_front"][:][::-1])
+    for i in range(len(c)):
+        assert all(np.array_equal(c[i][k], d[i][k]) for k in KEYS)

@@ -32,6 +32,10 @@ from robot_rl.policies.normalizer import Normalizer
 from robot_rl.rl.residual import combine
 from robot_rl.serve.client import PolicyClient
 
+#: pause between backlog polls while the learner catches up: each poll is a request the server thread answers (and
+#: a GIL hand-over the learner thread pays), so poll at a fraction of an update's time, not in a busy loop
+WAIT_S = 0.02
+
 
 @dataclass
 class ActorSpec:
@@ -137,7 +141,7 @@ class SimActor:
         backlog = int(rep["backlog"])
         while backlog > self.spec.max_backlog and not self.stop_now:
             self.waits += 1
-            time.sleep(0.002)
+            time.sleep(WAIT_S)
             st = self.client.ping()["learner"]
             backlog, self.stop_now, self.explore = int(st["backlog"]), bool(st["stop"]), st["explore"]
 
