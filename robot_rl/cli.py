@@ -108,6 +108,7 @@ def cmd_train_residual(a):
 
     _one_thread()
     cfg = _resolve(a)  # checked before anything is loaded or written
+    others = _compared_curves(a.compare or [])
     out = Path(a.out)
     if a.resume:
         if cfg.algo != "td3":
@@ -131,10 +132,30 @@ def cmd_train_residual(a):
                                       checkpoint_extra={"base_checkpoint": str(a.base)})
     finally:
         w.close()
-    plot_learning_curve(curve, out / "learning_curve.png", label=f"residual {cfg.algo.upper()}")
+    plot_learning_curve(curve, out / "learning_curve.png", label=f"residual {cfg.algo.upper()}", others=others)
     best = out / "checkpoint_best"
     print(json.dumps({"checkpoint": str(out / "checkpoint"), "checkpoint_best": str(best) if best.is_dir() else None,
                       "last": curve[-1]}, indent=1))
+
+
+def _compared_curves(runs: list) -> dict:
+    """``--compare RUN ...``: {label: learning-curve rows} of earlier train-residual runs (their
+    ``learning_curve.json``; the label names the run's algo from its ``config.yaml``). Raises ConfigError naming a run
+    without a curve."""
+    import yaml
+
+    out = {}
+    for run in runs:
+        f = Path(run) / "learning_curve.json"
+        if not f.is_file():
+            raise ConfigError("compare", f"{run} has no learning_curve.json", "pass a train-residual output directory")
+        algo = "residual"
+        for cfg_file in (Path(run) / "config.yaml", Path(run).parent / "config.yaml"):  # a run, or a --train-seeds seed
+            if cfg_file.is_file():
+                algo = f"residual {str((yaml.safe_load(cfg_file.read_text()) or {}).get('algo', '')).upper()}".strip()
+                break
+        out[f"{algo} ({Path(run).name})"] = json.loads(f.read_text())
+    return out
 
 
 def _apart(out: Path, store, flag: str) -> None:
@@ -476,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
      .arg("--demos", metavar="STORE", help="td3: zarr store of demonstrations for the demo half of the replay "
                                            "(relabelled with the base's actions; RLPD 50/50 sampling)")
      .arg("--resume", action="store_true", help="td3: continue the run saved in --out/state")
+     .arg("--compare", nargs="+", metavar="RUN", help="overlay these earlier runs' learning curves (e.g. a PPO run "
+                                                    "on the same base) in learning_curve.png")
      .arg("--train-seeds", type=int, metavar="N", help="train N seeds (--seed, +1, ...) into --out/seed_S, evaluate "
                                                       "each and the base on the same held-out seeds (eval.*) and "
                                                       "report per-seed Wilson intervals, paired tests against the "

@@ -73,12 +73,14 @@ def test_train_residual_td3_with_demos_and_resume(tiny_run, tmp_path):
     meta = json.loads((out / "checkpoint" / "config.json").read_text())
     assert meta["config"]["head"] == "tanh" and meta["extra"]["algo"] == "td3"
     assert (out / "state" / "model.safetensors").exists() and (out / "checkpoint_best").is_dir()
-    r = run(*args[:-2 * len(sets)], *[a for s in sets for a in ("--set", s.replace("=300", "=500"))], "--resume")
+    r = run(*args[:-2 * len(sets)], *[a for s in sets for a in ("--set", s.replace("=300", "=500"))], "--resume",
+            "--compare", tiny_run / "residual")  # the tiny pipeline's PPO curve overlaid in learning_curve.png
     assert r.returncode == 0, r.stderr[-3000:]
     curve = json.loads((out / "learning_curve.json").read_text())
     assert [row["env_steps"] for row in curve] == [100, 200, 300, 400, 500] and curve[-1]["updates"] == 40
     _one_line_error(run("train-residual", "--algo", "ppo", "--base", tiny_run / "base" / "checkpoint", "--out", out,
                         "--resume"), "resume")
+    _one_line_error(run(*args, "--compare", tmp_path / "nothing"), "compare")  # checked before anything is trained
     _one_line_error(run("train-residual", "--algo", "td3", "--base", tiny_run / "base" / "checkpoint", "--out",
                         tmp_path / "x", "--set", "residual.head=gaussian"), "residual.head")
 
