@@ -96,6 +96,8 @@ from robot_rl.errors import ConfigError
 FORMAT, VERSION = "robot_rl.datasets.store", 2  # VERSION: the layout new stores get; READABLE: what opens and appends
 READABLE = (1, 2)
 SOURCES = ("scripted", "teleop", "policy", "intervention")
+#: the per-episode metadata ``add_episode`` takes as keywords (and ``episode_meta`` returns, with more)
+META_FIELDS = ("seed", "task", "source", "success", "backend", "robot", "extra")
 META_NUM = {"episode_seed": np.int64, "episode_success": np.bool_, "episode_length": np.int64}
 META_STR = ("episode_task", "episode_source", "episode_backend", "episode_robot", "episode_extra")
 META_ROW = "episodes"  # version 2: meta/episodes, one JSON object per episode (module doc)

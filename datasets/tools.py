@@ -17,11 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from robot_rl.datasets.store import OPTIONAL_KEYS, SOURCES, VERSION, ZarrStore
+from robot_rl.datasets.store import META_FIELDS, OPTIONAL_KEYS, SOURCES, VERSION, ZarrStore
 from robot_rl.errors import ConfigError
 from robot_rl.progress import progress_bar
-
-COPIED_META = ("seed", "task", "source", "success", "backend", "robot", "extra")
 
 
 def matching_episodes(store: ZarrStore, *, sources: Sequence[str] | str | None = None, success: bool | None = None,
@@ -185,7 +183,7 @@ def _copy(out: ZarrStore, plan: list[tuple[ZarrStore, Sequence[int]]], fill: tup
                 for k in fill:
                     if k not in data:
                         data[k] = np.full(data["action"].shape, np.nan, np.float32)
-                out.add_episode(data, **{k: metas[int(i)][k] for k in COPIED_META})
+                out.add_episode(data, **{k: metas[int(i)][k] for k in META_FIELDS})
                 bar.update(1)
     finally:
         bar.close()

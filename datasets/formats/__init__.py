@@ -30,11 +30,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from robot_rl.datasets.store import SOURCES, ZarrStore
+from robot_rl.datasets.store import META_FIELDS, SOURCES, ZarrStore
 from robot_rl.errors import ConfigError
 
 FORMATS = ("diffusion_policy", "robomimic", "lerobot", "rosbag2")
-META_FIELDS = ("seed", "task", "source", "success", "backend", "robot", "extra")
 
 
 @dataclass

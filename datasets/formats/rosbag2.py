@@ -88,11 +88,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from robot_rl.datasets.formats import META_FIELDS, Episode, parse_key_map
+from robot_rl.envs.env import ACTION_NAMES, action_by_name
 from robot_rl.datasets.store import is_image
 from robot_rl.errors import ConfigError
 
 ACTION_TOPIC = "/arm_bridge/action"
-ACTION_NAMES = ("ee_dx", "ee_dy", "ee_dz", "ee_dyaw", "gripper")  # = robot_rl.ros.common.ACTION_NAMES (a test checks)
 INTERVENTION_TOPIC = "/robot_rl/intervention"
 HUMAN_ACTION_TOPIC = "/robot_rl/human_action"
 EPISODE_TOPIC = "/robot_rl/episode"
@@ -139,14 +139,9 @@ def action_array(msg, msgtype: str) -> np.ndarray:
     """float64 (A,) action of an action message (see the module doc). Raises ConfigError for a JointState whose
     names miss one of ``ACTION_NAMES`` or disagree with its positions, or an empty action; NaN/inf pass through."""
     if msgtype == JOINT_STATE:
-        pos = np.asarray(msg.position, dtype=np.float64).reshape(-1)
         if len(msg.name):
-            idx = {n: i for i, n in enumerate(msg.name)}
-            missing = [n for n in ACTION_NAMES if n not in idx]
-            if missing or len(pos) != len(msg.name):
-                raise ConfigError("action.name", f"missing {missing} or {len(pos)} positions for {len(msg.name)} "
-                                  "names", f"send name={list(ACTION_NAMES)} with one position each")
-            return pos[[idx[n] for n in ACTION_NAMES]]
+            return action_by_name(msg.name, msg.position)
+        pos = np.asarray(msg.position, dtype=np.float64).reshape(-1)
     else:
         pos = np.asarray(msg.data, dtype=np.float64).reshape(-1)
     if pos.size == 0:

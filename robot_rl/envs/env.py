@@ -28,6 +28,22 @@ from robot_rl.robot.scene import SceneSpec
 from robot_rl.envs.tasks import Task, canonical_quat, is_real, make_task
 
 ROBOT_OBS_DIMS = {"joint_pos": 7, "joint_vel": 7, "ee_pos": 3, "ee_quat": 4, "gripper_width": 1}
+#: the components of the env's 5-D action, in order (also the names of a ROS 2 action message)
+ACTION_NAMES = ("ee_dx", "ee_dy", "ee_dz", "ee_dyaw", "gripper")
+
+
+def action_by_name(names, positions) -> np.ndarray:
+    """float64 (5,) action in :data:`ACTION_NAMES` order from named components in any order (``names[i]`` names
+    ``positions[i]``, as in a ``sensor_msgs/JointState`` action message). NaN/inf pass through (the receiver decides).
+    Raises ConfigError (field ``action.name``) for a missing component or names and positions of different lengths.
+    """
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1)
+    idx = {n: i for i, n in enumerate(names)}
+    missing = [n for n in ACTION_NAMES if n not in idx]
+    if missing or len(pos) != len(names):
+        raise ConfigError("action.name", f"missing {missing} or {len(pos)} positions for {len(names)} names",
+                          f"send name={list(ACTION_NAMES)} with one position each")
+    return pos[[idx[n] for n in ACTION_NAMES]]
 
 
 class ResetNeeded(ConfigError, gym.error.ResetNeeded):

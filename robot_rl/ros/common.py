@@ -33,9 +33,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the [ros] 
     raise ConfigError("ros", f"ROS 2 Python packages are not installed ({e})",
                       "pip install -e '.[ros]' (rclpy + Fast DDS wheels, no ROS install needed)") from None
 
+from robot_rl.envs.env import ACTION_NAMES, action_by_name
 from robot_rl.errors import ConfigError
 
-ACTION_NAMES = ("ee_dx", "ee_dy", "ee_dz", "ee_dyaw", "gripper")
 
 #: cameras: best effort, keep last 5 (rclpy's qos_profile_sensor_data)
 SENSOR_QOS = qos_profile_sensor_data
@@ -125,14 +125,9 @@ def action_to_msg(action, stamp) -> JointState:
 def msg_to_action(m: JointState) -> np.ndarray:
     """The 5-D action of an action message, in ACTION_NAMES order (reordered by name when names are given).
     Raises ConfigError for missing fields; NaN/inf pass through (the receiver decides to reject them)."""
-    pos = np.asarray(m.position, dtype=np.float64)
     if len(m.name):
-        idx = {n: i for i, n in enumerate(m.name)}
-        missing = [n for n in ACTION_NAMES if n not in idx]
-        if missing or len(pos) != len(m.name):
-            raise ConfigError("action.name", f"missing {missing} or {len(pos)} positions for {len(m.name)} names",
-                              f"send name={list(ACTION_NAMES)} with one position each")
-        return pos[[idx[n] for n in ACTION_NAMES]]
+        return action_by_name(m.name, m.position)
+    pos = np.asarray(m.position, dtype=np.float64)
     if pos.shape != (5,):
         raise ConfigError("action.position", f"{pos.size} values, expected 5", f"send {list(ACTION_NAMES)}")
     return pos
