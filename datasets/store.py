@@ -82,6 +82,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from robot_rl.datasets.zarrio import AppendWriter, ArrayFiles, FrameReader, Unsupported, single_threaded_blosc
+from robot_rl.datasets.zarrio import (LOCAL, AppendWriter, ArrayFiles, FrameReader, LocalFiles, RemoteFiles, RemotePath,
+                                      Unsupported, single_threaded_blosc)
 from robot_rl.errors import ConfigError
 
 FORMAT, VERSION = "robot_rl.datasets.store", 2  # VERSION: the layout new stores get; READABLE: what opens and appends
@@ -105,6 +107,7 @@ ROW_FIELDS = {"seed": int, "success": bool, "length": int, "task": str, "source"
               "extra": dict}
 META_CHUNK, TIME_CHUNK, MAX_CHUNK_BYTES = 1024, 1024, 4 << 20
 _FIX_CREATE = "create it with `robot-rl collect` (or ZarrStore.create(path)) first"
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")  # a URL's scheme (is_url)
 LOCK_NAME = ".writer.lock"  # inside the store directory; never deleted (a deleted lock file would let two in)
 LOCK_TIMEOUT_S = 120.0  # longest wait for another writer's create / repair / commit
 COMPLETE_ATTR = "chunks_complete"  # group attr: every chunk of the committed steps was written (see module doc)
@@ -208,8 +211,8 @@ class ChunkCheck:
     file is replaced atomically by one that keeps them).
     """
 
-    def __init__(self, root_dir: Path, array: zarr.Array, strict: bool):
-        self.dir, self.array, self.strict = Path(root_dir) / array.path, array, strict
+    def __init__(self, root_dir, array: zarr.Array, strict: bool, io: LocalFiles | RemoteFiles = LOCAL):
+        self.dir, self.array, self.strict, self.io = root_dir / array.path, array, strict, io
         shards = getattr(array, "shards", None) if array.ndim else None
         self.sharded = bool(shards)
         self.rows = int(shards[0]) if shards else int(array.chunks[0]) if array.ndim else 1
@@ -228,13 +231,14 @@ class ChunkCheck:
             if self._ok.get(i, 0) >= need:
                 continue
             p = self.dir / self.array.metadata.encode_chunk_key((i, *tail))
-            if p.is_file():
+            kind = self.io.kind(p)
+            if kind == "file":
                 what = self._inner(p, need) if self.sharded and self.strict else None
                 if what is None:
                     self._ok[i] = need
                 else:
                     out.append((i, what))
-            elif os.path.lexists(p):
+            elif kind is not None:
                 out.append((i, "is not a regular file"))
             elif self.strict:
                 out.append((i, "is missing"))
@@ -244,16 +248,18 @@ class ChunkCheck:
                 break
         return out
 
-    def _inner(self, path: Path, need: int) -> str | None:
+    def _inner(self, path, need: int) -> str | None:
         """None when the shard at ``path`` lists an inner chunk for each of its first ``need`` rows, else what is
         wrong."""
         try:
             if self._files is None:
-                self._files = ArrayFiles.load(self.dir)
+                self._files = ArrayFiles.load(self.dir, self.io)
             f = self._files
-            with open(path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                index = f.read_index(fh.fileno(), size)
+            h = self.io.open(path)
+            try:
+                index = f.read_index(h)
+            finally:
+                h.close()
         except Unsupported:
             return None  # a layout zarrio does not parse: zarr's own read reports what it cannot decode
         except (OSError, ValueError) as e:
@@ -286,13 +292,13 @@ class ZarrStore:
     """A demonstration store on disk. Build with :meth:`create` or :meth:`open`, not the constructor.
 
     Attributes:
-        path: store directory.
+        path: store directory (``Path``), or the URL of a remote store (``str``; read-only, see :meth:`open`).
         mode: ``"r"`` (read-only) or ``"a"`` (append; a torn tail was repaired at open).
         version: the store's layout, 1 or 2 (module doc); appends keep it.
     """
 
-    def __init__(self, path: Path, group: zarr.Group, mode: str):
-        self.path, self._root, self.mode = path, group, mode
+    def __init__(self, where: "_Where", group: zarr.Group, mode: str):
+        self._where, self.path, self._root, self.mode = where, where.path, group, mode
         self._writers: dict[str, AppendWriter] = {}
         self.refresh()
 
@@ -309,7 +315,7 @@ class ZarrStore:
         """
         if version not in READABLE or isinstance(version, bool):
             raise ConfigError("version", f"{version!r} is not a store layout version", f"use one of {READABLE}")
-        return cls._create(Path(path), overwrite, append=False, version=version)
+        return cls._create(_local(path), overwrite, append=False, version=version)
 
     @classmethod
     def _create(cls, path: Path, overwrite: bool, append: bool, version: int = VERSION) -> "ZarrStore":
@@ -365,7 +371,7 @@ class ZarrStore:
             meta.create_array(META_ROW, shape=(0,), dtype=str, chunks=(META_CHUNK,))
         # the format attrs LAST: a directory is a store (_is_store) only once every array of it exists
         root.attrs.update({"format": FORMAT, "version": version, "schema": {}, COMPLETE_ATTR: True})
-        return cls(path, root, "a")
+        return cls(_where(path), root, "a")
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike, overwrite: bool = False) -> "ZarrStore":
@@ -373,7 +379,7 @@ class ZarrStore:
         with ``overwrite``, replaced: see :meth:`create`). Safe when several processes do this at once (one
         creates, the others append). Raises ConfigError as :meth:`open` / :meth:`create`; a non-empty directory
         that is not a store is refused, naming what it holds."""
-        path = Path(path)
+        path = _local(path)
         if path.is_dir() and not overwrite and _is_store(path):
             return cls.open(path, mode="a")
         held = [e.name for e in path.iterdir() if e.name != LOCK_NAME] if path.is_dir() else []
@@ -391,14 +397,15 @@ class ZarrStore:
         """
         if mode not in ("r", "a"):
             raise ConfigError("mode", f"{mode!r} is not a store mode", "use 'r' (read) or 'a' (append)")
-        path = _existing_store(path)
+        where = _existing_store(path, mode)
+        path = where.path
         try:
-            root = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+            root = zarr.open_group(where.zarr, mode="r" if mode == "r" else "r+")
             version = root.attrs.get("version")
             if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE:
                 raise ConfigError("path", f"{path} has store version {version!r}; this code reads versions "
                                   f"{READABLE}", "upgrade robot_rl")
-            store = cls(path, root, mode)
+            store = cls(where, root, mode)
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged store, said in one line
@@ -411,9 +418,10 @@ class ZarrStore:
 
     def refresh(self) -> None:
         """Re-read the commit marker and reopen arrays (shows episodes committed by another process since open)."""
-        root = zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+")
+        w = self._where
+        root = zarr.open_group(w.zarr, mode="r" if self.mode == "r" else "r+")
         ends = root["meta/episode_ends"]
-        ChunkCheck(self.path, ends, strict=True).require(0, ends.shape[0] - 1)  # all but a torn last entry
+        ChunkCheck(w.dir, ends, True, w.io).require(0, ends.shape[0] - 1)  # all but a torn last entry
         raw = np.asarray(ends[:], dtype=np.int64)  # the commit marker is read FIRST
         self._ends = raw[: _committed_prefix(raw)]
         self._open_arrays(root)
@@ -436,7 +444,7 @@ class ZarrStore:
         """Reopen the zarr arrays after this object wrote files directly (their cached shapes are old); the commit
         this object knows stays."""
         if self._stale:
-            self._open_arrays(zarr.open_group(str(self.path), mode="r" if self.mode == "r" else "r+"))
+            self._open_arrays(zarr.open_group(self._where.zarr, mode="r" if self.mode == "r" else "r+"))
 
     # ------------------------------------------------------------------ read
     @property
@@ -487,7 +495,7 @@ class ZarrStore:
         if key not in self._data:
             raise ConfigError("key", f"{key!r} is not in the store", f"use one of {self.keys}")
         try:
-            files = ArrayFiles.load(self.path / "data" / key)
+            files = ArrayFiles.load(self._where.dir / "data" / key, self._where.io)
             return FrameReader(files, self.n_steps, self._strict, f"data/{key}")
         except Unsupported:
             return None
@@ -544,7 +552,7 @@ class ZarrStore:
 
     def _chunk_check(self, arr: zarr.Array) -> ChunkCheck:
         if arr.path not in self._chunks:
-            self._chunks[arr.path] = ChunkCheck(self.path, arr, self._strict)
+            self._chunks[arr.path] = ChunkCheck(self._where.dir, arr, self._strict, self._where.io)
         return self._chunks[arr.path]
 
     def _check_episode(self, i: int) -> int:
@@ -771,7 +779,7 @@ class ZarrStore:
     def info(self) -> dict[str, Any]:
         """Summary: path, version (layout), episodes, steps, keys ({key: {dtype, shape}}), success_rate (None when
         empty), successes (count), sources / tasks / backends (episode counts), by_source / by_task ({name:
-        {"episodes": n, "successes": k}}), size_bytes (on disk)."""
+        {"episodes": n, "successes": k}}), size_bytes (on disk; None for a remote store that cannot be listed)."""
         meta = self.episodes_meta()
 
         def tally(field: str) -> dict[str, dict[str, int]]:
@@ -790,17 +798,22 @@ class ZarrStore:
                 "tasks": dict(Counter(m["task"] for m in meta)),
                 "backends": dict(Counter(m["backend"] for m in meta)),
                 "by_source": tally("source"), "by_task": tally("task"),
-                "size_bytes": sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())}
+                "size_bytes": self._size()}
+
+    def _size(self) -> int | None:
+        """Bytes of the store's files; None where the filesystem cannot list them (plain HTTP)."""
+        files = self._where.io.walk(self._where.dir)
+        return sum(size for _, size in files) if files or not self._where.io.remote else None
 
 
 def validate_store(path: str | os.PathLike) -> list[str]:
     """Check a store on disk without opening it for use (so that damage is reported, not raised); return
     problems, each prefixed ``"error: "`` or ``"warning: "`` (empty = healthy). See :meth:`ZarrStore.validate`;
     every data chunk of the committed steps is also read and decoded."""
-    path = _existing_store(path)
+    where = _existing_store(path)
     out: list[str] = []
     try:
-        root = zarr.open_group(str(path), mode="r")
+        root = zarr.open_group(where.zarr, mode="r")
         version = root.attrs.get("version")
         if root.attrs.get("format") != FORMAT or isinstance(version, bool) or version not in READABLE:
             out.append(f"error: group attrs format/version are {root.attrs.get('format')!r}/{root.attrs.get('version')!r}")
@@ -843,7 +856,7 @@ def validate_store(path: str | os.PathLike) -> list[str]:
                 out.append(f"error: data/{k} has {arr.shape[0]} steps, {N} are committed")
             elif arr.shape[0] > N and version == 1:
                 out.append(f"warning: torn tail: data/{k} has {arr.shape[0] - N} uncommitted steps")
-        partial = sorted(p.relative_to(path).as_posix() for p in path.rglob("*.partial"))
+        partial = sorted(name for name, _ in where.io.walk(where.dir) if name.endswith(".partial"))
         if partial:
             out.append(f"warning: torn tail: {len(partial)} temp file(s) of an interrupted write ({_listing(partial)})")
         if E and all(k in root["meta"] for k in fields) and root["meta"][fields[0]].shape[0] >= E:
@@ -883,7 +896,7 @@ def validate_store(path: str | os.PathLike) -> list[str]:
                if k in root["meta"]]
     checks += [(root["data"][k], min(N, root["data"][k].shape[0]), strict) for k in schema if k in root["data"]]
     for arr, n, strict_k in checks:
-        problem = ChunkCheck(path, arr, strict_k).describe(0, n)
+        problem = ChunkCheck(where.dir, arr, strict_k, where.io).describe(0, n)
         if problem:
             out.append(f"error: {arr.path}: {problem}")
     for k in schema:
@@ -900,15 +913,68 @@ def validate_store(path: str | os.PathLike) -> list[str]:
 
 
 
-def _existing_store(path: str | os.PathLike) -> Path:
-    """``path`` as a Path, or ConfigError when it does not exist or is not a robot_rl store."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError("path", f"store {path} does not exist", _FIX_CREATE)
-    if not _is_store(path):
-        raise ConfigError("path", f"{path} is not a robot_rl store (no zarr group with format={FORMAT!r})",
+@dataclass(frozen=True)
+class _Where:
+    """Where a store lives: ``path`` as the user named it (``Path``, or the URL), ``dir`` the root as ``io`` paths,
+    ``io`` the file access (:class:`LocalFiles` / :class:`RemoteFiles`), ``zarr`` what ``zarr.open_group`` takes."""
+    path: Path | str
+    dir: Path | RemotePath
+    io: LocalFiles | RemoteFiles
+    zarr: Any
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for a remote store URL (``s3://``, ``gs://``, ``http(s)://``, ``memory://``...; not ``file://``)."""
+    m = _URL.match(str(path)) if isinstance(path, str) else None
+    return bool(m) and m.group(1).lower() != "file"
+
+
+def _where(path: str | os.PathLike) -> _Where:
+    if not is_url(path):
+        p = Path(str(path)[len("file://"):] if str(path).startswith("file://") else path)
+        return _Where(p, p, LOCAL, str(p))
+    url = str(path).rstrip("/")
+    try:
+        import fsspec
+        fs, root = fsspec.core.url_to_fs(url)
+        store = zarr.storage.FsspecStore.from_url(url, read_only=True)
+    except (ImportError, ValueError) as e:  # unknown protocol, or its filesystem package is not installed
+        raise ConfigError("path", f"cannot open {url} ({_first_line(e)})",
+                          "install the filesystem for the URL's scheme (`pip install robot_rl[remote]` gives s3fs, "
+                          "gcsfs and aiohttp), or copy the store to a local directory") from None
+    return _Where(url, RemotePath(root), RemoteFiles(fs), store)
+
+
+def _local(path: str | os.PathLike) -> Path:
+    """``path`` as a local directory to write; ConfigError for a remote URL (remote stores are read-only)."""
+    where = _where(path) if not is_url(path) else None
+    if where is None:
+        raise ConfigError("path", f"{path} is remote; remote stores are read-only",
+                          "write to a local store, then upload it (e.g. `aws s3 sync DIR s3://...`)")
+    return where.path
+
+
+def _existing_store(path: str | os.PathLike, mode: str = "r") -> _Where:
+    """Where the store at ``path`` (a directory or a URL) lives; ConfigError when it does not exist or is not a
+    robot_rl store, or when a remote store is to be written (``mode="a"``)."""
+    where = _where(path)
+    if where.io.remote:
+        if mode != "r":
+            _local(path)  # raises
+        try:
+            where.io.read(where.dir / "zarr.json")
+        except FileNotFoundError:
+            raise ConfigError("path", f"no store at {where.path} (no zarr.json there)", _FIX_CREATE) from None
+        except Exception as e:  # noqa: BLE001 - network, credentials, endpoint: said in one line
+            raise ConfigError("path", f"{where.path} cannot be read ({_first_line(e)})",
+                              "check the URL and the credentials / endpoint fsspec uses (for S3: AWS_ACCESS_KEY_ID, "
+                              "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)") from None
+    elif not where.path.exists():
+        raise ConfigError("path", f"store {where.path} does not exist", _FIX_CREATE)
+    if not _is_store(where.dir, where.io):
+        raise ConfigError("path", f"{where.path} is not a robot_rl store (no zarr group with format={FORMAT!r})",
                           f"point at a store directory; {_FIX_CREATE}")
-    return path
+    return where
 
 
 def _first_line(e: BaseException) -> str:
@@ -927,12 +993,13 @@ def format_info(info: dict[str, Any]) -> str:
     task, episode counts per backend, and the keys."""
     rate = "n/a" if info["success_rate"] is None else f"{100 * info['success_rate']:.1f}%"
     counts = lambda d: ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
-    size = next(f"{info['size_bytes'] / 2**e:.1f} {u}" for e, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
-                if info["size_bytes"] >= 2**e or e == 0)
+    size = "size unknown" if info["size_bytes"] is None else next(
+        f"{info['size_bytes'] / 2**e:.1f} {u} on disk" for e, u in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
+        if info["size_bytes"] >= 2**e or e == 0)
     total = f" ({info['successes']}/{info['episodes']})" if "successes" in info and info["episodes"] else ""
     layout = f" (layout {info['version']})" if "version" in info else ""
     lines = [f"store    {info['path']}{layout}",
-             f"         {info['episodes']} episodes, {info['steps']} steps, success {rate}{total}, {size} on disk"]
+             f"         {info['episodes']} episodes, {info['steps']} steps, success {rate}{total}, {size}"]
     for label, by, plain in (("sources", "by_source", "sources"), ("tasks", "by_task", "tasks")):
         rows = info.get(by)
         if not rows:
@@ -1007,9 +1074,9 @@ def _listing(names, most: int = 5) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def _is_store(path: Path) -> bool:
+def _is_store(path, io: LocalFiles | RemoteFiles = LOCAL) -> bool:
     try:
-        attrs = json.loads((path / "zarr.json").read_text())
+        attrs = json.loads(io.read(path / "zarr.json"))
     except (OSError, ValueError):
         return False
     return isinstance(attrs, dict) and attrs.get("node_type") == "group" and \

@@ -19,6 +19,11 @@ arrays it created itself, in the zarr v3 format that zarr reads back:
   version of the shard file (identified by inode, size and mtime). :meth:`FrameReader.load` keeps the encoded frames
   of the committed rows in memory (:class:`FrameCache`): the size of the store's frames, decoded per window.
 
+Files are reached through a :class:`LocalFiles` (``os`` calls, one ``pread`` per frame on an open descriptor) or a
+:class:`RemoteFiles` (any fsspec filesystem: ``s3://``, ``gs://``, ``http(s)://``; one ranged read per frame, one
+whole-file read per shard in :meth:`FrameReader.load`): both read the same paths (``Path`` locally, ``PurePosixPath``
+inside the remote filesystem, a :class:`RemotePath`). Writes are local only.
+
 Shard file (zarr v3 ``sharding_indexed``, index at the end): the encoded inner chunks, then the index, uint64
 little-endian ``(chunks_per_shard..., 2)`` = (offset, nbytes) per inner chunk (2**64-1 twice: absent), followed by
 its CRC32C (4 bytes, little-endian). Blosc calls run single-threaded (``numcodecs.blosc.use_threads = False`` around
@@ -77,6 +82,121 @@ def atomic_write(path: Path, data, mkdir: bool = True) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class NotRegularFile(OSError):
+    """The path exists but is not a regular file (a directory, a device...)."""
+
+
+class _LocalHandle:
+    def __init__(self, fd: int, st: os.stat_result):
+        self.fd, self.size, self.ident = fd, st.st_size, (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return os.pread(self.fd, n, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class LocalFiles:
+    """Read access to files on this machine (paths are ``Path``)."""
+
+    remote = False
+
+    def kind(self, path) -> str | None:
+        """``"file"`` (a regular file, links followed), ``"other"`` (exists, not a regular file) or None (absent)."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return "other" if os.path.lexists(path) else None
+        return "file" if stat.S_ISREG(st.st_mode) else "other"
+
+    def read(self, path) -> bytes:
+        """The whole file. Raises FileNotFoundError, or OSError (e.g. a directory)."""
+        return Path(path).read_bytes()
+
+    def size(self, path) -> int:
+        return os.stat(path).st_size
+
+    def open(self, path) -> _LocalHandle:
+        """A handle with ``size``, ``ident`` (changes when the file is replaced) and ``pread(n, offset)``; close it.
+        Raises FileNotFoundError, NotRegularFile, or OSError."""
+        fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise NotRegularFile(str(path))
+        return _LocalHandle(fd, st)
+
+    def walk(self, root) -> list[tuple[str, int]]:
+        """``[(path relative to root, size), ...]`` of every file below ``root``."""
+        root = Path(root)
+        return [(p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file()]
+
+
+class _RemoteHandle:
+    def __init__(self, fs, path: str, info: dict):
+        self.fs, self.path, self.size = fs, path, int(info["size"])
+        self.ident = (info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified"), self.size)
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return self.fs.cat_file(self.path, start=offset, end=offset + n)
+
+    def close(self) -> None:
+        pass
+
+
+class RemotePath(str):
+    """A path inside a remote filesystem (a key, or a whole URL for HTTP); ``/`` joins with one slash and keeps a
+    URL's ``//`` (``PurePosixPath`` would fold it)."""
+
+    def __truediv__(self, other) -> "RemotePath":
+        return RemotePath(self.rstrip("/") + "/" + str(other).lstrip("/"))
+
+
+class RemoteFiles:
+    """Read access to files of an fsspec filesystem (paths are :class:`RemotePath` in it): S3 (s3fs), GCS
+    (gcsfs), HTTP(S) (aiohttp), ``memory://``... Credentials and endpoints come from fsspec's usual sources (the
+    filesystem's environment variables, e.g. ``AWS_ENDPOINT_URL`` / ``AWS_ACCESS_KEY_ID``, or ``FSSPEC_<PROTOCOL>_*``
+    options)."""
+
+    remote = True
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def _info(self, path) -> dict:
+        return self.fs.info(str(path))
+
+    def kind(self, path) -> str | None:
+        try:
+            return "file" if self._info(path)["type"] == "file" else "other"
+        except FileNotFoundError:
+            return None
+
+    def read(self, path) -> bytes:
+        if self._info(path)["type"] != "file":
+            raise NotRegularFile(str(path))
+        return self.fs.cat_file(str(path))
+
+    def size(self, path) -> int:
+        return int(self._info(path)["size"])
+
+    def open(self, path) -> _RemoteHandle:
+        info = self._info(path)
+        if info["type"] != "file":
+            raise NotRegularFile(str(path))
+        return _RemoteHandle(self.fs, str(path), info)
+
+    def walk(self, root) -> list[tuple[str, int]]:
+        root = str(root).rstrip("/")
+        found = self.fs.find(root, detail=True)
+        return [(k[len(root) + 1:] if k.startswith(root + "/") else k, int(v.get("size") or 0))
+                for k, v in found.items() if v.get("type") == "file"]
+
+
+LOCAL = LocalFiles()
 
 
 def _fill_value(value: Any, dtype: np.dtype) -> Any:
@@ -177,7 +297,8 @@ class ArrayFiles:
     """The files of one zarr v3 array of a local directory store, from its ``zarr.json``.
 
     Attributes:
-        dir: array directory; doc: the parsed ``zarr.json``; shape, dtype (numpy; ``object`` for strings), fill.
+        dir: array directory (``Path``, or a :class:`RemotePath` in ``io``'s filesystem); io: :class:`LocalFiles` or
+        :class:`RemoteFiles`; doc: the parsed ``zarr.json``; shape, dtype (numpy; ``object`` for strings), fill.
         file_rows: rows per chunk file (the shard's rows when sharded); inner_rows: rows per (inner) chunk.
         sharded: bool; n_inner: inner chunks per shard (1 when not sharded).
 
@@ -185,8 +306,8 @@ class ArrayFiles:
         Unsupported: a layout or codec not handled here (chunks that split a non-time axis, a transpose codec...).
     """
 
-    def __init__(self, array_dir: Path, doc: dict):
-        self.dir, self.doc = Path(array_dir), doc
+    def __init__(self, array_dir, doc: dict, io: "LocalFiles | RemoteFiles" = LOCAL):
+        self.dir, self.doc, self.io = array_dir if io.remote else Path(array_dir), doc, io
         if doc.get("zarr_format") != 3 or doc.get("node_type") != "array":
             raise Unsupported("not a zarr v3 array")
         dt = doc["data_type"]
@@ -228,15 +349,16 @@ class ArrayFiles:
             self.chain = _Chain(codecs, self.dtype, chunk)
 
     @classmethod
-    def load(cls, array_dir: Path) -> "ArrayFiles":
+    def load(cls, array_dir, io: "LocalFiles | RemoteFiles" = LOCAL) -> "ArrayFiles":
         """Parse ``array_dir/zarr.json``. Raises OSError / ValueError (unreadable) or Unsupported."""
-        return cls(array_dir, json.loads((Path(array_dir) / "zarr.json").read_text()))
+        return cls(array_dir, json.loads(io.read(array_dir / "zarr.json")), io)
 
     def key(self, i: int) -> str:
         """Relative key of chunk (or shard) file ``i`` along the time axis (e.g. ``c/3/0/0/0``)."""
         return "c" + self._sep + self._sep.join(str(c) for c in (i, *self._tail))
 
-    def file(self, i: int) -> Path:
+    def file(self, i: int):
+        """Path of chunk (or shard) file ``i`` (in ``io``)."""
         return self.dir / self.key(i)
 
     def with_shape(self, n: int) -> dict:
@@ -268,10 +390,10 @@ class ArrayFiles:
                 raise ValueError("shard index points outside the shard")
         return index
 
-    def read_index(self, fd: int, file_size: int) -> np.ndarray:
-        """The index of the open shard file ``fd`` (see :meth:`parse_index`)."""
-        at = file_size - self.index_nbytes if self.index_at_end else 0
-        return self.parse_index(os.pread(fd, self.index_nbytes, max(at, 0)) if at >= 0 else b"", file_size)
+    def read_index(self, handle) -> np.ndarray:
+        """The index of the shard open as ``handle`` (``io.open``; see :meth:`parse_index`)."""
+        at = handle.size - self.index_nbytes if self.index_at_end else 0
+        return self.parse_index(handle.pread(self.index_nbytes, max(at, 0)) if at >= 0 else b"", handle.size)
 
     def build_shard(self, prefix: bytes, entries: list[tuple[int, int]], new: list[bytes]) -> bytes:
         """Shard bytes (index at the end): ``prefix`` (kept verbatim, so the ``entries`` (offset, nbytes) of the first
@@ -405,7 +527,8 @@ class AppendWriter:
 
 
 class FrameReader:
-    """Rows of an array whose (inner) chunks hold one row each, read from disk without zarr (module doc).
+    """Rows of an array whose (inner) chunks hold one row each, read from its files (local or remote) without zarr
+    (module doc).
 
     ``reader[idx]`` (idx: int array of rows ``< n``) returns ``(len(idx), *shape)`` in the array's dtype; repeated
     consecutive rows (edge padding) are decoded once. A missing chunk or shard file, or an absent inner chunk, of a
@@ -421,7 +544,7 @@ class FrameReader:
             raise Unsupported("frames need one row per (inner) chunk")
         self.files, self.n, self.strict, self.name = files, int(n), strict, name
         self.shape, self.dtype = files.shape[1:], files.dtype
-        self._index: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
+        self._index: dict[int, tuple[tuple, np.ndarray]] = {}  # file -> (ident, index)
 
     def __len__(self) -> int:
         return self.n
@@ -446,9 +569,8 @@ class FrameReader:
 
     def _read_file(self, k: int, rows: np.ndarray, out: np.ndarray) -> None:
         f = self.files
-        path = f.file(k)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            h = f.io.open(f.file(k))
         except FileNotFoundError:
             if self.strict:
                 raise self._error(k, "is missing; it would read as the fill value") from None
@@ -457,11 +579,8 @@ class FrameReader:
         except OSError:
             raise self._error(k, "is not a regular file") from None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise self._error(k, "is not a regular file")
             if f.sharded:
-                index = self._shard_index(k, fd, st)
+                index = self._shard_index(k, h)
             prev = -1
             for j, row in enumerate(rows):
                 row = int(row)
@@ -476,26 +595,25 @@ class FrameReader:
                             raise self._error(k, f"lacks row {row}; it would read as the fill value")
                         out[j] = f.fill
                         continue
-                    data = os.pread(fd, int(size), int(off))
+                    data = h.pread(int(size), int(off))
                 else:
-                    data = os.pread(fd, st.st_size, 0)
+                    data = h.pread(h.size, 0)
                 try:
                     f.chain.decode(data, out=out[j])
                 except Exception as e:  # noqa: BLE001 - damaged bytes
                     raise self._error(k, f"cannot be decoded at row {row} ({type(e).__name__})") from None
         finally:
-            os.close(fd)
+            h.close()
 
-    def _shard_index(self, k: int, fd: int, st: os.stat_result) -> np.ndarray:
-        ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+    def _shard_index(self, k: int, h) -> np.ndarray:
         hit = self._index.get(k)
-        if hit is not None and hit[0] == ident:
+        if hit is not None and hit[0] == h.ident:
             return hit[1]
         try:
-            index = self.files.read_index(fd, st.st_size)
+            index = self.files.read_index(h)
         except ValueError as e:
             raise self._error(k, f"has a bad index ({e})") from None
-        self._index[k] = (ident, index)
+        self._index[k] = (h.ident, index)
         return index
 
     def _error(self, k: int, what: str) -> ConfigError:
@@ -509,7 +627,7 @@ class FrameReader:
         total = 0
         for k in range(-(-self.n // self.files.file_rows)):
             try:
-                total += self.files.file(k).stat().st_size
+                total += self.files.io.size(self.files.file(k))
             except OSError:
                 pass
         return total
@@ -520,9 +638,8 @@ class FrameReader:
         parts, lengths = [], np.zeros(self.n, np.int64)
         for k in range(-(-self.n // R)):
             rows = range(k * R, min((k + 1) * R, self.n))
-            path = f.file(k)
             try:
-                data = path.read_bytes()
+                data = f.io.read(f.file(k))
             except FileNotFoundError:
                 if self.strict:
                     raise self._error(k, "is missing; it would read as the fill value") from None

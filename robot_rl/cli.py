@@ -160,7 +160,11 @@ def _compared_curves(runs: list) -> dict:
 
 def _apart(out: Path, store, flag: str) -> None:
     """Refuse an output directory that is, or lies inside, the store ``store`` (its files would be foreign files
-    in the store; a run directory may hold a store, as the pipeline's does)."""
+    in the store; a run directory may hold a store, as the pipeline's does). A remote store (a URL) never does."""
+    from robot_rl.datasets.store import is_url
+
+    if is_url(store):
+        return
     o, s = Path(out).resolve(), Path(store).resolve()
     if o == s or s in o.parents:
         raise ConfigError("out", f"{out} overlaps the store {store} ({flag})",
