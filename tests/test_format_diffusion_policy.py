@@ -15,9 +15,8 @@ from robot_rl.datasets.formats import MetaDefaults, export_dataset, import_datas
 from robot_rl.datasets.store import ZarrStore
 from robot_rl.errors import ConfigError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-FIXTURE = SHARED / "diffusion_policy_tiny.zarr"
-need_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"{FIXTURE} missing (../shared/fixtures)")
+FIXTURES = Path(__file__).parent / "fixtures"  # written by diffusion_policy's own ReplayBuffer (fixtures/THIRD_PARTY.md)
+FIXTURE = FIXTURES / "diffusion_policy_tiny.zarr"
 
 
 def make_store(path, n_episodes=3, seed=0):
@@ -50,9 +49,8 @@ def assert_same_store(a: ZarrStore, b: ZarrStore):
         assert ma == mb
 
 
-@need_fixture
 def test_the_real_replay_buffer_imports_exactly(tmp_path):
-    want = np.load(SHARED / "diffusion_policy_tiny.expected.npz")
+    want = np.load(FIXTURES / "diffusion_policy_tiny.expected.npz")
     r = import_dataset("diffusion_policy", FIXTURE, tmp_path / "s.zarr", defaults=MetaDefaults(task="place"),
                        progress=False)
     assert r["episodes"] == 3 and r["steps"] == 60

@@ -1,5 +1,5 @@
 """LeRobot dataset v3.0 converter (robot_rl.datasets.formats.lerobot), against a real dataset written by lerobot 0.4.4
-(/work/shared/fixtures/lerobot_v3_tiny, see its README.md) and by round trips through real files on disk."""
+(tests/fixtures/lerobot_v3_tiny, a copy of ../shared/fixtures; see tests/fixtures/THIRD_PARTY.md) and by round trips through real files on disk."""
 
 from __future__ import annotations
 
@@ -19,10 +19,8 @@ from robot_rl.datasets.formats import lerobot
 from robot_rl.datasets.store import ZarrStore
 from robot_rl.errors import ConfigError
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).parent / "fixtures"  # written by lerobot 0.4.4 itself (fixtures/THIRD_PARTY.md)
 FIXTURE, EXPECTED = FIXTURES / "lerobot_v3_tiny", FIXTURES / "lerobot_v3_tiny.expected.npz"
-needs_fixture = pytest.mark.skipif(not (FIXTURE / "meta" / "info.json").is_file() or not EXPECTED.is_file(),
-                                   reason=f"the lerobot 0.4.4 fixture {FIXTURE} (and its .expected.npz) is missing")
 TASK_TEXT = "place the red cube on the green target"
 # Video round trip of the 38 smooth 64x64 frames below, decoded with PyAV (uint8 levels), measured:
 #   AV1 (libsvtav1, crf 30, g 2): mean abs error 1.82, worst frame 3.24, largest single value 42, PSNR 40.0 dB
@@ -80,7 +78,6 @@ def _video_error(decoded: np.ndarray, written: np.ndarray) -> tuple[float, float
 
 
 # --------------------------------------------------------------------------------------- the real lerobot dataset
-@needs_fixture
 def test_import_real_lerobot_dataset(tmp_path):
     z = np.load(EXPECTED)
     summary = import_dataset("lerobot", FIXTURE, tmp_path / "s.zarr", defaults=MetaDefaults(task="place"),
@@ -99,7 +96,6 @@ def test_import_real_lerobot_dataset(tmp_path):
         assert m["extra"] == {"language_instruction": TASK_TEXT, "imported_from": "lerobot"}
 
 
-@needs_fixture
 def test_stats_reproduce_lerobot_bit_for_bit():
     """Per-episode stats (meta/episodes) and dataset stats (meta/stats.json) of the fixture, recomputed from the
     arrays lerobot was given: identical, except image std, where lerobot squares uint8 pixels (wraps; we do not)."""
@@ -129,7 +125,6 @@ def test_stats_reproduce_lerobot_bit_for_bit():
                 assert v.tolist() == ref[name][k], (name, k)
 
 
-@needs_fixture
 def test_import_image_dtype_features(tmp_path):
     """A camera stored as dtype ``image`` (PNG bytes in the data parquet) instead of video: read losslessly."""
     import PIL.Image
@@ -154,7 +149,6 @@ def test_import_image_dtype_features(tmp_path):
     assert np.array_equal(np.concatenate([e.data["state"] for e in eps]), z["state"])
 
 
-@needs_fixture
 def test_video_cursor_jumps_back_and_seeks():
     """Episodes read out of file order (reopen + seek to the keyframe before) give the frames of a sequential decode."""
     mp4 = FIXTURE / "videos/observation.images.front/chunk-000/file-000.mp4"
