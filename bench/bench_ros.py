@@ -75,7 +75,8 @@ def bench_latency(a):
     d = new_domain()
     envv = ros_env(d)
     procs = [NodeProcess("robot_rl.hw_drivers.sim_robot", {"backend": a.backend, "cameras": ["front"]}, tmp, envv),
-             NodeProcess("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands"}, tmp, envv),
+             NodeProcess("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands",
+                                                            "hardware_interpolates": True}, tmp, envv),
              NodeProcess("robot_rl.ros.policy_node", {"checkpoint": str(ck), "autostart": True}, tmp, envv)]
     drv = Driver(d)
     diags = diag_sink(drv)
@@ -132,7 +133,10 @@ def bench_success(a):
     clock = {"use_sim_time": True} if a.rtf != 1.0 else {}
     procs = [NodeProcess("robot_rl.hw_drivers.sim_robot", {"backend": a.backend, "publish_clock": bool(clock),
                                                             "real_time_factor": a.rtf}, tmp, env),
-             NodeProcess("robot_rl.hw_drivers.arm_bridge", {**clock, "command_interface": a.interface}, tmp, env),
+             NodeProcess("robot_rl.hw_drivers.arm_bridge", {**clock, "command_interface": a.interface,
+                                                            "hardware_interpolates": a.interface == "commands",
+                                                            "trajectory_mode": a.trajectory_mode,
+                                                            "trajectory_lead": a.lead}, tmp, env),
              NodeProcess("robot_rl.ros.policy_node", {**clock, "checkpoint": a.checkpoint,
                                                              "execution": a.execution}, tmp, env)]
     drv = Driver(d)
@@ -165,7 +169,8 @@ def bench_success(a):
     from robot_rl.stages.evaluation import wilson_interval
 
     k = sum(res)
-    out = {"backend": a.backend, "interface": a.interface, "execution": a.execution, "episodes": len(res), "ros_successes": k,
+    out = {"backend": a.backend, "interface": a.interface, "trajectory_mode": a.trajectory_mode, "lead": a.lead,
+           "execution": a.execution, "episodes": len(res), "ros_successes": k,
            "ros_success_rate": k / len(res), "ros_ci95": wilson_interval(k, len(res)),
            "reference_in_process_successes": ref["successes"],
            "reference_in_process_rate": ref["success_rate"],
@@ -186,6 +191,9 @@ def main():
     sc.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/place_bc_mujoco"))
     sc.add_argument("--backend", default="pybullet")
     sc.add_argument("--interface", default="commands", choices=["commands", "trajectory"])
+    sc.add_argument("--trajectory-mode", default="chunk", choices=["chunk", "point"],
+                    help="trajectory interface: multi-point with velocities from the chunk, or one position point")
+    sc.add_argument("--lead", type=float, default=0.0, help="arm_bridge trajectory_lead [s]")
     sc.add_argument("--execution", default="step", choices=["step", "async"],
                     help="policy node execution (async: in-process via an embedded server, temporal ensembling)")
     sc.add_argument("--episodes", type=int, default=20)

@@ -6,24 +6,40 @@ The SAME :class:`~robot_rl.robot.controller.DiffIKController` as the simulated e
 joint positions; :class:`~robot_rl.robot.safety.SafetyFilter` then enforces URDF position/velocity limits, a per-step
 delta cap and the tool workspace box, and the result goes to the configured controller.
 
+The robot model (URDF or the latched ``robot_description_topic``, the ``robot_profile`` limits, ``joint_map``) comes
+from :func:`robot_rl.ros.common.robot_model`; the tighter of URDF and profile limits is used throughout.
+
 Subscribes
   /joint_states            sensor_msgs/JointState (measured arm + gripper joints)
   ~/action                 sensor_msgs/JointState  the action message of :mod:`robot_rl.ros.common`
                            (name = ee_dx ee_dy ee_dz ee_dyaw gripper, position in [-1, 1], stamp = observation time)
+  ~/action_chunk           trajectory_msgs/JointTrajectory  the planned continuation of the action with the same stamp
+                           (:func:`robot_rl.ros.common.chunk_to_msg`; optional)
   ~/hold                   std_msgs/Empty  hold the measured posture now (until the next action)
+  /robot_rl/estop          std_msgs/Bool (latched) the one e-stop topic (``estop_topic``): true = e-stop, false = clear
 Publishes
-  /<arm_controller>/joint_trajectory   trajectory_msgs/JointTrajectory  (command_interface = trajectory): one point,
-                                       time_from_start = trajectory_duration (0 = control_period), header.stamp 0 (start on receipt)
-  /<arm_controller>/commands           std_msgs/Float64MultiArray       (command_interface = commands)
-  /<gripper_controller>/commands       std_msgs/Float64MultiArray [width / len(gripper_joints)]
+  /<arm_controller>/joint_trajectory   trajectory_msgs/JointTrajectory  (command_interface = trajectory, header.stamp
+                                       0 = start on receipt). trajectory_mode = chunk (default): this step's target,
+                                       then the IK of the chunk's next actions (the last repeated up to
+                                       ``trajectory_horizon`` s), knots one control period apart with positions AND
+                                       velocities, within ``acceleration_scale`` x the acceleration limits, from the
+                                       desired state of the previous trajectory
+                                       (:func:`robot_rl.robot.trajectory.plan_knots`); trajectory_mode = point: one
+                                       position-only point ``trajectory_duration`` ahead (0 = control_period)
+  /<arm_controller>/commands           std_msgs/Float64MultiArray (command_interface = commands; refused unless
+                                       ``hardware_interpolates: true``: a position step per control period)
+  gripper                              the ``gripper_output`` (:mod:`robot_rl.hw_drivers.gripper`; default
+                                       std_msgs/Float64MultiArray [width / len(gripper_joints)] on
+                                       /<gripper_controller>/commands)
   ~/latency                            std_msgs/Float64  observation -> command latency per command [s]
   /diagnostics                         diagnostic_msgs/DiagnosticArray  state, safety counters, latency p50/p99
 Services
   ~/estop, ~/clear_estop   std_srvs/Trigger  latched emergency stop (hold; actions refused until cleared)
 
-Hold = command the measured joint positions (once, at the transition), on: ``~/hold``, e-stop, a rejected action
-(NaN/inf, wrong names), missing or stale joint states (older than ``joint_state_timeout``), and the command watchdog
-(no action for ``command_timeout`` seconds while commands were flowing).
+Hold = command the measured joint positions (once, at the transition; in chunk mode a braking trajectory from the
+desired state to rest), on: ``~/hold``, e-stop, a rejected action (NaN/inf, wrong names), missing or stale joint
+states (older than ``joint_state_timeout``), and the command watchdog (no action for ``command_timeout`` seconds
+while commands were flowing).
 
     python -m robot_rl.hw_drivers.arm_bridge --ros-args -p command_interface:=trajectory
 """
@@ -37,9 +53,13 @@ import numpy as np
 
 from robot_rl.robot.controller import ControllerConfig, DiffIKController
 from robot_rl.errors import ConfigError
-from robot_rl.ros.common import (COMMAND_QOS, JointStateCache, declare, declare_safety, diagnostic, msg_to_action,
-                                 now_sec, robot_model, run_node, sec_to_duration, sec_to_stamp, stamp_to_sec)
+from robot_rl.ros.common import (COMMAND_QOS, declare, declare_safety, diagnostic, estop_services, JointStateCache,
+                                 msg_to_action, msg_to_chunk, now_sec, robot_model, run_node, sec_to_duration,
+                                 sec_to_stamp, stamp_to_sec)
 from robot_rl.robot.safety import EStopLatch, JointLimits, SafetyFilter, Watchdog
+from robot_rl.robot.trajectory import TrajectoryFollower, plan_knots
+
+REFERENCE_TOLERANCE = 0.15  # rad: farther than this from the sent trajectory, the arm is not following it
 
 
 def make_node():
@@ -47,7 +67,6 @@ def make_node():
     from rclpy.node import Node
     from sensor_msgs.msg import JointState
     from std_msgs.msg import Empty, Float64, Float64MultiArray
-    from std_srvs.srv import Trigger
     from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
     class ArmBridge(Node):
@@ -69,8 +88,10 @@ def make_node():
                                               "controller's own per-step joint delta cap [rad]")))
             self.controller = DiffIKController(self.chain, np.array(self.robot.q_home), ccfg)
             scfg = declare_safety(self, "hold when no action for this long [s]")
-            self.limits = JointLimits.from_urdf(self.robot.urdf, self.robot.arm_joints)
+            self.limits = JointLimits.from_urdf(self.robot.urdf, self.robot.arm_joints).tighten(self.robot.profile)
             self.safety = SafetyFilter(self.limits, lambda q: self.chain.pose(q)[0], scfg)
+            self.plan_safety = SafetyFilter(self.limits, lambda q: self.chain.pose(q)[0], scfg)  # predicted knots
+            self.velocity_scale = scfg.velocity_scale
             self.watchdog = Watchdog(scfg.command_timeout)
             self.estop = EStopLatch()
             self.period = float(declare(self, "control_period", 0.1, "seconds each action is given [s]", positive=True))
@@ -82,10 +103,43 @@ def make_node():
             self.interface = declare(self, "command_interface", "trajectory", "trajectory | commands")
             if self.interface not in ("trajectory", "commands"):
                 raise ConfigError("command_interface", f"{self.interface!r}", "use trajectory or commands")
+            interpolates = bool(declare(self, "hardware_interpolates", False, "the position interface behind "
+                                        "`commands` interpolates between targets (sim_robot does) [bool]"))
+            if self.interface == "commands" and not interpolates:
+                raise ConfigError("command_interface", "`commands` sends each control step's target as a position "
+                                  "step, which a real arm's 1 kHz position interface executes as an acceleration "
+                                  "spike", "use command_interface: trajectory (joint_trajectory_controller), or set "
+                                  "hardware_interpolates: true for a simulator or hardware that interpolates")
+            self.traj_mode = declare(self, "trajectory_mode", "chunk", "chunk (multi-point, positions + "
+                                     "velocities through this step and the planned chunk) | point (one "
+                                     "position-only point per step)")
+            if self.traj_mode not in ("chunk", "point"):
+                raise ConfigError("trajectory_mode", f"{self.traj_mode!r}", "use chunk or point")
+            self.traj_horizon = float(declare(self, "trajectory_horizon", 0.4, "chunk mode: the knots span at "
+                                              "least this long, the last action repeated past the chunk [s]",
+                                              positive=True))
+            self.traj_lead = float(declare(self, "trajectory_lead", 0.0, "chunk mode: knots this much earlier "
+                                           "than their control step [s] (servo lag; < control_period)"))
+            acc = float(declare(self, "acceleration_limit", 0.0, "chunk mode: joint acceleration limit "
+                                "[rad/s^2] (0 = the robot profile's, else 7.5)"))
+            self.acc_scale = float(declare(self, "acceleration_scale", 0.5, "chunk mode: plan at this fraction of "
+                                           "the acceleration limit; the rest absorbs transport latency (a "
+                                           "trajectory starts on receipt, from a slightly later state)",
+                                           positive=True))
             arm_ctrl = declare(self, "arm_controller", "arm_controller", "ros2_control arm controller name")
             grip_ctrl = declare(self, "gripper_controller", "gripper_controller", "gripper controller name ('' none)")
             if not self.period > 0:
                 raise ConfigError("control_period", f"{self.period} <= 0", "use e.g. 0.1")
+            if not 0.0 <= self.traj_lead < self.period:
+                raise ConfigError("trajectory_lead", f"{self.traj_lead} s", f"use 0 <= lead < {self.period}")
+            prof = getattr(self.limits, "acceleration", None)
+            self.acc_max = self.acc_scale * (
+                np.full(len(self.robot.arm_joints), acc) if acc > 0 else
+                np.asarray(prof, dtype=np.float64) if prof is not None and np.all(np.isfinite(prof))
+                else np.full(len(self.robot.arm_joints), 7.5))
+            self.reference = TrajectoryFollower(np.zeros(len(self.robot.arm_joints)))  # what was sent (chunk mode)
+            self.ref_valid = False
+            self.preview: tuple[float, np.ndarray] | None = None  # (stamp, rows 1..) of the last action chunk
 
             self.js = JointStateCache()
             self.js_rx: float | None = None  # receive time (node clock) of the last joint state
@@ -97,15 +151,17 @@ def make_node():
                 self.pub_arm = self.create_publisher(JointTrajectory, f"/{arm_ctrl}/joint_trajectory", COMMAND_QOS)
             else:
                 self.pub_arm = self.create_publisher(Float64MultiArray, f"/{arm_ctrl}/commands", COMMAND_QOS)
-            self.pub_grip = (self.create_publisher(Float64MultiArray, f"/{grip_ctrl}/commands", COMMAND_QOS)
-                             if grip_ctrl else None)
+            from robot_rl.hw_drivers.gripper import make_gripper_output
+
+            # a GripperOutput (hw_drivers/gripper.py) chosen by `gripper_output`; None when grip_ctrl is ''
+            self.pub_grip = make_gripper_output(self, grip_ctrl, self.robot.gripper_joints)
             self.pub_lat = self.create_publisher(Float64, "~/latency", COMMAND_QOS)
             self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
             self.create_subscription(JointState, "/joint_states", self._on_js, COMMAND_QOS)
             self.create_subscription(JointState, "~/action", self._on_action, COMMAND_QOS)
+            self.create_subscription(JointTrajectory, "~/action_chunk", self._on_chunk, COMMAND_QOS)
             self.create_subscription(Empty, "~/hold", lambda m: self.hold("hold requested"), COMMAND_QOS)
-            self.create_service(Trigger, "~/estop", self._on_estop)
-            self.create_service(Trigger, "~/clear_estop", self._on_clear)
+            estop_services(self, self._on_estop, self._on_clear)
             self.create_timer(min(0.02, scfg.command_timeout / 4), self._check_watchdog)
             self.create_timer(1.0, self._diag)
             self._JT, self._JTP, self._F64A, self._F64 = JointTrajectory, JointTrajectoryPoint, Float64MultiArray, Float64
@@ -125,6 +181,22 @@ def make_node():
                 return None, f"joint states {now - self.js_rx:.3f} s old"
             q, dq, w, _ = self.js.get(self.robot.arm_joints, [j for j in self.robot.gripper_joints if j in self.js.pos])
             return (q, w), ""
+
+        def _on_chunk(self, m):
+            try:
+                rows = msg_to_chunk(m)
+            except ConfigError as e:
+                self.get_logger().error(f"action chunk ignored: {e}", throttle_duration_sec=2.0)
+                return
+            if len(rows) and np.all(np.isfinite(rows)):
+                self.preview = (stamp_to_sec(m.header.stamp), rows[1:])
+
+        def _upcoming(self, m) -> np.ndarray:
+            """Action rows after this one, from the chunk message of the same observation (none otherwise)."""
+            t = stamp_to_sec(m.header.stamp)
+            if self.preview is None or t <= 0 or self.preview[0] != t:
+                return np.zeros((0, 5))
+            return self.preview[1]
 
         def _on_action(self, m):
             now = now_sec(self)
@@ -152,13 +224,64 @@ def make_node():
             q_safe, rep = self.safety.filter(q_t, q, self.period)
             width = float(np.clip(width, 0.0, self.controller.cfg.max_width))
             self.watchdog.kick(now)
-            self._send(q_safe, width)
+            if self.interface == "trajectory" and self.traj_mode == "chunk":
+                self._send_plan(q, q_safe, a, self._upcoming(m), width, now)
+            else:
+                self._send(q_safe, width)
             self.state = "active"
             obs_t = stamp_to_sec(m.header.stamp)
             if obs_t > 0:
                 lat = now - obs_t
                 self.latencies.append(lat)
                 self.pub_lat.publish(self._F64(data=float(lat)))
+
+        def _send_plan(self, q_meas, q_first, a, ahead, width, now):
+            """A multi-point trajectory (positions + velocities): this step's target ``q_first`` (of action ``a``
+            at the measured posture, as in training), then the IK of the planned actions ``ahead``, the last one
+            (or ``a`` when no chunk came with it, e.g. teleop) repeated up to ``trajectory_horizon``; knots by
+            :func:`robot_rl.robot.trajectory.plan_knots` from the desired state now."""
+            n = max(1, int(np.ceil(self.traj_horizon / self.period - 1e-9)))
+            rows = list(np.clip(ahead, -1.0, 1.0)) or [np.clip(a, -1.0, 1.0)]
+            rows += [rows[-1]] * max(0, n - 1 - len(rows))
+            q_steps, q_prev = [q_first], q_first
+            for r in rows[: max(n - 1, len(ahead))]:
+                q_t, _ = self.controller.compute(q_prev, r)
+                q_prev, _ = self.plan_safety.filter(q_t, q_prev, self.period)
+                q_steps.append(q_prev)
+            self._publish_plan(now, *self._desired(q_meas, now), np.stack(q_steps), self.traj_lead)
+            self._send_gripper(width)
+
+        def _publish_plan(self, now, q0, v0, q_steps, lead=0.0):
+            """Knots from the desired state (q0, v0) through ``q_steps`` (plan_knots), sent as one JointTrajectory
+            with positions and velocities, and remembered as the desired state from ``now`` on."""
+            times, qs, vs = plan_knots(q0, v0, q_steps, self.period, vel_max=self.limits.velocity *
+                                       self.velocity_scale, acc_max=self.acc_max, lead=lead)
+            qs = np.clip(qs, self.safety.lo, self.safety.hi)
+            jt = self._JT()
+            jt.joint_names = list(self.robot.arm_joints)
+            for t, qk, vk in zip(times, qs, vs):
+                pt = self._JTP()
+                pt.positions, pt.velocities = [float(v) for v in qk], [float(v) for v in vk]
+                pt.time_from_start = sec_to_duration(float(t))
+                jt.points.append(pt)
+            self.pub_arm.publish(jt)
+            self.reference.trajectory(now, q0, list(zip(times, qs, vs)), v_start=v0)
+            self.ref_valid = True
+
+        def _desired(self, q_meas, now):
+            """The controller's desired (position, velocity) now: the trajectory this node sent, or the measured
+            posture at rest when none is running or the arm is far from it (another commander, a restart)."""
+            if self.ref_valid:
+                q0, v0 = self.reference.state(now)
+                if np.max(np.abs(q0 - q_meas)) < REFERENCE_TOLERANCE:
+                    return q0, v0
+            return np.array(q_meas, dtype=np.float64), np.zeros_like(q_meas)
+
+        def _stop(self, q_meas, now):
+            """Chunk mode hold: brake from the desired state to rest within the acceleration limit."""
+            q0, v0 = self._desired(q_meas, now)
+            self._publish_plan(now, q0, v0, (q0 + 0.5 * v0 * self.period)[None])
+            self.counts["commands"] += 1
 
         def _send(self, q, width=None, duration=None):
             if self.interface == "trajectory":
@@ -171,9 +294,12 @@ def make_node():
                 self.pub_arm.publish(jt)
             else:
                 self.pub_arm.publish(self._F64A(data=[float(v) for v in q]))
+            self.ref_valid = False
+            self._send_gripper(width)
+
+        def _send_gripper(self, width):
             if width is not None and self.pub_grip is not None:
-                n = max(1, len(self.robot.gripper_joints))
-                self.pub_grip.publish(self._F64A(data=[width / n]))
+                self.pub_grip.command(float(width))  # TopicGripper: [width / len(gripper_joints)] as before
             self.counts["commands"] += 1
 
         # -- holding -------------------------------------------------------------------------------------------
@@ -187,7 +313,10 @@ def make_node():
             self.watchdog.reset()
             if self.js.has(self.robot.arm_joints):
                 q, _, _, _ = self.js.get(self.robot.arm_joints, [])
-                self._send(q, None, duration=0.5 * self.period)
+                if self.interface == "trajectory" and self.traj_mode == "chunk":
+                    self._stop(q, now_sec(self))
+                else:
+                    self._send(q, None, duration=0.5 * self.period)
             self.get_logger().warning(f"holding: {reason}")
 
         def _check_watchdog(self):

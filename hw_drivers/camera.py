@@ -1,6 +1,8 @@
 """``camera`` node: OpenCV ``VideoCapture`` (device index, stream URL or video file) -> ROS 2 images.
 
-Publishes (sensor-data QoS: best effort, keep last 5)
+Publishes (REP 2003 sensor-driver QoS: reliable, volatile, keep last 5, so best-effort (SensorDataQoS) and reliable
+subscribers both receive; per topic ``qos_overrides.<topic>.publisher.<reliability|durability|history|depth>``
+parameters, e.g. ``reliability: best_effort``; :func:`robot_rl.ros.common.qos_publisher`)
   /cameras/<camera_name>/image_raw              sensor_msgs/Image rgb8 (resized to ``output_width`` x ``output_height`` when set)
   /cameras/<camera_name>/image_raw/compressed   sensor_msgs/CompressedImage jpeg (``publish_compressed``)
   /cameras/<camera_name>/camera_info            sensor_msgs/CameraInfo from ``calibration_file`` (the YAML written by
@@ -29,7 +31,8 @@ import numpy as np
 import yaml
 
 from robot_rl.errors import ConfigError
-from robot_rl.ros.common import SENSOR_QOS, COMMAND_QOS, declare, diagnostic, image_to_msg, run_node
+from robot_rl.ros.common import (COMMAND_QOS, SENSOR_PUBLISHER_QOS, declare, diagnostic, image_to_msg, qos_publisher,
+                                 run_node)
 
 
 def load_calibration(path: str) -> dict:
@@ -118,9 +121,9 @@ def make_node():
                 raise ConfigError("source", f"{self.source} is neither a device index, a URL nor a file",
                                   "pass e.g. 0, rtsp://host/stream or /path/video.mp4")
             base = f"/cameras/{self.name}"
-            self.pub_img = self.create_publisher(Image, f"{base}/image_raw", SENSOR_QOS)
-            self.pub_jpg = self.create_publisher(CompressedImage, f"{base}/image_raw/compressed", SENSOR_QOS)
-            self.pub_info = self.create_publisher(CameraInfo, f"{base}/camera_info", SENSOR_QOS)
+            self.pub_img = qos_publisher(self, Image, f"{base}/image_raw", SENSOR_PUBLISHER_QOS)
+            self.pub_jpg = qos_publisher(self, CompressedImage, f"{base}/image_raw/compressed", SENSOR_PUBLISHER_QOS)
+            self.pub_info = qos_publisher(self, CameraInfo, f"{base}/camera_info", SENSOR_PUBLISHER_QOS)
             self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
             self.cv2, self._CompressedImage = cv2, CompressedImage
             self.cap = None

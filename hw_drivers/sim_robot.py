@@ -28,10 +28,12 @@ Services
   ~/estop, ~/clear_estop                     std_srvs/Trigger  latched e-stop: hold the measured posture and
                                                                ignore every command until cleared
 
-Trajectories are followed like ros2_control's joint_trajectory_controller with position-only points: the reference
-starts at the current command at the trajectory start (header.stamp, or the receive time when zero) and is linearly
-interpolated between points by ``time_from_start``; after the last point the last position is held; a new
-trajectory replaces the active one; an empty trajectory holds the measured position.
+Trajectories are followed like ros2_control's joint_trajectory_controller
+(:class:`robot_rl.robot.trajectory.TrajectoryFollower`): the reference starts at the current desired position and
+velocity at the trajectory start (header.stamp, or the receive time when zero) and goes through the points by
+``time_from_start``, linearly for position-only points, by cubic Hermite segments for points with velocities; after
+the last point the last position is held; a new trajectory replaces the active one; an empty trajectory holds the
+measured position.
 
 Safety (:mod:`robot_rl.robot.safety`, the same filter and parameters as ``arm_bridge``, like a robot's own limit layer):
 non-finite commands are refused and logged; ``/commands`` targets are kept inside the URDF position limits (minus
@@ -56,52 +58,11 @@ import time
 import numpy as np
 
 from robot_rl.errors import ConfigError
-from robot_rl.ros.common import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, camera_info_from_fovy, declare, declare_safety,
-                                 diagnostic,
-                                 duration_to_sec, image_to_msg, declare_task, pose_msg, run_node, sec_to_stamp,
-                                 stamp_to_sec)
+from robot_rl.ros.common import (COMMAND_QOS, LATCHED_QOS, SENSOR_PUBLISHER_QOS, camera_info_from_fovy, declare,
+                                 declare_safety, declare_task, diagnostic, duration_to_sec, estop_services,
+                                 image_to_msg, pose_msg, qos_publisher, run_node, sec_to_stamp, stamp_to_sec)
 from robot_rl.robot.safety import EStopLatch, JointLimits, SafetyFilter, Watchdog
-
-
-class TrajectoryFollower:
-    """Position reference of a joint_trajectory_controller with position-only points (linear interpolation)."""
-
-    def __init__(self, q0):
-        self.hold = np.array(q0, dtype=np.float64)
-        self.ts: np.ndarray | None = None
-        self.qs: np.ndarray | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.ts is not None
-
-    def command(self, q) -> None:
-        """Constant position command (forward controller); cancels any trajectory."""
-        self.hold, self.ts, self.qs = np.array(q, dtype=np.float64), None, None
-
-    def trajectory(self, t_start: float, q_start, points: list[tuple[float, np.ndarray]]) -> None:
-        """Follow ``points`` [(time_from_start s, positions)] from ``q_start`` at ``t_start``."""
-        ts, qs = [t_start], [np.asarray(q_start, dtype=np.float64)]
-        for tfs, q in points:
-            t = t_start + tfs
-            if t <= ts[-1]:  # a point at (or before) the start replaces the start knot
-                ts[-1], qs[-1] = t, np.asarray(q, dtype=np.float64)
-            else:
-                ts.append(t)
-                qs.append(np.asarray(q, dtype=np.float64))
-        self.ts, self.qs = np.array(ts), np.stack(qs)
-
-    def target(self, t: float) -> np.ndarray:
-        if self.ts is None:
-            return self.hold
-        if t >= self.ts[-1]:
-            self.command(self.qs[-1])
-            return self.hold
-        if t <= self.ts[0]:
-            return self.qs[0]
-        i = int(np.searchsorted(self.ts, t, side="right"))
-        a = (t - self.ts[i - 1]) / (self.ts[i] - self.ts[i - 1])
-        return (1 - a) * self.qs[i - 1] + a * self.qs[i]
+from robot_rl.robot.trajectory import TrajectoryFollower
 
 
 def make_node():
@@ -178,8 +139,9 @@ def make_node():
 
             self.pub_js = self.create_publisher(JointState, "/joint_states", COMMAND_QOS)
             self.pub_clock = self.create_publisher(Clock, "/clock", COMMAND_QOS) if self.publish_clock else None
-            self.pub_img = {c: self.create_publisher(Image, f"/cameras/{c}/image_raw", SENSOR_QOS) for c in self.cameras}
-            self.pub_info = {c: self.create_publisher(CameraInfo, f"/cameras/{c}/camera_info", SENSOR_QOS)
+            self.pub_img = {c: qos_publisher(self, Image, f"/cameras/{c}/image_raw", SENSOR_PUBLISHER_QOS)
+                            for c in self.cameras}
+            self.pub_info = {c: qos_publisher(self, CameraInfo, f"/cameras/{c}/camera_info", SENSOR_PUBLISHER_QOS)
                              for c in self.cameras}
             names = [o.name for o in self.env.scene.objects] + [m.name for m in self.env.scene.markers]
             self.pub_pose = {n: self.create_publisher(PoseStamped, f"{self.priv}/{n}_pose", COMMAND_QOS)
@@ -193,8 +155,7 @@ def make_node():
             self.create_subscription(Float64MultiArray, f"/{self.arm_ctrl}/commands", self._on_cmd, COMMAND_QOS)
             self.create_subscription(Float64MultiArray, f"/{self.grip_ctrl}/commands", self._on_grip, COMMAND_QOS)
             self.create_service(Trigger, "~/reset", self._on_reset)
-            self.create_service(Trigger, "~/estop", self._on_estop)
-            self.create_service(Trigger, "~/clear_estop", self._on_clear_estop)
+            estop_services(self, self._on_estop, self._on_clear_estop)
             self.add_on_set_parameters_callback(self._on_params)
 
             self._reset_episode()
@@ -257,10 +218,15 @@ def make_node():
                 if q.shape != (len(order),) or not np.all(np.isfinite(q)):
                     self.get_logger().error("trajectory point with missing or non-finite positions: ignored")
                     return
+                v = np.asarray(p.velocities, dtype=np.float64) if len(p.velocities) else None
+                if v is not None and (v.shape != (len(order),) or not np.all(np.isfinite(v))):
+                    self.get_logger().error("trajectory point with wrong or non-finite velocities: ignored")
+                    return
                 tfs = duration_to_sec(p.time_from_start)
                 q_prev, _ = self.traj_safety.filter(q[order], q_prev, max(tfs - t_prev, self.dt))
                 t_prev = tfs
-                pts.append((tfs, q_prev))
+                lim = self.traj_safety.limits.velocity
+                pts.append((tfs, q_prev, None if v is None else np.clip(v[order], -lim, lim)))
             self.follower.trajectory(t0, self.follower.target(t0), pts)
 
         def _on_cmd(self, m):
@@ -336,7 +302,8 @@ def make_node():
             self._publish_state(poses=self.ticks % self.pose_every == 0, cams=self.ticks % self.cam_every == 0)
 
         def _publish_state(self, poses=False, cams=False):
-            stamp = sec_to_stamp(self.now())
+            t = self.now()
+            stamp = sec_to_stamp(t)
             if self.pub_clock is not None:
                 c = Clock()
                 c.clock = stamp
@@ -345,9 +312,9 @@ def make_node():
             js = JointState()
             js.header.stamp = stamp
             js.name = self.arm_joints + self.finger_joints
-            nf = len(self.finger_joints)
-            js.position = [float(v) for v in q] + [w / nf] * nf
-            js.velocity = [float(v) for v in dq] + [0.0] * nf
+            pos, vel = self._state_in_limits(q, dq, w, t)
+            js.position = [float(v) for v in pos]
+            js.velocity = [float(v) for v in vel]
             self.pub_js.publish(js)
             if poses:
                 for n, pub in self.pub_pose.items():
@@ -361,6 +328,32 @@ def make_node():
                     frame = f"{c}_camera_optical_frame"
                     self.pub_img[c].publish(image_to_msg(img, stamp, frame))
                     self.pub_info[c].publish(camera_info_from_fovy(H, W, self.cam_specs[c].fovy, stamp, frame))
+
+        def _state_in_limits(self, q, dq, w, t):
+            """Published (positions, velocities) of arm + finger joints: positions clamped into the URDF limits
+            (the simulated joints stray past them by constraint softness and float noise, e.g. the fingers by
+            4e-7 m, which a limit-checking consumer would flag; a larger excess is logged), finger velocities by
+            finite differences of the published finger positions over the node clock (0 on the first state of an
+            episode: a reset moves the fingers at once)."""
+            nf = len(self.finger_joints)
+            if getattr(self, "_pub_limits", None) is None:
+                lim = JointLimits.from_urdf(self.spec.urdf, self.arm_joints + self.finger_joints)
+                self._pub_limits = (lim.lower, lim.upper)
+            raw = np.concatenate([np.asarray(q, dtype=np.float64), np.full(nf, w / nf)])
+            pos = np.clip(raw, *self._pub_limits)
+            if np.max(np.abs(pos - raw), initial=0.0) > 1e-3:
+                self.get_logger().warning(f"joint state beyond the URDF limits by {np.max(np.abs(pos - raw)):.4f}: "
+                                          "published clamped", throttle_duration_sec=5.0)
+            fingers = pos[len(pos) - nf:]
+            prev = getattr(self, "_finger_prev", None)  # (episode, t, finger positions, finger velocities)
+            if prev is None or prev[0] is not self.episode:
+                fv = np.zeros(nf)
+            elif t > prev[1]:
+                fv = (fingers - prev[2]) / (t - prev[1])
+            else:  # same stamp again: keep the last velocity
+                fv, t, fingers = prev[3], prev[1], prev[2]
+            self._finger_prev = (self.episode, t, fingers, fv)
+            return pos, np.concatenate([np.asarray(dq, dtype=np.float64), fv])
 
         def _pose_of(self, name):
             if name in {o.name for o in self.env.scene.objects}:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -66,6 +67,7 @@ class Driver:
     """The test's own rclpy node: subscriptions that keep the latest message + service/lifecycle calls."""
 
     def __init__(self, domain: int):
+        self.domain = domain
         os.environ["ROS_DOMAIN_ID"] = str(domain)
         os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
         self.ctx = rclpy.context.Context()
@@ -154,3 +156,16 @@ def ros(tmp_path):
     for p in reversed(procs):
         p.stop()
     drv.close()
+
+
+def make_video(path: Path, n=30, width=96, height=96):
+    """A small MJPG video of a moving red disc (a camera source for the camera node)."""
+    import cv2
+
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (width, height))
+    for i in range(n):
+        img = np.full((height, width, 3), 40, np.uint8)
+        cv2.circle(img, (10 + 2 * i, height // 2), 8, (0, 0, 255), -1)
+        w.write(img)
+    w.release()
+    assert path.stat().st_size > 0

@@ -26,7 +26,7 @@ def test_twist_teleop_recorder_store_trains(ros):
     drv, start, tmp = ros
     store = tmp / "teleop.zarr"
     start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet", "cameras": ["front"], "seed": 7})
-    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands"})
+    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands", "hardware_interpolates": True})
     start("robot_rl.hw_drivers.teleop", {"policy_action_topic": "/policy/action"})
     start("robot_rl.ros.recorder", {"store": str(store), "cameras": ["front"], "source": "teleop"})
     twist = drv.node.create_publisher(Twist, "/teleop/twist", COMMAND_QOS)

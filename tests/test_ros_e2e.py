@@ -2,7 +2,8 @@
 policy trained in MuJoCo (tests/fixtures/place_bc_mujoco), in simulated time (/clock, 2x real time).
 
 The issue's acceptance run: 20 consecutive held-out seeds (1 000 000-1 000 019), success in >= 70 % of them over
-ROS 2 (the fixture succeeds on all 20 in-process on PyBullet and on MuJoCo, tests/fixtures/README.md). Plus: a policy
+ROS 2 with the arm bridge's trajectory interface (multi-point joint trajectories with velocities from the action
+chunk, as a joint_trajectory_controller takes them) (the fixture succeeds on all 20 in-process on PyBullet and on MuJoCo, tests/fixtures/README.md). Plus: a policy
 that outputs NaN is rejected (the arm holds), and the bridge refuses a NaN action published directly."""
 
 import json
@@ -32,20 +33,22 @@ def nan_checkpoint(tmp: Path) -> Path:
 
 def test_sim_policy_end_to_end(ros):
     from diagnostic_msgs.msg import DiagnosticArray
-    from std_msgs.msg import Bool, Float64MultiArray
+    from std_msgs.msg import Bool
     from std_srvs.srv import Trigger
+    from trajectory_msgs.msg import JointTrajectory
 
     from robot_rl.ros.common import COMMAND_QOS
+    from robot_rl.robot.profiles import PROFILES
     from robot_rl.robot.safety import JointLimits
     from robot_rl.robot.scene import RobotSpec
 
     drv, start, tmp = ros
     sim_time = {"use_sim_time": True}
     start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet", "publish_clock": True, "real_time_factor": 2.0})
-    start("robot_rl.hw_drivers.arm_bridge", {**sim_time, "command_interface": "commands"})
+    start("robot_rl.hw_drivers.arm_bridge", {**sim_time, "command_interface": "trajectory"})  # real arms' default
     start("robot_rl.ros.policy_node", {**sim_time, "checkpoint": str(FIXTURE)})
     drv.subscribe(Bool, "/sim/privileged/success", COMMAND_QOS)
-    drv.subscribe(Float64MultiArray, "/arm_controller/commands", COMMAND_QOS, keep=True)
+    drv.subscribe(JointTrajectory, "/arm_controller/joint_trajectory", COMMAND_QOS, keep=True)
     diags = {}
     drv.node.create_subscription(DiagnosticArray, "/diagnostics",
                                  lambda m: diags.update({s.name: {kv.key: kv.value for kv in s.values}
@@ -70,11 +73,14 @@ def test_sim_policy_end_to_end(ros):
         results.append(ok)
     print(f"ROS 2 end to end: {sum(results)}/{len(results)} episodes succeeded")
     assert sum(results) >= 14, f"ROS loop succeeded on {sum(results)}/{len(results)}: {results} (seeds {SEEDS})"
-    # every joint command the bridge sent is inside the URDF limits (safety filter)
+    # every knot of every trajectory the bridge sent (multi-point, with velocities) is inside the tighter of the URDF
+    # and the Panda's published limits (safety filter)
     r = RobotSpec()
-    lim = JointLimits.from_urdf(r.urdf, r.arm_joints)
-    cmds = np.array([m.data for _, m in drv.log["/arm_controller/commands"]])
-    assert len(cmds) > 100 and np.all(cmds >= lim.lower) and np.all(cmds <= lim.upper)
+    lim = JointLimits.from_urdf(r.urdf, r.arm_joints).tighten(PROFILES["panda"])
+    msgs = [m for _, m in drv.log["/arm_controller/joint_trajectory"]]
+    knots = np.array([p.positions for m in msgs for p in m.points])
+    assert len(msgs) > 100 and np.all(knots >= lim.lower) and np.all(knots <= lim.upper)
+    assert np.median([len(m.points) for m in msgs]) >= 4 and all(len(p.velocities) == 7 for m in msgs for p in m.points)
     drv.wait_for(lambda: "policy_node: control loop" in diags and "arm_bridge: commands" in diags, 5, "diagnostics")
     assert int(diags["arm_bridge: commands"]["rejected"]) == 0
 
@@ -88,7 +94,7 @@ def test_nan_actions_rejected(ros):
 
     drv, start, tmp = ros
     start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet"})
-    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands"})
+    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands", "hardware_interpolates": True})
     start("robot_rl.ros.policy_node", {"checkpoint": str(nan_checkpoint(tmp)), "autostart": True})
     drv.subscribe(JointState, "/arm_bridge/action", COMMAND_QOS, keep=True)
     drv.subscribe(Empty, "/arm_bridge/hold", COMMAND_QOS, keep=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ros_helpers import ros  # noqa: F401 (pytest fixture)
+from ros_helpers import make_video, ros  # noqa: F401 (pytest fixture)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "place_bc_mujoco"
 PERIOD, DEADLINE = 0.1, 0.05
@@ -45,7 +45,7 @@ def test_server_killed_mid_episode_holds_within_one_period(ros):
     server, port = start_server(FIXTURE)
     try:
         start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet"})
-        start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands"})
+        start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands", "hardware_interpolates": True})
         start("robot_rl.ros.policy_node", {"server": f"127.0.0.1:{port}", "server_timeout": DEADLINE,
                                            "autostart": True})
         drv.subscribe(JointState, "/arm_bridge/action", COMMAND_QOS, keep=True)
@@ -69,18 +69,6 @@ def test_server_killed_mid_episode_holds_within_one_period(ros):
     finally:
         server.kill()
         server.wait()
-
-
-def make_video(path: Path, n=30, width=96, height=96):
-    import cv2
-
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (width, height))
-    for i in range(n):
-        img = np.full((height, width, 3), 40, np.uint8)
-        cv2.circle(img, (10 + 2 * i, height // 2), 8, (0, 0, 255), -1)
-        w.write(img)
-    w.release()
-    assert path.stat().st_size > 0
 
 
 def image_policy(tmp: Path) -> Path:
@@ -118,7 +106,7 @@ def test_camera_stops_policy_holds_after_age_limit(ros):
                      "distortion_model: plumb_bob\ndistortion_coefficients: {rows: 1, cols: 5, data: [0, 0, 0, 0, 0]}\n")
     max_age = 0.3
     start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet"})
-    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands"})
+    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands", "hardware_interpolates": True})
     cam = start("robot_rl.hw_drivers.camera", {"source": str(video), "camera_name": "front", "rate": 10.0,
                                                "output_width": 96, "output_height": 96,
                                                "calibration_file": str(calib)})
@@ -168,7 +156,7 @@ def test_estop_latches_until_cleared_and_reactivated(ros):
 
     drv, start, tmp = ros
     start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet"})
-    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands"})
+    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands", "hardware_interpolates": True})
     start("robot_rl.ros.policy_node", {"checkpoint": str(FIXTURE), "autostart": True})
     drv.subscribe(JointState, "/arm_bridge/action", COMMAND_QOS, keep=True)
     drv.subscribe(Empty, "/arm_bridge/hold", COMMAND_QOS, keep=True)
@@ -187,6 +175,40 @@ def test_estop_latches_until_cleared_and_reactivated(ros):
     t_go = time.monotonic()
     assert drv.lifecycle("policy_node", "activate")
     drv.wait_for(lambda: len([t for t, _ in actions() if t > t_go]) >= 5, 20, "actions after re-activation")
+
+
+def test_one_latched_estop_topic_stops_every_node(ros):
+    """One publisher of std_msgs/Bool true on /robot_rl/estop (reliable, transient local) e-stops sim_robot,
+    arm_bridge and policy_node -- also the policy node started after the stop was published (the latched value
+    reaches it); false clears them (the policy node then waits for re-activation, as after ~/clear_estop)."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Bool
+
+    from robot_rl.ros.common import COMMAND_QOS, ESTOP_TOPIC, LATCHED_QOS
+
+    drv, start, tmp = ros
+    diags = {}
+    drv.node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: diags.update(
+        {s.name: (s.level, {kv.key: kv.value for kv in s.values}) for s in m.status}), COMMAND_QOS)
+    drv.subscribe(JointState, "/arm_bridge/action", COMMAND_QOS, keep=True)
+    start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet"})
+    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "trajectory"})
+    pub = drv.node.create_publisher(Bool, ESTOP_TOPIC, LATCHED_QOS)
+    drv.wait_for(lambda: pub.get_subscription_count() >= 2, 30, "sim_robot and arm_bridge on the e-stop topic")
+    pub.publish(Bool(data=True))
+    start("robot_rl.ros.policy_node", {"checkpoint": str(FIXTURE), "autostart": True})  # joins after the stop
+    level = lambda name: diags.get(name, (None, {}))[0]  # noqa: E731
+    stopped = lambda: all(level(n) in (b"\x02", 2) for n in  # noqa: E731
+                          ("sim_robot: simulation", "arm_bridge: commands", "policy_node: control loop"))
+    drv.wait_for(stopped, 60, "every node reporting the e-stop (diagnostics level ERROR)")
+    assert diags["sim_robot: simulation"][1]["estop"] == "True" and diags["arm_bridge: commands"][1]["state"] == "estop"
+    drv.spin(1.0)
+    assert not drv.log.get("/arm_bridge/action")  # the late policy node never acted
+    pub.publish(Bool(data=False))
+    drv.wait_for(lambda: level("sim_robot: simulation") not in (b"\x02", 2)
+                 and level("arm_bridge: commands") not in (b"\x02", 2), 10, "cleared by the topic")
+    assert diags["arm_bridge: commands"][1]["state"] == "holding"
 
 
 def test_sim_robot_safety_layer(ros):

@@ -104,7 +104,7 @@ def test_watchdog_and_estop():
 def test_sim_robot_trajectory_follower_interpolates_like_joint_trajectory_controller():
     """Position-only points: linear interpolation by time_from_start from the command at the start, the last point
     held afterwards, a new command cancels the trajectory."""
-    from robot_rl.hw_drivers.sim_robot import TrajectoryFollower
+    from robot_rl.robot.trajectory import TrajectoryFollower
 
     f = TrajectoryFollower(np.zeros(2))
     assert not f.active and np.array_equal(f.target(5.0), [0.0, 0.0])
@@ -119,3 +119,45 @@ def test_sim_robot_trajectory_follower_interpolates_like_joint_trajectory_contro
     np.testing.assert_allclose(f.target(20.0), [3.0, 3.0])
     f.command(np.array([7.0, 7.0]))
     assert not f.active and np.array_equal(f.target(21.0), [7.0, 7.0])
+
+
+def test_published_profiles_and_tighter_of_urdf_and_profile(panda):
+    """Franka's published limits (robot_rl/robot/profiles.py) picked by joint names; per joint the tighter of URDF
+    and profile wins (positions, velocity), the profile adds acceleration limits; from_urdf itself is unchanged."""
+    from robot_rl.robot.profiles import FR3, PANDA, PROFILES, profile_for, select_profile
+
+    r, chain, lim = panda
+    assert set(PROFILES) == {"panda", "fr3"}
+    assert profile_for(r.arm_joints) is PANDA and profile_for(r.finger_joints) is PANDA
+    assert profile_for([f"fr3_joint{i}" for i in range(1, 8)]) is FR3
+    assert profile_for(["joint1"]) is None and profile_for([]) is None
+    assert select_profile("auto", r.arm_joints) is PANDA and select_profile("none", r.arm_joints) is None
+    for p in (PANDA, FR3):
+        arm = [j for j in p.joints if "finger" not in j.name]
+        assert len(arm) == 7 and all(j.lower < j.upper and j.velocity > 0 and j.acceleration > 0 for j in arm)
+    assert np.isinf(lim.acceleration).all()  # unknown in a URDF
+    t = lim.tighten(PANDA)
+    assert t.names == lim.names and np.isinf(lim.acceleration).all()  # a new object; lim unchanged
+    # pybullet_data's panda.urdf is looser than the published Panda limits (issue 22): the profile wins there
+    np.testing.assert_allclose(t.upper, [2.8973, 1.7628, 2.8973, -0.0698, 2.8973, 3.7525, 2.8973])
+    np.testing.assert_allclose(t.lower, [-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -0.0175, -2.8973])
+    np.testing.assert_allclose(t.velocity, [2.175] * 4 + [2.61] * 3)
+    np.testing.assert_allclose(t.acceleration, [15, 7.5, 10, 12.5, 15, 20, 20])
+    assert np.all(t.lower >= lim.lower) and np.all(t.upper <= lim.upper) and lim.tighten(None) is lim
+    # the URDF wins where it is tighter: a 1 rad/s URDF velocity and a narrower joint-1 range stay
+    narrow = JointLimits(lim.names, lim.lower / 2, lim.upper.copy(), np.ones(7))
+    t2 = narrow.tighten(PANDA)
+    np.testing.assert_allclose(t2.velocity, 1.0)
+    assert t2.lower[0] == narrow.lower[0] and t2.upper[0] == 2.8973
+    # joints the profile does not cover keep their URDF limits
+    mixed = JointLimits(("panda_joint1", "other"), np.array([-3.0, -1.0]), np.array([3.0, 1.0]), np.ones(2))
+    t3 = mixed.tighten(PANDA)
+    assert t3.upper.tolist() == [2.8973, 1.0] and t3.acceleration[1] == np.inf
+    with pytest.raises(ConfigError) as e:  # ranges that do not overlap: different robots
+        JointLimits(("panda_joint4",), np.array([0.5]), np.array([1.0]), np.ones(1)).tighten(PANDA)
+    assert e.value.field == "robot_profile"
+    with pytest.raises(ConfigError) as e:
+        select_profile("ur5", r.arm_joints)
+    assert e.value.field == "robot_profile"
+    with pytest.raises(ConfigError):  # a named profile must cover the joints
+        select_profile("fr3", r.arm_joints)

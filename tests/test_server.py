@@ -218,7 +218,8 @@ def test_policy_node_sources_recover_after_a_missed_deadline(server):
     src = ServerSource(addr, TOKEN, "deadline", seed=0, connect_timeout=10)
     try:
         src.start()
-        assert src.act(_obs(rng), 10.0).shape == (5,)
+        rows = src.act(_obs(rng), 10.0)  # this step's action, then the rest of the chunk (the preview)
+        assert rows.ndim == 2 and rows.shape[1] == 5 and 1 <= len(rows) <= 8
         with pytest.raises(TimeoutError):
             src.act(_obs(rng), 1e-6)
         time.sleep(0.3)  # the late reply has been sent and is dropped by the client
@@ -240,6 +241,31 @@ def test_policy_node_sources_recover_after_a_missed_deadline(server):
         asrc.close()
 
 
+def test_policy_node_in_process_source_returns_the_planned_chunk(ckpts, models):
+    """In-process ``execution: step``: each step returns this step's action (row 0, as CombinedPolicy executes it)
+    and the rest of the base's chunk with the residual of this step's observation; without a residual, those preview
+    rows are exactly the actions of the steps that follow until the next chunk (Ta = 4: 4, 3, 2, 1 rows)."""
+    from robot_rl.ros.policy_node import InProcessSource
+
+    base, res1, _ = models
+    rng = np.random.default_rng(11)
+    obs = [_obs(rng) for _ in range(9)]
+    src = InProcessSource(str(ckpts / "diff"), seed=0)
+    src.start()
+    rows = [src.act(o, 1.0) for o in obs]
+    assert [len(r) for r in rows] == [4, 3, 2, 1, 4, 3, 2, 1, 4]
+    for t in (0, 4):
+        np.testing.assert_array_equal(rows[t][1:], np.stack([rows[t + i][0] for i in range(1, 4)]))
+    want, _, _ = _reference(base, None, 0, obs)
+    np.testing.assert_array_equal(np.stack([r[0] for r in rows]), want)
+    src = InProcessSource(str(ckpts / "diff"), str(ckpts / "res1"), seed=0)
+    src.start()
+    rows = [src.act(o, 1.0) for o in obs]
+    want, _, _ = _reference(base, res1, 0, obs)
+    np.testing.assert_array_equal(np.stack([r[0] for r in rows]), want)  # row 0: base + residual, per step
+    assert not np.array_equal(rows[0][1], rows[1][0])  # the preview's residual used step 0's observation
+
+
 def test_policy_node_in_process_async_uses_an_embedded_server(ckpts, models):
     """In-process ``execution: async``: the checkpoint is served from a server thread of this process (loopback,
     random token, no weight push) and executed with the same async chunk client; its first action equals in-process
@@ -258,7 +284,7 @@ def test_policy_node_in_process_async_uses_an_embedded_server(ckpts, models):
                             embedded=emb)
     try:
         src.start()
-        acts = np.stack([src.act(o, 10.0) for o in obs])
+        acts = np.stack([src.act(o, 10.0)[0] for o in obs])
         assert src.client.requests < len(obs)
     finally:
         src.close()

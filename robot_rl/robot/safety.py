@@ -5,7 +5,9 @@ Layers, applied in this order by :meth:`SafetyFilter.filter` to one joint-positi
 reference ``q_ref`` it moves from (the previous safe command, or the measured posture after a hold):
 
 1. **finite** — a command with NaN/inf anywhere is rejected outright: the output is ``q_ref`` (hold).
-2. **joint position limits** — clipped to ``[lower + margin, upper - margin]`` (limits parsed from the URDF).
+2. **joint position limits** — clipped to ``[lower + margin, upper - margin]`` (limits parsed from the URDF, and
+   with :meth:`JointLimits.tighten` the tighter of those and the robot's published profile,
+   :mod:`robot_rl.robot.profiles`).
 3. **per-step delta / velocity** — ``|q - q_ref| <= min(max_joint_delta, velocity_scale * v_max * dt)`` per joint
    (``v_max`` from the URDF ``<limit velocity=...>``, ``dt`` = time the command is given to complete).
 4. **end-effector workspace box** — the tool position ``FK(q)`` must lie in ``[workspace_low, workspace_high]``
@@ -33,12 +35,41 @@ from robot_rl.errors import ConfigError
 
 @dataclass(frozen=True)
 class JointLimits:
-    """Position limits [rad or m] and velocity limits [rad/s or m/s] of named joints, in that order."""
+    """Position limits [rad or m], velocity limits [rad/s or m/s] and acceleration limits [rad/s^2 or m/s^2;
+    inf = unknown, the default] of named joints, in that order; each array has shape (len(names),)."""
 
     names: tuple
     lower: np.ndarray
     upper: np.ndarray
     velocity: np.ndarray
+    acceleration: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.acceleration is None:
+            object.__setattr__(self, "acceleration", np.full(len(self.names), np.inf))
+
+    def tighten(self, profile) -> "JointLimits":
+        """The tighter of these limits and a published :class:`~robot_rl.robot.profiles.Profile` (None: unchanged).
+
+        Per joint the profile covers: max of the lower bounds, min of the upper bounds, min of the velocity and of
+        the acceleration limits; joints the profile lacks keep their limits. Raises ConfigError when a joint's two
+        position ranges do not overlap (the URDF and the profile describe different robots).
+        """
+        if profile is None:
+            return self
+        lo, hi = self.lower.astype(float), self.upper.astype(float)
+        vel, acc = self.velocity.astype(float), self.acceleration.astype(float)
+        for i, n in enumerate(self.names):
+            p = profile.get(n)
+            if p is None:
+                continue
+            lo[i], hi[i] = max(lo[i], p.lower), min(hi[i], p.upper)
+            vel[i], acc[i] = min(vel[i], p.velocity), min(acc[i], p.acceleration)
+            if lo[i] > hi[i]:
+                raise ConfigError("robot_profile", f"joint {n!r}: URDF range [{self.lower[i]}, {self.upper[i]}] "
+                                                   f"and profile {profile.name!r} [{p.lower}, {p.upper}] do not "
+                                                   "overlap", "check the URDF, or set robot_profile:=none")
+        return JointLimits(tuple(self.names), lo, hi, vel, acc)
 
     @classmethod
     def from_urdf(cls, urdf: str | Path, joint_names) -> "JointLimits":

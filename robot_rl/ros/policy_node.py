@@ -3,7 +3,12 @@
 Every control tick it takes the latest joint states, camera images and (optional, privileged) object poses,
 assembles THE SAME observation dict as the simulated env (:func:`robot_rl.envs.assemble_observation`), gets the
 action for this step, and publishes it to the arm bridge (``action_topic``, the action message of
-:mod:`robot_rl.ros.common`, stamped with the oldest input's time).
+:mod:`robot_rl.ros.common`, stamped with the oldest input's time). Just before it, the planned continuation goes to
+``action_chunk_topic`` (``trajectory_msgs/JointTrajectory`` of action rows, :func:`robot_rl.ros.common.chunk_to_msg`,
+same stamp; row 0 = this step's action, rows 1.. = the rest of the base's action chunk with the residual of this
+step's observation): the arm bridge turns it into a multi-point joint trajectory with velocities, so a real
+controller moves smoothly through the steps and keeps moving when a message is late. The executed action of every
+step is still this step's action message; the preview only shapes what follows it.
 
 When a tick happens (``trigger`` parameter):
   ``timer``  every 1/``control_rate`` s on the node clock (/clock with ``use_sim_time``). Images are sampled
@@ -59,9 +64,9 @@ import numpy as np
 from robot_rl.robot.controller import DiffIKController
 from robot_rl.envs.env import assemble_observation
 from robot_rl.errors import ConfigError
-from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, JointStateCache, PoseCache, action_to_msg, declare,
-                                 declare_task, diagnostic, msg_to_image, now_sec, robot_model, run_node, sec_to_stamp,
-                                 stamp_to_sec)
+from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, action_to_msg, chunk_to_msg, declare, declare_task,
+                                 diagnostic, estop_services, JointStateCache, msg_to_image, now_sec, PoseCache,
+                                 qos_subscription, robot_model, run_node, sec_to_stamp, stamp_to_sec)
 from robot_rl.robot.safety import EStopLatch
 
 
@@ -73,7 +78,10 @@ class _NaNObjects:
 
 
 class InProcessSource:
-    """Base (+ residual) in this process via :class:`robot_rl.stages.evaluation.CombinedPolicy` (one env)."""
+    """Base (+ residual) in this process via :class:`robot_rl.stages.evaluation.CombinedPolicy` (one env).
+
+    Every source's ``act(obs, timeout_s)`` returns float (n >= 1, 5) rows: row 0 is this step's action, rows 1.. the
+    planned continuation (the rest of the current chunk; the residual of queued rows uses this step's observation)."""
 
     def __init__(self, checkpoint: str, residual: str = "", seed: int = 0):
         from robot_rl.policies.checkpoint import load_policy
@@ -108,7 +116,14 @@ class InProcessSource:
             self.first = False
         else:
             self.pol.observe(b, None)
-        return np.asarray(self.pol.act(b)[0])
+        a = np.asarray(self.pol.act(b)[0])
+        ahead = self.pol.ex.queued(0)  # the rest of the base chunk, from the next step on
+        if not len(ahead):
+            return a[None]
+        from robot_rl.rl.residual import apply_residual
+
+        tiled = {k: np.repeat(v, len(ahead), axis=0) for k, v in b.items()}
+        return np.concatenate([a[None], apply_residual(self.base.normalizer, self.res, tiled, ahead)[1]])
 
     def close(self):
         pass
@@ -159,7 +174,7 @@ class ServerSource:
                             seed=self.seed + self.episode if self.first else None, new_chunk=self.fresh,
                             timeout_s=self.connect_timeout if self.first else timeout_s)
         self.first = self.fresh = False
-        return np.asarray(r.action)
+        return np.asarray(r.executed)
 
     def close(self):
         self._close_session()
@@ -200,8 +215,8 @@ class AsyncServerSource:
         if self.restart:
             a = self.client.act(obs, reset=True, seed=self.seed + self.episode, timeout_s=self.connect_timeout)
             self.restart = False
-            return a
-        return self.client.act(obs, timeout_s=timeout_s)
+            return np.asarray(a)[None]
+        return np.asarray(self.client.act(obs, timeout_s=timeout_s))[None]
 
     def close(self):
         self.client.close()
@@ -215,7 +230,7 @@ def make_node():
     from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
     from sensor_msgs.msg import Image, JointState
     from std_msgs.msg import Empty
-    from std_srvs.srv import Trigger
+    from trajectory_msgs.msg import JointTrajectory
 
     class PolicyNode(LifecycleNode):
         def __init__(self):
@@ -249,6 +264,8 @@ def make_node():
                                                                       "from <privileged_namespace>/target_pose")),
                 "action_topic": declare(self, "action_topic", "/arm_bridge/action", "where actions go"),
                 "hold_topic": declare(self, "hold_topic", "/arm_bridge/hold", "std_msgs/Empty: hold now"),
+                "action_chunk_topic": declare(self, "action_chunk_topic", "/arm_bridge/action_chunk",
+                                              "where each step's planned continuation goes ('' = not sent)"),
                 "seed": int(declare(self, "seed", 0, "noise seed (episode k uses seed + k)")),
                 "autostart": bool(declare(self, "autostart", False, "configure + activate at start-up")),
                 "trigger": declare(self, "trigger", "auto", "when a control step runs: timer | image | auto"),
@@ -277,9 +294,10 @@ def make_node():
             self.steps = 0
             self.pub_action = self.create_publisher(JointState, self.p["action_topic"], COMMAND_QOS)
             self.pub_hold = self.create_publisher(Empty, self.p["hold_topic"], COMMAND_QOS)
+            self.pub_chunk = (self.create_publisher(JointTrajectory, self.p["action_chunk_topic"], COMMAND_QOS)
+                              if self.p["action_chunk_topic"] else None)
             self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
-            self.create_service(Trigger, "~/estop", self._on_estop)
-            self.create_service(Trigger, "~/clear_estop", self._on_clear)
+            estop_services(self, self._on_estop, self._on_clear)
             self.create_timer(1.0, self._diag)
             self._Empty, self._PoseStamped, self._Image, self._JointState = Empty, PoseStamped, Image, JointState
             if self.p["autostart"]:
@@ -361,8 +379,8 @@ def make_node():
                     self._PoseStamped, f"{p['privileged_namespace']}/{name}_pose",
                     lambda m, n=name: self.poses.update(n, m), COMMAND_QOS))
             for cam in self.cameras:
-                self.subs.append(self.create_subscription(
-                    self._Image, p["image_topic"].format(camera=cam), lambda m, c=cam: self._on_image(c, m),
+                self.subs.append(qos_subscription(
+                    self, self._Image, p["image_topic"].format(camera=cam), lambda m, c=cam: self._on_image(c, m),
                     SENSOR_QOS))
 
         def _on_image(self, cam, m):
@@ -488,17 +506,22 @@ def make_node():
                 self._hold(f"non-finite observation {bad}", "bad_obs")
                 return
             try:
-                a = self.source.act({k: obs[k] for k in self.keys}, self.p["server_timeout"])
+                rows = self.source.act({k: obs[k] for k in self.keys}, self.p["server_timeout"])
             except TimeoutError as e:
                 self._hold(f"policy server timeout: {e}", "server_timeouts")
                 return
             except Exception as e:  # noqa: BLE001 - any policy failure holds the arm
                 self._hold(f"policy error: {e}", "policy_errors")
                 return
-            a = np.asarray(a, dtype=np.float64).reshape(-1)
+            rows = np.asarray(rows, dtype=np.float64)
+            a = rows.reshape(-1, 5)[0] if rows.ndim == 2 and rows.shape[1:] == (5,) and len(rows) else rows.reshape(-1)
             if a.shape != (5,) or not np.all(np.isfinite(a)):
                 self._hold(f"rejected action {a.tolist()} (NaN/inf or shape != (5,))", "rejected_actions")
                 return
+            if self.pub_chunk is not None:  # before the action: the bridge pairs them by stamp
+                ok = rows.ndim == 2 and rows.shape[1:] == (5,) and np.all(np.isfinite(rows))
+                self.pub_chunk.publish(chunk_to_msg(np.clip(rows if ok else a[None], -1.0, 1.0), self.period,
+                                                    sec_to_stamp(t_obs)))
             self.pub_action.publish(action_to_msg(np.clip(a, -1.0, 1.0), sec_to_stamp(t_obs)))
             self.holding, self.hold_reason = False, ""
             self.steps += 1

@@ -38,8 +38,8 @@ import numpy as np
 from robot_rl.robot.controller import DiffIKController
 from robot_rl.envs.env import assemble_observation
 from robot_rl.errors import ConfigError
-from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, JointStateCache, PoseCache, declare, declare_task,
-                                 msg_to_action, msg_to_image, robot_model, run_node)
+from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, declare, declare_task, JointStateCache, msg_to_action,
+                                 msg_to_image, PoseCache, qos_subscription, robot_model, run_node)
 from robot_rl.datasets.episodes import EpisodeWriter
 from robot_rl.datasets.store import SOURCES, ZarrStore
 
@@ -106,8 +106,8 @@ def make_node():
                                          COMMAND_QOS)
                 self.create_subscription(String, f"{ns}/episode", self._on_episode, LATCHED_QOS)
             for c in self.cameras:
-                self.create_subscription(Image, self.image_topic.format(camera=c),
-                                         lambda m, c=c: self.images.__setitem__(c, (m, time.monotonic())), SENSOR_QOS)
+                qos_subscription(self, Image, self.image_topic.format(camera=c),
+                                 lambda m, c=c: self.images.__setitem__(c, (m, time.monotonic())), SENSOR_QOS)
             self.create_service(Trigger, "~/start", self._on_start)
             self.create_service(Trigger, "~/stop", self._on_stop)
             self.create_service(Trigger, "~/discard", self._on_discard)
