@@ -136,7 +136,8 @@ def bench_success(a):
              NodeProcess("robot_rl.hw_drivers.arm_bridge", {**clock, "command_interface": a.interface,
                                                             "hardware_interpolates": a.interface == "commands",
                                                             "trajectory_mode": a.trajectory_mode,
-                                                            "trajectory_lead": a.lead}, tmp, env),
+                                                            "trajectory_lead": a.lead,
+                                                            "acceleration_scale": a.acceleration_scale}, tmp, env),
              NodeProcess("robot_rl.ros.policy_node", {**clock, "checkpoint": a.checkpoint,
                                                              "execution": a.execution}, tmp, env)]
     drv = Driver(d)
@@ -170,6 +171,7 @@ def bench_success(a):
 
     k = sum(res)
     out = {"backend": a.backend, "interface": a.interface, "trajectory_mode": a.trajectory_mode, "lead": a.lead,
+           "acceleration_scale": a.acceleration_scale,
            "execution": a.execution, "episodes": len(res), "ros_successes": k,
            "ros_success_rate": k / len(res), "ros_ci95": wilson_interval(k, len(res)),
            "reference_in_process_successes": ref["successes"],
@@ -193,7 +195,8 @@ def main():
     sc.add_argument("--interface", default="commands", choices=["commands", "trajectory"])
     sc.add_argument("--trajectory-mode", default="chunk", choices=["chunk", "point"],
                     help="trajectory interface: multi-point with velocities from the chunk, or one position point")
-    sc.add_argument("--lead", type=float, default=0.0, help="arm_bridge trajectory_lead [s]")
+    sc.add_argument("--lead", type=float, default=0.03, help="arm_bridge trajectory_lead [s]")
+    sc.add_argument("--acceleration-scale", type=float, default=0.5, help="arm_bridge acceleration_scale")
     sc.add_argument("--execution", default="step", choices=["step", "async"],
                     help="policy node execution (async: in-process via an embedded server, temporal ensembling)")
     sc.add_argument("--episodes", type=int, default=20)

@@ -118,8 +118,9 @@ def make_node():
             self.traj_horizon = float(declare(self, "trajectory_horizon", 0.4, "chunk mode: the knots span at "
                                               "least this long, the last action repeated past the chunk [s]",
                                               positive=True))
-            self.traj_lead = float(declare(self, "trajectory_lead", 0.0, "chunk mode: knots this much earlier "
-                                           "than their control step [s] (servo lag; < control_period)"))
+            self.traj_lead = float(declare(self, "trajectory_lead", 0.03, "chunk mode: knots this much earlier "
+                                           "than their control step [s] (the arm lags its reference; "
+                                           "< control_period)"))
             acc = float(declare(self, "acceleration_limit", 0.0, "chunk mode: joint acceleration limit "
                                 "[rad/s^2] (0 = the robot profile's, else 7.5)"))
             self.acc_scale = float(declare(self, "acceleration_scale", 0.5, "chunk mode: plan at this fraction of "
@@ -248,6 +249,7 @@ def make_node():
                 q_t, _ = self.controller.compute(q_prev, r)
                 q_prev, _ = self.plan_safety.filter(q_t, q_prev, self.period)
                 q_steps.append(q_prev)
+            now = now_sec(self)  # after the IK: the trajectory starts when it is received, about now
             self._publish_plan(now, *self._desired(q_meas, now), np.stack(q_steps), self.traj_lead)
             self._send_gripper(width)
 

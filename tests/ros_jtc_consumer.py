@@ -105,8 +105,8 @@ def analyse(msgs, delays, lower, upper):
     for k in starts:
         keep[max(k - 2, 0):k + 1] = False
     acc = acc[keep]
-    # a trajectory of the policy's stream (>= 4 knots; a hold's stop has fewer) that ran out before the next one
-    stops = sum(1 for i in range(1, len(msgs)) if rx[i] - rx[i - 1] < STREAM_GAP and len(msgs[i - 1][1]) >= 4
+    # a trajectory (not a one-knot stop from rest) that ran out while the stream went on
+    stops = sum(1 for i in range(1, len(msgs)) if rx[i] - rx[i - 1] < STREAM_GAP and len(msgs[i - 1][1]) >= 2
                 and apply[i] > trajs[i - 1].end + 1e-9)
     out = {"messages": len(msgs), "samples": len(ts), "max_join_velocity_jump": max(jumps) if jumps else 0.0,
            "max_acceleration": np.max(np.abs(acc), axis=0).tolist(),

@@ -187,3 +187,77 @@ def test_joint_map_parsing():
         assert e.value.field == "joint_map"
     with pytest.raises(ConfigError):  # two policy joints onto one robot joint
         map_joint_names(parse_joint_map(["panda_joint1=j", "panda_joint2=j"]), panda)
+
+
+def test_robot_bringup_picks_up_an_fr3_description_by_configuration_only(ros, tmp_path):
+    """`robot-rl bringup launch/robot_bringup.yaml` on an "FR3", configured only by --set: a stand-in
+    robot_state_publisher latches the FR3-style URDF; arm_bridge and policy_node read it from /robot_description and
+    map the Panda-trained policy's joint names onto fr3_* (joint_map); the camera reads a video file. The bridge's
+    multi-point trajectories name fr3_* joints and stay inside the FR3 profile; both nodes log the topic and the
+    fr3 profile; Ctrl-C stops all three cleanly."""
+    import signal
+    from pathlib import Path
+
+    from sensor_msgs.msg import JointState
+    from trajectory_msgs.msg import JointTrajectory
+
+    from robot_rl.robot.profiles import FR3
+    from robot_rl.ros.common import COMMAND_QOS, action_to_msg
+    from ros_helpers import make_video
+
+    drv, start, tmp = ros
+    root = Path(__file__).resolve().parents[1]
+    (tmp / "fr3.urdf").write_text(fr3_style_urdf())
+    (tmp / "rsp.py").write_text(_RSP_SCRIPT)
+    make_video(tmp / "front.avi")
+    env = ros_env(int(os.environ["ROS_DOMAIN_ID"]))
+    rsp = subprocess.Popen([sys.executable, str(tmp / "rsp.py"), str(tmp / "fr3.urdf")], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    robot = {"robot_description_topic": "/robot_description", "robot_description_timeout": 30.0,
+             "joint_map": "['panda_*=fr3_*']", "base_link": "fr3_link0", "tip_link": "fr3_grasptarget"}
+    sets = [f"{node}.{k}={v}" for node in ("arm_bridge", "policy_node") for k, v in robot.items()]
+    sets += [f"camera.source={tmp / 'front.avi'}", f"policy_node.checkpoint={root / 'tests/fixtures/place_bc_mujoco'}",
+             "policy_node.autostart=false", "arm_bridge.joint_state_timeout=1.0", "arm_bridge.command_timeout=5.0"]
+    log = open(tmp / "bringup.log", "w+")
+    bringup = None
+    try:
+        assert rsp.stdout.readline().strip() == "latched"
+        bringup = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "bringup",
+                                    str(root / "launch" / "robot_bringup.yaml"), *[a for s in sets for a in ("--set", s)]],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        drv.subscribe(JointTrajectory, "/joint_trajectory_controller/joint_trajectory", COMMAND_QOS, keep=True)
+        pub_js = drv.node.create_publisher(JointState, "/joint_states", COMMAND_QOS)
+        pub_act = drv.node.create_publisher(JointState, "/arm_bridge/action", COMMAND_QOS)
+        q = [0.0, -0.4, 0.0, -2.2, 0.0, 1.9, 0.785]
+
+        def joint_states():
+            m = JointState(name=ARM + FINGERS, position=[*q, 0.02, 0.02])
+            m.header.stamp = drv.node.get_clock().now().to_msg()
+            pub_js.publish(m)
+
+        drv.node.create_timer(0.05, joint_states)
+
+        def commanded():
+            assert bringup.poll() is None, (tmp / "bringup.log").read_text()[-3000:]
+            pub_act.publish(action_to_msg([0.5, 0.0, -0.5, 0.0, 0.0], drv.node.get_clock().now().to_msg()))
+            return len(drv.log.get("/joint_trajectory_controller/joint_trajectory", [])) >= 3
+
+        drv.wait_for(commanded, 90, "fr3 trajectories from the bring-up's arm_bridge")
+        msgs = [m for _, m in drv.log["/joint_trajectory_controller/joint_trajectory"]]
+        assert all(list(m.joint_names) == ARM for m in msgs)
+        knots = np.array([p.positions for m in msgs for p in m.points])
+        lo, hi = np.array([FR3.get(n).lower for n in ARM]), np.array([FR3.get(n).upper for n in ARM])
+        assert len(msgs[-1].points) >= 4 and np.all(knots >= lo) and np.all(knots <= hi)
+        model_line = lambda node: next((ln for ln in (tmp / "bringup.log").read_text().splitlines()  # noqa: E731
+                                        if ln.startswith(f"[{node}]") and "robot model from" in ln), "")
+        drv.wait_for(lambda: model_line("policy_node"), 90, "the policy node's robot model (it loads torch first)")
+        bringup.send_signal(signal.SIGINT)
+        assert bringup.wait(30) == 0
+    finally:
+        if bringup is not None and bringup.poll() is None:
+            bringup.kill()
+        rsp.terminate()
+        rsp.wait(10)
+    for node in ("arm_bridge", "policy_node"):
+        line = model_line(node)
+        assert "topic /robot_description" in line and "profile fr3" in line and "fr3_joint7" in line, line
