@@ -75,7 +75,7 @@ def cmd_train_base(a):
     from torch.utils.tensorboard import SummaryWriter
 
     from robot_rl.config import write_config
-    from robot_rl.stages.train_base import check_run_dir, train_base
+    from robot_rl.stages.train_base import check_run_dir, distributed_rank, train_base
 
     cfg = _resolve(a)
     out = Path(a.out)
@@ -94,7 +94,8 @@ def cmd_train_base(a):
     finally:
         for w in writers:
             w.close()
-    print(json.dumps({k: v for k, v in r.items() if k != "history"}, indent=1))
+    if distributed_rank()[0] == 0:  # torchrun: rank 0 reports
+        print(json.dumps({k: v for k, v in r.items() if k != "history"}, indent=1))
 
 
 def cmd_train_residual(a):

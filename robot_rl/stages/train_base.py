@@ -93,6 +93,25 @@ def select_episodes(store: ZarrStore, only_success: bool = False, sources=()) ->
     return np.asarray(keep, dtype=np.int64)
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in a ``torchrun`` launch (its ``RANK`` / ``WORLD_SIZE`` environment),
+    (0, 1) otherwise."""
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class _Loss(torch.nn.Module):
+    """The policy's training loss as a module's forward, so DistributedDataParallel sees (and all-reduces) it."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch):
+        return self.policy.compute_loss(batch)
+
+
 def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig, *, writer=None,
                progress: bool = True, on_start=None) -> dict:
     """Train a base policy and save it to ``out_dir/checkpoint``. Returns a summary dict.
@@ -101,9 +120,21 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     validated, before training; a non-None return value becomes the writer (the CLI writes its config.yaml and
     opens TensorBoard there, so a rejected run leaves ``out_dir`` untouched).
 
+    Distributed (``torchrun --nproc-per-node N -m robot_rl.cli train-base ...``, ``WORLD_SIZE`` > 1): one process per
+    rank with torch DistributedDataParallel (gloo on CPU, NCCL on GPU): every rank builds the same policy (same
+    seed; DDP also broadcasts rank 0's weights), takes ``batch_size / N`` windows per step from its shard of the
+    training windows (``DistributedSampler``, reshuffled per epoch), and the gradients are averaged, so a step sees
+    ``batch_size`` windows as in one process. Rank 0 alone calls ``on_start``, writes the checkpoint, the summary and
+    TensorBoard, shows progress and computes the validation loss; every rank returns the summary.
+
     Raises:
-        ConfigError: missing/malformed store, unknown keys, impossible config.
+        ConfigError: missing/malformed store, unknown keys, impossible config; ``batch_size`` not divisible by the
+            number of ranks.
     """
+    rank, world = distributed_rank()
+    if world > 1 and cfg.batch_size % world:
+        raise ConfigError("batch_size", f"{cfg.batch_size} is not divisible by the {world} ranks",
+                          f"use a multiple of {world} (the global batch is split evenly)")
     torch.manual_seed(cfg.seed)
     store = ZarrStore.open(store_path, mode="r")
     for k, example in (("steps", 3000), ("batch_size", 256)):
@@ -136,11 +167,30 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     train_ds = mk(train_eps)
     val_ds = mk(val_eps) if len(val_eps) else None
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
-                                         generator=gen, num_workers=0)
+    sampler = None
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=len(train_ds) >= world)
+    per_rank = cfg.batch_size // world
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
+                                         drop_last=len(train_ds) // world > per_rank,
+                                         generator=gen if sampler is None else None, num_workers=0)
     policy = make_policy(pcfg, stats)
-    if on_start is not None:
+    loss_fn = _Loss(policy)
+    if world > 1:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.manual_seed(cfg.seed + 1000 * rank)  # each rank its own diffusion noise; weights come from rank 0
+        loss_fn = DistributedDataParallel(loss_fn)
+    if on_start is not None and rank == 0:
         writer = on_start() or writer
+    if rank != 0:
+        writer, progress = None, False
     ema = make_ema(policy) if cfg.kind == "diffusion" else None
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.95, 0.999))
     from diffusers.optimization import get_scheduler
@@ -148,14 +198,18 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=min(cfg.warmup_steps, cfg.steps // 10),
                           num_training_steps=cfg.steps)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    history, step, t0 = [], 0, time.time()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    history, step, epoch, t0 = [], 0, 0, time.time()
     bar = progress_bar(total=cfg.steps, desc=f"train {cfg.kind}", unit="step", disable=not progress)
     policy.train()
     while step < cfg.steps:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        epoch += 1
         for batch in loader:
-            loss = policy.compute_loss(batch)
+            loss = loss_fn(batch)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -168,7 +222,7 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if writer is not None:
                     writer.add_scalar("base/train_loss", loss.item(), step)
-            if val_ds is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            if rank == 0 and val_ds is not None and (step % cfg.val_every == 0 or step == cfg.steps):
                 vl = _val_loss(policy, val_ds, cfg.batch_size)
                 history.append({"step": step, "train_loss": loss.item(), "val_loss": vl})
                 if writer is not None:
@@ -176,12 +230,18 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
             if step >= cfg.steps:
                 break
     bar.close()
-    ck = save_policy(policy, out / "checkpoint", ema=ema,
-                     extra={"store": str(store_path), "train_episodes": len(train_eps), "steps": cfg.steps})
-    summary = {"checkpoint": str(ck), "train_episodes": int(len(train_eps)), "val_episodes": int(len(val_eps)),
-               "windows": len(train_ds), "final_loss": float(loss.item()), "history": history,
-               "wall_s": time.time() - t0}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    summary = {"checkpoint": str(out / "checkpoint"), "train_episodes": int(len(train_eps)),
+               "val_episodes": int(len(val_eps)), "windows": len(train_ds), "final_loss": float(loss.item()),
+               "history": history, "wall_s": time.time() - t0, "world_size": world}
+    if rank == 0:
+        save_policy(policy, out / "checkpoint", ema=ema,
+                    extra={"store": str(store_path), "train_episodes": len(train_eps), "steps": cfg.steps})
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the checkpoint is written before any rank returns
+        dist.destroy_process_group()
     return summary
 
 
