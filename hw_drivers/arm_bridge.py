@@ -353,6 +353,8 @@ def make_node():
             if self.state == "active":  # leave the arm holding, not mid-motion
                 self.hold("shutdown")
                 time.sleep(0.05)
+            if self.pub_grip is not None:  # the gripper output's publishers / action clients (the gripper stays)
+                self.pub_grip.close()
 
     return ArmBridge()
 
