@@ -940,18 +940,17 @@ def _where(path: str | os.PathLike) -> _Where:
         store = zarr.storage.FsspecStore.from_url(url, read_only=True)
     except (ImportError, ValueError) as e:  # unknown protocol, or its filesystem package is not installed
         raise ConfigError("path", f"cannot open {url} ({_first_line(e)})",
-                          "install the filesystem for the URL's scheme (`pip install robot_rl[remote]` gives s3fs, "
-                          "gcsfs and aiohttp), or copy the store to a local directory") from None
+                          "install the filesystem for the URL's scheme (`pip install robot_rl[remote]` gives s3fs "
+                          "and aiohttp; gcsfs for gs://), or copy the store to a local directory") from None
     return _Where(url, RemotePath(root), RemoteFiles(fs), store)
 
 
 def _local(path: str | os.PathLike) -> Path:
     """``path`` as a local directory to write; ConfigError for a remote URL (remote stores are read-only)."""
-    where = _where(path) if not is_url(path) else None
-    if where is None:
+    if is_url(path):
         raise ConfigError("path", f"{path} is remote; remote stores are read-only",
                           "write to a local store, then upload it (e.g. `aws s3 sync DIR s3://...`)")
-    return where.path
+    return _where(path).path
 
 
 def _existing_store(path: str | os.PathLike, mode: str = "r") -> _Where:

@@ -133,13 +133,11 @@ def make_node():
                 raise ConfigError("control_period", f"{self.period} <= 0", "use e.g. 0.1")
             if not 0.0 <= self.traj_lead < self.period:
                 raise ConfigError("trajectory_lead", f"{self.traj_lead} s", f"use 0 <= lead < {self.period}")
-            prof = getattr(self.limits, "acceleration", None)
+            prof = self.limits.acceleration  # inf where the robot profile gives none
             self.acc_max = self.acc_scale * (
                 np.full(len(self.robot.arm_joints), acc) if acc > 0 else
-                np.asarray(prof, dtype=np.float64) if prof is not None and np.all(np.isfinite(prof))
-                else np.full(len(self.robot.arm_joints), 7.5))
-            self.reference = TrajectoryFollower(np.zeros(len(self.robot.arm_joints)))  # what was sent (chunk mode)
-            self.ref_valid = False
+                prof if np.all(np.isfinite(prof)) else np.full(len(self.robot.arm_joints), 7.5))
+            self.reference: TrajectoryFollower | None = None  # the trajectory sent last (chunk mode)
             self.preview: tuple[float, np.ndarray] | None = None  # (stamp, rows 1..) of the last action chunk
 
             self.js = JointStateCache()
@@ -242,10 +240,10 @@ def make_node():
             (or ``a`` when no chunk came with it, e.g. teleop) repeated up to ``trajectory_horizon``; knots by
             :func:`robot_rl.robot.trajectory.plan_knots` from the desired state now."""
             n = max(1, int(np.ceil(self.traj_horizon / self.period - 1e-9)))
-            rows = list(np.clip(ahead, -1.0, 1.0)) or [np.clip(a, -1.0, 1.0)]
-            rows += [rows[-1]] * max(0, n - 1 - len(rows))
+            rows = list(np.clip(ahead, -1.0, 1.0))
+            rows += [rows[-1] if rows else np.clip(a, -1.0, 1.0)] * max(0, n - 1 - len(rows))
             q_steps, q_prev = [q_first], q_first
-            for r in rows[: max(n - 1, len(ahead))]:
+            for r in rows:
                 q_t, _ = self.controller.compute(q_prev, r)
                 q_prev, _ = self.plan_safety.filter(q_t, q_prev, self.period)
                 q_steps.append(q_prev)
@@ -267,13 +265,14 @@ def make_node():
                 pt.time_from_start = sec_to_duration(float(t))
                 jt.points.append(pt)
             self.pub_arm.publish(jt)
+            self.reference = TrajectoryFollower(q0)
             self.reference.trajectory(now, q0, list(zip(times, qs, vs)), v_start=v0)
-            self.ref_valid = True
+            self.counts["commands"] += 1
 
         def _desired(self, q_meas, now):
             """The controller's desired (position, velocity) now: the trajectory this node sent, or the measured
             posture at rest when none is running or the arm is far from it (another commander, a restart)."""
-            if self.ref_valid:
+            if self.reference is not None:
                 q0, v0 = self.reference.state(now)
                 if np.max(np.abs(q0 - q_meas)) < REFERENCE_TOLERANCE:
                     return q0, v0
@@ -283,7 +282,6 @@ def make_node():
             """Chunk mode hold: brake from the desired state to rest within the acceleration limit."""
             q0, v0 = self._desired(q_meas, now)
             self._publish_plan(now, q0, v0, (q0 + 0.5 * v0 * self.period)[None])
-            self.counts["commands"] += 1
 
         def _send(self, q, width=None, duration=None):
             if self.interface == "trajectory":
@@ -296,13 +294,13 @@ def make_node():
                 self.pub_arm.publish(jt)
             else:
                 self.pub_arm.publish(self._F64A(data=[float(v) for v in q]))
-            self.ref_valid = False
+            self.reference = None
+            self.counts["commands"] += 1
             self._send_gripper(width)
 
         def _send_gripper(self, width):
             if width is not None and self.pub_grip is not None:
                 self.pub_grip.command(float(width))  # TopicGripper: [width / len(gripper_joints)] as before
-            self.counts["commands"] += 1
 
         # -- holding -------------------------------------------------------------------------------------------
         def hold(self, reason: str):

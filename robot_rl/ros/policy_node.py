@@ -514,12 +514,13 @@ def make_node():
                 self._hold(f"policy error: {e}", "policy_errors")
                 return
             rows = np.asarray(rows, dtype=np.float64)
-            a = rows.reshape(-1, 5)[0] if rows.ndim == 2 and rows.shape[1:] == (5,) and len(rows) else rows.reshape(-1)
+            shaped = rows.ndim == 2 and rows.shape[1:] == (5,) and len(rows) > 0
+            a = rows[0] if shaped else rows.reshape(-1)
             if a.shape != (5,) or not np.all(np.isfinite(a)):
                 self._hold(f"rejected action {a.tolist()} (NaN/inf or shape != (5,))", "rejected_actions")
                 return
             if self.pub_chunk is not None:  # before the action: the bridge pairs them by stamp
-                ok = rows.ndim == 2 and rows.shape[1:] == (5,) and np.all(np.isfinite(rows))
+                ok = shaped and np.all(np.isfinite(rows))
                 self.pub_chunk.publish(chunk_to_msg(np.clip(rows if ok else a[None], -1.0, 1.0), self.period,
                                                     sec_to_stamp(t_obs)))
             self.pub_action.publish(action_to_msg(np.clip(a, -1.0, 1.0), sec_to_stamp(t_obs)))
