@@ -459,6 +459,10 @@ class _Command:
         return self
 
 
+RAY_HELP = ("run the env workers as Ray actors (robot_rl.envs.ray_envs): 'local' starts Ray on this machine, 'auto' "
+            "or HOST:PORT joins a running cluster (ray start --head); default: local subprocesses")
+
+
 def _square(text: str) -> list[int]:
     n = int(text)
     return [n, n]
@@ -480,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          type=_square)
      .field("--keep-failures", "collect.only_success", "store failed episodes too", action="store_const",
             const=False)
-     .field("--randomization", "randomization.preset", rnd_help + " (stored per episode)"))
+     .field("--randomization", "randomization.preset", rnd_help + " (stored per episode)")
+     .field("--n-envs", "collect.n_envs", "parallel env workers", type=int))
 
     (_Command(sub, "train-base", cmd_train_base, "train a diffusion / BC base policy on a store")
      .arg("--store", required=True).arg("--out", required=True)
@@ -514,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
      .field("--actors", "td3.actors", "td3: actor processes acting through a policy server in the learner "
                                       "process (0: single process)", type=int)
      .field("--alpha", "residual.alpha", type=float).field("--seed", "seed", type=int)
-     .field("--backend", "env.backend").field("--randomization", "randomization.preset", rnd_help))
+     .field("--backend", "env.backend").field("--randomization", "randomization.preset", rnd_help)
+     .field("--ray", "env.ray", RAY_HELP, metavar="ADDRESS"))
 
     (_Command(sub, "eval", cmd_eval, "held-out seeded evaluation with Wilson intervals, report and videos")
      .arg("--base", help="base checkpoint (required unless --server)").arg("--residual")
@@ -528,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
      .field("--n-envs", "eval.n_envs", type=int).field("--seed-start", "eval.seed_start", type=int)
      .field("--videos", "eval.videos", type=int).field("--seed", "seed", type=int)
      .field("--backend", "env.backend", "simulator: mujoco | pybullet")
-     .field("--randomization", "randomization.preset", rnd_help))
+     .field("--randomization", "randomization.preset", rnd_help)
+     .field("--ray", "env.ray", RAY_HELP, metavar="ADDRESS"))
 
     (_Command(sub, "transfer", cmd_transfer, "sim-to-sim transfer: train vs eval backend, with and without domain "
                                              "randomization, one table with Wilson intervals + videos")
@@ -542,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "given)")
      .field("--episodes", "transfer.episodes", "per condition (the same seeds in each)", type=int)
      .field("--n-envs", "transfer.n_envs", type=int).field("--seed-start", "transfer.seed_start", type=int)
-     .field("--videos", "transfer.videos", "per condition", type=int))
+     .field("--videos", "transfer.videos", "per condition", type=int)
+     .field("--ray", "env.ray", RAY_HELP, metavar="ADDRESS"))
 
     pp = _Command(sub, "pipeline", cmd_pipeline, "collect -> train base -> residual RL -> evaluate, end to end")
     pp.arg("--preset", default="quick", help="quick | full (MLP BC base) | full-diffusion (Diffusion Policy base)")

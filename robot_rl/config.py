@@ -503,8 +503,10 @@ def section_classes() -> dict[str, type]:
     env = derived_section(
         "EnvSection", EnvConfig, {"randomization": "use the randomization section, e.g. "
                                                    "--set randomization.preset=default"},
-        "EnvConfig fields + backend; cameras / image_size None = the policy's (rollouts) or EnvConfig's.",
-        extra=[("backend", str, "mujoco")],
+        "EnvConfig fields + backend + ray; cameras / image_size None = the policy's (rollouts) or EnvConfig's; ray: "
+        "None = env workers are local subprocesses, an address (local | auto | HOST:PORT) = Ray actors on that "
+        "cluster (robot_rl.envs.ray_envs).",
+        extra=[("backend", str, "mujoco"), ("ray", str | None, None)],
         defaults={"cameras": (tuple | None, None), "image_size": (tuple | None, None)})
     base = derived_section("BaseSection", BaseTrainConfig,
                            {"seed": seed, "policy": "use the policy section, e.g. --set policy.horizon=16"},
@@ -572,10 +574,13 @@ class Config:
     def env_kwargs(self, *, randomization: bool = True, backend: bool = False) -> dict:
         """:class:`~robot_rl.envs.env.EnvConfig` fields for ``make_env`` / ``make_vector_env`` / ``evaluate``: the
         ``env`` section without unset (None) cameras / image_size, plus ``randomization`` (its spec, when it turns
-        something on and ``randomization``) and ``backend`` (when ``backend``)."""
+        something on and ``randomization``), ``backend`` (when ``backend``) and ``ray`` (when set: the vector envs'
+        Ray cluster, :func:`robot_rl.envs.vector.make_vector_env`; ``make_env`` does not take it)."""
         kw = {k: v for k, v in ((f.name, getattr(self.env, f.name)) for f in fields(self.env))
               if not (k in ("cameras", "image_size") and v is None)}
-        b = kw.pop("backend")
+        b, address = kw.pop("backend"), kw.pop("ray")
+        if address is not None:
+            kw["ray"] = address
         if backend:
             kw["backend"] = b
         spec = self.randomization.spec() if self.randomization is not None else None

@@ -121,7 +121,7 @@ def collect_args(cfg: Config) -> dict:
     c, env = cfg.collect, cfg.env_kwargs(randomization=False)
     kw = {k: env.pop(k) for k in ("cameras", "image_size") if k in env}
     return dict(task=cfg.task.name, n_episodes=c.episodes, seed=cfg.seed, noise=c.noise, bias=c.bias,
-                only_success=c.only_success, max_attempts=c.max_attempts, backend=cfg.env.backend,
+                only_success=c.only_success, max_attempts=c.max_attempts, n_envs=c.n_envs, backend=cfg.env.backend,
                 randomization=cfg.randomization.spec(), task_kwargs=None if c.nominal_task else cfg.task.kwargs,
                 env_kwargs=env, **kw)
 

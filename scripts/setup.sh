@@ -36,6 +36,6 @@ torch_src=()
 .venv/bin/pip install -q "torch==2.13.0" "${torch_src[@]}"
 .venv/bin/python -c "import torch, sys; sys.exit(torch.version.cuda is not None)" || echo "[setup] warning: a CUDA \
 build of torch was installed (several GB); set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU one" >&2
-.venv/bin/pip install -q -e ".[test,ros,remote]"
+.venv/bin/pip install -q -e ".[test,ros,remote,ray]"
 echo "$want" > "$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, mujoco; print("torch", torch.__version__, "mujoco", mujoco.__version__)')"

@@ -354,11 +354,15 @@ def make_env(task: str = "place", backend: str = "mujoco", *, task_kwargs: dict 
 
 
 def check_env_options(task: str, task_kwargs: dict | None = None, backend: str | None = None,
-                      **cfg) -> tuple[Task, dict]:
-    """Validate task name/kwargs, the backend name (when given), :class:`EnvConfig` field names and values and the
-    randomization spec without building a simulator (vector envs and ``collect`` call this before anything is
+                      ray: str | None = None, **cfg) -> tuple[Task, dict]:
+    """Validate task name/kwargs, the backend name (when given), the vector envs' Ray address (when given: a
+    non-empty string, :func:`robot_rl.envs.vector.make_vector_env`), :class:`EnvConfig` field names and values and
+    the randomization spec without building a simulator (vector envs and ``collect`` call this before anything is
     started or written, so bad input fails there, on one line). Returns (task, normalised cfg). Raises ConfigError."""
     from robot_rl.sim import BACKENDS
+
+    if ray is not None and not (isinstance(ray, str) and ray.strip()):
+        raise ConfigError("env.ray", f"{ray!r} is not a Ray address", "use local, auto or HOST:PORT")
 
     if backend is not None and backend not in BACKENDS:
         raise ConfigError("backend", f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")

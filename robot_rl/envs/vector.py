@@ -1,8 +1,9 @@
 """Vector envs and episode seeds shared by collection, evaluation and residual RL.
 
-- :func:`make_vector_env`: a Gymnasium ``AsyncVectorEnv`` (one subprocess per env) with autoreset DISABLED; the
-  caller resets finished envs with explicit per-episode seeds (``reset_mask``), so every episode is reproducible
-  from its seed regardless of how many workers ran it.
+- :func:`make_vector_env`: a Gymnasium ``AsyncVectorEnv`` (one subprocess per env), or with ``ray`` a
+  :class:`~robot_rl.envs.ray_envs.RayVectorEnv` (one Ray actor per env, on any node of a cluster), with autoreset
+  DISABLED; the caller resets finished envs with explicit per-episode seeds (``reset_mask``), so every episode is
+  reproducible from its seed regardless of how many workers ran it, or where.
 - :class:`SeedSchedule`: hands out episode seeds from a range.
 - Seed ranges: demonstrations from :data:`DEMO_SEED_START`, residual-RL training from :data:`TRAIN_SEED_START`
   (+ 10 000 000 per training seed), validation from :data:`VAL_SEED_START`, evaluation from
@@ -33,13 +34,23 @@ def _env_fn(task, backend, task_kwargs, env_kwargs):
 
 
 def make_vector_env(task: str, n_envs: int, backend: str = "mujoco", *, task_kwargs: dict | None = None,
-                    asynchronous: bool = True, **env_kwargs) -> gym.vector.VectorEnv:
+                    asynchronous: bool = True, ray: str | None = None, **env_kwargs) -> gym.vector.VectorEnv:
     """``n_envs`` copies of ``make_env(task, backend, ...)`` with autoreset disabled.
 
-    Workers start with the ``forkserver`` method (safe with torch's thread pools), so a script that calls this
-    must guard its entry point with ``if __name__ == "__main__":`` (standard multiprocessing rule).
+    ``ray``: None -> local workers: subprocesses (``asynchronous`` and ``n_envs`` > 1) or in this process; an
+    address (``"local"`` starts Ray here, ``"auto"`` / ``"HOST:PORT"`` joins a running cluster) -> one Ray actor per
+    env (:class:`~robot_rl.envs.ray_envs.RayVectorEnv`: same episodes for the same seeds and actions, a dead worker
+    restarted and its episode re-run). Raises ConfigError for bad env options (before any worker starts) or an
+    unreachable cluster (field ``env.ray``).
+
+    Local workers start with the ``forkserver`` method (safe with torch's thread pools), so a script that calls
+    this must guard its entry point with ``if __name__ == "__main__":`` (standard multiprocessing rule).
     """
     check_env_options(task, task_kwargs, **env_kwargs)  # bad input fails here, not in a worker
+    if ray is not None:
+        from robot_rl.envs.ray_envs import RayVectorEnv
+
+        return RayVectorEnv(task, n_envs, backend, task_kwargs, env_kwargs, ray)
     fns = [partial(_env_fn, task, backend, task_kwargs or {}, env_kwargs) for _ in range(n_envs)]
     mode = gym.vector.AutoresetMode.DISABLED
     if asynchronous and n_envs > 1:

@@ -138,9 +138,10 @@ class NStep:
         disc = 0.0 if terminal else self.gamma ** len(pend)
         return pend[0][0], pend[0][1], ret, disc, next_x
 
-    def clear(self) -> None:
-        for p in self.pending:
-            p.clear()
+    def clear(self, slots=None) -> None:
+        """Drop the pending steps of ``slots`` (default every window), e.g. of an actor that died mid-episode."""
+        for j in range(len(self.pending)) if slots is None else slots:
+            self.pending[j].clear()
 
 
 def stack(rows: list[tuple], feature_dim: int, action_dim: int) -> dict[str, torch.Tensor]:

@@ -15,6 +15,14 @@ actors in others.
 Why the policy server and not a separate channel: it is the path a robot already uses (the ROS 2 policy node
 acts through it), so a robot becomes one more actor (the next issue), with the same typed protocol and no pickle.
 The single-process mode (:func:`robot_rl.rl.td3.train_residual_td3`, ``td3.actors = 0``) stays for debugging.
+
+Where the actors run (:class:`ActorPool`): local ``spawn`` processes, or with ``env.ray`` set Ray tasks of
+:data:`~robot_rl.envs.ray_envs.WORKER_NUM_CPUS` CPU each, on any node; then the server listens on this node's
+address with a random token. Weights still travel by the server's push, not Ray's object store: it is the robot's
+path too, versioned and pinned per action chunk, and one 300 kB push takes milliseconds (``bench/bench_learner.py``).
+A Ray actor that dies is started again on a fresh seed range; the rows it had sent are kept (a retried request is
+dropped, so none counts twice), its slots' unfinished n-step windows are dropped, and its interrupted episodes are
+not re-run (the learner has already trained on part of them). Local actor processes that die end the run.
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ from __future__ import annotations
 import copy
 import multiprocessing as mp
 import queue
+import secrets
+import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Callable
@@ -40,6 +51,83 @@ from robot_rl.serve.client import PolicyClient
 from robot_rl.serve.server import PolicyServer, PolicyService, ServeConfig
 
 ACTOR_SEED_STRIDE = 1_000_000  # episode seeds of actor k: the run's seed start + k * this
+RESTART_SEED_STRIDE = 100_000  # ... + r * this after its r-th restart (Ray actors)
+
+
+class ActorPool:
+    """The actors of one run: ``spec(k, r)`` is actor k's :class:`ActorSpec` after r restarts.
+
+    ``address`` None: ``spawn`` processes (one dying ends the run: RuntimeError from :meth:`check`); an address:
+    Ray tasks (:func:`robot_rl.envs.ray_envs.connect`), a dead one started again by :meth:`check`, which returns the
+    indices restarted."""
+
+    def __init__(self, n: int, spec, address: str | None):
+        self.n, self.spec, self.address = n, spec, address
+        self.restarts = [0] * n
+        if address is None:
+            ctx = mp.get_context("spawn")
+            self.stop_event = ctx.Event()
+            self.procs = [ctx.Process(target=run_actor, name=f"actor{k}", daemon=True, args=(spec(k, 0),
+                                                                                               self.stop_event))
+                          for k in range(n)]
+        else:
+            import ray
+
+            from robot_rl.envs.ray_envs import WORKER_NUM_CPUS
+
+            self.ray = ray
+            self.task = ray.remote(num_cpus=WORKER_NUM_CPUS, num_gpus=0, max_retries=0)(run_actor)
+            self.refs: list = [None] * n
+        self._checked = 0.0
+
+    def start(self) -> None:
+        if self.address is None:
+            for p in self.procs:
+                p.start()
+        else:
+            self.refs = [self.task.remote(self.spec(k, 0), None) for k in range(self.n)]
+
+    def check(self, every_s: float = 1.0) -> list[int]:
+        """Look for dead actors (at most every ``every_s``); returns the Ray actors restarted."""
+        now = time.monotonic()
+        if now - self._checked < every_s:
+            return []
+        self._checked = now
+        if self.address is None:
+            dead = [p for p in self.procs if not p.is_alive()]
+            if dead:
+                raise RuntimeError(f"actor process {dead[0].name} exited with code {dead[0].exitcode}; "
+                                   "its error is printed above")
+            return []
+        done, _ = self.ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+        out = []
+        for ref in done:
+            k = self.refs.index(ref)
+            try:
+                self.ray.get(ref)
+                why = "returned before the run ended"
+            except Exception as e:  # the worker process died or the actor raised
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            self.restarts[k] += 1
+            if self.restarts[k] > 3:
+                raise RuntimeError(f"actor {k} failed {self.restarts[k]} times; last: {why}")
+            print(f"robot-rl: actor {k} stopped ({why}); starting it again on new seeds", file=sys.stderr,
+                  flush=True)
+            self.refs[k] = self.task.remote(self.spec(k, self.restarts[k]), None)
+            out.append(k)
+        return out
+
+    def stop(self) -> None:
+        if self.address is None:
+            self.stop_event.set()
+            for p in self.procs:
+                p.join(timeout=15)
+                if p.is_alive():
+                    p.terminate()
+            return
+        _, left = self.ray.wait(self.refs, num_returns=len(self.refs), timeout=15)
+        for ref in left:
+            self.ray.cancel(ref, force=True)
 
 
 class TransitionInbox:
@@ -108,6 +196,7 @@ def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Pa
         raise ConfigError("td3.actors", f"{td3.actors} < 1", "use train_residual_td3 for the single-process mode")
     torch.manual_seed(td3.seed)
     ekw = env_kwargs_for(base.config, task, task_kwargs, env_kwargs)
+    address = ekw.pop("ray", None)  # the actors' placement; each steps its envs in its own process
     probe = make_vector_env(task, 1, task_kwargs=task_kwargs, asynchronous=False, **ekw)
     try:
         dims = env_obs_dims(probe)
@@ -117,9 +206,18 @@ def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Pa
                  task_kwargs=task_kwargs, writer=writer, progress=progress, validate=validate,
                  checkpoint_extra=checkpoint_extra, resume=resume)
     pol, norm = run.policy, base.normalizer
+    host, token = "127.0.0.1", None
+    if address is not None:  # actors on other nodes reach the server at this node's address, with a token
+        from robot_rl.envs.ray_envs import connect
+
+        connect(address)
+        import ray
+
+        host, token = ray.util.get_node_ip_address(), secrets.token_urlsafe(24)
     service = PolicyService(base, residual=freeze(copy.deepcopy(pol)),
-                            config=ServeConfig(port=0, max_batch=td3.n_envs, batch_window_ms=2.0, allow_push=True,
-                                               seed=td3.seed, max_sessions_per_client=max(64, td3.n_envs)))
+                            config=ServeConfig(host=host, port=0, token=token, max_batch=td3.n_envs,
+                                               batch_window_ms=2.0, allow_push=True, seed=td3.seed,
+                                               max_sessions_per_client=max(64, td3.n_envs)))
     inbox = TransitionInbox(td3, received=run.steps)
     service.learner = inbox
     server = PolicyServer(service)
@@ -127,28 +225,25 @@ def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Pa
     thread = threading.Thread(target=server.serve_forever, name="policy-server", daemon=True)
     thread.start()
     per = td3.n_envs // td3.actors
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    procs = [ctx.Process(target=run_actor, name=f"actor{k}", daemon=True, args=(ActorSpec(
-        endpoint=endpoint, index=k, task=task, n_envs=per, seed_start=run.seed_start + k * ACTOR_SEED_STRIDE,
-        seed=td3.seed, max_backlog=td3.max_backlog, task_kwargs=dict(task_kwargs or {}), env_kwargs=ekw), stop))
-        for k in range(td3.actors)]
+    actors = ActorPool(td3.actors, lambda k, r: ActorSpec(
+        endpoint=endpoint, index=k, task=task, n_envs=per,
+        seed_start=run.seed_start + k * ACTOR_SEED_STRIDE + r * RESTART_SEED_STRIDE, seed=td3.seed + r,
+        max_backlog=td3.max_backlog, task_kwargs=dict(task_kwargs or {}), env_kwargs=ekw, token=token), address)
     slot = {f"actor{k}-env{i}": k * per + i for k in range(td3.actors) for i in range(per)}
-    pusher = PolicyClient(endpoint, timeout_s=30.0)
+    pusher = PolicyClient(endpoint, token=token, timeout_s=30.0)
     version, pushed_at = 0, run.learner.actor_updates
     chunk_version: dict[str, int] = {}
     mixed, lag = 0, []
     next_seed = run.seed_start + td3.actors * ACTOR_SEED_STRIDE
     try:
-        for p in procs:
-            p.start()
+        actors.start()
         while not run.done:
             reqs = inbox.drain(1.0)
+            for k in actors.check():  # a restarted actor's sessions begin new episodes
+                run.nstep.clear([k * per + i for i in range(per)])
+                for i in range(per):
+                    chunk_version.pop(f"actor{k}-env{i}", None)
             if not reqs:
-                dead = [p for p in procs if not p.is_alive()]
-                if dead:
-                    raise RuntimeError(f"actor process {dead[0].name} exited with code {dead[0].exitcode}; "
-                                       "its error is printed above")
                 continue
             for req in reqs:
                 k = min(len(req["sessions"]), td3.total_env_steps - run.steps)
@@ -184,13 +279,10 @@ def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Pa
                 run.checkpoint(next_seed)
     finally:
         inbox.stop = True
-        stop.set()
-        for p in procs:
-            p.join(timeout=15)
-            if p.is_alive():
-                p.terminate()
+        actors.stop()
         server.stop()
         thread.join(timeout=5)
         pusher.close()
         run.close()
-    return run.finish(next_seed, extra={"actors": td3.actors, "weight_version": version})
+    return run.finish(next_seed, extra={"actors": td3.actors, "weight_version": version,
+                                        "actor_restarts": sum(actors.restarts)})

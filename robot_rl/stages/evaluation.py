@@ -86,10 +86,12 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = EvalConfig.epi
              progress: bool = True, desc: str = "eval", policy=None, backend: str = "mujoco", record=None,
              record_extra: dict | None = None) -> dict:
     """Run ``n_episodes`` seeded episodes; returns {success_rate, ci95, successes, episodes, mean_length, seeds...}
-    plus ``backend`` and ``task_config`` (the task's fields, e.g. ``tolerance`` [m]) as the env workers report them.
+    plus ``backend`` and ``task_config`` (the task's fields, e.g. ``tolerance`` [m]) as the env workers report them,
+    and ``worker_restarts`` (Ray env workers restarted, their episodes re-run from the seed; 0 for local workers).
 
     ``backend``: simulator of the envs (``mujoco`` / ``pybullet``; a ``"backend"`` key in ``env_kwargs`` wins);
-    ``env_kwargs``: :class:`~robot_rl.envs.EnvConfig` fields (e.g. ``{"randomization": "default"}``).
+    ``env_kwargs``: :class:`~robot_rl.envs.EnvConfig` fields (e.g. ``{"randomization": "default"}``), and ``ray``
+    (an address: the env workers are Ray actors, :func:`~robot_rl.envs.vector.make_vector_env`; same episodes).
 
     ``policy``: an object with CombinedPolicy's reset/observe/act for ``n_envs`` envs used instead of
     ``CombinedPolicy(base, residual)`` (e.g. :class:`robot_rl.serve.client.RemotePolicy`; then ``base`` may be None).
@@ -166,7 +168,7 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = EvalConfig.epi
             "mean_success_length": float(np.mean(succ_len)) if succ_len else None,
             "seed_range": [seed_start, seed_start + n_episodes - 1],
             "residual": residual is not None or getattr(policy, "has_residual", False),
-            "per_episode": results}
+            "worker_restarts": int(getattr(venv, "restarts", 0)), "per_episode": results}
 
 
 def record_videos(base, task: str, out_dir: str | Path, *, residual=None, seeds=(EVAL_SEED_START,),
@@ -179,6 +181,7 @@ def record_videos(base, task: str, out_dir: str | Path, *, residual=None, seeds=
 
     env_kwargs = dict(env_kwargs or {})
     backend = env_kwargs.pop("backend", backend)
+    env_kwargs.pop("ray", None)  # videos render in this process
     if base is not None:
         env_kwargs = env_kwargs_for(base.config, task, task_kwargs, env_kwargs)
     env = make_env(task, backend, task_kwargs=task_kwargs, **env_kwargs)
