@@ -218,6 +218,10 @@ class RayVectorEnv(gym.vector.VectorEnv):
         when ``restore``) and ``again(worker, j)`` is called on the new one."""
         from ray.exceptions import RayActorError
 
+        try:
+            return self._ray.get(refs)  # one round trip for every env when none died
+        except RayActorError:
+            pass
         idx = list(range(len(refs))) if idx is None else idx
         out = []
         for j, ref in enumerate(refs):
