@@ -171,3 +171,19 @@ def test_td3_actors_on_the_cluster_survive_a_killed_actor(cluster, tmp_path, cap
     assert meta["extra"]["actor_restarts"] == 1
     _, state = read_checkpoint(tmp_path / "td3" / "state", STATE_FORMAT)
     assert state["config"]["replay_added"] <= 900  # no row counted twice
+
+
+def test_an_absent_cluster_is_one_line_error_within_seconds(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "robot_rl.cli", "eval", "--base", BASE, "--task", TASK, "--episodes", "2",
+                        "--videos", "0", "--out", str(tmp_path / "e"), "--ray", f"127.0.0.1:{port}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and time.time() - t < 60
+    assert r.stderr.strip().splitlines()[-1].startswith("robot-rl: error: env.ray: no Ray head answers at")

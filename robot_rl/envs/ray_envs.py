@@ -60,6 +60,8 @@ def connect(address: str) -> None:
         return
     if not isinstance(address, str) or not address:
         raise ConfigError("env.ray", f"{address!r} is not an address", "use local, auto or HOST:PORT")
+    if address not in ("local", "auto"):  # Ray waits minutes for an absent head; find out in seconds
+        _reachable(address)
     env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     kw = dict(runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
     try:
@@ -69,6 +71,21 @@ def connect(address: str) -> None:
             ray.init(address=address, **kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConfigError("env.ray", f"cannot join the Ray cluster at {address!r} ({str(e).splitlines()[0]})",
+                          "start it first (ray start --head) and pass its address, or use --ray local") from None
+
+
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Raise ConfigError (``env.ray``) unless a TCP connection to ``[ray://]HOST:PORT`` opens within ``timeout_s``."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("env.ray", f"{address!r} is not local, auto or HOST:PORT",
+                          "pass the head node's address, e.g. --ray 10.0.0.5:6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError("env.ray", f"no Ray head answers at {address} ({e.strerror or e})",
                           "start it first (ray start --head) and pass its address, or use --ray local") from None
 
 
