@@ -1,4 +1,5 @@
-"""``robot-rl`` command line: collect, train-base, train-residual, eval, transfer, pipeline, store, serve, bringup.
+"""``robot-rl`` command line: collect, train-base, train-residual, eval, transfer, distill, pipeline, store, serve,
+bringup.
 
 Settings come from one resolver (:mod:`robot_rl.config`): dataclass defaults <- preset (pipeline) <- ``--config
 FILE`` (repeatable) <- flags <- ``--set section.field=value`` (repeatable, values parsed as YAML). The flags
@@ -53,13 +54,14 @@ def _shown(a, cfg):
     return cfg
 
 
-def _resolve(a, **extra_flags):
-    """The command's config from its flags (``a._flags``: dest -> field), ``--config`` files and ``--set``."""
+def _resolve(a, preset: dict | None = None, **extra_flags):
+    """The command's config from its ``preset`` (a mapping of sections), flags (``a._flags``: dest -> field),
+    ``--config`` files and ``--set``."""
     from robot_rl.config import resolve
 
     flags = {f: getattr(a, dest) for dest, fields in a._flags.items() for f in fields.split("|")}
     flags.update(extra_flags)
-    return _shown(a, resolve(a.cmd, files=a.config or [], flags=flags, sets=a.set or []))
+    return _shown(a, resolve(a.cmd, preset=preset, files=a.config or [], flags=flags, sets=a.set or []))
 
 
 def cmd_collect(a):
@@ -323,6 +325,50 @@ def cmd_transfer(a):
     print(f"report: {r['report_md']}")
 
 
+def cmd_distill(a):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from robot_rl.config import write_config
+    from robot_rl.policies.checkpoint import load_policy
+    from robot_rl.rl.residual import load_residual
+    from robot_rl.stages.distill import PRESET, distill, student_config
+
+    _one_thread()
+    cfg = _resolve(a, preset=PRESET)
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{out} is a file", "pass a new directory for the run")
+    if (out / "report.json").exists() or (out / "rollouts.zarr").exists():
+        if not a.overwrite:
+            raise ConfigError("out", f"{out} already holds a distillation run",
+                              "pass a new --out, or --overwrite to replace it")
+    env = cfg.env_kwargs(randomization=False, backend=True)  # backend: the rollouts'
+    cams, size = env.pop("cameras", ()), env.pop("image_size", (64, 64))
+    base = cfg.base_config()
+    student_config(cfg.task.name, base, cams)  # a privileged student input fails before anything loads
+    teacher = load_policy(a.teacher_base)
+    res = load_residual(a.teacher_residual, teacher) if a.teacher_residual else None
+    write_config(cfg, out, _argv())
+    writers = []
+
+    def writer_for(name):
+        writers.append(SummaryWriter(str(out / "tb" / name)))
+        return writers[-1]
+
+    try:
+        r = distill(teacher, cfg.task.name, out, teacher_residual=res, cfg=cfg.distill, base=base,
+                    evaluation=cfg.eval, cameras=cams, image_size=size, randomization=cfg.randomization.spec(),
+                    task_kwargs=cfg.task.kwargs, env_kwargs=env, seed=cfg.seed, writer_for=writer_for)
+    finally:
+        for w in writers:
+            w.close()
+    for row in r["rows"]:
+        print(f"{row['condition']:<22} teacher {row['teacher']['success_rate']:.3f}  student "
+              f"{row['student']['success_rate']:.3f}  ratio {row['ratio'] if row['ratio'] is None else round(row['ratio'], 3)}")
+    print(f"wall time {r['wall_s']['total_s'] / 60:.1f} min; report: {r['report_md']}; student: "
+          f"{r['student']['checkpoint']}")
+
+
 def cmd_pipeline(a):
     from robot_rl.pipeline import resolve_config, run_pipeline
 
@@ -471,7 +517,7 @@ def _square(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robot-rl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    rnd_help = "domain randomization preset: none | default"
+    rnd_help = "domain randomization preset: none | default | visual"
 
     (_Command(sub, "collect", cmd_collect, "scripted demonstrations -> zarr store")
      .arg("--store", required=True)
@@ -550,6 +596,26 @@ def build_parser() -> argparse.ArgumentParser:
      .field("--episodes", "transfer.episodes", "per condition (the same seeds in each)", type=int)
      .field("--n-envs", "transfer.n_envs", type=int).field("--seed-start", "transfer.seed_start", type=int)
      .field("--videos", "transfer.videos", "per condition", type=int)
+     .field("--ray", "env.ray", RAY_HELP, metavar="ADDRESS"))
+
+    (_Command(sub, "distill", cmd_distill, "distil a state teacher (base [+ residual]) into a camera student: "
+                                           "teacher rollouts under visual randomization -> image BC / Diffusion "
+                                           "Policy student (+ DAgger rounds) -> evaluation from pixels (ResiP)")
+     .arg("--teacher-base", required=True, help="the teacher's base checkpoint (reads privileged state)")
+     .arg("--teacher-residual", help="the teacher's residual checkpoint (trained on that base)")
+     .arg("--out", required=True)
+     .arg("--overwrite", action="store_true", help="replace the distillation run already in --out")
+     .field("--task", "task.name").field("--cameras", "env.cameras", nargs="+")
+     .field("--image-size", "env.image_size", "N: N x N images", type=_square)
+     .field("--episodes", "distill.episodes", "teacher rollouts", type=int)
+     .field("--dagger-rounds", "distill.dagger_rounds", type=int)
+     .field("--dagger-episodes", "distill.dagger_episodes", "student episodes per DAgger round", type=int)
+     .field("--kind", "base.kind", "the student", choices=["diffusion", "bc"])
+     .field("--steps", "base.steps", "student training steps per round", type=int)
+     .field("--eval-episodes", "eval.episodes", "held-out episodes per condition", type=int)
+     .field("--n-envs", "eval.n_envs", type=int).field("--videos", "eval.videos", type=int)
+     .field("--seed", "seed", type=int)
+     .field("--randomization", "randomization.preset", rnd_help + " (rollouts and randomized conditions)")
      .field("--ray", "env.ray", RAY_HELP, metavar="ADDRESS"))
 
     pp = _Command(sub, "pipeline", cmd_pipeline, "collect -> train base -> residual RL -> evaluate, end to end")

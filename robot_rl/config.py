@@ -10,7 +10,7 @@ The dataclasses are the single source of defaults. A command uses some of these 
 ``env``            :class:`~robot_rl.envs.env.EnvConfig` fields (``randomization`` is its own section) plus
                    ``backend`` (mujoco | pybullet); ``cameras`` / ``image_size`` None = taken from the policy
                    checkpoint where one is rolled out, else EnvConfig's
-``randomization``  ``preset`` (none | default) and the groups ``physics`` / ``sensing`` / ``visual``
+``randomization``  ``preset`` (none | default | visual) and the groups ``physics`` / ``sensing`` / ``visual``
                    (:mod:`robot_rl.envs.randomization`); groups alone randomize only what they name
 ``collect``        :class:`~robot_rl.stages.collect.CollectConfig`
 ``base``           :class:`~robot_rl.stages.train_base.BaseTrainConfig` (its ``seed`` is the run's, its ``policy`` the
@@ -24,6 +24,7 @@ The dataclasses are the single source of defaults. A command uses some of these 
 ``residual``       :class:`~robot_rl.rl.residual.ResidualConfig` model fields (keys, dims filled in by the trainer)
 ``eval``           :class:`~robot_rl.stages.evaluation.EvalConfig`
 ``transfer``       :class:`~robot_rl.stages.transfer.TransferConfig`
+``distill``        :class:`~robot_rl.stages.distill.DistillConfig` (the student trains with ``base`` / ``policy``)
 ``serve``          :class:`~robot_rl.serve.server.ServeConfig`
 =================  ==================================================================================================
 
@@ -56,7 +57,7 @@ import yaml
 from robot_rl.errors import ConfigError
 
 ORDER = ("seed", "algo", "task", "env", "randomization", "collect", "base", "policy", "ppo", "td3", "residual", "eval",
-         "transfer", "serve")
+         "transfer", "distill", "serve")
 SCALARS = {"seed": (int, 0), "algo": (str, "ppo")}  # top-level values that are not mappings of fields
 ALGOS = {"ppo": "gaussian", "td3": "tanh"}  # residual learner -> the actor head it trains
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -65,6 +66,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "train-residual": ("seed", "algo", "task", "env", "randomization", "ppo", "td3", "residual", "eval"),
     "eval": ("seed", "task", "env", "randomization", "eval"),
     "transfer": ("task", "env", "randomization", "transfer"),
+    "distill": ("seed", "task", "env", "randomization", "base", "policy", "eval", "distill"),
     "pipeline": ("seed", "algo", "task", "env", "randomization", "collect", "base", "policy", "ppo", "td3", "residual",
                  "eval"),
     "serve": ("serve",),
@@ -447,7 +449,7 @@ def build_task(values: dict) -> TaskSection:
 
 @dataclass
 class RandomizationSection:
-    """``preset``: ``none`` or ``default`` (:data:`robot_rl.envs.randomization.PRESETS`); ``physics`` / ``sensing``
+    """``preset``: ``none``, ``default`` or ``visual`` (:data:`robot_rl.envs.randomization.PRESETS`); ``physics`` / ``sensing``
     / ``visual``: parameters of each group (:data:`robot_rl.envs.randomization.PARAMS`), on top of the preset."""
 
     preset: str = "none"
@@ -494,6 +496,7 @@ def section_classes() -> dict[str, type]:
     from robot_rl.rl.td3 import TD3Config
     from robot_rl.serve.server import ServeConfig
     from robot_rl.stages.collect import CollectConfig
+    from robot_rl.stages.distill import DistillConfig
     from robot_rl.stages.evaluation import EvalConfig
     from robot_rl.stages.train_base import BaseTrainConfig
     from robot_rl.stages.transfer import TransferConfig
@@ -523,7 +526,7 @@ def section_classes() -> dict[str, type]:
                                 if k in ResidualConfig.__dataclass_fields__}, ResidualConfig.__doc__)
     return {"task": TaskSection, "env": env, "randomization": RandomizationSection, "collect": CollectConfig,
             "base": base, "policy": policy, "ppo": ppo, "td3": td3, "residual": residual, "eval": EvalConfig,
-            "transfer": TransferConfig, "serve": ServeConfig}
+            "transfer": TransferConfig, "distill": DistillConfig, "serve": ServeConfig}
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -550,6 +553,7 @@ class Config:
     residual: Any = None
     eval: Any = None
     transfer: Any = None
+    distill: Any = None
     serve: Any = None
     given: frozenset = frozenset()
 
@@ -723,6 +727,8 @@ def check_config(cfg: Config) -> None:
     for sec in ("eval", "transfer"):
         if getattr(cfg, sec) is not None:
             getattr(cfg, sec).validate(sec)
+    if cfg.distill is not None:
+        cfg.distill.validate()
     if cfg.collect is not None:
         for k in ("episodes",):
             v = getattr(cfg.collect, k)

@@ -4,7 +4,8 @@ Configure it with ``make_env(task, backend, randomization=...)`` (an :class:`~ro
 also flows through ``make_vector_env(..., randomization=...)`` and ``train_residual(..., env_kwargs=...)``):
 
 - ``None`` / ``"none"``: off (the env behaves exactly as without this module);
-- ``"default"``: the moderate preset :data:`PRESETS` ``["default"]``;
+- ``"default"``: the moderate preset :data:`PRESETS` ``["default"]``; ``"visual"``: only its colours, light and
+  camera pose jitter (what a camera policy must not depend on);
 - a dict of overrides, nested (``{"physics": {"object_mass": [0.5, 2.0]}}``) or dotted
   (``{"physics.object_mass": [0.5, 2.0]}``). Without a ``"preset"`` key a dict starts from nothing (only what it
   names is randomized); ``{"preset": "default", ...}`` overrides the preset key by key.
@@ -89,6 +90,12 @@ PRESETS: dict[str, dict] = {
         "sensing": {"obs_noise": {"joint_pos": 0.001, "joint_vel": 0.01, "ee_pos": 0.0005, "ee_quat": 0.001,
                                   "gripper_width": 0.0005, "cube_pos": 0.001, "cube_quat": 0.002},
                     "action_latency": [0, 1], "obs_latency": [0, 0], "camera_pos": 0.01, "camera_angle": 0.02},
+        "visual": {"object_color": 0.1, "table_color": 0.1, "light": [0.7, 1.3]},
+    },
+    # what a camera policy must not depend on, and nothing else (distillation's rollouts, robot_rl.stages.distill):
+    # the default preset's colours, light and camera pose jitter, with the physics and sensor noise left nominal
+    "visual": {
+        "sensing": {"camera_pos": 0.01, "camera_angle": 0.02},
         "visual": {"object_color": 0.1, "table_color": 0.1, "light": [0.7, 1.3]},
     },
 }

@@ -84,7 +84,7 @@ class CombinedPolicy:
 def evaluate(base, task: str, *, residual=None, n_episodes: int = EvalConfig.episodes,
              seed_start: int = EvalConfig.seed_start, n_envs: int = EvalConfig.n_envs, task_kwargs: dict | None = None, env_kwargs: dict | None = None, seed: int = 0,
              progress: bool = True, desc: str = "eval", policy=None, backend: str = "mujoco", record=None,
-             record_extra: dict | None = None) -> dict:
+             record_extra: dict | None = None, label_policy=None) -> dict:
     """Run ``n_episodes`` seeded episodes; returns {success_rate, ci95, successes, episodes, mean_length, seeds...}
     plus ``backend`` and ``task_config`` (the task's fields, e.g. ``tolerance`` [m]) as the env workers report them,
     and ``worker_restarts`` (Ray env workers restarted, their episodes re-run from the seed; 0 for local workers).
@@ -102,6 +102,10 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = EvalConfig.epi
     ``record_extra``), so rollouts feed the next round of base training (the design's rollouts -> store loop).
     Raises ConfigError when the rollouts do not fit the store's schema (checked on the first episode; nothing is
     written then).
+
+    ``label_policy``: with ``record``, a second policy (CombinedPolicy's interface, ``n_envs`` envs) that sees the
+    same observations and whose actions are recorded in place of the executed ones: DAgger's relabelling (Ross et
+    al. 2011), e.g. a state teacher labelling the states an image student visits (:mod:`robot_rl.stages.distill`).
     """
     if n_episodes < 1:
         raise ConfigError("episodes", f"{n_episodes} < 1", "evaluate at least one episode")
@@ -121,7 +125,10 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = EvalConfig.epi
     cur = [seeds.take() for _ in range(n_envs)]
     active = np.ones(n_envs, dtype=bool)
     obs = reset_some(venv, active, cur, None)
-    pol.reset(active, obs)
+    labels = label_policy if record is not None else None
+    driven = [pol] if labels is None else [pol, labels]  # what each reset / observation reaches
+    for p in driven:
+        p.reset(active, obs)
     results = []
     episodes = [EpisodeWriter() for _ in range(n_envs)]  # the running episode of each env (only when recording)
     bar = progress_bar(total=n_episodes, desc=desc, unit="ep", disable=not progress)
@@ -129,8 +136,9 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = EvalConfig.epi
         while active.any():
             a = pol.act(obs)
             if record is not None:
+                rec = a if labels is None else labels.act(obs)
                 for i in np.flatnonzero(active):
-                    episodes[i].add({k: v[i] for k, v in obs.items()}, a[i])
+                    episodes[i].add({k: v[i] for k, v in obs.items()}, rec[i])
             obs, _, term, trunc, info = venv.step(a)
             done = np.logical_or(term, trunc) & active
             if done.any():
@@ -150,10 +158,13 @@ def evaluate(base, task: str, *, residual=None, n_episodes: int = EvalConfig.epi
                 reset_mask = done & active
                 if reset_mask.any():
                     obs = reset_some(venv, reset_mask, cur, obs)
-                    pol.reset(reset_mask, obs)
-                pol.observe(obs, ~reset_mask)
+                    for p in driven:
+                        p.reset(reset_mask, obs)
+                for p in driven:
+                    p.observe(obs, ~reset_mask)
             else:
-                pol.observe(obs, None)
+                for p in driven:
+                    p.observe(obs, None)
     finally:
         bar.close()
         venv.close()
