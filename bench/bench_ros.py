@@ -12,10 +12,13 @@ part is the difference.
 
 ``success``: ``--episodes`` episodes of ``place`` on sim_robot with ``--backend`` (default pybullet) driven by the
 policy node with ``--checkpoint`` (trained in MuJoCo), over ROS; reference in the same run: the in-process
-``robot_rl.stages.evaluation.evaluate`` on the same backend and seeds.
+``robot_rl.stages.evaluation.evaluate`` on the same backend and seeds. A camera policy (a ``robot-rl distill``
+student) gets the cameras and image size it was trained with from sim_robot; the topics the policy node subscribes
+to are reported (``pose_topics_subscribed``: none for a student).
 
     python bench/bench_ros.py latency --seconds 30
     python bench/bench_ros.py success --checkpoint runs/place3mm_bc/base/checkpoint --episodes 20
+    python bench/bench_ros.py success --checkpoint runs/distill/student_round1/checkpoint --interface trajectory
 """
 
 from __future__ import annotations
@@ -125,14 +128,18 @@ def bench_success(a):
     from robot_rl.ros.common import COMMAND_QOS
 
     seeds = list(range(a.seed_start, a.seed_start + a.episodes))
-    ref = evaluate(load_policy(a.checkpoint), "place", n_episodes=a.episodes, seed_start=a.seed_start, n_envs=1,
+    pol = load_policy(a.checkpoint)
+    ref = evaluate(pol, "place", n_episodes=a.episodes, seed_start=a.seed_start, n_envs=1,
                    env_kwargs={"backend": a.backend}, progress=False)
+    # a camera policy (e.g. robot-rl distill's student): sim_robot publishes the cameras it was trained with
+    cams = {"cameras": [k.removeprefix("image_") for k in pol.config.image_keys],
+            "image_size": [int(v) for v in pol.config.image_shape[:2]]} if pol.config.image_keys else {}
     tmp = Path(tempfile.mkdtemp())
     d = new_domain()
     env = ros_env(d)
     clock = {"use_sim_time": True} if a.rtf != 1.0 else {}
     procs = [NodeProcess("robot_rl.hw_drivers.sim_robot", {"backend": a.backend, "publish_clock": bool(clock),
-                                                            "real_time_factor": a.rtf}, tmp, env),
+                                                            "real_time_factor": a.rtf, **cams}, tmp, env),
              NodeProcess("robot_rl.hw_drivers.arm_bridge", {**clock, "command_interface": a.interface,
                                                             "hardware_interpolates": a.interface == "commands",
                                                             "trajectory_mode": a.trajectory_mode,
@@ -146,6 +153,9 @@ def bench_success(a):
     res = []
     try:
         assert drv.lifecycle("policy_node", "configure", 90)
+        drv.spin(1.0)
+        subscribed = sorted(dict(drv.node.get_subscriber_names_and_types_by_node("policy_node", "/")))
+        print(f"policy_node subscribes to {subscribed}", flush=True)
         for s in seeds:
             drv.set_params("sim_robot", seed=s)
             drv.call(Trigger, "/sim_robot/reset")
@@ -172,7 +182,9 @@ def bench_success(a):
     k = sum(res)
     out = {"backend": a.backend, "interface": a.interface, "trajectory_mode": a.trajectory_mode, "lead": a.lead,
            "acceleration_scale": a.acceleration_scale,
-           "execution": a.execution, "episodes": len(res), "ros_successes": k,
+           "execution": a.execution, **cams, "policy_node_subscriptions": subscribed,
+           "pose_topics_subscribed": [t for t in subscribed if t.startswith("/sim/privileged")],
+           "episodes": len(res), "ros_successes": k,
            "ros_success_rate": k / len(res), "ros_ci95": wilson_interval(k, len(res)),
            "reference_in_process_successes": ref["successes"],
            "reference_in_process_rate": ref["success_rate"],

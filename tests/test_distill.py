@@ -56,8 +56,8 @@ def _cli(*args):
 def test_tiny_distillation_end_to_end(tmp_path):
     out = tmp_path / "d"
     r = _cli("distill", "--teacher-base", TEACHER, "--out", out, "--task", "place", "--episodes", 6,
-             "--dagger-rounds", 1, "--dagger-episodes", 2, "--image-size", 32, "--steps", 60, "--eval-episodes", 2,
-             "--videos", 1, "--set", "distill.eval_backends=[mujoco, pybullet]", "--set", "base.val_every=30",
+             "--dagger-rounds", 1, "--dagger-episodes", 2, "--image-size", 32, "--steps", 80, "--eval-episodes", 2,
+             "--videos", 1, "--set", "distill.eval_backends=[mujoco, pybullet]", "--set", "base.val_every=10",
              "--set", "base.val_ratio=0.2", "--set", "policy.image_crop=null", "--set", "eval.n_envs=2")
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())

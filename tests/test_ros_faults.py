@@ -71,8 +71,10 @@ def test_server_killed_mid_episode_holds_within_one_period(ros):
         server.wait()
 
 
-def image_policy(tmp: Path) -> Path:
-    """An untrained (finite, tiny) BC policy that needs image_front + ee_pos: enough to exercise the camera path."""
+def image_policy(tmp: Path, obs_dims=None, image_keys=("image_front",), image_size=(96, 96),
+                 name: str = "image_policy") -> Path:
+    """An untrained (finite, tiny) BC policy that needs ``image_keys`` + ``obs_dims`` (default: image_front +
+    ee_pos, 96x96): enough to exercise the camera path."""
     import torch
 
     from robot_rl.policies import make_policy
@@ -80,14 +82,15 @@ def image_policy(tmp: Path) -> Path:
     from robot_rl.policies.checkpoint import save_policy
 
     torch.manual_seed(0)
-    cfg = PolicyConfig(kind="bc", obs_keys=["ee_pos"], obs_dims={"ee_pos": 3}, image_keys=["image_front"],
-                       image_shape=[96, 96, 3], action_dim=5, image_channels=[8, 8, 8], image_num_keypoints=8,
+    obs_dims = obs_dims or {"ee_pos": 3}
+    cfg = PolicyConfig(kind="bc", obs_keys=list(obs_dims), obs_dims=obs_dims, image_keys=list(image_keys),
+                       image_shape=[*image_size, 3], action_dim=5, image_channels=[8, 8, 8], image_num_keypoints=8,
                        image_feature_dim=8, bc_hidden=[16], n_groups=4)
     pol = make_policy(cfg)
     with torch.no_grad():
         for p in pol.parameters():
             p.mul_(0.01)  # near-zero actions: the arm barely moves
-    return save_policy(pol, tmp / "image_policy")
+    return save_policy(pol, tmp / name)
 
 
 def test_camera_stops_policy_holds_after_age_limit(ros):

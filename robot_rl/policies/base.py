@@ -31,7 +31,8 @@ class PolicyConfig:
     Fields:
         kind: "diffusion" or "bc".
         obs_keys: low-dim observation keys, concatenated in this order; obs_dims: {key: dim} for each of them.
-        image_keys: camera keys (uint8 (H, W, 3) RGB each, one encoder per camera); image_shape: [H, W, 3] or None.
+        image_keys: camera keys (uint8 (H, W, 3) RGB each); image_shape: [H, W, 3] or None (the same for every
+            camera).
         image_crop: [h, w] crop (random in training, centered at inference) or None for no crop.
         action_dim: A; n_obs_steps: To; n_action_steps: Ta; horizon: T (Ta <= T - To + 1).
         down_dims, kernel_size, n_groups, diffusion_step_embed_dim: 1-D U-Net (n_groups also used by the image
@@ -40,6 +41,13 @@ class PolicyConfig:
         image_channels, image_num_keypoints, image_feature_dim: ResNet-style encoder stages, spatial-softmax
             keypoints, output features per camera.
         bc_hidden: hidden sizes of the BC MLP.
+        shared_image_encoder: one image encoder for all cameras (their frames encoded in one batched call; features
+            still concatenated per camera in ``image_keys`` order) instead of one per camera.
+        freeze_image_encoder: the image encoder(s) are not trained: ``requires_grad`` False, eval mode (center
+            crop) and ``no_grad`` in every forward, so a training step costs the rest of the policy's backward only.
+            Its weights must come from elsewhere (``train-base``'s ``base.init_from``). No effect without cameras.
+
+    A ``config.json`` written before a field existed loads with that field's default.
     """
 
     kind: str = "diffusion"
@@ -67,6 +75,8 @@ class PolicyConfig:
     image_num_keypoints: int = 32
     image_feature_dim: int = 64
     bc_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    shared_image_encoder: bool = False
+    freeze_image_encoder: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # tuples -> lists so that a JSON round trip compares equal
@@ -116,6 +126,9 @@ class PolicyConfig:
                  f"bad key {k!r}", "use identifier-like names (letters, digits, '_'), not 'action'")
         need(len(set(keys)) == len(keys), "obs_keys", f"duplicate keys in {keys}", "list each key once")
         need(pos_int(self.n_groups), "n_groups", f"{self.n_groups!r} is not a positive int", "e.g. 8")
+        for name in ("shared_image_encoder", "freeze_image_encoder"):
+            need(isinstance(getattr(self, name), bool), name, f"{getattr(self, name)!r} is not true/false",
+                 "use true or false")
 
         def pos_int_list(v):
             return isinstance(v, list) and len(v) > 0 and all(pos_int(c) for c in v)

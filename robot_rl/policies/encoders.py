@@ -8,6 +8,8 @@ learned keypoint (Levine et al. 2016 "End-to-End Training of Deep Visuomotor Pol
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,24 +97,62 @@ class ObsEncoder(nn.Module):
 
     Per obs step: [normalized low-dim obs in ``config.obs_keys`` order ‖ image features of each camera in
     ``config.image_keys`` order], then flattened over the To steps: output float32 (B, config.cond_dim).
+
+    Image encoders (:class:`ImageEncoder`, ``image_feature_dim`` features per camera and step):
+        one per camera (``images[key]``, state-dict names ``images.<key>.*``), or with
+        ``config.shared_image_encoder`` a single one (``shared_image``, names ``shared_image.*``) that encodes every
+        camera's frames in one batched call. With ``config.freeze_image_encoder`` their parameters have
+        ``requires_grad`` False and they stay in eval mode (center crop, whatever ``train()`` says) and run under
+        ``torch.no_grad``: training then backpropagates through the rest of the policy only.
     """
 
     def __init__(self, config):
         super().__init__()
         self.obs_keys, self.image_keys = list(config.obs_keys), list(config.image_keys)
-        self.images = nn.ModuleDict({k: ImageEncoder(config.image_channels, config.image_num_keypoints,
-                                                     config.image_feature_dim, config.n_groups, config.image_crop)
-                                     for k in self.image_keys})
+        self.shared = bool(getattr(config, "shared_image_encoder", False))
+        self.frozen = bool(getattr(config, "freeze_image_encoder", False))
+
+        def make():
+            return ImageEncoder(config.image_channels, config.image_num_keypoints, config.image_feature_dim,
+                                config.n_groups, config.image_crop)
+
+        if self.shared and self.image_keys:
+            self.shared_image = make()
+        else:
+            self.images = nn.ModuleDict({k: make() for k in self.image_keys})
+        for p in self.image_encoders().parameters():
+            p.requires_grad_(not self.frozen)
+        self.train(self.training)  # a frozen encoder is in eval mode from the start
+
+    def image_encoders(self) -> nn.ModuleList:
+        """The image encoder modules: one (shared) or one per camera in ``image_keys`` order; empty without cameras."""
+        return nn.ModuleList([self.shared_image] if hasattr(self, "shared_image") else list(self.images.values()))
+
+    def train(self, mode: bool = True) -> "ObsEncoder":
+        """``nn.Module.train``, except that a frozen image encoder stays in eval mode."""
+        super().train(mode)
+        if self.frozen:
+            self.image_encoders().train(False)
+        return self
 
     def forward(self, obs: dict[str, torch.Tensor], normalizer) -> torch.Tensor:
         """obs: low-dim float (B, To, d_k), images uint8 (B, To, H, W, 3); normalizer: a ``Normalizer``."""
         parts = [normalizer.normalize(k, obs[k]) for k in self.obs_keys]
-        for k in self.image_keys:
-            b, t = obs[k].shape[:2]
-            parts.append(self.images[k](obs[k].flatten(0, 1)).reshape(b, t, -1))
+        if self.image_keys:
+            with torch.no_grad() if self.frozen else contextlib.nullcontext():
+                parts.extend(self._image_features(obs))
         return torch.cat(parts, dim=-1).flatten(1)
+
+    def _image_features(self, obs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """[(B, To, feature_dim) per camera, in image_keys order]."""
+        b, t = obs[self.image_keys[0]].shape[:2]
+        if not self.shared:
+            return [self.images[k](obs[k].flatten(0, 1)).reshape(b, t, -1) for k in self.image_keys]
+        x = torch.cat([obs[k].flatten(0, 1) for k in self.image_keys])  # (n_cameras * B * To, H, W, 3)
+        return [f.reshape(b, t, -1) for f in self.shared_image(x).chunk(len(self.image_keys))]
 
 
 def make_obs_encoder(config) -> ObsEncoder:
-    """Build the observation encoder for a ``PolicyConfig`` (one image encoder per camera key)."""
+    """Build the observation encoder for a ``PolicyConfig`` (one image encoder per camera key, or one shared by all
+    cameras with ``shared_image_encoder``)."""
     return ObsEncoder(config)

@@ -26,9 +26,12 @@ trained on the teacher's rollouts under visual domain randomization), optionally
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 from robot_rl.datasets.store import ZarrStore
 from robot_rl.envs.env import ROBOT_OBS_DIMS
@@ -92,7 +95,7 @@ def student_config(task: str, base: BaseTrainConfig, cameras) -> BaseTrainConfig
     for k in base.obs_keys:
         if k in privileged:
             raise ConfigError("base.obs_keys", f"{k!r} is an object pose or goal, which a robot's student cannot read",
-                              f"use proprioception only, e.g. --set base.obs_keys=[ee_pos,ee_quat,gripper_width]")
+                              "use proprioception only, e.g. --set base.obs_keys=[ee_pos,ee_quat,gripper_width]")
         if k not in ROBOT_OBS_DIMS:
             raise ConfigError("base.obs_keys", f"unknown proprioceptive key {k!r}", f"use some of {list(ROBOT_OBS_DIMS)}")
     images = list(base.image_keys) or [f"image_{c}" for c in cams]
@@ -157,8 +160,13 @@ def distill(teacher, task: str, out_dir: str | Path, *, teacher_residual=None, c
             rounds.append({"round": r, "driver": "student", "episodes": cfg.dagger_episodes,
                            "success_rate": rr["success_rate"]})
         t = time.time()
-        summary = train_base(out / "rollouts.zarr", out / f"student_round{r}", student_cfg,
-                             writer=writer_for(f"round{r}") if writer_for else None, progress=progress)
+        threads = torch.get_num_threads()  # rollouts run torch on one thread (env workers own the cores); training
+        torch.set_num_threads(os.cpu_count() or 1)  # has the machine to itself
+        try:
+            summary = train_base(out / "rollouts.zarr", out / f"student_round{r}", student_cfg,
+                                 writer=writer_for(f"round{r}") if writer_for else None, progress=progress)
+        finally:
+            torch.set_num_threads(threads)
         times[f"train_round{r}_s"] = time.time() - t
         student = load_policy(summary["checkpoint"])
     final = out / f"student_round{cfg.dagger_rounds}" / "checkpoint"

@@ -33,7 +33,12 @@ DEFAULT_OBS_KEYS = {"place": ["ee_pos", "ee_quat", "gripper_width", "cube_pos", 
 class BaseTrainConfig:
     """steps: gradient steps; batch_size; lr; weight_decay; warmup_steps; val_ratio: fraction of episodes held out;
     only_success: train on successful episodes only; sources: episode sources to train on (``scripted``, ``teleop``,
-    ``policy``, ``intervention``; empty = all) — e.g. demos plus successful policy rollouts (``eval --record``)."""
+    ``policy``, ``intervention``; empty = all) — e.g. demos plus successful policy rollouts (``eval --record``);
+    loader_workers: DataLoader worker processes that fetch the training windows and decode their camera frames
+    (0 = in the training process); the batches, hence the run, are the same whatever the number;
+    init_from: a policy checkpoint directory whose weights initialise the new policy wherever a tensor's name and
+    shape match (the normalization statistics excepted: they come from this run's training episodes); needed by
+    ``policy.freeze_image_encoder``, which must find every image-encoder tensor there."""
 
     kind: str = "diffusion"
     obs_keys: list = field(default_factory=list)
@@ -49,6 +54,8 @@ class BaseTrainConfig:
     policy: dict = field(default_factory=dict)  # PolicyConfig overrides (horizon, down_dims, ...)
     only_success: bool = False
     sources: list = field(default_factory=list)
+    loader_workers: int = 0
+    init_from: str | None = None
 
 
 # what a training run writes (train-base; train-residual adds the best-on-validation checkpoint and its curves)
@@ -129,7 +136,8 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
 
     Raises:
         ConfigError: missing/malformed store, unknown keys, impossible config; ``batch_size`` not divisible by the
-            number of ranks.
+            number of ranks; ``loader_workers`` not an int >= 0; ``init_from`` unreadable or without a matching
+            tensor, or ``policy.freeze_image_encoder`` without ``init_from`` (field ``base.init_from``).
     """
     rank, world = distributed_rank()
     if world > 1 and cfg.batch_size % world:
@@ -140,6 +148,10 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     for k, example in (("steps", 3000), ("batch_size", 256)):
         if not getattr(cfg, k) >= 1:
             raise ConfigError(k, f"{getattr(cfg, k)!r} < 1", f"use a positive integer, e.g. {k}={example}")
+    w = cfg.loader_workers
+    if not (isinstance(w, int) and not isinstance(w, bool) and w >= 0):
+        raise ConfigError("base.loader_workers", f"{w!r} is not an integer >= 0",
+                          "use 0 (frames decoded in the training process) or a few worker processes, e.g. 2")
     if store.n_episodes < 2:
         raise ConfigError("store", f"{store_path} has {store.n_episodes} episode(s)", "collect at least 2 episodes")
     if not cfg.obs_keys:
@@ -158,6 +170,11 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
         "obs_dims": {k: int(np.prod(schema[k]["shape"])) for k in cfg.obs_keys},
         "image_keys": list(cfg.image_keys), "image_shape": image_shape,
         "action_dim": int(schema["action"]["shape"][0]), **cfg.policy})
+    if pcfg.freeze_image_encoder and pcfg.image_keys and cfg.init_from is None:
+        raise ConfigError("base.init_from", "policy.freeze_image_encoder is set but no checkpoint gives the frozen "
+                          "image encoder its weights", "set base.init_from to a trained image policy's checkpoint "
+                          "directory, or unset policy.freeze_image_encoder")
+    init = _read_init(cfg.init_from) if cfg.init_from is not None else None
     eligible = select_episodes(store, cfg.only_success, list(cfg.sources))
     train_eps, val_eps = (eligible[i] for i in split_episodes(len(eligible), cfg.val_ratio, cfg.seed))
     stats = compute_normalization(store, [*cfg.obs_keys, "action"], train_eps)
@@ -166,18 +183,26 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     mk = lambda eps: WindowDataset(SequenceSampler(store, keys, obs, pcfg.horizon, pcfg.n_obs_steps, eps))
     train_ds = mk(train_eps)
     val_ds = mk(val_eps) if len(val_eps) else None
-    gen = torch.Generator().manual_seed(cfg.seed)
     sampler = None
     if world > 1:
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                      drop_last=len(train_ds) >= world)
+    else:  # the shuffle has its own generator: the loader draws a base seed from `generator` per iterator, and
+        # persistent workers keep theirs across epochs, so a shared one would shuffle differently with workers
+        sampler = torch.utils.data.RandomSampler(train_ds, generator=torch.Generator().manual_seed(cfg.seed))
     per_rank = cfg.batch_size // world
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
-                                         drop_last=len(train_ds) // world > per_rank,
-                                         generator=gen if sampler is None else None, num_workers=0)
+    workers = cfg.loader_workers
+    # worker i seeds torch, numpy and random from base seed + i (torch's worker loop); a seeded `generator` makes
+    # that base seed reproducible and keeps the loader off the global torch RNG (the crops and diffusion noise)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler,
+                                         drop_last=len(train_ds) // world > per_rank, num_workers=workers,
+                                         persistent_workers=workers > 0,
+                                         generator=torch.Generator().manual_seed(cfg.seed + 1 + rank))
     policy = make_policy(pcfg, stats)
+    if init is not None:
+        _init_weights(policy, init, cfg.init_from)
     loss_fn = _Loss(policy)
     if world > 1:
         import torch.distributed as dist
@@ -192,7 +217,8 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     if rank != 0:
         writer, progress = None, False
     ema = make_ema(policy) if cfg.kind == "diffusion" else None
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.95, 0.999))
+    trained = [p for p in policy.parameters() if p.requires_grad]  # a frozen image encoder's are not
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.95, 0.999))
     from diffusers.optimization import get_scheduler
 
     sched = get_scheduler("cosine", optimizer=opt, num_warmup_steps=min(cfg.warmup_steps, cfg.steps // 10),
@@ -243,6 +269,41 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
         dist.barrier()  # the checkpoint is written before any rank returns
         dist.destroy_process_group()
     return summary
+
+
+def _read_init(path) -> dict[str, torch.Tensor]:
+    """The tensors of the policy checkpoint ``path`` (safetensors; pickle refused). ConfigError ``base.init_from``."""
+    from robot_rl.policies.checkpoint import POLICY_FORMAT, read_checkpoint
+
+    try:
+        tensors, _ = read_checkpoint(path, POLICY_FORMAT)
+    except ConfigError as e:
+        raise ConfigError("base.init_from", f"{path}: {e.field}: {e.problem}", e.fix) from None
+    return tensors
+
+
+def _init_weights(policy, tensors: dict[str, torch.Tensor], path) -> list[str]:
+    """Copy into ``policy`` the ``tensors`` whose name and shape match one of its own (normalizer buffers excepted).
+    Returns the names copied. Raises ConfigError ``base.init_from`` when none matches, or when the policy freezes
+    its image encoder and some of that encoder's tensors are not among them."""
+    own = policy.state_dict()
+    match = {k: v for k, v in tensors.items()
+             if k in own and own[k].shape == v.shape and not k.startswith("normalizer.")}
+    if not match:
+        raise ConfigError("base.init_from", f"no tensor of {path} matches this policy's names and shapes",
+                          "initialise from a checkpoint of the same kind of policy (same cameras, image_channels, "
+                          "shared_image_encoder)")
+    if policy.config.freeze_image_encoder:
+        frozen = {id(p) for p in policy.obs_encoder.image_encoders().parameters()}
+        enc = [n for n, p in policy.named_parameters() if id(p) in frozen]
+        missing = [k for k in enc if k not in match]
+        if missing:
+            raise ConfigError("base.init_from", f"{path} has no matching weights for {len(missing)} of the {len(enc)} "
+                              f"frozen image-encoder tensors (e.g. {missing[0]})",
+                              "initialise from a checkpoint with the same image_keys, image_channels, "
+                              "image_num_keypoints, image_feature_dim and shared_image_encoder")
+    policy.load_state_dict(match, strict=False)
+    return sorted(match)
 
 
 @torch.no_grad()
