@@ -610,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
      .field("--episodes", "distill.episodes", "teacher rollouts", type=int)
      .field("--dagger-rounds", "distill.dagger_rounds", type=int)
      .field("--dagger-episodes", "distill.dagger_episodes", "student episodes per DAgger round", type=int)
+     .field("--dagger-steps", "distill.dagger_steps", "training steps after each DAgger round, from the previous "
+                                                      "round's weights", type=int)
      .field("--kind", "base.kind", "the student", choices=["diffusion", "bc"])
      .field("--steps", "base.steps", "student training steps per round", type=int)
      .field("--eval-episodes", "eval.episodes", "held-out episodes per condition", type=int)

@@ -120,19 +120,19 @@ class ObsEncoder(nn.Module):
             self.shared_image = make()
         else:
             self.images = nn.ModuleDict({k: make() for k in self.image_keys})
-        for p in self.image_encoders().parameters():
-            p.requires_grad_(not self.frozen)
+        for enc in self.image_encoders():
+            enc.requires_grad_(not self.frozen)
         self.train(self.training)  # a frozen encoder is in eval mode from the start
 
-    def image_encoders(self) -> nn.ModuleList:
-        """The image encoder modules: one (shared) or one per camera in ``image_keys`` order; empty without cameras."""
-        return nn.ModuleList([self.shared_image] if hasattr(self, "shared_image") else list(self.images.values()))
+    def image_encoders(self) -> list[ImageEncoder]:
+        """The image encoders: one (shared) or one per camera in ``image_keys`` order; empty without cameras."""
+        return [self.shared_image] if hasattr(self, "shared_image") else list(self.images.values())
 
     def train(self, mode: bool = True) -> "ObsEncoder":
         """``nn.Module.train``, except that a frozen image encoder stays in eval mode."""
         super().train(mode)
-        if self.frozen:
-            self.image_encoders().train(False)
+        for enc in self.image_encoders() if self.frozen else ():
+            enc.train(False)
         return self
 
     def forward(self, obs: dict[str, torch.Tensor], normalizer) -> torch.Tensor:

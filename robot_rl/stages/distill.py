@@ -15,7 +15,8 @@ trained on the teacher's rollouts under visual domain randomization), optionally
    ``cube_pos``, ``target_pos``, ``cube_to_target``, ...) are refused as student inputs.
 3. **DAgger** (``distill.dagger_rounds``): the student drives ``distill.dagger_episodes`` new episodes, the teacher
    labels every visited step (:func:`~robot_rl.stages.evaluation.evaluate`'s ``label_policy``), the episodes join
-   the store (``dagger_round`` r) and the student is trained again on all of it.
+   the store (``dagger_round`` r) and the student trains ``distill.dagger_steps`` more steps on all of it, from the
+   previous round's weights.
 4. **Evaluation from pixels** on held-out seeds (``eval`` section, from
    :data:`~robot_rl.envs.vector.EVAL_SEED_START`, disjoint from the rollouts'), in every backend of
    ``distill.eval_backends``, each nominal and randomized; the teacher on the same seeds in the same conditions.
@@ -49,19 +50,22 @@ class DistillConfig:
 
     episodes: teacher rollouts recorded (seeds ``DISTILL_SEED_START, +1, ...``); dagger_rounds: rounds of student
     rollouts relabelled by the teacher (0: plain behaviour cloning of the teacher); dagger_episodes: student episodes
-    per round (the seeds after the previous ones); eval_backends: simulators the student and the teacher are
-    evaluated in (each nominal and with the ``randomization`` section).
+    per round (the seeds after the previous ones); dagger_steps: training steps after each round, on all the data so
+    far, starting from the previous round's weights (``base.init_from``; round 0 trains ``base.steps`` from
+    scratch); eval_backends: simulators the student and the teacher are evaluated in (each nominal and with the
+    ``randomization`` section).
     """
 
     episodes: int = 200
     dagger_rounds: int = 0
     dagger_episodes: int = 100
+    dagger_steps: int = 1000
     eval_backends: list = field(default_factory=lambda: ["mujoco", "pybullet"])
 
     def validate(self) -> "DistillConfig":
         from robot_rl.sim import BACKENDS
 
-        for k, lo in (("episodes", 1), ("dagger_rounds", 0), ("dagger_episodes", 1)):
+        for k, lo in (("episodes", 1), ("dagger_rounds", 0), ("dagger_episodes", 1), ("dagger_steps", 1)):
             v = getattr(self, k)
             if not (isinstance(v, int) and v >= lo):
                 raise ConfigError(f"distill.{k}", f"{v!r} < {lo}", f"use an integer >= {lo}")
@@ -162,8 +166,10 @@ def distill(teacher, task: str, out_dir: str | Path, *, teacher_residual=None, c
         t = time.time()
         threads = torch.get_num_threads()  # rollouts run torch on one thread (env workers own the cores); training
         torch.set_num_threads(os.cpu_count() or 1)  # has the machine to itself
+        round_cfg = student_cfg if r == 0 else replace(student_cfg, steps=cfg.dagger_steps,
+                                                         init_from=str(out / f"student_round{r - 1}" / "checkpoint"))
         try:
-            summary = train_base(out / "rollouts.zarr", out / f"student_round{r}", student_cfg,
+            summary = train_base(out / "rollouts.zarr", out / f"student_round{r}", round_cfg,
                                  writer=writer_for(f"round{r}") if writer_for else None, progress=progress)
         finally:
             torch.set_num_threads(threads)
@@ -198,7 +204,8 @@ def distill(teacher, task: str, out_dir: str | Path, *, teacher_residual=None, c
     report = {"task": task, "task_kwargs": task_kwargs or {}, "cameras": list(cameras), "image_size": list(image_size),
               "randomization": randomization, "student": {"checkpoint": str(final), "obs_keys": student_cfg.obs_keys,
                                                           "image_keys": student_cfg.image_keys,
-                                                          "kind": student_cfg.kind, "steps": student_cfg.steps},
+                                                          "kind": student_cfg.kind, "steps": student_cfg.steps,
+                                                          "dagger_steps": cfg.dagger_steps},
               "teacher": teacher_info, "rounds": rounds, "store_episodes": store.n_episodes, "rows": rows,
               "eval_seed_range": [evaluation.seed_start, evaluation.seed_start + evaluation.episodes - 1],
               "wall_s": times, "videos": videos}
@@ -221,7 +228,7 @@ def write_report(out: Path, report: dict) -> dict:
              f"- **task**: {report['task']} {json.dumps(report['task_kwargs']) if report['task_kwargs'] else ''}",
              f"- **student**: {report['student']['kind']} over {', '.join(report['student']['image_keys'])} "
              f"({report['image_size'][0]}x{report['image_size'][1]}) + {', '.join(report['student']['obs_keys'])}; "
-             f"no object poses; {report['student']['steps']} steps per round",
+             f"no object poses; {report['student']['steps']} steps, then {report['student']['dagger_steps']} per DAgger round",
              f"- **teacher**: state {report['teacher']['kind']}{' + residual' if report['teacher']['residual'] else ''}",
              f"- **rollouts**: {report['store_episodes']} episodes in `rollouts.zarr` under randomization "
              f"`{json.dumps(report['randomization'])}`; rounds: " + "; ".join(

@@ -183,7 +183,6 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     mk = lambda eps: WindowDataset(SequenceSampler(store, keys, obs, pcfg.horizon, pcfg.n_obs_steps, eps))
     train_ds = mk(train_eps)
     val_ds = mk(val_eps) if len(val_eps) else None
-    sampler = None
     if world > 1:
         from torch.utils.data.distributed import DistributedSampler
 
@@ -231,7 +230,7 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
     bar = progress_bar(total=cfg.steps, desc=f"train {cfg.kind}", unit="step", disable=not progress)
     policy.train()
     while step < cfg.steps:
-        if sampler is not None:
+        if world > 1:
             sampler.set_epoch(epoch)
         epoch += 1
         for batch in loader:
@@ -294,7 +293,7 @@ def _init_weights(policy, tensors: dict[str, torch.Tensor], path) -> list[str]:
                           "initialise from a checkpoint of the same kind of policy (same cameras, image_channels, "
                           "shared_image_encoder)")
     if policy.config.freeze_image_encoder:
-        frozen = {id(p) for p in policy.obs_encoder.image_encoders().parameters()}
+        frozen = {id(p) for enc in policy.obs_encoder.image_encoders() for p in enc.parameters()}
         enc = [n for n, p in policy.named_parameters() if id(p) in frozen]
         missing = [k for k in enc if k not in match]
         if missing:
