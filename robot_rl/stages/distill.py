@@ -185,7 +185,8 @@ def distill(teacher, task: str, out_dir: str | Path, *, teacher_residual=None, c
             tag = f"{backend}_{'randomized' if rnd is not None else 'nominal'}"
             te = evaluate(teacher, task, residual=teacher_residual, n_episodes=evaluation.episodes,
                           n_envs=evaluation.n_envs, seed_start=evaluation.seed_start, task_kwargs=task_kwargs,
-                          env_kwargs=kw, seed=seed, progress=progress, desc=f"teacher {tag}")
+                          env_kwargs=kw if teacher.config.image_keys else {**kw, "cameras": ()}, seed=seed,
+                          progress=progress, desc=f"teacher {tag}")  # a state teacher: nothing to render
             st = evaluate(student, task, n_episodes=evaluation.episodes, n_envs=evaluation.n_envs,
                           seed_start=evaluation.seed_start, task_kwargs=task_kwargs, env_kwargs=kw, seed=seed,
                           progress=progress, desc=f"student {tag}")
