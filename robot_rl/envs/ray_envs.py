@@ -132,11 +132,11 @@ class EnvWorker:
 
 
 class _Episode:
-    """What re-runs an env's episode: reset seed and options, the actions sent since, the last observation
-    returned."""
+    """What re-runs an env's episode: reset seed and options, the actions sent since (the last observation
+    returned is the vector env's ``_obs`` row)."""
 
-    def __init__(self, seed, options, obs):
-        self.seed, self.options, self.obs, self.actions = seed, options, obs, []
+    def __init__(self, seed, options):
+        self.seed, self.options, self.actions = seed, options, []
 
 
 class RayVectorEnv(gym.vector.VectorEnv):
@@ -186,7 +186,7 @@ class RayVectorEnv(gym.vector.VectorEnv):
         infos: dict = {}
         for i, (obs, info) in zip(idx, res):
             self._obs[i] = obs
-            self._episodes[i] = _Episode(seed[i], sub, obs)
+            self._episodes[i] = _Episode(seed[i], sub)
             infos = self._add_info(infos, info, i)
         return self._batch(), infos
 
@@ -204,7 +204,6 @@ class RayVectorEnv(gym.vector.VectorEnv):
             self._obs[i] = obs
             ep = self._episodes[i]
             ep.actions.append(rows[i])
-            ep.obs = obs
             rew[i], term[i], trunc[i] = r, te, tr
             infos = self._add_info(infos, info, i)
         return self._batch(), rew, term, trunc, infos
@@ -271,7 +270,7 @@ class RayVectorEnv(gym.vector.VectorEnv):
             if ep is None:
                 return
             try:
-                self._ray.get(self.workers[i].restore.remote(ep.seed, ep.options, ep.actions, ep.obs))
+                self._ray.get(self.workers[i].restore.remote(ep.seed, ep.options, ep.actions, self._obs[i]))
                 return
             except RayActorError:
                 if attempt == MAX_RESTARTS:
