@@ -55,7 +55,7 @@ def _cli(*args):
 
 def test_tiny_distillation_end_to_end(tmp_path):
     out = tmp_path / "d"
-    r = _cli("distill", "--teacher-base", TEACHER, "--out", out, "--task", "place", "--episodes", 6,
+    r = _cli("distill", "--teacher-base", TEACHER, "--out", out, "--task", "place", "--episodes", 3,
              "--dagger-rounds", 1, "--dagger-episodes", 2, "--dagger-steps", 20, "--image-size", 32, "--steps", 80,
              "--eval-episodes", 2,
              "--videos", 1, "--set", "distill.eval_backends=[mujoco, pybullet]", "--set", "base.val_every=10",
@@ -66,11 +66,16 @@ def test_tiny_distillation_end_to_end(tmp_path):
                                                     "pybullet_randomized"]
     assert rep["student"]["obs_keys"] == ["ee_pos", "ee_quat", "gripper_width"]
     assert rep["student"]["image_keys"] == ["image_front", "image_wrist"]
-    assert [x["driver"] for x in rep["rounds"]] == ["teacher", "student"] and rep["store_episodes"] == 8
+    # the teacher, then DAgger's student, rolls out in both renderers (the default rollout_backends)
+    assert [(x["driver"], x["backend"]) for x in rep["rounds"]] == [
+        ("teacher", "mujoco"), ("teacher", "pybullet"), ("student", "mujoco"), ("student", "pybullet")]
+    assert rep["store_episodes"] == 10
     store = ZarrStore.open(out / "rollouts.zarr")
     assert tuple(store.schema["image_front"]["shape"]) == (32, 32, 3)
     metas = store.episodes_meta()
-    assert [m["extra"]["dagger_round"] for m in metas] == [0] * 6 + [1] * 2
+    assert [m["extra"]["dagger_round"] for m in metas] == [0] * 6 + [1] * 4
+    assert [m["backend"] for m in metas] == ["mujoco"] * 3 + ["pybullet"] * 3 + ["mujoco"] * 2 + ["pybullet"] * 2
+    assert len({m["seed"] for m in metas}) == 10  # every backend and round on seeds of its own
     assert all(m["extra"]["randomization"].get("visual") for m in metas)  # the visual preset was on
     assert all(m["seed"] >= 2_000_000 for m in metas)  # rollout seeds are disjoint from the evaluation's
     h0, h1 = (json.loads((out / f"student_round{r}" / "train_summary.json").read_text())["history"] for r in (0, 1))

@@ -6,14 +6,17 @@ trained on the teacher's rollouts under visual domain randomization), optionally
 ``robot-rl distill --teacher-base B [--teacher-residual R] --task place --cameras front wrist --out DIR``:
 
 1. **Teacher rollouts.** The teacher (base + optional residual, reading privileged state) runs ``distill.episodes``
-   episodes on seeds from :data:`DISTILL_SEED_START` under the ``randomization`` section (default: the ``visual``
-   preset: colours, light, camera pose jitter), with the cameras rendered. Every episode goes into
+   episodes in each simulator of ``distill.rollout_backends`` (each on its own seeds from :data:`DISTILL_SEED_START`)
+   under the ``randomization`` section (default: the ``visual`` preset: colours, light, camera pose jitter), with
+   the cameras rendered. Rendering the same scenes with two renderers is itself a visual randomization: a student
+   that saw only MuJoCo's images fails in PyBullet (README, distillation). Every episode goes into
    ``DIR/rollouts.zarr``: source ``policy``, every observation incl. the images, the teacher's actions, the
    randomization sample, ``extra["dagger_round"] = 0``.
 2. **Student.** ``train_base`` on that store with the ``base`` / ``policy`` sections: a BC or Diffusion Policy over
    the camera images plus proprioception. Object poses and the goal (the task's own observation keys:
    ``cube_pos``, ``target_pos``, ``cube_to_target``, ...) are refused as student inputs.
-3. **DAgger** (``distill.dagger_rounds``): the student drives ``distill.dagger_episodes`` new episodes, the teacher
+3. **DAgger** (``distill.dagger_rounds``): the student drives ``distill.dagger_episodes`` new episodes (in each
+   rollout backend), the teacher
    labels every visited step (:func:`~robot_rl.stages.evaluation.evaluate`'s ``label_policy``), the episodes join
    the store (``dagger_round`` r) and the student trains ``distill.dagger_steps`` more steps on all of it, from the
    previous round's weights.
@@ -48,9 +51,10 @@ DISTILL_SEED_START = 2_000_000  # teacher rollouts, then each DAgger round's epi
 class DistillConfig:
     """The ``distill`` config section (``robot-rl distill``).
 
-    episodes: teacher rollouts recorded (seeds ``DISTILL_SEED_START, +1, ...``); dagger_rounds: rounds of student
-    rollouts relabelled by the teacher (0: plain behaviour cloning of the teacher); dagger_episodes: student episodes
-    per round (the seeds after the previous ones); dagger_steps: training steps after each round, on all the data so
+    episodes: teacher rollouts recorded per rollout backend (seeds ``DISTILL_SEED_START, +1, ...``, each backend on
+    the seeds after the previous one's); rollout_backends: the simulators the teacher (and DAgger's student) rolls
+    out in; dagger_rounds: rounds of student rollouts relabelled by the teacher (0: plain behaviour cloning of the
+    teacher); dagger_episodes: student episodes per round and rollout backend (the seeds after the previous ones); dagger_steps: training steps after each round, on all the data so
     far, starting from the previous round's weights (``base.init_from``; round 0 trains ``base.steps`` from
     scratch); eval_backends: simulators the student and the teacher are evaluated in (each nominal and with the
     ``randomization`` section).
@@ -61,6 +65,7 @@ class DistillConfig:
     dagger_episodes: int = 100
     dagger_steps: int = 1000
     eval_backends: list = field(default_factory=lambda: ["mujoco", "pybullet"])
+    rollout_backends: list = field(default_factory=lambda: ["mujoco", "pybullet"])
 
     def validate(self) -> "DistillConfig":
         from robot_rl.sim import BACKENDS
@@ -69,9 +74,11 @@ class DistillConfig:
             v = getattr(self, k)
             if not (isinstance(v, int) and v >= lo):
                 raise ConfigError(f"distill.{k}", f"{v!r} < {lo}", f"use an integer >= {lo}")
-        bad = [b for b in self.eval_backends if b not in BACKENDS] or ([] if self.eval_backends else ["(none)"])
-        if bad:
-            raise ConfigError("distill.eval_backends", f"{bad} are not simulators", f"use some of {list(BACKENDS)}")
+        for k in ("eval_backends", "rollout_backends"):
+            v = getattr(self, k)
+            bad = [b for b in v if b not in BACKENDS] or ([] if v else ["(none)"])
+            if bad:
+                raise ConfigError(f"distill.{k}", f"{bad} are not simulators", f"use some of {list(BACKENDS)}")
         return self
 
 
@@ -140,30 +147,36 @@ def distill(teacher, task: str, out_dir: str | Path, *, teacher_residual=None, c
     times, rounds = {}, []
     teacher_info = {"residual": teacher_residual is not None, "kind": teacher.config.kind}
 
+    def rollouts(policy, r, n, first_seed, desc, **kw) -> tuple[list[dict], int]:
+        """``n`` recorded episodes of ``policy`` in every rollout backend (round ``r``); the rows and the next seed."""
+        done = []
+        for backend in cfg.rollout_backends:
+            res = evaluate(policy, task, n_episodes=n, n_envs=evaluation.n_envs, seed_start=first_seed,
+                           task_kwargs=task_kwargs, env_kwargs={**rollout_kw, "backend": backend}, seed=seed,
+                           progress=progress, desc=f"{desc} ({backend})", record=store,
+                           record_extra={"teacher": teacher_info, "dagger_round": r}, **kw)
+            done.append({"round": r, "driver": "teacher" if r == 0 else "student", "backend": backend,
+                         "episodes": n, "seed_start": first_seed, "success_rate": res["success_rate"]})
+            first_seed += n
+        return done, first_seed
+
     t = time.time()
-    r0 = evaluate(teacher, task, residual=teacher_residual, n_episodes=cfg.episodes, n_envs=evaluation.n_envs,
-                  seed_start=DISTILL_SEED_START, task_kwargs=task_kwargs, env_kwargs=rollout_kw, seed=seed,
-                  progress=progress, desc="teacher rollouts", record=store,
-                  record_extra={"teacher": teacher_info, "dagger_round": 0})
+    done, next_seed = rollouts(teacher, 0, cfg.episodes, DISTILL_SEED_START, "teacher rollouts",
+                               residual=teacher_residual)
+    rounds += done
     times["teacher_rollouts_s"] = time.time() - t
-    rounds.append({"round": 0, "driver": "teacher", "episodes": cfg.episodes, "success_rate": r0["success_rate"]})
 
     from robot_rl.policies.checkpoint import load_policy
 
-    next_seed = DISTILL_SEED_START + cfg.episodes
     student = None
     for r in range(cfg.dagger_rounds + 1):
         if r > 0:
             t = time.time()
             labels = CombinedPolicy(teacher, teacher_residual, min(evaluation.n_envs, cfg.dagger_episodes), seed=seed)
-            rr = evaluate(student, task, n_episodes=cfg.dagger_episodes, n_envs=evaluation.n_envs,
-                          seed_start=next_seed, task_kwargs=task_kwargs, env_kwargs=rollout_kw, seed=seed,
-                          progress=progress, desc=f"DAgger round {r}", record=store,
-                          record_extra={"teacher": teacher_info, "dagger_round": r}, label_policy=labels)
-            next_seed += cfg.dagger_episodes
+            done, next_seed = rollouts(student, r, cfg.dagger_episodes, next_seed, f"DAgger round {r}",
+                                       label_policy=labels)
+            rounds += done
             times[f"dagger_{r}_rollouts_s"] = time.time() - t
-            rounds.append({"round": r, "driver": "student", "episodes": cfg.dagger_episodes,
-                           "success_rate": rr["success_rate"]})
         t = time.time()
         threads = torch.get_num_threads()  # rollouts run torch on one thread (env workers own the cores); training
         torch.set_num_threads(os.cpu_count() or 1)  # has the machine to itself
@@ -234,7 +247,8 @@ def write_report(out: Path, report: dict) -> dict:
              f"- **teacher**: state {report['teacher']['kind']}{' + residual' if report['teacher']['residual'] else ''}",
              f"- **rollouts**: {report['store_episodes']} episodes in `rollouts.zarr` under randomization "
              f"`{json.dumps(report['randomization'])}`; rounds: " + "; ".join(
-                 f"{r['round']} ({r['driver']} drove {r['episodes']}, success {r['success_rate']:.3f})"
+                 f"{r['round']} ({r['driver']} drove {r['episodes']}{' in ' + r['backend'] if 'backend' in r else ''}, "
+                 f"success {r['success_rate']:.3f})"
                  for r in report["rounds"]),
              f"- **held-out seeds**: {report['eval_seed_range'][0]}–{report['eval_seed_range'][1]} in every row",
              f"- **wall time**: {w['total_s'] / 60:.1f} min (" + ", ".join(
