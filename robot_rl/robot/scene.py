@@ -40,8 +40,6 @@ def proxy_visual_urdf(urdf_path: str, links: tuple) -> str:
     Raises:
         ConfigError: a link in ``links`` is not in the URDF or has no collision mesh.
     """
-    import hashlib
-    import tempfile
     import xml.etree.ElementTree as ET
 
     from robot_rl.errors import ConfigError
@@ -60,9 +58,18 @@ def proxy_visual_urdf(urdf_path: str, links: tuple) -> str:
             if col.get("scale") is not None:
                 vis.set("scale", col.get("scale"))
     text = ET.tostring(root, encoding="unicode")
-    key = hashlib.sha1((os.path.abspath(urdf_path) + "|" + text).encode()).hexdigest()[:16]
+    return cached_file(os.path.splitext(os.path.basename(urdf_path))[0], ".urdf", os.path.abspath(urdf_path), text)
+
+
+def cached_file(stem: str, suffix: str, source: str, text: str) -> str:
+    """Path of ``text`` written once under ``<tempdir>/robot_rl_urdf/<stem>_<hash of source and text><suffix>``
+    (atomic rename, safe across processes) and reused: the derived URDFs and meshes the backends load."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1((source + "|" + text).encode()).hexdigest()[:16]
     out_dir = os.path.join(tempfile.gettempdir(), "robot_rl_urdf")
-    path = os.path.join(out_dir, f"{os.path.splitext(os.path.basename(urdf_path))[0]}_{key}.urdf")
+    path = os.path.join(out_dir, f"{stem}_{key}{suffix}")
     if not os.path.exists(path):
         os.makedirs(out_dir, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -97,9 +104,10 @@ class RobotSpec:
     finger_damping: float = 5.0  # N s/m, passive, per finger joint
     finger_armature: float = 0.01  # kg, per finger joint
     finger_friction: float = 1.5  # sliding friction coefficient of the finger pads
-    # links PyBullet draws with their collision mesh: TinyRenderer's cost is per triangle, and these flat-coloured
-    # links hold most of the visual meshes' triangles (docs/MEASUREMENTS.md); hand and fingers, the parts the
-    # cameras look at, keep their visual meshes. MuJoCo's GL renderer draws the visual meshes.
+    # links both backends draw with their collision mesh: TinyRenderer's (and software GL's) cost is per triangle,
+    # and these flat-coloured links hold most of the visual meshes' triangles (docs/MEASUREMENTS.md); hand and
+    # fingers, the parts the cameras look at, keep their visual meshes. Both backends draw the same meshes, so a
+    # camera policy sees one robot in either.
     proxy_visual_links: tuple = tuple(f"panda_link{i}" for i in range(1, 7))
 
 
