@@ -116,6 +116,34 @@ def test_render_parity_cube_centroid_within_3px(mj_env, pb_env):
         assert r["diff_px"] < 3.0, f"wrist, seed {seed}: {r}"
 
 
+def _robot_mask(img: np.ndarray) -> np.ndarray:
+    """Pixels of the dark hand, fingers and link 7 (the robot's dark grey; table, cube and target are brighter, and
+    MuJoCo's empty background, black where PyBullet's is white, is darker)."""
+    v = img.max(axis=-1)
+    return (v >= 8) & (v < 70)
+
+
+def test_both_backends_draw_the_same_robot(mj_env, pb_env):
+    """The hand seen by the front and wrist cameras covers the same pixels in MuJoCo and PyBullet (IoU of the dark
+    robot pixels). MuJoCo's OBJ decoder once kept only the first object of pybullet_data's multi-object meshes
+    (42 of the hand's 7 078 triangles): its wrist camera saw no palm (IoU 0.17; front 0.29; now 0.94 and 0.88) and
+    a student trained on its images failed in PyBullet."""
+    m = mj_env.backend.model
+    faces = {}
+    for i in range(m.nmesh):  # the visual mesh is the larger of a link's two
+        stem = m.mesh(i).name.split("_")[0].rstrip("0123456789") if m.mesh(i).name[:4] != "link" else ""
+        faces[stem] = max(faces.get(stem, 0), int(m.mesh_facenum[i]))
+    assert faces["hand"] == 7078 and faces["finger"] == 624, faces  # every object of the visual OBJ files
+    for seed in range(2):
+        mj_env.reset(seed=seed)
+        pb_env.reset(seed=seed)
+        for cam in ("front", "wrist"):
+            a = _robot_mask(mj_env.backend.render(cam, 96, 96))
+            b = _robot_mask(pb_env.backend.render(cam, 96, 96))
+            iou = (a & b).sum() / max((a | b).sum(), 1)
+            assert (a | b).sum() > 100 and iou > 0.8, f"{cam}, seed {seed}: IoU {iou:.2f}, pixels {a.sum()} vs {b.sum()}"
+
+
 def _rollout(env, seed, n=40):
     obs, _ = env.reset(seed=seed)
     ex = ScriptedExpert("place", noise=0.2, seed=seed)
