@@ -137,6 +137,20 @@ def test_init_from_and_frozen_encoder(store, tmp_path):
     assert max(float((a[k] - c[k]).abs().max()) for k in a if not k.startswith("normalizer.")) < 1e-3
 
 
+def test_init_normalizer_keeps_the_checkpoints_statistics(store, tmp_path):
+    """DAgger's fine-tuning keeps the previous round's normalization (init_normalizer); plain init_from recomputes it
+    from this run's episodes (here another split of the episodes, so other statistics)."""
+    first = tmp_path / "first"
+    train_base(store, first, cfg(val_ratio=0.6), progress=False)
+    kept, fresh = tmp_path / "kept", tmp_path / "fresh"
+    for out, keep in ((kept, True), (fresh, False)):
+        train_base(store, out, cfg(steps=2, init_from=str(first / "checkpoint"), init_normalizer=keep), progress=False)
+    a, k, f = weights(first), weights(kept), weights(fresh)
+    norm = [n for n in a if n.startswith("normalizer.")]
+    assert norm and all(torch.equal(a[n], k[n]) for n in norm)
+    assert any(not torch.equal(a[n], f[n]) for n in norm)
+
+
 def test_init_from_errors(store, tmp_path):
     first = tmp_path / "first"
     train_base(store, first, cfg(steps=1), progress=False)

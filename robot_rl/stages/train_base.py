@@ -38,7 +38,10 @@ class BaseTrainConfig:
     (0 = in the training process); the batches, hence the run, are the same whatever the number;
     init_from: a policy checkpoint directory whose weights initialise the new policy wherever a tensor's name and
     shape match (the normalization statistics excepted: they come from this run's training episodes); needed by
-    ``policy.freeze_image_encoder``, which must find every image-encoder tensor there."""
+    ``policy.freeze_image_encoder``, which must find every image-encoder tensor there;
+    init_normalizer: with ``init_from``, take the normalization statistics from that checkpoint too: continued
+    training on more of the same data (DAgger's rounds), where statistics recomputed over new, out-of-range labels
+    would rescale every input and output the weights were trained for."""
 
     kind: str = "diffusion"
     obs_keys: list = field(default_factory=list)
@@ -56,6 +59,7 @@ class BaseTrainConfig:
     sources: list = field(default_factory=list)
     loader_workers: int = 0
     init_from: str | None = None
+    init_normalizer: bool = False
 
 
 # what a training run writes (train-base; train-residual adds the best-on-validation checkpoint and its curves)
@@ -201,7 +205,7 @@ def train_base(store_path: str | Path, out_dir: str | Path, cfg: BaseTrainConfig
                                          generator=torch.Generator().manual_seed(cfg.seed + 1 + rank))
     policy = make_policy(pcfg, stats)
     if init is not None:
-        _init_weights(policy, init, cfg.init_from)
+        _init_weights(policy, init, cfg.init_from, normalizer=cfg.init_normalizer)
     loss_fn = _Loss(policy)
     if world > 1:
         import torch.distributed as dist
@@ -281,13 +285,14 @@ def _read_init(path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _init_weights(policy, tensors: dict[str, torch.Tensor], path) -> list[str]:
-    """Copy into ``policy`` the ``tensors`` whose name and shape match one of its own (normalizer buffers excepted).
+def _init_weights(policy, tensors: dict[str, torch.Tensor], path, normalizer: bool = False) -> list[str]:
+    """Copy into ``policy`` the ``tensors`` whose name and shape match one of its own (normalizer buffers only with
+    ``normalizer``).
     Returns the names copied. Raises ConfigError ``base.init_from`` when none matches, or when the policy freezes
     its image encoder and some of that encoder's tensors are not among them."""
     own = policy.state_dict()
     match = {k: v for k, v in tensors.items()
-             if k in own and own[k].shape == v.shape and not k.startswith("normalizer.")}
+             if k in own and own[k].shape == v.shape and (normalizer or not k.startswith("normalizer."))}
     if not match:
         raise ConfigError("base.init_from", f"no tensor of {path} matches this policy's names and shapes",
                           "initialise from a checkpoint of the same kind of policy (same cameras, image_channels, "
