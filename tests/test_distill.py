@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
 from robot_rl.datasets.store import ZarrStore
 from robot_rl.stages.evaluation import evaluate
@@ -78,9 +80,15 @@ def test_tiny_distillation_end_to_end(tmp_path):
     assert len({m["seed"] for m in metas}) == 10  # every backend and round on seeds of its own
     assert all(m["extra"]["randomization"].get("visual") for m in metas)  # the visual preset was on
     assert all(m["seed"] >= 2_000_000 for m in metas)  # rollout seeds are disjoint from the evaluation's
-    h0, h1 = (json.loads((out / f"student_round{r}" / "train_summary.json").read_text())["history"] for r in (0, 1))
+    h0 = json.loads((out / "student_round0" / "train_summary.json").read_text())["history"]
     assert h0[-1]["val_loss"] < h0[0]["val_loss"], h0  # the student learns
-    assert h1[0]["val_loss"] < h0[0]["val_loss"], (h0, h1)  # the DAgger round continues from round 0's weights
+    # the DAgger round continues from round 0's weights and keeps its normalization (the teacher's labels at the
+    # student's states fall outside round 0's range, so round 1's losses are not comparable with round 0's)
+    w0, w1 = (load_file(str(out / f"student_round{r}" / "checkpoint" / "model.safetensors")) for r in (0, 1))
+    norm = [k for k in w0 if k.startswith("normalizer.")]
+    assert norm and all(torch.equal(w0[k], w1[k]) for k in norm)
+    assert json.loads((out / "student_round1" / "train_config.json").read_text())["init_from"].endswith(
+        "student_round0/checkpoint")
     # the student reads cameras and proprioception only
     cfg = json.loads((out / "student_round1" / "checkpoint" / "config.json").read_text())["config"]
     assert not {"cube_pos", "target_pos", "cube_to_target", "cube_quat"} & set(cfg["obs_keys"])
