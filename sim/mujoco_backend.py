@@ -14,6 +14,7 @@ MuJoCo stores quaternions as wxyz; conversion to the public xyzw happens only in
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -41,6 +42,7 @@ def _mat_to_wxyz(R: np.ndarray) -> np.ndarray:
     return q
 
 
+@functools.lru_cache(maxsize=None)  # read once per process: every MuJoCo env build loads the same meshes
 def single_object_obj(path: str) -> str:
     """Path of a copy of the Wavefront OBJ file ``path`` as one object: its vertex positions and every face of every
     object (``o``/``g``) as triangles (polygons fanned; texture coordinates, normals and materials dropped: the
@@ -68,7 +70,7 @@ def single_object_obj(path: str) -> str:
 
 def load_robot_spec(urdf_path: str) -> mujoco.MjSpec:
     """Parse a URDF into an MjSpec, resolving ``package://`` paths against the URDF's directory and loading each
-    visual OBJ mesh as one object (:func:`single_object_obj`)."""
+    OBJ mesh as one object (:func:`single_object_obj`)."""
     import xml.etree.ElementTree as ET
 
     root = ET.fromstring(resolved_urdf_text(urdf_path))

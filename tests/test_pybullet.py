@@ -141,7 +141,8 @@ def test_both_backends_draw_the_same_robot(mj_env, pb_env):
             a = _robot_mask(mj_env.backend.render(cam, 96, 96))
             b = _robot_mask(pb_env.backend.render(cam, 96, 96))
             iou = (a & b).sum() / max((a | b).sum(), 1)
-            assert (a | b).sum() > 100 and iou > 0.8, f"{cam}, seed {seed}: IoU {iou:.2f}, pixels {a.sum()} vs {b.sum()}"
+            assert (a | b).sum() > 100 and iou > 0.8, \
+                f"{cam}, seed {seed}: IoU {iou:.2f}, pixels {a.sum()} vs {b.sum()}"
 
 
 def _rollout(env, seed, n=40):

@@ -54,8 +54,9 @@ class DistillConfig:
     episodes: teacher rollouts recorded per rollout backend (seeds ``DISTILL_SEED_START, +1, ...``, each backend on
     the seeds after the previous one's); rollout_backends: the simulators the teacher (and DAgger's student) rolls
     out in; dagger_rounds: rounds of student rollouts relabelled by the teacher (0: plain behaviour cloning of the
-    teacher); dagger_episodes: student episodes per round and rollout backend (the seeds after the previous ones); dagger_steps: training steps after each round, on all the data so
-    far, starting from the previous round's weights (``base.init_from``; round 0 trains ``base.steps`` from
+    teacher); dagger_episodes: student episodes per round and rollout backend (the seeds after the previous ones);
+    dagger_steps: training steps after each round, on all the data so far, starting from the previous round's
+    weights and normalization (``base.init_from``, ``base.init_normalizer``; round 0 trains ``base.steps`` from
     scratch); eval_backends: simulators the student and the teacher are evaluated in (each nominal and with the
     ``randomization`` section).
     """
@@ -249,7 +250,7 @@ def write_report(out: Path, report: dict) -> dict:
              f"- **teacher**: state {report['teacher']['kind']}{' + residual' if report['teacher']['residual'] else ''}",
              f"- **rollouts**: {report['store_episodes']} episodes in `rollouts.zarr` under randomization "
              f"`{json.dumps(report['randomization'])}`; rounds: " + "; ".join(
-                 f"{r['round']} ({r['driver']} drove {r['episodes']}{' in ' + r['backend'] if 'backend' in r else ''}, "
+                 f"{r['round']} ({r['driver']} drove {r['episodes']} in {r['backend']}, "
                  f"success {r['success_rate']:.3f})"
                  for r in report["rounds"]),
              f"- **held-out seeds**: {report['eval_seed_range'][0]}–{report['eval_seed_range'][1]} in every row",
