@@ -136,8 +136,17 @@ def build_model(scene: SceneSpec) -> mujoco.MjModel:
     cx, cy = scene.table_center_xy
     world.add_geom(name="table", type=mujoco.mjtGeom.mjGEOM_BOX, size=[hx, hy, hz], pos=[cx, cy, -hz],
                    rgba=list(scene.table_rgba), friction=[1.0, 0.005, 0.0001])
-    world.add_light(name="key", pos=[0.6, 0.3, 1.5], dir=[0, 0, -1], type=mujoco.mjtLightType.mjLIGHT_DIRECTIONAL, diffuse=[0.7, 0.7, 0.7])
-    world.add_light(name="fill", pos=[-0.5, -0.5, 1.2], dir=[0.5, 0.3, -1], type=mujoco.mjtLightType.mjLIGHT_DIRECTIONAL, diffuse=[0.3, 0.3, 0.3])
+    # the scene's light as PyBullet draws it (LightSpec): ambient from the headlight, one directional light
+    lt = scene.light
+    toward = np.asarray(lt.toward, dtype=np.float64)
+    head = spec.visual.headlight
+    head.ambient, head.diffuse, head.specular = [lt.ambient] * 3, [0.0] * 3, [0.0] * 3
+    world.add_light(name="key", pos=list(toward), dir=list(-toward / np.linalg.norm(toward)),
+                    type=mujoco.mjtLightType.mjLIGHT_DIRECTIONAL, diffuse=[lt.diffuse * np.linalg.norm(toward)] * 3,
+                    specular=[0.0] * 3, ambient=[0.0] * 3)
+    spec.add_texture(name="background", type=mujoco.mjtTexture.mjTEXTURE_SKYBOX,
+                     builtin=mujoco.mjtBuiltin.mjBUILTIN_FLAT, rgb1=list(scene.background_rgb),
+                     rgb2=list(scene.background_rgb), width=8, height=8)
     for o in scene.objects:
         b = world.add_body(name=o.name, pos=[0.5, 0.0, o.half_size[2]])
         b.add_freejoint(name=o.name + "_free")

@@ -170,7 +170,13 @@ class PybulletBackend(Backend):
             self._objects[o.name] = b
         self._markers: dict[str, int] = {}
         for mk in sc.markers:
-            vis = p.createVisualShape(p.GEOM_CYLINDER, radius=mk.radius, length=0.001, rgbaColor=list(mk.rgba),
+            # a flat disc (32-gon fan, normals up, 1 mm above its origin): TinyRenderer shades a thin
+            # GEOM_CYLINDER's cap with smoothed side normals (ambient only), unlike MuJoCo's cylinder
+            ang = np.linspace(0.0, 2 * np.pi, 32, endpoint=False)
+            verts = [[0.0, 0.0, 0.001]] + [[mk.radius * np.cos(a), mk.radius * np.sin(a), 0.001] for a in ang]
+            fan = [[0, 1 + i, 1 + (i + 1) % 32] for i in range(32)]
+            vis = p.createVisualShape(p.GEOM_MESH, vertices=verts, indices=[int(v) for f in fan for v in f],
+                                      normals=[[0.0, 0.0, 1.0]] * len(verts), rgbaColor=list(mk.rgba),
                                       physicsClientId=c)
             self._markers[mk.name] = p.createMultiBody(0.0, -1, vis, [0.5, 0.0, 0.0], physicsClientId=c)
         self._cams = {}
@@ -298,12 +304,12 @@ class PybulletBackend(Backend):
 
     def render(self, camera, height, width):
         R, pos = self.camera_pose(camera)
-        cam = self._cams[camera][0]
+        cam, lt = self._cams[camera][0], self.scene.light
         _, _, rgba, _, _ = p.getCameraImage(
             width, height, camera_view_matrix(R, pos), camera_projection_matrix(cam.fovy, height, width),
-            renderer=p.ER_TINY_RENDERER, shadow=0, lightDirection=[0.3, 0.2, 1.0], lightColor=[1, 1, 1],
-            lightAmbientCoeff=0.5 * self._light, lightDiffuseCoeff=0.5 * self._light,
-            lightSpecularCoeff=0.05 * self._light,
+            renderer=p.ER_TINY_RENDERER, shadow=0, lightDirection=list(lt.toward), lightColor=[1, 1, 1],
+            lightAmbientCoeff=lt.ambient * self._light, lightDiffuseCoeff=lt.diffuse * self._light,
+            lightSpecularCoeff=lt.specular * self._light,
             flags=p.ER_NO_SEGMENTATION_MASK, physicsClientId=self.cid)
         return np.ascontiguousarray(np.reshape(rgba, (height, width, 4))[:, :, :3], dtype=np.uint8)
 

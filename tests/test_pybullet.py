@@ -145,6 +145,24 @@ def test_both_backends_draw_the_same_robot(mj_env, pb_env):
                 f"{cam}, seed {seed}: IoU {iou:.2f}, pixels {a.sum()} vs {b.sum()}"
 
 
+def test_both_backends_shade_alike(mj_env, pb_env):
+    """Both renderers light the scene with the one ``SceneSpec.light``: the cameras' images differ by a few levels
+    per pixel (mean |difference| 2.1-2.5 here; 51-65 when MuJoCo had its own two lights and headlight, which made a
+    student misjudge the cube by ~4 mm in PyBullet), and the target marker has the same colour (once dark in
+    PyBullet: TinyRenderer shaded the thin cylinder's cap with its side normals, and ignores alpha)."""
+    for seed in range(2):
+        mj_env.reset(seed=seed)
+        pb_env.reset(seed=seed)
+        for cam in ("front", "wrist"):
+            a = mj_env.backend.render(cam, 96, 96).astype(int)
+            b = pb_env.backend.render(cam, 96, 96).astype(int)
+            mad = np.abs(a - b).mean()
+            assert mad < 5.0, f"{cam}, seed {seed}: mean |MuJoCo - PyBullet| = {mad:.1f} levels"
+        a, b = (e.backend.render("front", 96, 96).astype(int).reshape(-1, 3) for e in (mj_env, pb_env))
+        ma, mb = (im[np.argmax(im[:, 1] - im[:, 0])] for im in (a, b))  # the marker's most saturated pixel
+        assert ma[1] - ma[0] > 150 and np.abs(ma - mb).max() < 10, (ma, mb)
+
+
 def _rollout(env, seed, n=40):
     obs, _ = env.reset(seed=seed)
     ex = ScriptedExpert("place", noise=0.2, seed=seed)

@@ -128,7 +128,25 @@ class MarkerSpec:
 
     name: str
     radius: float = 0.01
-    rgba: tuple = (0.1, 0.8, 0.2, 0.6)
+    rgba: tuple = (0.1, 0.8, 0.2, 1.0)  # opaque: PyBullet's TinyRenderer does not blend alpha, MuJoCo does
+
+
+@dataclass(frozen=True)
+class LightSpec:
+    """The scene's one directional light, drawn alike by both renderers (no shadows in either).
+
+    The shading model is PyBullet TinyRenderer's (``getCameraImage``'s light arguments): a surface of colour c with
+    unit normal n gets c * (ambient + diffuse * max(n . toward, 0)) plus a small specular term, where ``toward``
+    [world frame] points from the scene to the light and is used as given (not normalised). MuJoCo draws the same
+    with its headlight as the ambient term, one directional light along -toward with diffuse
+    ``diffuse * |toward|``, and no specular term (its specular is view-dependent). With this light the two
+    backends' camera images differ by a few intensity levels per pixel (``tests/test_pybullet.py``).
+    """
+
+    toward: tuple = (0.3, 0.2, 1.0)
+    ambient: float = 0.5
+    diffuse: float = 0.5
+    specular: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -154,6 +172,8 @@ class SceneSpec:
     table_half_size: tuple = (0.55, 0.6, 0.02)
     table_center_xy: tuple = (0.35, 0.0)
     table_rgba: tuple = (0.62, 0.5, 0.38, 1.0)
+    light: LightSpec = field(default_factory=LightSpec)
+    background_rgb: tuple = (1.0, 1.0, 1.0)  # what a camera sees beyond the table (PyBullet's clear colour)
     physics_dt: float = 0.002  # s
     control_dt: float = 0.1  # s (10 Hz)
 
