@@ -84,9 +84,9 @@ class DistillConfig:
 
 
 #: the ``distill`` command's defaults on top of the dataclasses' (a config preset; every field can be overridden):
-#: two 64x64 cameras, a small image BC trained for 6 000 steps (with rollouts from both simulators: 0.89 of the
-#: teacher in MuJoCo, 0.59 in PyBullet; README, distillation; the whole run fits well within an hour on 2 CPU
-#: cores), the ``visual`` randomization preset, 200 held-out evaluation episodes per condition
+#: two 64x64 cameras, a small image BC trained for 6 000 steps (with rollouts from both simulators, which shade
+#: alike: 0.93 of the teacher in MuJoCo, 0.64 in PyBullet; README, distillation; the whole run takes about 33 min
+#: on 2 CPU cores), the ``visual`` randomization preset, 200 held-out evaluation episodes per condition
 PRESET = {
     "env": {"cameras": ["front", "wrist"], "image_size": [64, 64]},
     "randomization": {"preset": "visual"},
