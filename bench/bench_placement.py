@@ -26,10 +26,10 @@ from robot_rl.stages.evaluation import CombinedPolicy  # noqa: E402
 def run(base, backend: str, seeds) -> dict:
     env = make_env("place", backend, **env_kwargs_for(base.config, "place", None, {}))
     err, carry, success = [], [], []
+    pol = CombinedPolicy(base, None, 1)
     try:
         for seed in seeds:
             obs, _ = env.reset(seed=seed)
-            pol = CombinedPolicy(base, None, 1)
             batch = {k: v[None] for k, v in obs.items()}
             pol.reset(np.ones(1, bool), batch)
             held = []

@@ -139,10 +139,11 @@ def build_model(scene: SceneSpec) -> mujoco.MjModel:
     # the scene's light as PyBullet draws it (LightSpec): ambient from the headlight, one directional light
     lt = scene.light
     toward = np.asarray(lt.toward, dtype=np.float64)
+    length = float(np.linalg.norm(toward))
     head = spec.visual.headlight
     head.ambient, head.diffuse, head.specular = [lt.ambient] * 3, [0.0] * 3, [0.0] * 3
-    world.add_light(name="key", pos=list(toward), dir=list(-toward / np.linalg.norm(toward)),
-                    type=mujoco.mjtLightType.mjLIGHT_DIRECTIONAL, diffuse=[lt.diffuse * np.linalg.norm(toward)] * 3,
+    world.add_light(name="key", pos=list(toward), dir=list(-toward / length),
+                    type=mujoco.mjtLightType.mjLIGHT_DIRECTIONAL, diffuse=[lt.diffuse * length] * 3,
                     specular=[0.0] * 3, ambient=[0.0] * 3)
     spec.add_texture(name="background", type=mujoco.mjtTexture.mjTEXTURE_SKYBOX,
                      builtin=mujoco.mjtBuiltin.mjBUILTIN_FLAT, rgb1=list(scene.background_rgb),
