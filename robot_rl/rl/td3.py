@@ -124,7 +124,8 @@ class TD3Config:
         for k in ("push_every", "max_backlog"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"td3.{k}", f"{getattr(self, k)} < 1", "use a positive integer")
-        if not self.critic_hidden or any(int(h) < 1 for h in self.critic_hidden):
+        if not self.critic_hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
+                                         for h in self.critic_hidden):
             raise ConfigError("td3.critic_hidden", f"{list(self.critic_hidden)} is not a list of positive widths",
                               "use e.g. [256, 256]")
 
