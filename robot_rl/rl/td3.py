@@ -71,15 +71,19 @@ class TD3Config:
     n_critics: int = 10  # Q ensemble size K (REDQ, ResFiT: 10)
     n_target_critics: int = 2  # heads in the target's min (REDQ: a random 2 of K)
     critic_hidden: tuple = (256, 256)  # widths of each Q head (LayerNorm + ReLU after each)
-    lr_actor: float = 1e-6  # Adam (ResFiT: 1e-6 to 5e-6; the tiny rate keeps the residual near the base)
+    # Adam. ResFiT: 1e-6 to 5e-6 over its GPU-sized update counts; with the ~25 k updates a CPU run affords, 1e-6
+    # left the residual at the base (place 4 mm: 0.505 -> 0.55 at 40 k steps), 3e-5 gave 0.78 (README, issue 16)
+    lr_actor: float = 3e-5
     lr_critic: float = 1e-4  # Adam (ResFiT: 1e-4)
     tau: float = 0.005  # Polyak rate of both target networks (TD3, ResFiT: 0.005)
     policy_delay: int = 2  # critic updates per actor update (TD3: 2)
     target_noise: float = 0.2  # std of the target-policy smoothing noise, residual units (TD3: 0.2)
     target_noise_clip: float = 0.5  # clip of that noise (TD3: 0.5)
-    explore_std: float = 0.1  # Gaussian exploration noise, residual units (ResFiT: 0.025-0.05 action units)
+    # Gaussian exploration noise, residual units: 0.5 = 0.05 action units at alpha 0.1, the top of ResFiT's 0.025-0.05
+    # action units (0.1 explored too little to move a 4 mm placement: see the README's TD3 section)
+    explore_std: float = 0.5
     learning_starts: int = 5_000  # env steps of warm-up exploration before any update (ResFiT: 10 000)
-    warmup_noise: float = 0.2  # warm-up residual ~ U(-w, w), residual units (ResFiT: random_action_noise_scale 0.2)
+    warmup_noise: float = 0.5  # warm-up residual ~ U(-w, w), residual units (ResFiT: 0.2; here as wide as explore_std)
     critic_warmup_updates: int = 2_000  # critic-only updates before the actor trains (ResFiT: 10 000)
     max_grad_norm: float = 1.0  # global gradient-norm clip of each optimiser step
     demo_ratio: float = 0.5  # share of each batch from demonstrations (RLPD symmetric sampling: 0.5)
