@@ -297,6 +297,10 @@ class TD3Run:
                 print(f"TD3 demo side: {st['transitions']} transitions from {st['episodes']} episodes of {demos} "
                       f"({st['unreachable']} steps beyond the residual's reach dropped, {st['intervention_steps']} "
                       "intervention steps)", file=sys.stderr, flush=True)
+            if len(self.demos) < td3.batch_size:
+                print(f"TD3 demo side: warning: {len(self.demos)} transitions fill {td3.demo_ratio:.0%} of every "
+                      f"{td3.batch_size}-row batch; collect demos closer to the base (lower noise) or set "
+                      "td3.demo_ratio=0", file=sys.stderr, flush=True)
         self.online = ReplayBuffer(min(td3.buffer_size, td3.total_env_steps), rcfg.in_dim, rcfg.action_dim)
         self.explorer = Explorer(self.policy, td3)
         self.seed_start = TRAIN_SEED_START + td3.seed * 10_000_000
