@@ -25,26 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-
-def run_cli(args: list, log: Path) -> None:
-    """``robot-rl ARGS`` with its output in ``log``; a plain progress line every 30 s while it runs."""
-    t0 = next_line = time.time()
-    with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", *map(str, args)], stdout=f, stderr=subprocess.STDOUT)
-        while p.poll() is None:
-            time.sleep(1.0)
-            if time.time() >= next_line + 30:
-                next_line = time.time()
-                print(f"  ... {args[0]} {args[2]} running for {time.time() - t0:.0f} s (log {log})", flush=True)
-    if p.returncode:
-        sys.exit(f"robot-rl {' '.join(map(str, args[:3]))} failed (exit {p.returncode}); see {log}")
+from bench_actors import cli  # bench/ is on sys.path when run as a script
 
 
 def first_reach(curve: list[dict], threshold: float) -> tuple[int | None, float | None]:
@@ -109,9 +95,9 @@ def main() -> None:
             sets = [*a.set, f"{algo}.val_every={a.val_every}", f"{algo}.val_episodes={a.val_episodes}",
                     f"eval.episodes={a.episodes}", *own]
             print(f"training {algo} ({n_seeds} seeds, {steps} env steps each) into {run}", flush=True)
-            run_cli(["train-residual", "--algo", algo, "--base", a.base, "--out", run, "--task", a.task,
-                     "--train-seeds", n_seeds, "--seed", a.seed, "--env-steps", steps, "--overwrite",
-                     *[x for s in sets for x in ("--set", s)]], out / f"{algo}.log")
+            cli("train-residual", "--algo", algo, "--base", a.base, "--out", run, "--task", a.task,
+                "--train-seeds", n_seeds, "--seed", a.seed, "--env-steps", steps, "--overwrite",
+                *[x for s in sets for x in ("--set", s)], log=out / f"{algo}.log")
         result["runs"][algo] = summarise(run, a.thresholds)
     print(f"\nbase alone: {result['runs']['td3']['base']:.3f} (same held-out seeds in both runs)")
     head = " | ".join(f"first val >= {t} (env steps / wall)" for t in a.thresholds)
