@@ -16,9 +16,9 @@ TD3 / PPO. Writes ``<out>/bench_offpolicy.json``.
 
 PPO needs several times TD3's env steps to reach the same validation success, so ``--ppo-env-steps`` /
 ``--ppo-train-seeds`` give it its own budget (first-reach points are then still comparable; the held-out figures
-are each learner's at the end of its own budget). ``--set`` options go to both learners; ``--td3-set`` / ``--ppo-set`` to one. ``--reuse`` keeps an algorithm's
-finished ``<out>/<algo>/report.json`` instead of training it again. Wall times are only comparable when nothing
-else shares the machine.
+are each learner's at the end of its own budget). ``--set`` options go to both learners; ``--td3-set`` /
+``--ppo-set`` to one. ``--reuse`` keeps an algorithm's finished ``<out>/<algo>/report.json`` instead of training it
+again. Wall times are only comparable when nothing else shares the machine.
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ PRESETS = {
     },
     # the off-policy acceptance run: residual TD3 (ResFiT) on the `full` preset's demos and MLP BC base, place at
     # 4 mm; critics and UTD sized for a 2-core CPU (robot_rl.rl.td3.TD3Config). No demo side: of these noise-0.3
-    # demos' steps, fewer than 30 of 6 574 are within the residual's reach of the base (docs/MEASUREMENTS.md), too few for
-    # RLPD's 50/50 batches.
+    # demos' steps, fewer than 30 of 6 574 are within the residual's reach of the base (docs/MEASUREMENTS.md), too
+    # few for RLPD's 50/50 batches.
     "full-offpolicy": {
         "task": {"name": "place", "tolerance": 0.004}, "seed": 0, "algo": "td3",
         "collect": {"episodes": 100, "noise": 0.3, "bias": 0.0, "nominal_task": True},
