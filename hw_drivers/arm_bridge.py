@@ -59,6 +59,8 @@ from robot_rl.ros.common import (COMMAND_QOS, declare, declare_safety, diagnosti
 from robot_rl.robot.safety import EStopLatch, JointLimits, SafetyFilter, Watchdog
 from robot_rl.robot.trajectory import TrajectoryFollower, plan_knots
 
+REPLAN_AFTER = 0.003  # s: a trajectory planned longer ago than this at publishing is planned again (_publish_plan)
+MAX_REPLANS = 2
 REFERENCE_TOLERANCE = 0.15  # rad: farther than this from the sent trajectory, the arm is not following it
 
 
@@ -144,7 +146,8 @@ def make_node():
             self.js_rx: float | None = None  # receive time (node clock) of the last joint state
             self.state = "idle"  # idle | active | holding | estop
             self.hold_reason = ""
-            self.counts = {"actions": 0, "commands": 0, "rejected": 0, "holds": 0, "watchdog": 0}
+            self.counts = {"actions": 0, "commands": 0, "rejected": 0, "holds": 0, "watchdog": 0, "replans": 0}
+            self.plan_delay = 0.0  # s: running mean of planning + publishing time (chunk mode, _publish_plan)
             self.latencies: deque = deque(maxlen=2000)
             if self.interface == "trajectory":
                 self.pub_arm = self.create_publisher(JointTrajectory, f"/{arm_ctrl}/joint_trajectory", COMMAND_QOS)
@@ -247,26 +250,47 @@ def make_node():
                 q_t, _ = self.controller.compute(q_prev, r)
                 q_prev, _ = self.plan_safety.filter(q_t, q_prev, self.period)
                 q_steps.append(q_prev)
-            now = now_sec(self)  # after the IK: the trajectory starts when it is received, about now
-            self._publish_plan(now, *self._desired(q_meas, now), np.stack(q_steps), self.traj_lead)
+            self._publish_plan(q_meas, np.stack(q_steps), self.traj_lead)
             self._send_gripper(width)
 
-        def _publish_plan(self, now, q0, v0, q_steps, lead=0.0):
-            """Knots from the desired state (q0, v0) through ``q_steps`` (plan_knots), sent as one JointTrajectory
-            with positions and velocities, and remembered as the desired state from ``now`` on."""
-            times, qs, vs = plan_knots(q0, v0, q_steps, self.period, vel_max=self.limits.velocity *
-                                       self.velocity_scale, acc_max=self.acc_max, lead=lead)
-            qs = np.clip(qs, self.safety.lo, self.safety.hi)
-            jt = self._JT()
-            jt.joint_names = list(self.robot.arm_joints)
-            for t, qk, vk in zip(times, qs, vs):
-                pt = self._JTP()
-                pt.positions, pt.velocities = [float(v) for v in qk], [float(v) for v in vk]
+        def _publish_plan(self, q_meas, q_steps, lead=0.0):
+            """Knots from the desired state (q0, v0) now through ``q_steps`` (plan_knots; None: brake to rest),
+            sent as one JointTrajectory with positions and velocities, and remembered as the desired state.
+
+            A controller starts the trajectory on receipt (``header.stamp`` 0) from its desired state then, so a
+            plan made from the state at an earlier time starts from a velocity off by (acceleration change) x (time
+            between), an extra acceleration of 4 dv / h on the first segment (h = period - lead; 2 rad/s^2 per ms at
+            0.07 s and 3.75 rad/s^2 of change). Hence the plan starts at the expected publishing time (``now`` + the
+            running mean of the planning time, ``plan_delay_ms`` in the diagnostics), each ``time_from_start``
+            counts from the actual publishing time (the knots keep their place in time), and a plan that took
+            ``REPLAN_AFTER`` longer than expected (a preempted process on a loaded host) is made again (at most
+            ``MAX_REPLANS`` times, counted in ``replans``)."""
+            for attempt in range(MAX_REPLANS + 1):
+                now = now_sec(self)
+                start = now + self.plan_delay
+                q0, v0 = self._desired(q_meas, start)
+                steps = (q0 + 0.5 * v0 * self.period)[None] if q_steps is None else q_steps
+                times, qs, vs = plan_knots(q0, v0, steps, self.period, vel_max=self.limits.velocity *
+                                           self.velocity_scale, acc_max=self.acc_max, lead=lead)
+                qs = np.clip(qs, self.safety.lo, self.safety.hi)
+                jt = self._JT()
+                jt.joint_names = list(self.robot.arm_joints)
+                for qk, vk in zip(qs, vs):
+                    pt = self._JTP()
+                    pt.positions, pt.velocities = [float(v) for v in qk], [float(v) for v in vk]
+                    jt.points.append(pt)
+                late = now_sec(self) - start
+                if late <= REPLAN_AFTER or attempt == MAX_REPLANS:
+                    break
+                self.counts["replans"] += 1
+            keep = [(pt, t - late) for pt, t in zip(jt.points, times) if t - late > 1e-3] or [(jt.points[-1], 1e-3)]
+            for pt, t in keep:  # knots already due (a planner stalled for a period) are dropped, as a JTC would
                 pt.time_from_start = sec_to_duration(float(t))
-                jt.points.append(pt)
+            jt.points = [pt for pt, _ in keep]
             self.pub_arm.publish(jt)
+            self.plan_delay += 0.1 * (min(now_sec(self) - now, 0.25 * self.period) - self.plan_delay)
             self.reference = TrajectoryFollower(q0)
-            self.reference.trajectory(now, q0, list(zip(times, qs, vs)), v_start=v0)
+            self.reference.trajectory(start, q0, list(zip(times, qs, vs)), v_start=v0)
             self.counts["commands"] += 1
 
         def _desired(self, q_meas, now):
@@ -278,10 +302,9 @@ def make_node():
                     return q0, v0
             return np.array(q_meas, dtype=np.float64), np.zeros_like(q_meas)
 
-        def _stop(self, q_meas, now):
+        def _stop(self, q_meas):
             """Chunk mode hold: brake from the desired state to rest within the acceleration limit."""
-            q0, v0 = self._desired(q_meas, now)
-            self._publish_plan(now, q0, v0, (q0 + 0.5 * v0 * self.period)[None])
+            self._publish_plan(q_meas, None)
 
         def _send(self, q, width=None, duration=None):
             if self.interface == "trajectory":
@@ -314,7 +337,7 @@ def make_node():
             if self.js.has(self.robot.arm_joints):
                 q, _, _, _ = self.js.get(self.robot.arm_joints, [])
                 if self.interface == "trajectory" and self.traj_mode == "chunk":
-                    self._stop(q, now_sec(self))
+                    self._stop(q)
                 else:
                     self._send(q, None, duration=0.5 * self.period)
             self.get_logger().warning(f"holding: {reason}")
@@ -342,7 +365,7 @@ def make_node():
             level = 2 if self.estop.active else (1 if self.state == "holding" else 0)
             vals = {"state": self.state, "hold_reason": self.hold_reason, **self.counts,
                     **{f"safety_{k}": v for k, v in self.safety.stats.items()},
-                    "latency_p50_ms": float(np.percentile(lat, 50) * 1e3),
+                    "latency_p50_ms": float(np.percentile(lat, 50) * 1e3), "plan_delay_ms": self.plan_delay * 1e3,
                     "latency_p99_ms": float(np.percentile(lat, 99) * 1e3)}
             self.pub_diag.publish(diagnostic("arm_bridge: commands", "arm", level, self.state, vals,
                                              sec_to_stamp(now_sec(self))))

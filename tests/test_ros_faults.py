@@ -165,9 +165,12 @@ def test_estop_latches_until_cleared_and_reactivated(ros):
     drv.subscribe(Empty, "/arm_bridge/hold", COMMAND_QOS, keep=True)
     actions = lambda: drv.log.get("/arm_bridge/action", [])  # noqa: E731
     drv.wait_for(lambda: len(actions()) >= 5, 60, "actions")
-    t_stop = time.monotonic()
+    t_call = time.monotonic()
     assert drv.call(Trigger, "/policy_node/estop").success
-    drv.wait_for(lambda: any(t > t_stop for t, _ in drv.log.get("/arm_bridge/hold", [])), 5, "hold on e-stop")
+    # the node has latched once it replies; the call itself may wait seconds for service discovery on a slow host,
+    # during which actions are still due, so "after the stop" counts from the reply (+ 50 ms of delivery)
+    t_stop = time.monotonic()
+    drv.wait_for(lambda: any(t > t_call for t, _ in drv.log.get("/arm_bridge/hold", [])), 5, "hold on e-stop")
     drv.spin(0.5)
     assert not [t for t, _ in actions() if t > t_stop + 0.05]
     assert drv.lifecycle("policy_node", "deactivate")
