@@ -4,7 +4,8 @@ and wall time to first reach a validation success rate (issue 16's side-by-side)
 Trains ``robot-rl train-residual --algo td3 --train-seeds N`` and the same with ``--algo ppo`` (the reference,
 measured in the same run), each into ``<out>/<algo>``: every seed evaluated with the base on the same held-out seeds
 (``eval.*``), Wilson intervals, exact McNemar tests against the base, IQM with a stratified bootstrap interval over
-seeds (rliable). Then prints, per algorithm and seed, the held-out success and the env steps and wall-clock minutes
+seeds (rliable), for the last and the best-on-validation checkpoints. Then prints, per algorithm and seed, the
+held-out success (last, and best on validation) and the env steps and wall-clock minutes
 at which validation success (``<algo>.val_episodes`` episodes every ``<algo>.val_every`` env steps, seeds disjoint
 from training and held-out) first reached each ``--thresholds`` value ("-" when it never did), and the ratios
 TD3 / PPO. Writes ``<out>/bench_offpolicy.json``.
@@ -52,11 +53,14 @@ def summarise(run: Path, thresholds: list[float]) -> dict:
             continue
         s = int(name.rsplit(" ", 1)[1])
         curve = json.loads((run / f"seed_{s}" / "learning_curve.json").read_text())
+        best = rep["results"].get(f"base + residual (best on validation), training seed {s}")
         seeds[s] = {"success": r["success_rate"], "ci95": r["ci95"], "p_vs_base": r["paired_vs_base"]["p_value"],
+                    "best_on_validation": best["success_rate"] if best else None,
                     "train_wall_min": r["train_wall_min"],
                     "reach": {str(t): dict(zip(("env_steps", "wall_s"), first_reach(curve, t))) for t in thresholds}}
     base = next(r for k, r in rep["results"].items() if k.startswith("base ("))
-    return {"base": base["success_rate"], "seeds": seeds, "over_seeds": rep["over_seeds"]}
+    return {"base": base["success_rate"], "seeds": seeds, "over_seeds": rep["over_seeds"],
+            "over_seeds_best_on_validation": rep.get("over_seeds_best_on_validation")}
 
 
 def fmt_reach(p: dict) -> str:
@@ -101,17 +105,20 @@ def main() -> None:
         result["runs"][algo] = summarise(run, a.thresholds)
     print(f"\nbase alone: {result['runs']['td3']['base']:.3f} (same held-out seeds in both runs)")
     head = " | ".join(f"first val >= {t} (env steps / wall)" for t in a.thresholds)
-    print(f"| learner, seed | held-out success [95 % Wilson] | McNemar p vs base | train min | {head} |")
-    print("|---" * (4 + len(a.thresholds)) + "|")
+    print(f"| learner, seed | held-out success [95 % Wilson] | best on validation | McNemar p vs base | train min | "
+          f"{head} |")
+    print("|---" * (5 + len(a.thresholds)) + "|")
     for algo, s in result["runs"].items():
         for seed, r in s["seeds"].items():
             reach = " | ".join(fmt_reach(r["reach"][str(t)]) for t in a.thresholds)
-            print(f"| {algo.upper()} {seed} | {r['success']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
+            b = "-" if r["best_on_validation"] is None else f"{r['best_on_validation']:.3f}"
+            print(f"| {algo.upper()} {seed} | {r['success']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | {b} | "
                   f"{r['p_vs_base']:.2g} | {r['train_wall_min']:.1f} | {reach} |")
     for algo, s in result["runs"].items():
-        o = s["over_seeds"]
-        print(f"{algo.upper()}: IQM {o['iqm']:.3f} [{o['iqm_ci95'][0]:.3f}, {o['iqm_ci95'][1]:.3f}], mean "
-              f"{o['mean']:.3f} +- {o['std']:.3f} over {o['n_seeds']} seeds")
+        for what, o in (("last", s["over_seeds"]), ("best on validation", s["over_seeds_best_on_validation"])):
+            if o:
+                print(f"{algo.upper()} ({what}): IQM {o['iqm']:.3f} [{o['iqm_ci95'][0]:.3f}, {o['iqm_ci95'][1]:.3f}], "
+                      f"mean {o['mean']:.3f} +- {o['std']:.3f} over {o['n_seeds']} seeds")
     ratios = {}
     for t in a.thresholds:
         for k in ("env_steps", "wall_s"):

@@ -135,6 +135,7 @@ LIMITS: dict[str, Limit] = {
     "td3.n_critics": Limit(1, 1000), "td3.n_target_critics": Limit(1, 1000), "td3.critic_hidden": WIDTH,
     "td3.lr_actor": RATE, "td3.lr_critic": RATE, "td3.tau": RATE, "td3.policy_delay": Limit(1, 10**6),
     "td3.target_noise": Limit(0, 10), "td3.target_noise_clip": Limit(0, 10), "td3.explore_std": Limit(0, 10),
+    "td3.explore_decay_steps": Limit(0, 10**10), "td3.explore_std_final": Limit(0, 10),
     "td3.learning_starts": Limit(0, 10**10), "td3.warmup_noise": Limit(0, 1),
     "td3.critic_warmup_updates": Limit(0, 10**10), "td3.max_grad_norm": Limit(0, 1e6, lo_open=True),
     "td3.demo_ratio": FRACTION, "td3.intervention_penalty": Limit(0, 1e3), "td3.buffer_size": Limit(1, 10**9),

@@ -178,7 +178,10 @@ def train_residual_seeds(cfg: Config, base, out_dir: str | Path, n_seeds: int, *
     :func:`train_residual_for`), evaluate the base and every base + residual on the same held-out episodes
     (``eval.*``; the base's sampling seeded ``cfg.seed`` in all of them, so only the residual differs), and report:
     each seed's success with its Wilson interval and an exact McNemar test against the base, and over seeds the IQM
-    and mean with 95 % stratified bootstrap intervals (:func:`robot_rl.stages.evaluation.over_seeds`, rliable).
+    and mean with 95 % stratified bootstrap intervals (:func:`robot_rl.stages.evaluation.over_seeds`, rliable). The
+    same for each seed's ``checkpoint_best`` (best on the validation seeds, when validated), as "base + residual
+    (best on validation), training seed S" and ``over_seeds_best_on_validation``; the last checkpoint stays the
+    headline (``over_seeds``).
 
     Writes ``<out>/{report.json, report.md, eval_per_episode.json, learning_curves.png}``; returns the report
     dict. Raises ConfigError for ``n_seeds`` < 1 (and whatever the training raises)."""
@@ -186,7 +189,8 @@ def train_residual_seeds(cfg: Config, base, out_dir: str | Path, n_seeds: int, *
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from robot_rl.stages.evaluation import evaluate, over_seeds, paired_test, plot_learning_curve, write_report
+    from robot_rl.rl.residual import load_residual
+    from robot_rl.stages.evaluation import evaluate, over_seeds, plot_learning_curve, write_report
 
     if not (isinstance(n_seeds, int) and n_seeds >= 1):
         raise ConfigError("train_seeds", f"{n_seeds!r} < 1", "train at least one seed, e.g. --train-seeds 3")
@@ -208,31 +212,50 @@ def train_residual_seeds(cfg: Config, base, out_dir: str | Path, n_seeds: int, *
         finally:
             writer.close()
         times[s] = time.time() - t
-        r = evaluate(base, task, residual=res, desc=f"eval base+residual seed {s}", **kw)
-        r["paired_vs_base"] = paired_test(r_base["per_episode"], r["per_episode"])
-        r["train_wall_min"] = round(times[s] / 60, 2)
-        results[f"base + residual, training seed {s}"] = r
+        last = {f"base + residual, training seed {s}": res}
+        if (run / "checkpoint_best").is_dir():
+            last[f"base + residual (best on validation), training seed {s}"] = load_residual(run / "checkpoint_best",
+                                                                                               base)
+        results.update(_eval_residuals(base, task, r_base, last, kw, progress))
+        results[f"base + residual, training seed {s}"]["train_wall_min"] = round(times[s] / 60, 2)
         curves[f"seed {s}"] = curve
-        if progress:
-            pt = r["paired_vs_base"]
-            print(_line(f"base + residual, training seed {s}", r) + f"; vs base {pt['only_b']} won / "
-                  f"{pt['only_a']} lost, McNemar p = {pt['p_value']:.2g}", flush=True)
-    agg = over_seeds([r["success_rate"] for k, r in results.items() if k.startswith("base + residual")],
+    agg = over_seeds([r["success_rate"] for k, r in results.items() if k.startswith("base + residual, ")],
                      seed=cfg.seed)
+    best = [r["success_rate"] for k, r in results.items() if k.startswith("base + residual (best on validation)")]
     first, *rest = curves
     name = f"residual {cfg.algo.upper()}"
     fig = plot_learning_curve(curves[first], out / "learning_curves.png", base_rate=r_base["success_rate"],
                               label=f"{name} {first}", others={f"{name} {k}": curves[k] for k in rest})
-    extra = {"task": task, "algo": cfg.algo, "training_seeds": list(curves),
-             "over_seeds": agg, "summary": (f"{agg['n_seeds']} training seeds: IQM {agg['iqm']:.3f} "
-                                            f"[{agg['iqm_ci95'][0]:.3f}, {agg['iqm_ci95'][1]:.3f}], mean "
-                                            f"{agg['mean']:.3f} ± {agg['std']:.3f} (s.d.), 95 % stratified "
-                                            f"bootstrap intervals (rliable); base {r_base['success_rate']:.3f}"),
-             "figures": [fig]}
+    extra = {"task": task, "algo": cfg.algo, "training_seeds": list(curves), "over_seeds": agg,
+             "summary": f"{agg['n_seeds']} training seeds, last checkpoint: {_agg_line(agg)}", "figures": [fig]}
+    if len(best) == n_seeds:  # every seed validated: the same over the checkpoints best on the validation seeds
+        extra["over_seeds_best_on_validation"] = agg_best = over_seeds(best, seed=cfg.seed)
+        extra["summary"] += f"; best on validation: {_agg_line(agg_best)}"
+    extra["summary"] += f"; base {r_base['success_rate']:.3f}"
     write_report(out, results, extra)
     if progress:
         print(extra["summary"], flush=True)
     return {"results": results, **extra}
+
+
+def _eval_residuals(base, task: str, r_base: dict, residuals: dict, kw: dict, progress: bool) -> dict:
+    """Evaluate each {name: residual} on top of ``base`` on the held-out episodes ``kw`` (evaluate's keywords), with
+    an exact McNemar test against the base's episodes ``r_base``; returns {name: result}."""
+    from robot_rl.stages.evaluation import evaluate, paired_test
+
+    out = {}
+    for name, res in residuals.items():
+        r = out[name] = evaluate(base, task, residual=res, desc=f"eval {name}", **kw)
+        r["paired_vs_base"] = pt = paired_test(r_base["per_episode"], r["per_episode"])
+        if progress:
+            print(_line(name, r) + f"; vs base {pt['only_b']} won / {pt['only_a']} lost, McNemar p = "
+                  f"{pt['p_value']:.2g}", flush=True)
+    return out
+
+
+def _agg_line(agg: dict) -> str:
+    return (f"IQM {agg['iqm']:.3f} [{agg['iqm_ci95'][0]:.3f}, {agg['iqm_ci95'][1]:.3f}], mean {agg['mean']:.3f} ± "
+            f"{agg['std']:.3f} (s.d.), 95 % stratified bootstrap intervals (rliable)")
 
 
 def _line(name: str, r: dict) -> str:
@@ -253,7 +276,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, progress: bool = True, argv=N
     from robot_rl.policies.checkpoint import load_policy
     from robot_rl.rl.residual import load_residual
     from robot_rl.stages.collect import collect
-    from robot_rl.stages.evaluation import evaluate, paired_test, plot_learning_curve, record_videos, write_report
+    from robot_rl.stages.evaluation import evaluate, plot_learning_curve, record_videos, write_report
     from robot_rl.stages.train_base import train_base
 
     validate_config(cfg)
@@ -275,8 +298,9 @@ def run_pipeline(cfg: Config, out_dir: str | Path, progress: bool = True, argv=N
 
     torch.set_num_threads(1)  # the env workers own the other cores; OpenMP oversubscription is catastrophic
     t = time.time()
-    r_base = evaluate(base, task, n_episodes=ev.episodes, n_envs=ev.n_envs, seed_start=ev.seed_start,
-                      task_kwargs=tk, env_kwargs=env_kw, seed=seed, progress=progress, desc="eval base")
+    kw = dict(n_episodes=ev.episodes, n_envs=ev.n_envs, seed_start=ev.seed_start, task_kwargs=tk, env_kwargs=env_kw,
+              seed=seed, progress=progress)
+    r_base = evaluate(base, task, desc="eval base", **kw)
     timings["eval_base_s"] = time.time() - t
     # the base's figure is useful before the long residual stage: print it and keep it on disk now
     (out / "base_eval.json").write_text(json.dumps({k: v for k, v in r_base.items() if k != "per_episode"}, indent=1))
@@ -289,18 +313,11 @@ def run_pipeline(cfg: Config, out_dir: str | Path, progress: bool = True, argv=N
     timings["train_residual_s"] = time.time() - t
 
     t = time.time()
-    r_res = evaluate(base, task, residual=res, n_episodes=ev.episodes, n_envs=ev.n_envs, seed_start=ev.seed_start,
-                     task_kwargs=tk, env_kwargs=env_kw, seed=seed, progress=progress, desc="eval base+residual")
-    results = {f"base ({base.config.kind})": r_base, "base + residual": r_res}
-    best_dir = out / "residual" / "checkpoint_best"
-    if best_dir.is_dir():
-        best = load_residual(best_dir, base)
-        results["base + residual (best on validation)"] = evaluate(
-            base, task, residual=best, n_episodes=ev.episodes, n_envs=ev.n_envs, seed_start=ev.seed_start,
-            task_kwargs=tk, env_kwargs=env_kw, seed=seed, progress=progress, desc="eval base+best residual")
-    for name, r in results.items():
-        if name.startswith("base + residual"):
-            r["paired_vs_base"] = paired_test(r_base["per_episode"], r["per_episode"])
+    residuals = {"base + residual": res}
+    if (out / "residual" / "checkpoint_best").is_dir():
+        residuals["base + residual (best on validation)"] = load_residual(out / "residual" / "checkpoint_best", base)
+    results = {f"base ({base.config.kind})": r_base, **_eval_residuals(base, task, r_base, residuals, kw, progress)}
+    r_res = results["base + residual"]
     timings["eval_residual_s"] = time.time() - t
     seeds = [ev.seed_start + i for i in range(ev.videos)]
     videos = record_videos(base, task, out / "videos", seeds=seeds, task_kwargs=tk, prefix="base", env_kwargs=env_kw)

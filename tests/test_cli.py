@@ -86,11 +86,13 @@ def test_train_residual_td3_with_demos_and_resume(tiny_run, tmp_path):
 
 
 def test_train_residual_over_seeds_with_actors(tiny_run, tmp_path):
-    """`train-residual --train-seeds 2 --actors 1`: two seeds through the actor-learner split, each evaluated
-    with the base on the same held-out seeds; the report holds per-seed paired tests and the rliable IQM."""
+    """`train-residual --train-seeds 2 --actors 1`: two seeds through the actor-learner split, each evaluated (last
+    and best-on-validation checkpoints) with the base on the same held-out seeds; the report holds per-seed paired
+    tests and the rliable IQM of each."""
     out = tmp_path / "seeds"
     sets = ["td3.total_env_steps=120", "td3.n_envs=2", "td3.learning_starts=60", "td3.batch_size=16",
-            "td3.n_critics=2", "td3.critic_hidden=[16]", "td3.critic_warmup_updates=0", "td3.val_every=0",
+            "td3.n_critics=2", "td3.critic_hidden=[16]", "td3.critic_warmup_updates=0", "td3.val_every=60",
+            "td3.val_episodes=2",
             "td3.log_every=60", "td3.utd_ratio=0.1", "td3.push_every=1", "eval.n_envs=2", "eval.episodes=4",
             "residual.hidden=[16]"]
     r = run("train-residual", "--algo", "td3", "--base", tiny_run / "base" / "checkpoint", "--out", out,
@@ -98,11 +100,15 @@ def test_train_residual_over_seeds_with_actors(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     assert rep["training_seeds"] == ["seed 5", "seed 6"] and rep["over_seeds"]["n_seeds"] == 2
-    runs = [k for k in rep["results"] if k.startswith("base + residual")]
-    assert len(runs) == 2 and all(rep["results"][k]["paired_vs_base"]["episodes"] == 4 for k in runs)
+    runs = [k for k in rep["results"] if k.startswith("base + residual, ")]
+    best = [k for k in rep["results"] if k.startswith("base + residual (best on validation), ")]
+    assert len(runs) == 2 and len(best) == 2
+    assert all(rep["results"][k]["paired_vs_base"]["episodes"] == 4 for k in runs + best)
     assert [rep["results"][k]["success_rate"] for k in runs] == rep["over_seeds"]["rates"]
+    assert [rep["results"][k]["success_rate"] for k in best] == rep["over_seeds_best_on_validation"]["rates"]
     lo, hi = rep["over_seeds"]["iqm_ci95"]
     assert lo <= rep["over_seeds"]["iqm"] <= hi
+    assert "best on validation: IQM" in rep["summary"]
     for s in (5, 6):
         curve = json.loads((out / f"seed_{s}" / "learning_curve.json").read_text())
         assert curve[-1]["env_steps"] == 120 and curve[-1]["mixed_version_chunks"] == 0

@@ -182,6 +182,23 @@ def test_untrained_residual_is_the_base():
         TD3Learner(ResidualPolicy(ResidualConfig(obs_keys=["o"], obs_dims={"o": 1})), TD3Config())
 
 
+def test_exploration_noise_follows_its_schedule():
+    """Constant by default; with explore_decay_steps the std falls linearly from explore_std at learning_starts to
+    explore_std_final, then stays; the explorer's noise has that std (the actor's mean is 0 untrained)."""
+    from robot_rl.rl.td3 import Explorer
+
+    assert TD3Config(explore_std=0.5).explore_std_at(10**9) == 0.5
+    cfg = TD3Config(explore_std=0.5, explore_std_final=0.1, explore_decay_steps=1000, learning_starts=200)
+    assert [cfg.explore_std_at(s) for s in (0, 200, 700, 1200, 10**6)] == pytest.approx([0.5, 0.5, 0.3, 0.1, 0.1])
+    pol = ResidualPolicy(ResidualConfig(obs_keys=["o"], obs_dims={"o": 3}, action_dim=4, head="tanh"))
+    ex = Explorer(pol, cfg)
+    ex.warm = False
+    x = torch.zeros(20_000, pol.actor.net[0].in_features)
+    for steps, std in ((200, 0.5), (700, 0.3), (5000, 0.1)):
+        ex.steps = steps
+        assert ex(x).residual.std().item() == pytest.approx(std, rel=0.05)  # clip at +-1 trims < 1 % at 0.5
+
+
 TOY = dict(n_envs=8, batch_size=128, utd_ratio=0.5, n_critics=4, critic_hidden=(64, 64), lr_actor=1e-3,
            lr_critic=1e-3, learning_starts=500, critic_warmup_updates=200, gamma=0.9, log_every=500, explore_std=0.2)
 TOY_RES = dict(alpha=0.5, hidden=(64, 64), head="tanh")

@@ -82,6 +82,10 @@ class TD3Config:
     # Gaussian exploration noise, residual units: 0.5 = 0.05 action units at alpha 0.1, the top of ResFiT's 0.025-0.05
     # action units (0.1 explored too little to move a 4 mm placement: see the README's TD3 section)
     explore_std: float = 0.5
+    # linear decay of explore_std to explore_std_final over this many env steps after learning_starts (DrQ-v2,
+    # Yarats et al. 2021: linear(1.0, 0.1, 500 k) frames); 0: constant explore_std
+    explore_decay_steps: int = 0
+    explore_std_final: float = 0.1
     learning_starts: int = 5_000  # env steps of warm-up exploration before any update (ResFiT: 10 000)
     warmup_noise: float = 0.5  # warm-up residual ~ U(-w, w), residual units (ResFiT: 0.2; here as wide as explore_std)
     critic_warmup_updates: int = 2_000  # critic-only updates before the actor trains (ResFiT: 10 000)
@@ -102,6 +106,14 @@ class TD3Config:
     push_every: int = 50  # actor updates between weight pushes to the actors (SERL: steps_per_update 50)
     max_backlog: int = 256  # rows the learner may fall behind before actors wait (keeps the UTD ratio)
 
+    def explore_std_at(self, env_steps: int) -> float:
+        """Exploration noise std (residual units) after ``env_steps`` env steps: ``explore_std``, or with
+        ``explore_decay_steps`` > 0 the linear schedule from it at ``learning_starts`` to ``explore_std_final``."""
+        if self.explore_decay_steps <= 0:
+            return float(self.explore_std)
+        f = min(1.0, max(0.0, (env_steps - self.learning_starts) / self.explore_decay_steps))
+        return float(self.explore_std + f * (self.explore_std_final - self.explore_std))
+
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
         for k in ("total_env_steps", "n_envs", "batch_size", "n_step", "n_critics", "policy_delay", "buffer_size",
@@ -118,7 +130,8 @@ class TD3Config:
         for k in ("utd_ratio", "tau", "lr_actor", "lr_critic", "max_grad_norm"):
             if not getattr(self, k) > 0:
                 raise ConfigError(f"td3.{k}", f"{getattr(self, k)} <= 0", "use a positive number")
-        for k in ("target_noise", "target_noise_clip", "explore_std", "warmup_noise", "intervention_penalty",
+        for k in ("target_noise", "target_noise_clip", "explore_std", "explore_std_final", "explore_decay_steps",
+                  "warmup_noise", "intervention_penalty",
                   "learning_starts", "critic_warmup_updates", "checkpoint_every", "val_every"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"td3.{k}", f"{getattr(self, k)} < 0", "use 0 (off) or a positive value")
@@ -234,17 +247,18 @@ def _polyak(target: torch.nn.Module, source: torch.nn.Module, tau: float) -> Non
 
 class Explorer:
     """The exploring actor the collector calls: base + U(-warmup_noise, warmup_noise) before ``learning_starts``
-    env steps, then ``clip(pi(x) + N(0, explore_std), -1, 1)`` (residual units). Draws from torch's global RNG."""
+    env steps, then ``clip(pi(x) + N(0, std), -1, 1)`` with ``std = cfg.explore_std_at(steps)`` (residual units).
+    The loop sets ``warm`` and ``steps``. Draws from torch's global RNG."""
 
     def __init__(self, policy: ResidualPolicy, cfg: TD3Config):
-        self.policy, self.cfg, self.warm = policy, cfg, True
+        self.policy, self.cfg, self.warm, self.steps = policy, cfg, True, 0
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> ActorStep:
         shape = (x.shape[0], self.policy.config.action_dim)
         if self.warm:
             return ActorStep((torch.rand(shape) * 2 - 1) * self.cfg.warmup_noise)
-        res = self.policy.actor(x) + torch.randn(shape) * self.cfg.explore_std
+        res = self.policy.actor(x) + torch.randn(shape) * self.cfg.explore_std_at(self.steps)
         return ActorStep(res.clamp(-1.0, 1.0))
 
 
@@ -428,7 +442,7 @@ def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, 
     try:
         col.reset()
         while not run.done:
-            run.explorer.warm = run.steps < td3.learning_starts
+            run.explorer.warm, run.explorer.steps = run.steps < td3.learning_starts, run.steps
             tr = col.step()
             run.add(tr.x, tr.residual, tr.reward, tr.terminated, tr.truncated, tr.next_x, tr.success)
             run.train()

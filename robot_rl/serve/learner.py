@@ -135,7 +135,7 @@ class TransitionInbox:
     serving thread). Queues each request whole, drops a retried request id, and answers with the learner's state.
 
     Args:
-        td3: the run's settings (``learning_starts``, ``warmup_noise``, ``explore_std``).
+        td3: the run's settings (``learning_starts``, ``warmup_noise``, ``explore_std_at``).
         received: rows already counted (a resumed run).
     """
 
@@ -164,7 +164,7 @@ class TransitionInbox:
         warm = self.received < td3.learning_starts
         return {"backlog": self.received - self.consumed, "stop": self.stop,
                 "explore": {"mode": "warmup" if warm else "policy", "warmup_noise": float(td3.warmup_noise),
-                            "std": float(td3.explore_std)}}
+                            "std": td3.explore_std_at(self.received)}}
 
     def drain(self, timeout_s: float) -> list[dict]:
         """Every queued request (waiting up to ``timeout_s`` for the first)."""
