@@ -192,7 +192,6 @@ def test_exploration_noise_follows_its_schedule():
     assert [cfg.explore_std_at(s) for s in (0, 200, 700, 1200, 10**6)] == pytest.approx([0.5, 0.5, 0.3, 0.1, 0.1])
     pol = ResidualPolicy(ResidualConfig(obs_keys=["o"], obs_dims={"o": 3}, action_dim=4, head="tanh"))
     ex = Explorer(pol, cfg)
-    ex.warm = False
     x = torch.zeros(20_000, pol.actor.net[0].in_features)
     for steps, std in ((200, 0.5), (700, 0.3), (5000, 0.1)):
         ex.steps = steps

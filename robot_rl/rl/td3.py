@@ -248,15 +248,15 @@ def _polyak(target: torch.nn.Module, source: torch.nn.Module, tau: float) -> Non
 class Explorer:
     """The exploring actor the collector calls: base + U(-warmup_noise, warmup_noise) before ``learning_starts``
     env steps, then ``clip(pi(x) + N(0, std), -1, 1)`` with ``std = cfg.explore_std_at(steps)`` (residual units).
-    The loop sets ``warm`` and ``steps``. Draws from torch's global RNG."""
+    The loop sets ``steps`` (env steps so far). Draws from torch's global RNG."""
 
     def __init__(self, policy: ResidualPolicy, cfg: TD3Config):
-        self.policy, self.cfg, self.warm, self.steps = policy, cfg, True, 0
+        self.policy, self.cfg, self.steps = policy, cfg, 0
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> ActorStep:
         shape = (x.shape[0], self.policy.config.action_dim)
-        if self.warm:
+        if self.steps < self.cfg.learning_starts:
             return ActorStep((torch.rand(shape) * 2 - 1) * self.cfg.warmup_noise)
         res = self.policy.actor(x) + torch.randn(shape) * self.cfg.explore_std_at(self.steps)
         return ActorStep(res.clamp(-1.0, 1.0))
@@ -442,7 +442,7 @@ def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, 
     try:
         col.reset()
         while not run.done:
-            run.explorer.warm, run.explorer.steps = run.steps < td3.learning_starts, run.steps
+            run.explorer.steps = run.steps
             tr = col.step()
             run.add(tr.x, tr.residual, tr.reward, tr.terminated, tr.truncated, tr.next_x, tr.success)
             run.train()
