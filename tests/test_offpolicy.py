@@ -291,3 +291,82 @@ def test_actor_learner_split_streams_every_step_and_never_mixes_versions(tmp_pat
     _, meta2 = read_checkpoint(tmp_path / "state", STATE_FORMAT)
     assert meta2["config"]["replay_added"] >= added + 240 - 4 * (td3.n_step - 1)
     assert meta2["config"]["next_seed"] == seed_start + 2 * 1_000_000
+
+
+def _image_base(size=32):
+    """An untrained image BC base for ``place``: proprioception + front and wrist cameras, no object pose."""
+    from robot_rl.policies import make_policy
+    from robot_rl.policies.base import PolicyConfig
+
+    dims = {"ee_pos": 3, "ee_quat": 4, "gripper_width": 1}
+    unit = lambda d: {"min": -np.ones(d, np.float32), "max": np.ones(d, np.float32)}  # noqa: E731
+    torch.manual_seed(0)
+    return make_policy(PolicyConfig(
+        kind="bc", obs_keys=list(dims), obs_dims=dims, image_keys=["image_front", "image_wrist"],
+        image_shape=[size, size, 3], image_crop=[size - 4, size - 4], action_dim=5, n_obs_steps=2, n_action_steps=4,
+        horizon=8, image_channels=[8, 16], image_num_keypoints=8, image_feature_dim=16, n_groups=4, bc_hidden=[32]),
+        {**{k: unit(d) for k, d in dims.items()}, "action": unit(5)}).freeze()
+
+
+def test_residual_on_an_image_base_reads_its_frozen_encoder(tmp_path):
+    """A residual on an image base reads proprioception + the features of a frozen copy of the base's image
+    encoder (no object pose: the task's default fine key is dropped), starts as the base, keeps the copy frozen
+    through TD3 updates, and saves / reloads self-contained; the split mode refuses it with a clear error."""
+    from robot_rl.rl.residual import residual_for_base
+    from robot_rl.serve.learner import train_residual_td3_actors
+
+    base = _image_base()
+    rng = np.random.default_rng(0)
+    env_dims = {"ee_pos": 3, "ee_quat": 4, "gripper_width": 1, "cube_to_target": 3, "image_front": 3072}
+    rcfg = ResidualConfig(head="tanh", hidden=(32,)).derive(base.config, "place", env_dims)
+    assert rcfg.fine_keys == {} and rcfg.image_keys == ["image_front", "image_wrist"] and rcfg.in_dim == 8 + 32 + 5
+    pol = residual_for_base(rcfg, base)
+    obs = {"ee_pos": rng.uniform(-1, 1, (6, 3)), "ee_quat": rng.uniform(-1, 1, (6, 4)),
+           "gripper_width": rng.uniform(0, 1, (6, 1)),
+           **{k: rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8) for k in rcfg.image_keys}}
+    base_n = torch.as_tensor(rng.uniform(-1, 1, (6, 5)), dtype=torch.float32)
+    x = pol.features(base.normalizer, obs, base_n)
+    with torch.no_grad():
+        want = torch.cat(base.obs_encoder._image_features({k: torch.as_tensor(obs[k])[:, None]
+                                                           for k in rcfg.image_keys}), -1).flatten(1)
+    assert x.shape == (6, 45) and torch.allclose(x[:, 8:40], want) and torch.equal(x[:, 40:], base_n)
+    assert torch.equal(pol.act(base.normalizer, obs, base_n), base_n)  # untrained residual = base
+    enc0 = {k: v.clone() for k, v in pol.image_encoder.state_dict().items()}
+    actor0 = pol.actor.net[-1].weight.clone()
+    learner = TD3Learner(pol, TD3Config(n_critics=2, critic_hidden=(16,), critic_warmup_updates=0, policy_delay=1,
+                                        lr_actor=1e-2))
+    batch = {"x": x, "residual": torch.zeros(6, 5), "reward": torch.ones(6), "discount": torch.full((6,), 0.9),
+             "next_x": x}
+    for _ in range(3):
+        learner.update(batch)
+    assert not torch.equal(pol.actor.net[-1].weight, actor0)
+    assert all(torch.equal(v, enc0[k]) for k, v in pol.image_encoder.state_dict().items())
+    from robot_rl.rl.residual import save_residual
+
+    save_residual(pol, tmp_path / "res")
+    again = load_residual(tmp_path / "res", base)
+    assert torch.equal(again.features(base.normalizer, obs, base_n), x)
+    with pytest.raises(ConfigError, match="image_wrist"):
+        pol.features(base.normalizer, {k: v for k, v in obs.items() if k != "image_wrist"}, base_n)
+    with pytest.raises(ConfigError, match="td3.actors"):
+        train_residual_td3_actors(base, "place", TD3Config(actors=1, n_envs=1), tmp_path / "split")
+
+
+def test_td3_on_an_image_base_in_mujoco(tmp_path):
+    """TD3 end to end on real MuJoCo with both cameras rendered (32 x 32): the replay holds the image features,
+    updates run, and the checkpoint drives the base in evaluation."""
+    from robot_rl.stages.evaluation import evaluate
+
+    base = _image_base()
+    cfg = TD3Config(total_env_steps=120, n_envs=2, learning_starts=60, batch_size=16, n_critics=2,
+                    critic_hidden=(16,), critic_warmup_updates=0, utd_ratio=0.5, log_every=60, policy_delay=1)
+    pol, curve = train_residual_td3(base, "place", cfg, tmp_path / "r", residual=ResidualConfig(head="tanh",
+                                                                                                hidden=(16,)),
+                                    progress=False)
+    assert curve[-1]["updates"] == 30 and curve[-1]["online_size"] > 100
+    assert pol.config.image_keys == ["image_front", "image_wrist"] and pol.config.fine_keys == {}
+    assert pol.actor.net[-1].weight.abs().sum() > 0  # the zero-initialised last layer moved
+    res = load_residual(tmp_path / "r" / "checkpoint", base)
+    out = evaluate(base, "place", n_episodes=2, n_envs=2, residual=res, env_kwargs={"max_steps": 20},
+                   progress=False)
+    assert out["episodes"] == 2

@@ -29,7 +29,7 @@ from robot_rl.errors import ConfigError
 from robot_rl.progress import progress_bar
 from robot_rl.rl.buffers import RolloutBuffer
 from robot_rl.rl.collector import Collector, env_obs_dims
-from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, save_residual
+from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, residual_for_base, save_residual
 from robot_rl.rl.validation import Validation
 
 
@@ -176,15 +176,12 @@ def train_residual(base, task: str, ppo: PPOConfig, out_dir: str | Path, *, resi
     Writes ``out_dir/{checkpoint, learning_curve.json, ppo_config.json}`` (+ ``checkpoint_best``,
     ``validation.json`` with ``validate``). Returns (the final residual policy, learning curve rows {env_steps,
     episodes, success_rate, wall_s, approx_kl, clipfrac, value_loss, policy_loss, residual_sq, std, base_calls,
-    base_chunks[, val_success]}), one row per update. Raises ConfigError for bad configs or an image base.
+    base_chunks[, val_success]}), one row per update. Raises ConfigError for bad configs.
     """
     ppo.validate()
     torch.manual_seed(ppo.seed)
     base.freeze()
     bc = base.config
-    if bc.image_keys:
-        raise ConfigError("base.image_keys", "residual RL currently runs on state observations only",
-                          "train the base on low-dim obs keys")
     N, T = ppo.n_envs, ppo.n_steps
     if make_venv is None:
         venv = make_vector_env(task, N, task_kwargs=task_kwargs, **env_kwargs_for(bc, task, task_kwargs, env_kwargs))
@@ -194,7 +191,7 @@ def train_residual(base, task: str, ppo: PPOConfig, out_dir: str | Path, *, resi
         rcfg = (residual or ResidualConfig()).derive(bc, task, env_obs_dims(venv))
         if rcfg.head != "gaussian":
             raise ConfigError("residual.head", f"PPO trains the gaussian head, not {rcfg.head!r}", "use head=gaussian")
-        pol = ResidualPolicy(rcfg)
+        pol = residual_for_base(rcfg, base)
     except ConfigError:
         venv.close()
         raise

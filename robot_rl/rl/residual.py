@@ -35,6 +35,15 @@ HEADS = ("gaussian", "tanh", "tanh_gaussian")  # actor heads: PPO, TD3, SAC
 # tensor layout of a saved residual, stored as "layout" in its config dict. 1: one module with actor.<i>.*,
 # critic.<i>.* and log_std (before the head split; still loadable); 2: actor.net.<i>.*, actor.log_std, critic.net.*
 RESIDUAL_LAYOUT = 2
+# the base PolicyConfig fields that rebuild its image encoder (ResidualConfig.image_encoder)
+IMAGE_ENCODER_FIELDS = ("image_channels", "image_num_keypoints", "image_feature_dim", "n_groups", "image_crop",
+                        "shared_image_encoder")
+IMAGE_BATCH = 256  # frames per encoder call in ResidualPolicy.encode_images (bounds the activations' memory)
+
+
+def _plain(v):
+    """A JSON-able copy of a config value (tuples -> lists)."""
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 @dataclass
@@ -52,6 +61,11 @@ class ResidualConfig:
     hidden: tuple = (256, 256)  # hidden layer widths of the actor and critic MLPs (tanh activations)
     log_std_init: float = -1.0  # initial log-std of the Gaussian / tanh-Gaussian head (std 0.37, residual units)
     head: str = "gaussian"  # actor head: gaussian (PPO), tanh (TD3, deterministic), tanh_gaussian (SAC)
+    image_keys: list = field(default_factory=list)  # derived: the base's camera keys (image_<camera>); [] = state
+    # derived with image_keys: the base's image-encoder settings (PolicyConfig's image_channels,
+    # image_num_keypoints, image_feature_dim, n_groups, image_crop, shared_image_encoder); the residual keeps a
+    # frozen copy of that encoder (:meth:`ResidualPolicy.load_image_encoder`) and reads its features
+    image_encoder: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
@@ -73,24 +87,40 @@ class ResidualConfig:
             raise ConfigError("residual.log_std_init", f"{self.log_std_init} is not finite", "use e.g. -1.0")
         if self.head not in HEADS:
             raise ConfigError("residual.head", f"unknown head {self.head!r}", f"use one of {list(HEADS)}")
+        missing = sorted(set(IMAGE_ENCODER_FIELDS) - set(self.image_encoder)) if self.image_keys else []
+        if missing:
+            raise ConfigError(f"residual.image_encoder.{missing[0]}", "missing for a residual that reads images",
+                              "derive the residual from its image base (ResidualConfig.derive)")
 
     @property
     def in_dim(self) -> int:
         """Width F of the residual features :func:`residual_input` builds."""
-        return sum(self.obs_dims[k] for k in [*self.obs_keys, *(self.fine_keys or {})]) + self.action_dim
+        return (sum(self.obs_dims[k] for k in [*self.obs_keys, *(self.fine_keys or {})]) + self.image_feature_dim
+                + self.action_dim)
+
+    @property
+    def image_feature_dim(self) -> int:
+        """Width of the image features: ``image_feature_dim`` per camera of ``image_keys`` (0 for state)."""
+        return len(self.image_keys) * int(self.image_encoder.get("image_feature_dim", 0)) if self.image_keys else 0
 
     def derive(self, base_config, task: str, env_obs_dims: dict) -> ResidualConfig:
         """A copy with the derived fields filled in for ``base_config`` (obs_keys, obs_dims, action_dim) and
-        ``fine_keys`` resolved (None -> ``DEFAULT_FINE_KEYS[task]``). ``env_obs_dims``: key -> dimension of every
-        observation the env provides. Raises ConfigError for a fine key the env does not observe."""
-        fine = dict(DEFAULT_FINE_KEYS.get(task, {}) if self.fine_keys is None else self.fine_keys)
+        ``fine_keys`` resolved (None -> ``DEFAULT_FINE_KEYS[task]``, or none for an image base: the defaults are
+        object poses, which a policy from cameras does not read). An image base (``base_config.image_keys``) also
+        gives ``image_keys`` and ``image_encoder``. ``env_obs_dims``: key -> dimension of every observation the env
+        provides. Raises ConfigError for a fine key the env does not observe."""
+        images = list(base_config.image_keys)
+        default = {} if images else DEFAULT_FINE_KEYS.get(task, {})
+        fine = dict(default if self.fine_keys is None else self.fine_keys)
         for k in fine:
             if k not in env_obs_dims:
                 raise ConfigError(f"residual.fine_keys.{k}", f"task {task!r} has no observation {k!r}",
                                   f"use keys from {sorted(env_obs_dims)} or fine_keys={{}}")
         return replace(self, obs_keys=list(base_config.obs_keys), fine_keys=fine,
                        obs_dims={**base_config.obs_dims, **{k: int(env_obs_dims[k]) for k in fine}},
-                       action_dim=int(base_config.action_dim), hidden=tuple(self.hidden))
+                       action_dim=int(base_config.action_dim), hidden=tuple(self.hidden), image_keys=images,
+                       image_encoder=({k: _plain(getattr(base_config, k)) for k in IMAGE_ENCODER_FIELDS}
+                                      if images else {}))
 
 
 def combine(base_n: torch.Tensor, residual: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -104,15 +134,18 @@ def combine(base_n: torch.Tensor, residual: torch.Tensor, alpha: float) -> torch
 
 
 def residual_input(normalizer, obs: dict, keys: list, base_action_n: np.ndarray | torch.Tensor,
-                   fine_keys: dict | None = None) -> torch.Tensor:
+                   fine_keys: dict | None = None, image_features: torch.Tensor | None = None) -> torch.Tensor:
     """THE residual feature function: (B, F) float32 from raw batched obs ``{key: (B, d_k)}`` and the normalized
     base action (B, A): base-normalized ``keys`` (in order), then ``tanh(obs[k] / scale)`` for each fine key, then
-    the normalized base action. Raises ConfigError for a fine key missing from ``obs``."""
+    ``image_features`` (B, F_img) when given (:meth:`ResidualPolicy.encode_images`), then the normalized base
+    action. Raises ConfigError for a fine key missing from ``obs``."""
     parts = [normalizer.normalize(k, torch.as_tensor(np.asarray(obs[k]), dtype=torch.float32)) for k in keys]
     for k, sc in (fine_keys or {}).items():
         if k not in obs:
             raise ConfigError(f"residual.fine_keys.{k}", "not in the observation", "use keys the env provides")
         parts.append(torch.tanh(torch.as_tensor(np.asarray(obs[k]), dtype=torch.float32) / float(sc)))
+    if image_features is not None:
+        parts.append(image_features)
     parts.append(torch.as_tensor(base_action_n, dtype=torch.float32))
     return torch.cat(parts, dim=-1)
 
@@ -146,10 +179,49 @@ class ResidualPolicy(nn.Module):
         else:
             self.actor = TanhHead(f, a, h) if config.head == "tanh" else TanhGaussianHead(f, a, h, config.log_std_init)
             self.critic = None
+        self.image_encoder = None
+        if config.image_keys:
+            from types import SimpleNamespace
+
+            from robot_rl.policies.encoders import ObsEncoder
+
+            # the base's encoder architecture, frozen (eval mode, center crop, no_grad); weights from the base
+            enc = dict(config.image_encoder)
+            self.image_encoder = ObsEncoder(SimpleNamespace(
+                obs_keys=[], image_keys=list(config.image_keys), freeze_image_encoder=True,
+                shared_image_encoder=bool(enc["shared_image_encoder"]), image_channels=list(enc["image_channels"]),
+                image_num_keypoints=int(enc["image_num_keypoints"]), image_feature_dim=int(enc["image_feature_dim"]),
+                n_groups=int(enc["n_groups"]), image_crop=enc["image_crop"]))
+
+    def load_image_encoder(self, base) -> None:
+        """Copy the frozen ``base`` policy's image-encoder weights into this residual's encoder (the trainers call
+        it once; the copy is saved with the residual, so a residual checkpoint is self-contained). Raises
+        ConfigError when the base's encoder has other tensors (another architecture or cameras)."""
+        from robot_rl.policies.checkpoint import load_state_strict
+
+        sd = {k: v for k, v in base.obs_encoder.state_dict().items() if k.startswith(("images.", "shared_image."))}
+        load_state_strict(self.image_encoder, sd)
+
+    @torch.no_grad()
+    def encode_images(self, obs: dict) -> torch.Tensor:
+        """Features (B, len(image_keys) * image_feature_dim) float32 of the current frames ``obs[k]`` (B, H, W, 3)
+        uint8 RGB, by the frozen copy of the base's image encoder (center crop), in batches of IMAGE_BATCH."""
+        keys = self.config.image_keys
+        for k in keys:
+            if k not in obs:
+                raise ConfigError(f"residual.image_keys.{k}", "not in the observation",
+                                  "render the base's cameras (env.cameras) for a residual that reads images")
+        frames = {k: torch.as_tensor(np.asarray(obs[k])) for k in keys}
+        n = frames[keys[0]].shape[0]
+        out = [self.image_encoder({k: f[i:i + IMAGE_BATCH, None] for k, f in frames.items()}, None)
+               for i in range(0, n, IMAGE_BATCH)]
+        return torch.cat(out) if out else torch.zeros(0, self.config.image_feature_dim)
 
     def features(self, normalizer, obs: dict, base_action_n) -> torch.Tensor:
-        """Residual input (B, F) float32 from raw batched obs (B, d_k) and the normalized base action (B, A)."""
-        return residual_input(normalizer, obs, self.config.obs_keys, base_action_n, self.config.fine_keys)
+        """Residual input (B, F) float32 from raw batched obs (B, d_k) (+ camera frames (B, H, W, 3) uint8 for a
+        residual that reads images) and the normalized base action (B, A)."""
+        img = self.encode_images(obs) if self.config.image_keys else None
+        return residual_input(normalizer, obs, self.config.obs_keys, base_action_n, self.config.fine_keys, img)
 
     def mean_residual(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic residual (B, A), residual units (scaled by ``alpha`` in :func:`combine`)."""
@@ -193,6 +265,16 @@ class ResidualPolicy(nn.Module):
                                                f"{self.config.head!r}", f"build the residual with head={head!r}")
 
 
+def residual_for_base(config: ResidualConfig, base) -> ResidualPolicy:
+    """An untrained residual for the frozen ``base`` (``config`` derived from it, :meth:`ResidualConfig.derive`);
+    for an image base, with the base's image-encoder weights copied in (:meth:`ResidualPolicy.load_image_encoder`).
+    The one way the trainers build their residual."""
+    pol = ResidualPolicy(config)
+    if config.image_keys:
+        pol.load_image_encoder(base)
+    return pol
+
+
 def residual_config_dict(policy: ResidualPolicy) -> dict:
     """The residual's config as a JSON-able dict (what ``config.json`` and the server's weight push carry),
     with the tensor ``layout`` version; :func:`build_residual` rebuilds the same module from it."""
@@ -232,7 +314,7 @@ def build_residual(cfg: dict) -> ResidualPolicy:
 # field -> (kind of the value, kind of its items / map values) as JSON carries them; from ResidualConfig's annotations
 _JSON_KINDS = {int: "an integer", float: "a number", str: "a string", list: "a list", tuple: "a list",
                dict: "a map", type(None): "null"}
-_ITEM_KINDS = {"obs_keys": str, "hidden": int, "obs_dims": int, "fine_keys": float}
+_ITEM_KINDS = {"obs_keys": str, "hidden": int, "obs_dims": int, "fine_keys": float, "image_keys": str}
 
 
 def _is_kind(v, kind) -> bool:
@@ -276,6 +358,9 @@ def check_compatible(residual_config: ResidualConfig, base_config) -> None:
     if list(rc.obs_keys) != list(bc.obs_keys):
         raise ConfigError("residual.obs_keys", f"{list(rc.obs_keys)} != base obs_keys {list(bc.obs_keys)}",
                           "use a residual trained on this base checkpoint")
+    if not set(rc.image_keys) <= set(bc.image_keys):
+        raise ConfigError("residual.image_keys", f"{list(rc.image_keys)} are not all among the base's cameras "
+                                                 f"{list(bc.image_keys)}", "use a residual trained on this base checkpoint")
 
 
 def freeze(policy: ResidualPolicy) -> ResidualPolicy:

@@ -16,6 +16,9 @@ Algorithm (one file, top to bottom):
 - Data: ``utd_ratio`` gradient updates per env transition (RLPD's definition); each batch half online, half
   demonstrations (``demo_ratio``; :func:`~robot_rl.rl.replay.sample_mixed`), the demos relabelled with the frozen
   base's actions (:func:`~robot_rl.rl.replay.demo_buffer`).
+- Observations: state, or for a base that reads cameras, its low-dim keys plus the features of a frozen copy of
+  the base's image encoder (:meth:`~robot_rl.rl.residual.ResidualPolicy.encode_images`; no object poses). The
+  replay stores features, not frames (2 x 64 floats a step instead of two 96x96 images), and no encoder is trained.
 - Exploration: the first ``learning_starts`` env steps execute base + uniform noise of ``warmup_noise`` residual
   units (ResFiT's ``use_base_policy_for_warmup``); after that ``pi(x) + N(0, explore_std)``, clipped to [-1, 1].
 
@@ -46,7 +49,7 @@ from robot_rl.progress import progress_bar
 from robot_rl.rl.collector import Collector, env_obs_dims
 from robot_rl.rl.heads import QEnsemble
 from robot_rl.rl.replay import NStep, ReplayBuffer, demo_buffer, sample_mixed
-from robot_rl.rl.residual import ActorStep, ResidualConfig, ResidualPolicy, save_residual
+from robot_rl.rl.residual import ActorStep, ResidualConfig, ResidualPolicy, residual_for_base, save_residual
 from robot_rl.rl.validation import Validation
 
 STATE_FORMAT = "robot_rl.td3_state"
@@ -275,8 +278,8 @@ class TD3Run:
 
     Attributes: ``policy`` (the residual, trained in place), ``learner``, ``online``, ``demos`` (or None),
     ``explorer``, ``steps`` (env transitions so far), ``curve``, ``seed_start`` (the first episode seed to use:
-    the run's, or the saved next one when resuming). Raises ConfigError for bad configs, an image base, a bad demo
-    store or a missing/mismatched saved state.
+    the run's, or the saved next one when resuming). Raises ConfigError for bad configs, a bad demo store or a
+    missing/mismatched saved state.
     """
 
     def __init__(self, base, task: str, td3: TD3Config, out_dir: str | Path, *, obs_dims: dict, n_slots: int,
@@ -286,16 +289,13 @@ class TD3Run:
         td3.validate()
         base.freeze()
         bc = base.config
-        if bc.image_keys:
-            raise ConfigError("base.image_keys", "residual TD3 currently runs on state observations only",
-                              "train the base on low-dim obs keys")
         self.td3, self.writer, self.checkpoint_extra = td3, writer, checkpoint_extra
         self.out = Path(out_dir)
         self.state_dir = self.out / "state"
         if resume and not (self.state_dir / "model.safetensors").is_file():
             raise ConfigError("resume", f"no saved state in {self.state_dir}", "run without --resume to start the run")
         rcfg = (residual or ResidualConfig(head="tanh")).derive(bc, task, obs_dims)
-        self.policy = ResidualPolicy(rcfg)
+        self.policy = residual_for_base(rcfg, base)  # an image base: its encoder's features too (module doc)
         self.learner = TD3Learner(self.policy, td3)
         self.demos, self.demo_stats = None, {"transitions": 0, "intervention_steps": 0}
         if demos is not None and td3.demo_ratio > 0:
@@ -423,7 +423,7 @@ def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, 
     ``validation.json``). Returns (the residual, learning-curve rows {env_steps, episodes, success_rate, wall_s,
     updates, actor_updates, utd, critic_loss, q_mean, target_mean, actor_loss, residual_abs, online_size,
     demo_size, intervention_share, base_calls[, val_success]}), one row per ``log_every`` env steps.
-    Raises ConfigError for bad configs, an image base, or a bad demo store.
+    Raises ConfigError for bad configs or a bad demo store.
     """
     td3.validate()
     torch.manual_seed(td3.seed)

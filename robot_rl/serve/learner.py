@@ -194,6 +194,9 @@ def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Pa
     td3.validate()
     if td3.actors < 1:
         raise ConfigError("td3.actors", f"{td3.actors} < 1", "use train_residual_td3 for the single-process mode")
+    if base.config.image_keys:
+        raise ConfigError("td3.actors", "the actors stream low-dim observations only; a residual on an image base "
+                          "reads camera frames", "train it in one process (td3.actors=0)")
     torch.manual_seed(td3.seed)
     ekw = env_kwargs_for(base.config, task, task_kwargs, env_kwargs)
     address = ekw.pop("ray", None)  # the actors' placement; each steps its envs in its own process

@@ -133,7 +133,8 @@ def weights_digest(module: torch.nn.Module) -> str:
 #: (an in-process caller: tests, the fuzzer). Socket peers get their ZeroMQ routing identity instead.
 LOCAL_CLIENT = b"local"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
-_ARCH_FIELDS = ("obs_keys", "obs_dims", "fine_keys", "action_dim", "hidden", "head")  # fixed for a served residual
+_ARCH_FIELDS = ("obs_keys", "obs_dims", "fine_keys", "action_dim", "hidden", "head", "image_keys",
+               "image_encoder")  # fixed for a served residual
 _HEADER_SLACK = 64 * 1024  # bytes of a safetensors header (JSON) allowed on top of the tensor bytes of a push
 _MAX_LAYERS = 16
 
