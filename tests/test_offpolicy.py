@@ -353,11 +353,33 @@ def test_residual_on_an_image_base_reads_its_frozen_encoder(tmp_path):
 
 
 def test_td3_on_an_image_base_in_mujoco(tmp_path):
-    """TD3 end to end on real MuJoCo with both cameras rendered (32 x 32): the replay holds the image features,
-    updates run, and the checkpoint drives the base in evaluation."""
+    """TD3 end to end on real MuJoCo with both cameras rendered (32 x 32): the collector encodes each frame once
+    (a step's features reuse the last step's next ones) and gets the features a fresh encoding gives, updates run,
+    and the checkpoint drives the base in evaluation."""
+    from robot_rl.envs.vector import env_kwargs_for, make_vector_env
+    from robot_rl.rl.collector import env_obs_dims
+    from robot_rl.rl.residual import residual_for_base
     from robot_rl.stages.evaluation import evaluate
 
     base = _image_base()
+    venv = make_vector_env("place", 2, **env_kwargs_for(base.config, "place", None, {"max_steps": 12}))
+    pol = residual_for_base(ResidualConfig(head="tanh", hidden=(16,)).derive(base.config, "place",
+                                                                             env_obs_dims(venv)), base)
+    calls = []
+    encode = pol.encode_images
+    pol.encode_images = lambda obs: calls.append(1) or encode(obs)
+    col = Collector(venv, base, pol, seed_start=0, next_features=True,
+                    explore=lambda x: ActorStep(torch.zeros(x.shape[0], 5)))
+    resets = 0
+    for _ in range(30):
+        tr = col.step()
+        resets += bool(tr.done.any())
+        assert torch.allclose(tr.x, pol.features(base.normalizer, tr.obs, tr.base_action), atol=1e-6)
+        assert torch.allclose(tr.next_x[:, :-5], pol.features(base.normalizer, tr.next_obs, tr.base_action)[:, :-5],
+                              atol=1e-6)
+    col.close()
+    # per step: the 2 checks + one encoding; one more at the start and on the step after each reset
+    assert resets == 2 and len(calls) == 30 * 3 + 1 + resets
     cfg = TD3Config(total_env_steps=120, n_envs=2, learning_starts=60, batch_size=16, n_critics=2,
                     critic_hidden=(16,), critic_warmup_updates=0, utd_ratio=0.5, log_every=60, policy_delay=1)
     pol, curve = train_residual_td3(base, "place", cfg, tmp_path / "r", residual=ResidualConfig(head="tanh",

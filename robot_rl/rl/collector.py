@@ -112,6 +112,9 @@ class Collector:
         self.obs: dict | None = None  # current raw observation (N, ...) per key
         self.episode_seed = np.full(self.n_envs, -1, dtype=np.int64)
         self.episode_length = np.zeros(self.n_envs, dtype=np.int64)
+        # image features (N, F_img) of self.obs for a residual that reads images, kept from the last step's next_x
+        # (the encoder runs once per frame, not twice); None: not known
+        self.obs_images: torch.Tensor | None = None
 
     def reset(self) -> dict:
         """Reset every env with a fresh seed; returns the observation."""
@@ -122,6 +125,7 @@ class Collector:
     def _start(self, mask: np.ndarray, obs: dict | None) -> None:
         seeds = [self.seeds.take() if m else None for m in mask]
         self.obs = reset_some(self.venv, mask, seeds, obs)
+        self.obs_images = None
         self.executor.reset(mask, self.obs)
         self.episode_seed[mask] = [s for s in seeds if s is not None]
         self.episode_length[mask] = 0
@@ -143,7 +147,7 @@ class Collector:
             self.reset()
         obs = self.obs
         base_n = self.base_action()
-        x = self.policy.features(self.normalizer, obs, base_n)
+        x = self.policy.features(self.normalizer, obs, base_n, image_features=self.obs_images)
         out = self.explore(x)
         action = self.policy.combine(base_n, out.residual)
         next_obs, rew, term, trunc, info = self.venv.step(self.normalizer.unnormalize("action", action).numpy())
@@ -159,13 +163,16 @@ class Collector:
         if done.any():
             self._start(done, next_obs)  # reset_some returns a new dict: next_obs keeps the final observations
         else:
-            self.obs = next_obs
+            self.obs, self.obs_images = next_obs, None
         self.executor.observe(self.obs, ~done)
         if self.next_features:  # peek: the same batched call the next step's base_action() would make
             nb = self.executor.peek()
             nb[done] = final_base[done]
             nb_n = self.normalizer.normalize("action", torch.as_tensor(nb))
-            tr.next_x = self.policy.features(self.normalizer, next_obs, nb_n)
+            images = self.policy.encode_images(next_obs) if getattr(self.policy.config, "image_keys", None) else None
+            tr.next_x = self.policy.features(self.normalizer, next_obs, nb_n, image_features=images)
+            if images is not None and not done.any():
+                self.obs_images = images  # self.obs is next_obs
         return tr
 
     def rollout(self, n_steps: int) -> Iterator[Transition]:

@@ -217,10 +217,12 @@ class ResidualPolicy(nn.Module):
                for i in range(0, n, IMAGE_BATCH)]
         return torch.cat(out) if out else torch.zeros(0, self.config.image_feature_dim)
 
-    def features(self, normalizer, obs: dict, base_action_n) -> torch.Tensor:
+    def features(self, normalizer, obs: dict, base_action_n, image_features: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         """Residual input (B, F) float32 from raw batched obs (B, d_k) (+ camera frames (B, H, W, 3) uint8 for a
-        residual that reads images) and the normalized base action (B, A)."""
-        img = self.encode_images(obs) if self.config.image_keys else None
+        residual that reads images) and the normalized base action (B, A). ``image_features``: this ``obs``'s
+        :meth:`encode_images`, when the caller has it already (the collector reuses the next observation's)."""
+        img = image_features if image_features is not None or not self.config.image_keys else self.encode_images(obs)
         return residual_input(normalizer, obs, self.config.obs_keys, base_action_n, self.config.fine_keys, img)
 
     def mean_residual(self, x: torch.Tensor) -> torch.Tensor:
