@@ -70,6 +70,19 @@ PRESETS = {
         "td3": dict(TD3_CPU, total_env_steps=150_000),
         "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
     },
+    # the image run of issue 16: a BC base from front + wrist 96x96 images and proprioception (no object pose) on
+    # the `full` preset's kind of demos, and a TD3 residual reading the same cameras (the features of a frozen copy
+    # of the base's image encoder, robot_rl.rl.residual), place at 1 cm; the encoder of the distillation student
+    "full-image-offpolicy": {
+        "task": {"name": "place", "tolerance": 0.01}, "seed": 0, "algo": "td3",
+        "env": {"cameras": ["front", "wrist"], "image_size": [96, 96]},
+        "collect": {"episodes": 100, "noise": 0.3, "bias": 0.0, "nominal_task": True},
+        "base": {"kind": "bc", "steps": 6000, "batch_size": 64, "lr": 5e-4,
+                 "obs_keys": ["ee_pos", "ee_quat", "gripper_width"], "image_keys": ["image_front", "image_wrist"]},
+        "policy": {"image_channels": [16, 32, 64], "image_crop": [88, 88], "bc_hidden": [256, 256]},
+        "td3": dict(TD3_CPU, total_env_steps=150_000, demo_ratio=0.0),
+        "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
+    },
     "quick": {
         "task": {"name": "place"}, "seed": 0,
         "collect": {"episodes": 20, "noise": 0.3, "bias": 0.0, "nominal_task": True},
@@ -104,9 +117,11 @@ def validate_config(cfg: Config) -> None:
     for k in ("steps", "batch_size"):
         if getattr(b, k) < 1:
             raise ConfigError(f"base.{k}", f"{getattr(b, k)} < 1", "use a positive integer")
-    if b.image_keys:
-        raise ConfigError("base.image_keys", "the pipeline collects state-only demonstrations",
-                          "for an image policy run robot-rl collect --cameras ..., then train-base --image-keys ...")
+    cams = list(cfg.env.cameras or [])
+    missing = [k for k in b.image_keys if k.removeprefix("image_") not in cams]
+    if missing:
+        raise ConfigError("env.cameras", f"{cams} lacks the cameras of base.image_keys {missing}: the demonstrations "
+                          "would have no such images", "add them, e.g. --set env.cameras=[front,wrist]")
     task = cfg.task.name
     dims = {**ROBOT_OBS_DIMS, **make_task(task, **cfg.task.kwargs).obs_dims()}
     keys = list(b.obs_keys or DEFAULT_OBS_KEYS.get(task, []))
@@ -114,8 +129,10 @@ def validate_config(cfg: Config) -> None:
         if k not in dims:
             raise ConfigError(f"base.obs_keys.{k}", f"task {task!r} has no observation {k!r}",
                               f"use keys from {sorted(dims)}")
+    size = list(cfg.env.image_size or (96, 96))  # collect's default image size
     PolicyConfig.from_dict({**b.policy, "kind": b.kind, "obs_keys": keys, "obs_dims": {k: dims[k] for k in keys},
-                            "action_dim": 5})
+                            "action_dim": 5, "image_keys": list(b.image_keys),
+                            "image_shape": [*size, 3] if b.image_keys else None})
 
 
 def collect_args(cfg: Config) -> dict:

@@ -130,6 +130,10 @@ def test_presets_resolve_validate_and_merge_overrides():
     assert cfg.ppo.n_envs == 4 and cfg.ppo.n_steps == 100 and cfg.ppo.residual_l2 == 0.1
     with pytest.raises(ConfigError, match="collect.nosie"):
         resolve_config("full", overrides=["collect.nosie=0.1"])
+    img = resolve_config("full-image-offpolicy")
+    assert img.base.image_keys == ["image_front", "image_wrist"] and "cube_pos" not in img.base.obs_keys
+    with pytest.raises(ConfigError, match="env.cameras"):  # an image base needs its cameras in the demos
+        validate_config(resolve_config("full-image-offpolicy", overrides=["env.cameras=[front]"]))
 
 
 def test_store_info_and_validate(tiny_run):
