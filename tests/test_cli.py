@@ -18,6 +18,24 @@ def run(*args, cwd=None, timeout=600):
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
+def run_here(*args):
+    """``robot_rl.cli.main`` in this process (what the ``robot-rl`` script calls), for bad-input checks that end before
+    any work: (exit code, stderr) as a CompletedProcess; saves a Python + torch start-up per call. The script
+    itself is run as a subprocess by the other tests."""
+    import contextlib
+    import io
+
+    from robot_rl.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "run"
@@ -62,7 +80,7 @@ def test_train_residual_td3_with_demos_and_resume(tiny_run, tmp_path):
     sets = ["td3.total_env_steps=300", "td3.n_envs=2", "td3.learning_starts=100", "td3.batch_size=32",
             "td3.n_critics=2", "td3.critic_hidden=[16]", "td3.critic_warmup_updates=10", "td3.val_every=200",
             "td3.val_episodes=2", "td3.log_every=100", "td3.utd_ratio=0.1", "eval.n_envs=2", "residual.hidden=[16]",
-            "residual.alpha=1.0"]  # alpha 1: the tiny base's noisy demos are within the residual's reach
+            "residual.alpha=1.0", "env.max_steps=60"]  # alpha 1: the tiny base's noisy demos are within reach
     args = ["train-residual", "--algo", "td3", "--base", tiny_run / "base" / "checkpoint", "--demos",
             tiny_run / "demos.zarr", "--out", out, *[a for s in sets for a in ("--set", s)]]
     r = run(*args)
@@ -94,7 +112,7 @@ def test_train_residual_over_seeds_with_actors(tiny_run, tmp_path):
             "td3.n_critics=2", "td3.critic_hidden=[16]", "td3.critic_warmup_updates=0", "td3.val_every=60",
             "td3.val_episodes=2",
             "td3.log_every=60", "td3.utd_ratio=0.1", "td3.push_every=1", "eval.n_envs=2", "eval.episodes=4",
-            "residual.hidden=[16]"]
+            "residual.hidden=[16]", "env.max_steps=40"]
     r = run("train-residual", "--algo", "td3", "--base", tiny_run / "base" / "checkpoint", "--out", out,
             "--train-seeds", "2", "--actors", "1", "--seed", "5", *[a for s in sets for a in ("--set", s)])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -222,13 +240,13 @@ def _one_line_error(r, field):
 def test_bad_input_errors(tmp_path, tiny_run):
     store = tiny_run / "demos.zarr"
     before = sorted(p.name for p in store.rglob("*"))
-    _one_line_error(run("collect", "--task", "stack", "--store", tmp_path / "s", "--episodes", 1), "task")
-    _one_line_error(run("store", "info", tmp_path / "missing.zarr"), "missing.zarr")
+    _one_line_error(run_here("collect", "--task", "stack", "--store", tmp_path / "s", "--episodes", 1), "task")
+    _one_line_error(run_here("store", "info", tmp_path / "missing.zarr"), "missing.zarr")
     (tmp_path / "notastore").mkdir()
     (tmp_path / "notastore" / "x.txt").write_text("hi")
-    _one_line_error(run("train-base", "--store", tmp_path / "notastore", "--out", tmp_path / "o"), "notastore")
-    _one_line_error(run("train-base", "--store", store, "--out", tmp_path / "o", "--obs-keys", "ee_pos", "nope"), "obs_keys")
-    _one_line_error(run("train-base", "--store", store, "--out", tmp_path / "o", "--set", "policy.n_action_steps=40"),
+    _one_line_error(run_here("train-base", "--store", tmp_path / "notastore", "--out", tmp_path / "o"), "notastore")
+    _one_line_error(run_here("train-base", "--store", store, "--out", tmp_path / "o", "--obs-keys", "ee_pos", "nope"), "obs_keys")
+    _one_line_error(run_here("train-base", "--store", store, "--out", tmp_path / "o", "--set", "policy.n_action_steps=40"),
                     "n_action_steps")
     # a pickled checkpoint is refused without being executed
     marker = tmp_path / "pwned"
@@ -241,23 +259,23 @@ def test_bad_input_errors(tmp_path, tiny_run):
 
     (bad / "model.safetensors").write_bytes(pickle.dumps(Evil()))
     (bad / "config.json").write_text("{}")
-    _one_line_error(run("eval", "--base", bad, "--out", tmp_path / "e"), "pickle")
+    _one_line_error(run_here("eval", "--base", bad, "--out", tmp_path / "e"), "pickle")
     assert not marker.exists()
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{corrupt")
-    _one_line_error(run("eval", "--base", bad, "--out", tmp_path / "e"), "config.json")
+    _one_line_error(run_here("eval", "--base", bad, "--out", tmp_path / "e"), "config.json")
     base = tiny_run / "base" / "checkpoint"
-    _one_line_error(run("eval", "--base", base, "--out", tmp_path / "e", "--backend", "gazebo"), "backend")
-    _one_line_error(run("eval", "--base", base, "--out", tmp_path / "e", "--set", "task.tol=1"), "tol")
-    _one_line_error(run("train-residual", "--base", base, "--out", tmp_path / "r", "--set", "env.bogus=1"), "bogus")
-    _one_line_error(run("train-residual", "--base", base, "--out", tmp_path / "r", "--set",
+    _one_line_error(run_here("eval", "--base", base, "--out", tmp_path / "e", "--backend", "gazebo"), "backend")
+    _one_line_error(run_here("eval", "--base", base, "--out", tmp_path / "e", "--set", "task.tol=1"), "tol")
+    _one_line_error(run_here("train-residual", "--base", base, "--out", tmp_path / "r", "--set", "env.bogus=1"), "bogus")
+    _one_line_error(run_here("train-residual", "--base", base, "--out", tmp_path / "r", "--set",
                         "randomization.physics.object_mass=[2, 1]"), "object_mass")
-    _one_line_error(run("train-residual", "--base", base, "--out", tmp_path / "r", "--set", "ppo.bogus=1"),
+    _one_line_error(run_here("train-residual", "--base", base, "--out", tmp_path / "r", "--set", "ppo.bogus=1"),
                     "ppo.bogus")
     assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
-    _one_line_error(run("pipeline", "--out", tmp_path / "p", "--set", "ppo.n_minibatches=3"), "n_minibatches")
-    _one_line_error(run("pipeline", "--out", tmp_path / "p", "--set", "colect.episodes=3"), "colect")
+    _one_line_error(run_here("pipeline", "--out", tmp_path / "p", "--set", "ppo.n_minibatches=3"), "n_minibatches")
+    _one_line_error(run_here("pipeline", "--out", tmp_path / "p", "--set", "colect.episodes=3"), "colect")
     # creating a store over an existing non-store directory never deletes it
-    _one_line_error(run("collect", "--store", tmp_path / "notastore", "--episodes", 1, "--overwrite"), "notastore")
+    _one_line_error(run_here("collect", "--store", tmp_path / "notastore", "--episodes", 1, "--overwrite"), "notastore")
     assert (tmp_path / "notastore" / "x.txt").read_text() == "hi"
     assert sorted(p.name for p in store.rglob("*")) == before
 
@@ -267,27 +285,27 @@ def test_more_bad_input_leaves_outputs_alone(tmp_path, tiny_run):
     existing store (even with --overwrite) nor an existing run's config.yaml is touched."""
     store = tiny_run / "demos.zarr"
     before = sorted(p.name for p in store.rglob("*"))
-    _one_line_error(run("collect", "--store", store, "--episodes", 1, "--overwrite", "--backend", "gazebo"), "backend")
-    _one_line_error(run("collect", "--store", store, "--episodes", 1, "--overwrite", "--cameras", "side"), "cameras")
+    _one_line_error(run_here("collect", "--store", store, "--episodes", 1, "--overwrite", "--backend", "gazebo"), "backend")
+    _one_line_error(run_here("collect", "--store", store, "--episodes", 1, "--overwrite", "--cameras", "side"), "cameras")
     assert sorted(p.name for p in store.rglob("*")) == before
     out = tmp_path / "old_run"
     out.mkdir()
     (out / "config.yaml").write_text("keep: me\n")
     for policy, field in (("policy.down_dims=[32", "policy"), ("policy=3", "policy"),
                           ("policy.n_action_steps=40", "n_action_steps")):
-        _one_line_error(run("train-base", "--store", store, "--out", out, "--set", policy), field)
+        _one_line_error(run_here("train-base", "--store", store, "--out", out, "--set", policy), field)
     base = tiny_run / "base" / "checkpoint"
-    _one_line_error(run("eval", "--base", base, "--out", out, "--n-envs", 0), "eval.n_envs")
-    _one_line_error(run("transfer", "--checkpoint", base, "--out", out, "--videos", -1), "transfer.videos")
-    _one_line_error(run("train-residual", "--base", base, "--out", out, "--n-envs", 0), "n_envs")
+    _one_line_error(run_here("eval", "--base", base, "--out", out, "--n-envs", 0), "eval.n_envs")
+    _one_line_error(run_here("transfer", "--checkpoint", base, "--out", out, "--videos", -1), "transfer.videos")
+    _one_line_error(run_here("train-residual", "--base", base, "--out", out, "--n-envs", 0), "n_envs")
     assert (out / "config.yaml").read_text() == "keep: me\n" and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
-    _one_line_error(run("pipeline", "--out", out, "--set", "ppo.n_envs=["), "--set")
-    _one_line_error(run("pipeline", "--out", out, "--set", "collect=5"), "collect")
+    _one_line_error(run_here("pipeline", "--out", out, "--set", "ppo.n_envs=["), "--set")
+    _one_line_error(run_here("pipeline", "--out", out, "--set", "collect=5"), "collect")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
-    _one_line_error(run("pipeline", "--out", out, "--config", tmp_path / "list.yaml"), "config")
-    _one_line_error(run("serve", "--checkpoint", base, "--threads", 0, "--port", 0), "threads")
-    _one_line_error(run("serve", "--checkpoint", base, "--device", "bogus", "--port", 0), "device")
+    _one_line_error(run_here("pipeline", "--out", out, "--config", tmp_path / "list.yaml"), "config")
+    _one_line_error(run_here("serve", "--checkpoint", base, "--threads", 0, "--port", 0), "threads")
+    _one_line_error(run_here("serve", "--checkpoint", base, "--device", "bogus", "--port", 0), "device")
     (tmp_path / "bad.yaml").write_text("nodes: [\n")
-    _one_line_error(run("bringup", tmp_path / "bad.yaml"), "config")
+    _one_line_error(run_here("bringup", tmp_path / "bad.yaml"), "config")
     sim = Path(__file__).resolve().parents[1] / "launch" / "sim_bringup.yaml"
-    _one_line_error(run("bringup", sim, "--set", "policy_node.control_rate=[", "--dry-run"), "set")
+    _one_line_error(run_here("bringup", sim, "--set", "policy_node.control_rate=[", "--dry-run"), "set")

@@ -166,7 +166,7 @@ def test_full_presets_resolve_to_the_settings_they_had():
                   dict(total_env_steps=8_000, n_envs=4, n_steps=100), (0.3, 0.0, 20), {},
                   EvalConfig(20, 4, 1_000_000, 1)),
     }
-    assert set(old) | {"full-offpolicy", "full-diffusion-offpolicy"} == set(PRESETS)
+    assert set(old) | {"full-offpolicy", "full-diffusion-offpolicy", "full-image-offpolicy"} == set(PRESETS)
     for name, (base, pol, ppo, (noise, bias, episodes), task_kwargs, ev) in old.items():
         cfg = resolve_config(name)
         b = cfg.base_config()
