@@ -80,7 +80,8 @@ PRESETS = {
         "base": {"kind": "bc", "steps": 6000, "batch_size": 64, "lr": 5e-4,
                  "obs_keys": ["ee_pos", "ee_quat", "gripper_width"], "image_keys": ["image_front", "image_wrist"]},
         "policy": {"image_channels": [16, 32, 64], "image_crop": [88, 88], "bc_hidden": [256, 256]},
-        "td3": dict(TD3_CPU, total_env_steps=150_000, demo_ratio=0.0),
+        # validation every 25 k steps: each one renders 50 episodes of both cameras
+        "td3": dict(TD3_CPU, total_env_steps=150_000, demo_ratio=0.0, val_every=25_000),
         "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
     },
     "quick": {
