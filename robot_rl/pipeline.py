@@ -25,7 +25,15 @@ _PLACE_KEYS = DEFAULT_OBS_KEYS["place"]  # pinned into the presets, so a later d
 # TD3 settings of the off-policy presets, sized for a 2-core CPU: ResFiT's 10 LayerNorm Q heads, n = 3, critic lr
 # 1e-4, batch 256 and alpha 0.1 (robot_rl.rl.td3.TD3Config), with fewer updates per env step than ResFiT's GPU runs
 TD3_CPU = {"n_envs": 8, "utd_ratio": 0.25, "learning_starts": 5_000, "critic_warmup_updates": 2_000,
-           "val_every": 10_000, "val_episodes": 50}
+           "val_every": 10_000, "val_episodes": 50, "explore_std_final": 0.15}
+
+
+def _decay_to_end(td3: dict) -> dict:
+    """``td3`` with the exploration noise decaying from ``learning_starts`` to the run's last step (README, residual
+    TD3: 3 seeds at 100 k steps, IQM 0.945 with the decay against 0.923 without)."""
+    return dict(td3, explore_decay_steps=td3["total_env_steps"] - td3["learning_starts"])
+
+
 PRESETS = {
     # the README's precision-task acceptance run: MLP BC base + residual PPO, place at 4 mm (demos at the default
     # 1 cm: collect.nominal_task)
@@ -55,7 +63,7 @@ PRESETS = {
         "task": {"name": "place", "tolerance": 0.004}, "seed": 0, "algo": "td3",
         "collect": {"episodes": 100, "noise": 0.3, "bias": 0.0, "nominal_task": True},
         "base": {"kind": "bc", "steps": 4000, "batch_size": 256, "lr": 1e-3, "obs_keys": list(_PLACE_KEYS)},
-        "td3": dict(TD3_CPU, total_env_steps=100_000, demo_ratio=0.0),
+        "td3": _decay_to_end(dict(TD3_CPU, total_env_steps=100_000, demo_ratio=0.0)),
         "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
     },
     # the same on the frozen Diffusion Policy base of full-diffusion, with the demo side (RLPD 50/50): its demos
@@ -67,7 +75,7 @@ PRESETS = {
         "base": {"kind": "diffusion", "steps": 6000, "batch_size": 256, "lr": 1e-3,
                  "obs_keys": [*_PLACE_KEYS, "cube_to_target"]},
         "policy": {"down_dims": [32, 64, 128], "num_inference_steps": 5},
-        "td3": dict(TD3_CPU, total_env_steps=150_000),
+        "td3": _decay_to_end(dict(TD3_CPU, total_env_steps=150_000)),
         "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
     },
     # the image run of issue 16: a BC base from front + wrist 96x96 images and proprioception (no object pose) on
@@ -81,7 +89,7 @@ PRESETS = {
                  "obs_keys": ["ee_pos", "ee_quat", "gripper_width"], "image_keys": ["image_front", "image_wrist"]},
         "policy": {"image_channels": [16, 32, 64], "image_crop": [88, 88], "bc_hidden": [256, 256]},
         # validation every 25 k steps: each one renders 50 episodes of both cameras
-        "td3": dict(TD3_CPU, total_env_steps=150_000, demo_ratio=0.0, val_every=25_000),
+        "td3": _decay_to_end(dict(TD3_CPU, total_env_steps=150_000, demo_ratio=0.0, val_every=25_000)),
         "eval": {"episodes": 200, "n_envs": 4, "videos": 3},
     },
     "quick": {
