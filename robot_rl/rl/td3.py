@@ -208,7 +208,7 @@ class TD3Learner:
             self.opt_actor.step()
             self.actor_updates += 1
             out["actor_loss"] = float(actor_loss.detach())
-            _polyak(self.actor_target, self.policy, cfg.tau)
+            _polyak(self.actor_target.actor, self.policy.actor, cfg.tau)  # not the frozen image-encoder copy
         _polyak(self.critic_target, self.critic, cfg.tau)
         return out
 
