@@ -166,6 +166,8 @@ def test_critics_shapes():
     assert out.shape == (5, 6) and out.dtype == torch.float32
     assert (out[0] - out[1]).abs().max() > 1e-4  # independent members
     assert sum(p.numel() for p in q.parameters()) == 5 * ((13 * 32 + 32) + (32 * 32 + 32) + (32 + 1) + 4 * 32)
+    heads = torch.tensor([3, 1])  # the REDQ target's subset: those members' values, not a full forward
+    assert torch.allclose(q(x, a, heads), out[heads], atol=1e-6)
     out.sum().backward()
     assert all(p.grad is not None for p in q.parameters())
 

@@ -154,8 +154,12 @@ class EnsembleLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-bound, bound))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, h, self.weight)
+    def forward(self, h: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """(K, B, in_dim) -> (K, B, out_dim); with ``members`` (k,) int64, only those members: (k, B, in_dim) ->
+        (k, B, out_dim)."""
+        if members is None:
+            return torch.baddbmm(self.bias, h, self.weight)
+        return torch.baddbmm(self.bias[members], h, self.weight[members])
 
 
 class QEnsemble(nn.Module):
@@ -175,9 +179,14 @@ class QEnsemble(nn.Module):
         self.ln_bias = nn.ParameterList(nn.Parameter(torch.zeros(n_heads, 1, h)) for h in hidden)
         self.out = EnsembleLinear(n_heads, sizes[-1], 1)
 
-    def forward(self, x: torch.Tensor, a_res: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([x, a_res], dim=-1).unsqueeze(0).expand(self.n_heads, -1, -1)
+    def forward(self, x: torch.Tensor, a_res: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """(K, B) Q values; with ``heads`` (k,) int64 indices, only those heads' (k, B): the REDQ target's subset
+        costs k/K of a full forward."""
+        k = self.n_heads if heads is None else len(heads)
+        h = torch.cat([x, a_res], dim=-1).unsqueeze(0).expand(k, -1, -1)
         for lin, w, b in zip(self.layers, self.ln_weight, self.ln_bias):
-            h = lin(h)
+            if heads is not None:
+                w, b = w[heads], b[heads]
+            h = lin(h, heads)
             h = F.relu(F.layer_norm(h, h.shape[-1:]) * w + b)
-        return self.out(h).squeeze(-1)
+        return self.out(h, heads).squeeze(-1)

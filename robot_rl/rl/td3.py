@@ -186,9 +186,9 @@ class TD3Learner:
         with torch.no_grad():
             eps = (torch.randn_like(res) * cfg.target_noise).clamp(-cfg.target_noise_clip, cfg.target_noise_clip)
             a2 = (self.actor_target.actor(nx) + eps).clamp(-1.0, 1.0)
-            q2 = self.critic_target(nx, a2)
             heads = torch.randperm(cfg.n_critics)[:cfg.n_target_critics]
-            y = td_target(batch["reward"], batch["discount"], q2[heads].min(0).values)
+            q2 = self.critic_target(nx, a2, heads)  # only the sampled heads (REDQ's min over 2 of K)
+            y = td_target(batch["reward"], batch["discount"], q2.min(0).values)
         q = self.critic(x, res)
         critic_loss = (q - y).pow(2).mean(1).sum()  # each head's own MSE
         self.opt_critic.zero_grad()
