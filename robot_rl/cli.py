@@ -1,5 +1,5 @@
 """``robot-rl`` command line: collect, train-base, train-residual, eval, transfer, distill, pipeline, store, serve,
-bringup.
+learn, bringup.
 
 Settings come from one resolver (:mod:`robot_rl.config`): dataclass defaults <- preset (pipeline) <- ``--config
 FILE`` (repeatable) <- flags <- ``--set section.field=value`` (repeatable, values parsed as YAML). The flags
@@ -264,12 +264,10 @@ def _eval_server(a, cfg):
     print(_summary(name, r, out, a.record))
 
 
-def cmd_serve(a):
+def _server_token(a, cfg) -> None:
+    """``serve`` / ``learn``: the shared token, from ``--token-file``, else ``serve.token``, else
+    ``$ROBOT_RL_SERVER_TOKEN``, else none (set on ``cfg.serve``; never printed by --print-config)."""
     import os
-
-    import torch
-
-    from robot_rl.serve.server import serve
 
     token = None
     if a.token_file:
@@ -280,17 +278,73 @@ def cmd_serve(a):
                               "pass a readable file holding the shared token") from None
         if not token:
             raise ConfigError("token-file", f"{a.token_file} is empty", "write the shared token into it")
-    mb = None if a.max_message_mb is None else a.max_message_mb * 2**20  # checked as serve.max_message_bytes
-    cfg = _resolve(a, **{"serve.max_message_bytes": round(mb) if mb is not None and math.isfinite(mb) else mb})  # (the token is never printed by --print-config)
     if token is not None:
         cfg.serve.token = token
     elif cfg.serve.token is None:
         cfg.serve.token = os.environ.get("ROBOT_RL_SERVER_TOKEN") or None
+
+
+def cmd_serve(a):
+    import torch
+
+    from robot_rl.serve.server import serve
+
+    mb = None if a.max_message_mb is None else a.max_message_mb * 2**20  # checked as serve.max_message_bytes
+    cfg = _resolve(a, **{"serve.max_message_bytes": round(mb) if mb is not None and math.isfinite(mb) else mb})
+    _server_token(a, cfg)
     if a.threads is not None:
         if a.threads < 1:
             raise ConfigError("threads", f"{a.threads} < 1", "pass a positive number of torch threads, e.g. 2")
         torch.set_num_threads(a.threads)
     serve(a.checkpoint, a.residual, cfg.serve.validate(), device=a.device, ready=lambda line: print(line, flush=True))
+
+
+def cmd_learn(a):
+    import signal
+    import threading
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from robot_rl.config import write_config
+    from robot_rl.policies.checkpoint import load_policy
+    from robot_rl.serve.learner import check_listen, learn_online
+    from robot_rl.stages.evaluation import plot_learning_curve
+    from robot_rl.stages.train_base import check_run_dir
+
+    _one_thread()
+    cfg = _resolve(a, preset={"algo": "td3"})
+    if cfg.algo != "td3":
+        raise ConfigError("algo", f"learn trains a td3 residual, not {cfg.algo}", "leave algo at td3")
+    _server_token(a, cfg)
+    check_listen(cfg.serve.host, cfg.serve.validate().token)
+    out = Path(a.out)
+    store = Path(a.store) if a.store else out / "episodes.zarr"
+    if not a.resume:
+        check_run_dir(out, overwrite=a.overwrite)
+    base = load_policy(a.base)
+    if not a.resume:
+        check_run_dir(out, overwrite=a.overwrite, replace=True)
+    write_config(cfg, out, _argv())
+    stop = threading.Event()
+    before = {sig: signal.signal(sig, lambda *_: stop.set())  # Ctrl-C / SIGTERM: stop at a request boundary, save
+              for sig in (signal.SIGINT, signal.SIGTERM)}
+    w = SummaryWriter(str(out / "tb"))
+    try:
+        _, curve = learn_online(base, cfg.task.name, cfg.td3_config(), out, store=store, host=cfg.serve.host,
+                                port=cfg.serve.port, token=cfg.serve.token, residual=cfg.residual_config(),
+                                demos=a.demos, task_kwargs=cfg.task.kwargs, env_kwargs=cfg.env_kwargs(backend=True),
+                                backend=a.robot_backend, writer=w, resume=a.resume, stop=stop,
+                                checkpoint_extra={"base_checkpoint": str(a.base)},
+                                ready=lambda ep: print(f"robot-rl learn: serving on {ep}; episodes go to {store}",
+                                                       flush=True))
+    finally:
+        w.close()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if curve:
+        plot_learning_curve(curve, out / "learning_curve.png", label="residual TD3 (online)")
+    print(json.dumps({"checkpoint": str(out / "checkpoint"), "store": str(store),
+                      "last": curve[-1] if curve else None}, indent=1))
 
 
 def cmd_transfer(a):
@@ -681,6 +735,22 @@ def build_parser() -> argparse.ArgumentParser:
      .field("--no-weight-push", "serve.allow_push", "refuse push_weights requests", action="store_const",
             const=False)
      .field("--seed", "serve.seed", "added to every session's default noise seed", type=int))
+
+    (_Command(sub, "learn", cmd_learn, "residual TD3 that learns from a robot's policy node (or remote actors) "
+                                       "through the policy server; each episode is committed to a store")
+     .arg("--base", required=True, help="base policy checkpoint directory")
+     .arg("--out", required=True)
+     .arg("--store", help="zarr store the received episodes are committed to (default: OUT/episodes.zarr)")
+     .arg("--demos", metavar="STORE", help="demonstrations for the demo half of the replay (RLPD)")
+     .arg("--resume", action="store_true", help="continue the run saved in --out/state")
+     .arg("--overwrite", action="store_true", help="replace the run already in --out")
+     .arg("--token-file", help="file with the shared token (required to listen beyond loopback)")
+     .arg("--robot-backend", default="robot", help="the episodes' backend name in the store (default: robot)")
+     .field("--task", "task.name").field("--env-steps", "td3.total_env_steps", type=int)
+     .field("--seed", "seed", type=int)
+     .field("--host", "serve.host", "address to bind").field("--port", "serve.port", "TCP port (0 = any free "
+                                                                                    "port, printed at start)",
+                                                             type=int))
 
     (_Command(sub, "bringup", cmd_bringup, "start the ROS 2 nodes of a launch/*.yaml config as supervised "
                                            "subprocesses (ros2 launch without the launch package); Ctrl-C stops "

@@ -70,6 +70,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "pipeline": ("seed", "algo", "task", "env", "randomization", "collect", "base", "policy", "ppo", "td3", "residual",
                  "eval"),
     "serve": ("serve",),
+    "learn": ("seed", "algo", "task", "env", "td3", "residual", "serve"),
 }
 
 

@@ -298,6 +298,8 @@ def test_more_bad_input_leaves_outputs_alone(tmp_path, tiny_run):
     _one_line_error(run_here("eval", "--base", base, "--out", out, "--n-envs", 0), "eval.n_envs")
     _one_line_error(run_here("transfer", "--checkpoint", base, "--out", out, "--videos", -1), "transfer.videos")
     _one_line_error(run_here("train-residual", "--base", base, "--out", out, "--n-envs", 0), "n_envs")
+    _one_line_error(run_here("learn", "--base", base, "--out", out, "--host", "0.0.0.0"), "serve.token")
+    _one_line_error(run_here("learn", "--base", base, "--out", out, "--set", "td3.utd_ratio=0"), "td3.utd_ratio")
     assert (out / "config.yaml").read_text() == "keep: me\n" and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
     _one_line_error(run_here("pipeline", "--out", out, "--set", "ppo.n_envs=["), "--set")
     _one_line_error(run_here("pipeline", "--out", out, "--set", "collect=5"), "collect")

@@ -6,7 +6,8 @@
   chunk execution with temporal ensembling), ``RemotePolicy`` (evaluation through a server).
 - :mod:`robot_rl.serve.learner` and :mod:`robot_rl.serve.actor` — the actor-learner split of residual TD3: the
   learner runs the server and trains, actor processes act through it and stream ``transitions`` back, weights
-  return by ``push_weights``.
+  return by ``push_weights``; ``learn_online`` (``robot-rl learn``) learns from actors it did not start (a robot's
+  policy node) and commits every episode to a store.
 
 Why ZeroMQ + msgpack (and not gRPC + protobuf): one ROUTER socket lets a single server thread receive from many
 clients, hold requests and answer them in any order, which is what dynamic batching across sessions needs, and a

@@ -15,6 +15,8 @@ actors in others.
 Why the policy server and not a separate channel: it is the path a robot already uses (the ROS 2 policy node
 acts through it), so a robot becomes one more actor (the next issue), with the same typed protocol and no pickle.
 The single-process mode (:func:`robot_rl.rl.td3.train_residual_td3`, ``td3.actors = 0``) stays for debugging.
+:func:`learn_online` (``robot-rl learn``) is the same learner for actors it does not start (a robot's policy node,
+sim actors on other machines): it listens on a given address and commits every received episode to a store.
 
 Where the actors run (:class:`ActorPool`): local ``spawn`` processes, or with ``env.ray`` set Ray tasks of
 :data:`~robot_rl.envs.ray_envs.WORKER_NUM_CPUS` CPU each, on any node; then the server listens on this node's
@@ -48,7 +50,7 @@ from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, freeze
 from robot_rl.rl.td3 import TD3Config, TD3Run
 from robot_rl.serve.actor import ActorSpec, run_actor
 from robot_rl.serve.client import PolicyClient
-from robot_rl.serve.server import PolicyServer, PolicyService, ServeConfig
+from robot_rl.serve.server import _LOOPBACK, PolicyServer, PolicyService, ServeConfig
 
 ACTOR_SEED_STRIDE = 1_000_000  # episode seeds of actor k: the run's seed start + k * this
 RESTART_SEED_STRIDE = 100_000  # ... + r * this after its r-th restart (Ray actors)
@@ -179,6 +181,92 @@ class TransitionInbox:
                 return out
 
 
+class LearnerHost:
+    """The serving side of a learner: a :class:`PolicyService` of the frozen base + a frozen copy of the residual
+    (weight pushes allowed, a :class:`TransitionInbox` attached) on a background server thread, the client that
+    pushes the learner's weights to it, and the bookkeeping of versions per action chunk.
+
+    :meth:`consume` is the learner's whole reaction to one ``transitions`` request: rows into the run (features of
+    ``obs`` and ``next_obs`` with the base actions, n-step windows per slot), the updates owed, a weight push every
+    ``td3.push_every`` actor updates (versions 1, 2, ...), the curve row and the checkpoint when due. Both the
+    actor-learner split (:func:`train_residual_td3_actors`) and learning from external actors
+    (:func:`learn_online`, a robot's policy node) use it.
+
+    Args:
+        run: the :class:`~robot_rl.rl.td3.TD3Run` (its ``policy`` is served).
+        base: the frozen base. host / port / token: where the server listens (port 0: any free port).
+        max_sessions: sessions one client may hold open.
+    """
+
+    def __init__(self, run: TD3Run, base, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 max_sessions: int = 64):
+        td3 = self.td3 = run.td3
+        self.run, self.norm = run, base.normalizer
+        self.service = PolicyService(base, residual=freeze(copy.deepcopy(run.policy)),
+                                     config=ServeConfig(host=host, port=port, token=token, max_batch=td3.n_envs,
+                                                        batch_window_ms=2.0, allow_push=True, seed=td3.seed,
+                                                        max_sessions_per_client=max(max_sessions, td3.n_envs)))
+        self.inbox = TransitionInbox(td3, received=run.steps)
+        self.service.learner = self.inbox
+        self.server = PolicyServer(self.service)
+        self.endpoint = self.server.bind()
+        self.thread = threading.Thread(target=self.server.serve_forever, name="policy-server", daemon=True)
+        self.thread.start()
+        self.pusher = PolicyClient(self.endpoint.replace("0.0.0.0", "127.0.0.1"), token=token, timeout_s=30.0)
+        self.version, self.pushed_at = 0, run.learner.actor_updates
+        self.chunk_version: dict[str, int] = {}
+        self.mixed, self.lag = 0, []
+
+    def forget(self, sessions) -> None:
+        """Sessions that begin new episodes without a final row (a restarted actor): no chunk to continue."""
+        for sid in sessions:
+            self.chunk_version.pop(sid, None)
+
+    def consume(self, req: dict, slots: list[int]) -> None:
+        """Learn from one ``transitions`` request whose first ``len(slots)`` rows are kept (row j -> n-step window
+        ``slots[j]``; rows past ``td3.total_env_steps`` are dropped by the caller); see the class doc."""
+        run, td3, pol, norm = self.run, self.td3, self.run.policy, self.norm
+        k = len(slots)
+        if not k:  # nothing kept (the run has its steps): counted as consumed, no update, no curve row
+            self.inbox.consumed += len(req["sessions"])
+            return
+        for j, sid in enumerate(req["sessions"][:k]):  # one residual version per chunk (the server's pinning, checked)
+            v = int(req["residual_version"][j])
+            if not req["new_chunk"][j] and self.chunk_version.get(sid, v) != v:
+                self.mixed += 1
+            self.chunk_version[sid] = v
+            self.lag.append(self.version - v)
+        with torch.no_grad():
+            x = pol.features(norm, {key: np.array(a[:k]) for key, a in req["obs"].items()},
+                             norm.normalize("action", torch.as_tensor(np.array(req["base"][:k]))))
+            nx = pol.features(norm, {key: np.array(a[:k]) for key, a in req["next_obs"].items()},
+                              norm.normalize("action", torch.as_tensor(np.array(req["next_base"][:k]))))
+        run.add(x, torch.as_tensor(np.array(req["residual"][:k])), req["reward"][:k], req["terminated"][:k],
+                req["truncated"][:k], nx, req["success"][:k], slots=slots)
+        run.train()
+        self.inbox.consumed += len(req["sessions"])
+        if run.learner.actor_updates - self.pushed_at >= td3.push_every:
+            self.version += 1
+            self.pusher.push_weights(pol, self.version)
+            self.pushed_at = run.learner.actor_updates
+        n_rows = len(run.curve)
+        run.log(self.service.stats["batches"], self.extra())
+        if len(run.curve) > n_rows:
+            self.lag = []
+
+    def extra(self) -> dict:
+        """The split's curve fields: weight_version, policy_lag (mean over the row), mixed_version_chunks, backlog."""
+        return {"weight_version": self.version, "policy_lag": float(np.mean(self.lag)) if self.lag else 0.0,
+                "mixed_version_chunks": self.mixed, "backlog": self.inbox.received - self.inbox.consumed}
+
+    def close(self) -> None:
+        """Stop accepting transitions (replies say ``stop``), stop the server and the pushing client."""
+        self.inbox.stop = True
+        self.server.stop()
+        self.thread.join(timeout=5)
+        self.pusher.close()
+
+
 def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Path, *,
                               residual: ResidualConfig | None = None, demos: str | Path | None = None,
                               task_kwargs: dict | None = None, env_kwargs: dict | None = None, writer=None,
@@ -200,15 +288,9 @@ def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Pa
     torch.manual_seed(td3.seed)
     ekw = env_kwargs_for(base.config, task, task_kwargs, env_kwargs)
     address = ekw.pop("ray", None)  # the actors' placement; each steps its envs in its own process
-    probe = make_vector_env(task, 1, task_kwargs=task_kwargs, asynchronous=False, **ekw)
-    try:
-        dims = env_obs_dims(probe)
-    finally:
-        probe.close()
-    run = TD3Run(base, task, td3, out_dir, obs_dims=dims, n_slots=td3.n_envs, residual=residual, demos=demos,
-                 task_kwargs=task_kwargs, writer=writer, progress=progress, validate=validate,
-                 checkpoint_extra=checkpoint_extra, resume=resume)
-    pol, norm = run.policy, base.normalizer
+    run = TD3Run(base, task, td3, out_dir, obs_dims=_obs_dims(task, task_kwargs, ekw), n_slots=td3.n_envs,
+                 residual=residual, demos=demos, task_kwargs=task_kwargs, writer=writer, progress=progress,
+                 validate=validate, checkpoint_extra=checkpoint_extra, resume=resume)
     host, token = "127.0.0.1", None
     if address is not None:  # actors on other nodes reach the server at this node's address, with a token
         from robot_rl.envs.ray_envs import connect
@@ -217,75 +299,187 @@ def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Pa
         import ray
 
         host, token = ray.util.get_node_ip_address(), secrets.token_urlsafe(24)
-    service = PolicyService(base, residual=freeze(copy.deepcopy(pol)),
-                            config=ServeConfig(host=host, port=0, token=token, max_batch=td3.n_envs,
-                                               batch_window_ms=2.0, allow_push=True, seed=td3.seed,
-                                               max_sessions_per_client=max(64, td3.n_envs)))
-    inbox = TransitionInbox(td3, received=run.steps)
-    service.learner = inbox
-    server = PolicyServer(service)
-    endpoint = server.bind()
-    thread = threading.Thread(target=server.serve_forever, name="policy-server", daemon=True)
-    thread.start()
+    lh = LearnerHost(run, base, host=host, token=token)
     per = td3.n_envs // td3.actors
     actors = ActorPool(td3.actors, lambda k, r: ActorSpec(
-        endpoint=endpoint, index=k, task=task, n_envs=per,
+        endpoint=lh.endpoint, index=k, task=task, n_envs=per,
         seed_start=run.seed_start + k * ACTOR_SEED_STRIDE + r * RESTART_SEED_STRIDE, seed=td3.seed + r,
         max_backlog=td3.max_backlog, task_kwargs=dict(task_kwargs or {}), env_kwargs=ekw, token=token), address)
     slot = {f"actor{k}-env{i}": k * per + i for k in range(td3.actors) for i in range(per)}
-    pusher = PolicyClient(endpoint, token=token, timeout_s=30.0)
-    version, pushed_at = 0, run.learner.actor_updates
-    chunk_version: dict[str, int] = {}
-    mixed, lag = 0, []
     next_seed = run.seed_start + td3.actors * ACTOR_SEED_STRIDE
     try:
         actors.start()
         while not run.done:
-            reqs = inbox.drain(1.0)
+            reqs = lh.inbox.drain(1.0)
             for k in actors.check():  # a restarted actor's sessions begin new episodes
                 run.nstep.clear([k * per + i for i in range(per)])
-                for i in range(per):
-                    chunk_version.pop(f"actor{k}-env{i}", None)
-            if not reqs:
-                continue
+                lh.forget([f"actor{k}-env{i}" for i in range(per)])
             for req in reqs:
-                k = min(len(req["sessions"]), td3.total_env_steps - run.steps)
-                if k <= 0:
-                    inbox.consumed += len(req["sessions"])
-                    continue
-                sess = req["sessions"][:k]
-                for j, sid in enumerate(sess):  # one residual version per chunk (the server's pinning, checked)
-                    v = int(req["residual_version"][j])
-                    if not req["new_chunk"][j] and chunk_version.get(sid, v) != v:
-                        mixed += 1
-                    chunk_version[sid] = v
-                    lag.append(version - v)
-                with torch.no_grad():
-                    x = pol.features(norm, {key: np.array(a[:k]) for key, a in req["obs"].items()},
-                                     norm.normalize("action", torch.as_tensor(np.array(req["base"][:k]))))
-                    nx = pol.features(norm, {key: np.array(a[:k]) for key, a in req["next_obs"].items()},
-                                      norm.normalize("action", torch.as_tensor(np.array(req["next_base"][:k]))))
-                run.add(x, torch.as_tensor(np.array(req["residual"][:k])), req["reward"][:k], req["terminated"][:k],
-                        req["truncated"][:k], nx, req["success"][:k], slots=[slot[s] for s in sess])
-                run.train()
-                inbox.consumed += len(req["sessions"])
-                if run.learner.actor_updates - pushed_at >= td3.push_every:
-                    version += 1
-                    pusher.push_weights(pol, version)
-                    pushed_at = run.learner.actor_updates
-                extra = {"weight_version": version, "policy_lag": float(np.mean(lag)) if lag else 0.0,
-                         "mixed_version_chunks": mixed, "backlog": inbox.received - inbox.consumed}
-                n_rows = len(run.curve)
-                run.log(service.stats["batches"], extra)
-                if len(run.curve) > n_rows:
-                    lag = []
+                k = max(0, min(len(req["sessions"]), td3.total_env_steps - run.steps))
+                lh.consume(req, [slot[s] for s in req["sessions"][:k]])
                 run.checkpoint(next_seed)
     finally:
-        inbox.stop = True
+        lh.inbox.stop = True
         actors.stop()
-        server.stop()
-        thread.join(timeout=5)
-        pusher.close()
+        lh.close()
         run.close()
-    return run.finish(next_seed, extra={"actors": td3.actors, "weight_version": version,
+    return run.finish(next_seed, extra={"actors": td3.actors, "weight_version": lh.version,
                                         "actor_restarts": sum(actors.restarts)})
+
+
+def _obs_dims(task: str, task_kwargs: dict | None, env_kwargs: dict) -> dict:
+    """{observation key: flat dim} of the task's env (one env built and closed)."""
+    probe = make_vector_env(task, 1, task_kwargs=task_kwargs, asynchronous=False, **env_kwargs)
+    try:
+        return env_obs_dims(probe)
+    finally:
+        probe.close()
+
+
+class SessionSlots:
+    """n-step windows for sessions the learner did not start (robots, remote actors): a session takes a free
+    window on its first row and gives it back with the row that ends its episode; when all ``n`` are taken, the
+    least recently used session loses its window (its unfinished n-step steps are dropped: ``on_evict(sid, slot)``).
+    """
+
+    def __init__(self, n: int, on_evict: Callable[[str, int], None]):
+        from collections import OrderedDict
+
+        self.free, self.used, self.on_evict = list(range(n - 1, -1, -1)), OrderedDict(), on_evict
+
+    def take(self, sid: str) -> int:
+        if sid in self.used:
+            self.used.move_to_end(sid)
+            return self.used[sid]
+        if not self.free:
+            old, slot = self.used.popitem(last=False)
+            self.on_evict(old, slot)
+            self.free.append(slot)
+        self.used[sid] = slot = self.free.pop()
+        return slot
+
+    def release(self, sid: str) -> None:
+        slot = self.used.pop(sid, None)
+        if slot is not None:
+            self.free.append(slot)
+
+
+class EpisodeLog:
+    """Commits every episode the learner receives to a zarr store when its last row arrives, so that nothing a
+    robot did is lost when the learner stops (:class:`robot_rl.datasets.episodes.EpisodeWriter`, the one episode
+    writer).
+
+    Stored per step: the low-dim observation keys of the rows (float32), ``action`` = the executed action (raw
+    units), ``intervention`` and ``human_action`` (the executed action on intervention rows, NaN elsewhere), and
+    the fields ``reward`` (float32), ``base_action`` (raw, float32 (A,)), ``residual`` (residual units) and
+    ``residual_version`` (int64). Episode metadata: source ``policy`` (intervention steps are flagged, so only they
+    join a later run's demo side, :func:`robot_rl.rl.replay.demo_buffer`), success = the last row's ``success``,
+    seed -1 (a robot has none), ``extra`` {session, weight versions}.
+
+    Args:
+        store: path of the store (created when missing). task / backend: episode metadata.
+    Raises ConfigError from :meth:`add` when an episode does not fit the store's schema (e.g. a store of other
+    observation keys); the store is left as it was.
+    """
+
+    def __init__(self, store: str | Path, task: str, backend: str):
+        from robot_rl.datasets.store import ZarrStore
+
+        self.store, self.task, self.backend = ZarrStore.open_or_create(store), task, backend
+        self.writers: dict = {}
+        self.committed = 0
+
+    def add(self, req: dict, k: int) -> None:
+        """Append the first ``k`` rows of a ``transitions`` request; commit the episodes they end."""
+        from robot_rl.datasets.episodes import EpisodeWriter
+
+        inter = req.get("intervention")
+        for j in range(k):
+            sid = req["sessions"][j]
+            w = self.writers.setdefault(sid, EpisodeWriter(human_action=True))
+            flagged = bool(inter[j]) if inter is not None else False
+            w.add({key: a[j] for key, a in req["obs"].items()}, req["executed"][j], intervention=flagged,
+                  human_action=req["executed"][j] if flagged else None, reward=float(req["reward"][j]),
+                  base_action=req["base"][j], residual=req["residual"][j],
+                  residual_version=np.int64(req["residual_version"][j]))
+            if req["terminated"][j] or req["truncated"][j]:
+                versions = self.writers[sid].steps["residual_version"]
+                self.writers.pop(sid).commit(
+                    self.store, seed=-1, task=self.task, source="policy", success=bool(req["success"][j]),
+                    backend=self.backend, extra={"session": sid, "residual_versions": [int(min(versions)),
+                                                                                       int(max(versions))]})
+                self.committed += 1
+
+    def drop(self, sid: str) -> None:
+        """Forget a session's unfinished episode (it is not committed)."""
+        self.writers.pop(sid, None)
+
+
+def check_listen(host: str, token: str | None) -> None:
+    """A learner beyond loopback needs a token: actors elsewhere would act, and the learner push weights, without
+    one (the server refuses unauthenticated pushes off loopback). Raises ConfigError (``serve.token``)."""
+    if token is None and host not in _LOOPBACK:
+        raise ConfigError("serve.token", f"none, and the learner would listen on {host}",
+                          "give a shared token (--token-file or $ROBOT_RL_SERVER_TOKEN), or listen on 127.0.0.1")
+
+
+def learn_online(base, task: str, td3: TD3Config, out_dir: str | Path, *, store: str | Path,
+                 host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 residual: ResidualConfig | None = None, demos: str | Path | None = None,
+                 task_kwargs: dict | None = None, env_kwargs: dict | None = None, backend: str = "robot",
+                 writer=None, progress: bool = True, checkpoint_extra: dict | None = None, resume: bool = False,
+                 max_sessions: int = 64, stop: threading.Event | None = None,
+                 ready: Callable[[str], None] | None = None) -> tuple[ResidualPolicy, list]:
+    """Residual TD3 learning from actors this process does not start (a robot's policy node, remote sim actors):
+    serve the frozen base + the residual at ``host:port`` and learn from every ``transitions`` request that
+    arrives, as :class:`LearnerHost` does for the split; each ended episode is committed to ``store``
+    (:class:`EpisodeLog`). Runs until ``td3.total_env_steps`` rows were learned from, or ``stop`` is set (Ctrl-C
+    as well), then writes the state and the checkpoint like :func:`robot_rl.rl.td3.train_residual_td3`.
+
+    The observation dims are the task env's (a robot's policy node assembles the same observation dict). Sessions
+    take n-step windows as they come (:class:`SessionSlots`, ``max_sessions`` of them). Exploration is the
+    actors' to add, as the learner's replies say (``explore``). ``ready(endpoint)`` is called once the server
+    listens. ``resume``: continue the run in ``out_dir/state`` (its episodes stay in ``store``).
+
+    Raises ConfigError for bad settings, an image base (transitions carry low-dim observations only) or an episode
+    that does not fit ``store``.
+    """
+    td3.validate()
+    check_listen(host, token)
+    if base.config.image_keys:
+        raise ConfigError("base", "transitions carry low-dim observations only; this base reads camera frames",
+                          "learn online with a state base (the residual on image features needs frames, next step)")
+    torch.manual_seed(td3.seed)
+    ekw = env_kwargs_for(base.config, task, task_kwargs, env_kwargs)
+    ekw.pop("ray", None)
+    episodes = EpisodeLog(store, task, backend)
+    run = TD3Run(base, task, td3, out_dir, obs_dims=_obs_dims(task, task_kwargs, ekw), n_slots=max_sessions,
+                 residual=residual, demos=demos, task_kwargs=task_kwargs, writer=writer, progress=progress,
+                 checkpoint_extra=checkpoint_extra, resume=resume)
+
+    def evict(sid: str, slot: int) -> None:
+        run.nstep.clear([slot])
+        episodes.drop(sid)
+
+    slots = SessionSlots(max_sessions, evict)
+    lh = LearnerHost(run, base, host=host, port=port, token=token, max_sessions=max_sessions)
+    if ready is not None:
+        ready(lh.endpoint)
+    try:
+        while not run.done and not (stop is not None and stop.is_set()):
+            for req in lh.inbox.drain(0.5):
+                k = max(0, min(len(req["sessions"]), td3.total_env_steps - run.steps))
+                episodes.add(req, k)
+                taken = [slots.take(sid) for sid in req["sessions"][:k]]
+                for j in range(k):
+                    if req["terminated"][j] or req["truncated"][j]:
+                        slots.release(req["sessions"][j])
+                lh.consume(req, taken)
+                run.checkpoint(0)
+    finally:
+        lh.close()
+        run.close()
+    if progress and episodes.writers:
+        print(f"robot-rl learn: {len(episodes.writers)} unfinished episodes not committed", file=sys.stderr,
+              flush=True)
+    return run.finish(0, extra={"episodes_committed": episodes.committed, "weight_version": lh.version})
