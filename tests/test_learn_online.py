@@ -114,3 +114,84 @@ def test_learn_online_refuses_a_store_of_other_keys(tmp_path):
     with pytest.raises(ConfigError):
         log.add(req, 1)
     assert ZarrStore.open(tmp_path / "s.zarr").n_episodes == 1  # nothing stored, nothing lost
+
+
+def test_a_robot_actor_sends_labelled_episodes_and_never_a_discarded_one(tmp_path):
+    """EpisodeActor (what a robot's policy node runs) on a MuJoCo env standing in for the arm, against
+    learn_online: labelled episodes reach the learner whole (success -> terminated with reward 1, failure or time
+    limit -> truncated), discarded ones never do, and a human-driven step is stored as an intervention with the
+    human's action and its residual-unit equivalent."""
+    import threading
+
+    from robot_rl.envs.env import make_env
+    from robot_rl.serve.actor import EpisodeActor
+    from robot_rl.serve.client import PolicyClient
+
+    torch.set_num_threads(1)
+    base = load_policy(FIXTURE)
+    td3 = TD3Config(total_env_steps=10_000, n_envs=1, learning_starts=60, critic_warmup_updates=0, push_every=2,
+                    utd_ratio=0.25, batch_size=16, log_every=20, val_every=0, critic_hidden=(16, 16), n_critics=2,
+                    lr_actor=1e-3)
+    stop, endpoint, out = threading.Event(), [], {}
+    t = threading.Thread(target=lambda: out.update(r=learn_online(
+        base, "place", td3, tmp_path / "run", store=tmp_path / "ep.zarr", task_kwargs=TK, progress=False, stop=stop,
+        ready=endpoint.append)), daemon=True)
+    t.start()
+    while not endpoint and t.is_alive():
+        t.join(0.05)
+    env = make_env("place", task_kwargs=TK, render_mode=None,
+                   **env_kwargs_for(base.config, "place", TK, None))
+    client = PolicyClient(endpoint[0], timeout_s=30.0)
+    actor = EpisodeActor(client, name="arm", seed=0)
+    sent, labels, human_rows = 0, [], []
+    try:
+        for ep in range(5):
+            obs, _ = env.reset(seed=9_000_000 + ep)
+            actor.start(seed=ep)
+            for step in range(TK["max_steps"]):
+                o = {k: obs[k] for k in base.config.obs_keys}
+                human = None
+                if ep == 1 and step in (3, 4):  # a human takes over for two steps
+                    human = np.array([0.5, 0.0, 0.0, 0.0, 1.0], np.float32)
+                    human_rows.append(step)
+                a = actor.act(o, human=human)
+                obs, _, term, trunc, info = env.step(a)
+                if term or trunc:
+                    break
+            final = {k: obs[k] for k in base.config.obs_keys}
+            if ep == 2:
+                actor.discard()  # e.g. an e-stop the operator does not keep
+                continue
+            # the operator's label: ep 3 marked failed, ep 4 marked successful, else the sim's predicate
+            success = {3: False, 4: True}.get(ep, bool(info.get("success", False)))
+            sent += actor.end(final, success)
+            labels.append(success)
+        deadline = 60
+        while out.get("r") is None and deadline > 0:  # the learner takes every row before it is stopped
+            st = client.ping()["learner"]
+            if st["backlog"] == 0:
+                break
+            deadline -= 1
+            t.join(0.5)
+    finally:
+        stop.set()
+        t.join(60)
+        client.close()
+        env.close()
+    pol, curve = out["r"]
+    assert curve[-1]["env_steps"] == sent == actor.steps_sent and sent >= 4 * 2
+    st = ZarrStore.open(tmp_path / "ep.zarr")
+    assert st.n_episodes == 4 and [bool(m["success"]) for m in st.episodes_meta()] == labels
+    assert sum(len(st.get_episode(i, keys=["reward"])["reward"]) for i in range(4)) == sent  # no discarded row
+    e = st.get_episode(1, keys=["action", "base_action", "residual", "intervention", "human_action", "reward"])
+    assert list(np.flatnonzero(e["intervention"])) == human_rows
+    h = e["intervention"]
+    assert np.allclose(e["human_action"][h], [0.5, 0.0, 0.0, 0.0, 1.0]) and np.allclose(e["action"][h],
+                                                                                         e["human_action"][h])
+    norm = base.normalizer
+    want = ((norm.normalize("action", torch.as_tensor(e["action"][h]))
+             - norm.normalize("action", torch.as_tensor(e["base_action"][h]))) / pol.config.alpha).clamp(-1, 1)
+    assert np.allclose(e["residual"][h], want.numpy(), atol=1e-5)
+    for i in range(st.n_episodes):
+        r = st.get_episode(i, keys=["reward"])["reward"]
+        assert r[:-1].sum() == 0 and r[-1] == float(labels[i])

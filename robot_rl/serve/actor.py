@@ -16,7 +16,12 @@ units. The executed action is ``unnormalize(clip(normalize(base) + alpha * resid
 
 Backpressure: when the learner's backlog (rows received, not yet trained on) exceeds ``max_backlog``, the actor
 waits, so the UTD ratio the learner keeps is the one configured and the residual the actors run lags the learner
-by a bounded amount. A robot would not wait (the next issue); simulated envs can.
+by a bounded amount. A robot would not wait; simulated envs can.
+
+:class:`EpisodeActor` is a robot as an actor (``robot-rl learn``): one session per episode, exploration as the
+learner says, a human's action taking a step over as an intervention, and the episode's rows sent whole once the
+episode is labelled (success / failure / time limit), or dropped when it is discarded. It never waits on the
+learner's backlog.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from robot_rl.envs.vector import SeedSchedule, make_vector_env, reset_some
 from robot_rl.policies.normalizer import Normalizer
 from robot_rl.rl.residual import combine
 from robot_rl.serve.client import PolicyClient
+from robot_rl.serve.protocol import MAX_TRANSITIONS
 
 #: pause between backlog polls while the learner catches up: each poll is a request the server thread answers (and
 #: a GIL hand-over the learner thread pays), so poll at a fraction of an update's time, not in a busy loop
@@ -74,14 +80,12 @@ def run_actor(spec: ActorSpec, stop) -> None:
         client.close()
 
 
-class SimActor:
-    """The actor loop over a vector env (autoreset off, per-env seeds) and a :class:`PolicyClient`.
+class _Acting:
+    """What every actor shares: the server's metadata (alpha, low-dim keys, the base's action normalization), the
+    exploration the learner asks for, the executed action, and the ``transitions`` message."""
 
-    Attributes: ``steps_sent`` (rows sent), ``episodes`` (episodes finished), ``waits`` (backpressure waits).
-    """
-
-    def __init__(self, venv, client: PolicyClient, spec: ActorSpec):
-        self.venv, self.client, self.spec = venv, client, spec
+    def __init__(self, client: PolicyClient, rng: np.random.Generator, max_backlog: int | None):
+        self.client, self.rng, self.max_backlog = client, rng, max_backlog
         meta = client.metadata()
         if not meta["residual"]["loaded"]:
             raise RuntimeError("the policy server serves no residual; the learner starts it with one")
@@ -89,23 +93,9 @@ class SimActor:
         self.low_keys = [k for k, s in meta["obs_spec"].items() if s["dtype"] == "float32"]
         A = int(meta["action_spec"]["shape"][0])
         self.norm = Normalizer({"action": A}, {"action": meta["normalization"]["action"]})
-        self.n = int(venv.num_envs)
-        self.sessions = [f"actor{spec.index}-env{i}" for i in range(self.n)]
-        self.seeds = SeedSchedule(spec.seed_start)
-        self.rng = np.random.default_rng([spec.seed, spec.index])
         self.explore = {"mode": "warmup", "warmup_noise": 0.0, "std": 0.0}  # until the learner's first reply
         self.stop_now = False
-        self.steps_sent = self.episodes = self.waits = 0
-
-    # --- pieces -------------------------------------------------------------------------------------------------
-    def _act(self, envs, obs: dict, steps, reset=None, seeds=None) -> list:
-        items = []
-        for j, i in enumerate(envs):
-            it = dict(session=self.sessions[i], step=int(steps[j]), obs={k: v[i] for k, v in obs.items()})
-            if reset is not None and reset[j]:
-                it.update(reset=True, seed=int(seeds[j]))
-            items.append(it)
-        return self.client.act_many(items)
+        self.steps_sent = self.waits = 0
 
     def _residual(self, mean: np.ndarray) -> np.ndarray:
         e = self.explore
@@ -129,21 +119,46 @@ class SimActor:
         for k, dt in (("steps", np.int64), ("base", np.float32), ("residual", np.float32),
                       ("executed", np.float32), ("reward", np.float32), ("terminated", bool), ("truncated", bool),
                       ("success", bool), ("next_base", np.float32), ("residual_version", np.int64),
-                      ("new_chunk", bool)):
-            msg[k] = np.asarray([r[k] for r in rows], dtype=dt)
+                      ("new_chunk", bool), ("intervention", bool)):
+            msg[k] = np.asarray([r.get(k, False) for r in rows], dtype=dt)
         rep = self.client.send_transitions(msg)
         self.steps_sent += len(rows)
         self._follow(rep)
 
     def _follow(self, rep: dict) -> None:
-        """Take the learner's exploration setting; wait while its backlog is above ``max_backlog``."""
+        """Take the learner's exploration setting; wait while its backlog is above ``max_backlog`` (None: never)."""
         self.explore, self.stop_now = rep["explore"], bool(rep["stop"])
         backlog = int(rep["backlog"])
-        while backlog > self.spec.max_backlog and not self.stop_now:
+        while self.max_backlog is not None and backlog > self.max_backlog and not self.stop_now:
             self.waits += 1
             time.sleep(WAIT_S)
             st = self.client.ping()["learner"]
             backlog, self.stop_now, self.explore = int(st["backlog"]), bool(st["stop"]), st["explore"]
+
+
+class SimActor(_Acting):
+    """The actor loop over a vector env (autoreset off, per-env seeds) and a :class:`PolicyClient`.
+
+    Attributes: ``steps_sent`` (rows sent), ``episodes`` (episodes finished), ``waits`` (backpressure waits).
+    """
+
+    def __init__(self, venv, client: PolicyClient, spec: ActorSpec):
+        super().__init__(client, np.random.default_rng([spec.seed, spec.index]), spec.max_backlog)
+        self.venv, self.spec = venv, spec
+        self.n = int(venv.num_envs)
+        self.sessions = [f"actor{spec.index}-env{i}" for i in range(self.n)]
+        self.seeds = SeedSchedule(spec.seed_start)
+        self.episodes = 0
+
+    # --- pieces -------------------------------------------------------------------------------------------------
+    def _act(self, envs, obs: dict, steps, reset=None, seeds=None) -> list:
+        items = []
+        for j, i in enumerate(envs):
+            it = dict(session=self.sessions[i], step=int(steps[j]), obs={k: v[i] for k, v in obs.items()})
+            if reset is not None and reset[j]:
+                it.update(reset=True, seed=int(seeds[j]))
+            items.append(it)
+        return self.client.act_many(items)
 
     # --- loop ---------------------------------------------------------------------------------------------------
     def run(self, stop=None, max_steps: int | None = None) -> None:
@@ -195,3 +210,104 @@ class SimActor:
             t += 1
         if ready and not self.stop_now:
             self._send(ready)
+
+
+class EpisodeActor(_Acting):
+    """A robot as an actor (``robot-rl learn``): one server session per episode, one ``act`` per control step with
+    the exploration the learner asks for, and the episode's rows kept until the episode is labelled, then sent in
+    one go (or dropped).
+
+    Why whole episodes: the reward of a robot episode is known only when it is labelled (an operator's success /
+    failure, or a success classifier), a discarded or e-stopped episode must never reach the replay, and the
+    learner's updates then run between episodes, away from the control loop's deadlines.
+
+    Per step (:meth:`act`): the residual is the server's mean plus exploration (the learner's last reply: uniform
+    ``warmup_noise`` during warm-up, else Gaussian ``std``, residual units, clipped to [-1, 1]); the executed action
+    is ``unnormalize(clip(normalize(base) + alpha * residual, -1, 1))``. With ``human`` (a human drove the step,
+    raw action (A,)) the row is an intervention: executed = the human's action, residual = its residual-unit
+    equivalent ``clip((normalize(human) - normalize(base)) / alpha, -1, 1)``.
+
+    :meth:`end` labels the episode: ``success`` True -> reward 1 and ``terminated`` on the last row; False (a
+    failure mark or the time limit) -> reward 0 and ``truncated`` (bootstrapped: the task goes on past the cut).
+    The last row's next base action is one more ``act`` on the final observation (the action the base would have
+    executed there), as the simulated actors do.
+
+    Args:
+        client: a :class:`PolicyClient` of the learner's server. name: session prefix. seed: exploration seed.
+    Attributes: ``episodes`` (episodes sent), ``steps_sent``, ``rows`` (the running episode's rows).
+    """
+
+    def __init__(self, client: PolicyClient, name: str = "robot", seed: int = 0):
+        super().__init__(client, np.random.default_rng([seed, 17]), None)
+        self.name, self.episode, self.episodes = name, 0, 0
+        self.session, self.rows, self.pending = None, [], None
+
+    def start(self, seed: int | None = None) -> None:
+        """Begin an episode: a new session (``seed``: its base sampling seed), the learner's exploration now."""
+        self.discard()
+        self.session = f"{self.name}-{self.episode}"
+        self.episode += 1
+        self.step, self.reset_seed = 0, seed
+        st = self.client.ping().get("learner")
+        if st is not None:
+            self.explore, self.stop_now = st["explore"], bool(st["stop"])
+
+    def _act(self, obs: dict, timeout_s: float | None):
+        first = self.step == 0
+        r = self.client.act(self.session, self.step, obs, reset=first,
+                            seed=self.reset_seed if first else None, timeout_s=timeout_s)
+        self.step += 1
+        return r
+
+    def act(self, obs: dict, human: np.ndarray | None = None, timeout_s: float | None = None) -> np.ndarray:
+        """This step's executed action, float32 (A,) raw units; ``obs`` as the server's obs_spec (one frame)."""
+        if self.session is None:
+            raise RuntimeError("start() an episode first")
+        r = self._act(obs, timeout_s)
+        base = np.array(r.base[0], np.float32)
+        if self.pending is not None:
+            self.rows.append({**self.pending, "next_obs": {k: obs[k] for k in self.low_keys}, "next_base": base})
+        if human is not None:
+            executed = np.asarray(human, np.float32)
+            with torch.no_grad():
+                d = (self.norm.normalize("action", torch.as_tensor(executed))
+                     - self.norm.normalize("action", torch.as_tensor(base))) / self.alpha
+            residual = np.clip(d.numpy(), -1.0, 1.0).astype(np.float32)
+        else:
+            residual = self._residual(np.asarray(r.residual[0], np.float32))
+            executed = self._executed(base, residual)
+        self.pending = {"session": self.session, "steps": self.step - 1, "obs": {k: obs[k] for k in self.low_keys},
+                        "base": base, "residual": residual, "executed": executed, "reward": 0.0,
+                        "terminated": False, "truncated": False, "success": False,
+                        "residual_version": r.residual_version, "new_chunk": r.new_chunk,
+                        "intervention": human is not None}
+        return executed
+
+    def end(self, final_obs: dict, success: bool, timeout_s: float | None = None) -> int:
+        """Label and send the running episode (see the class doc); returns the rows sent."""
+        if self.pending is None:
+            self.discard()
+            return 0
+        final = self._act(final_obs, timeout_s)
+        self.rows.append({**self.pending, "next_obs": {k: final_obs[k] for k in self.low_keys},
+                          "next_base": np.array(final.base[0], np.float32), "reward": float(bool(success)),
+                          "terminated": bool(success), "truncated": not success, "success": bool(success)})
+        rows, self.rows, self.pending = self.rows, [], None
+        for i in range(0, len(rows), MAX_TRANSITIONS):
+            self._send(rows[i:i + MAX_TRANSITIONS])
+        self.episodes += 1
+        self._close()
+        return len(rows)
+
+    def discard(self) -> None:
+        """Drop the running episode (nothing reaches the learner)."""
+        self.rows, self.pending = [], None
+        self._close()
+
+    def _close(self) -> None:
+        if self.session is not None:
+            try:
+                self.client.close_session(self.session, timeout_s=1.0)
+            except Exception:  # noqa: BLE001 - best effort (the server also expires idle sessions)
+                pass
+            self.session = None
