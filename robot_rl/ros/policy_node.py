@@ -37,6 +37,19 @@ Action source (``server`` parameter):
       A missed deadline holds THIS step — no stale action is ever applied — and the next tick asks again with the
       next step index (the client reconnects; a restarted server gets its session re-created).
 
+Learning on the robot (``learn:=true``, with ``server:=`` a ``robot-rl learn`` learner and step execution): the
+node is an actor of the learner (:class:`LearningSource`, :class:`robot_rl.serve.actor.EpisodeActor`): each step
+runs base + residual with the exploration the learner asks for (its replies), and while the teleop mux reports a
+human in control (``/robot_rl/intervention``) the step is the human's latest ``/robot_rl/human_action``, sent as an
+intervention (the flag is the mux's latest, so a takeover is attributed within one control period). The
+episode's rows stay in the node until it is labelled, then go to the learner in one ``transitions`` request:
+  ``~/mark_success`` / ``~/mark_failure`` (std_srvs/Trigger) label it (success: reward 1 and terminated on the last
+      row; failure: truncated, bootstrapped), ``episode_steps`` (> 0) labels it failed at the time limit;
+  ``~/discard_episode`` drops it; an e-stop leaves it unlabelled: a label keeps it, the next episode drops it;
+  ``~/start_episode`` (the operator's "reset done") begins the next episode (the node must be active, the e-stop
+      clear). After a label or a discard the arm holds until then.
+A hold mid-episode keeps the session: the row of the step before it spans the hold.
+
 Holds (publishes ``std_msgs/Empty`` on ``hold_topic``: the bridge commands the measured posture) when an input is
 missing or older than ``max_obs_age`` (camera stopped, joint states stalled), on a server timeout or error, on an
 action with NaN/inf or the wrong shape, on ``~/estop``, and on deactivation. After a hold the next action starts a
@@ -65,8 +78,8 @@ from robot_rl.robot.controller import DiffIKController
 from robot_rl.envs.env import assemble_observation
 from robot_rl.errors import ConfigError
 from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, action_to_msg, chunk_to_msg, declare, declare_task,
-                                 diagnostic, estop_services, JointStateCache, msg_to_image, now_sec, PoseCache,
-                                 qos_subscription, robot_model, run_node, sec_to_stamp, stamp_to_sec)
+                                 diagnostic, estop_services, JointStateCache, msg_to_action, msg_to_image, now_sec,
+                                 PoseCache, qos_subscription, robot_model, run_node, sec_to_stamp, stamp_to_sec)
 from robot_rl.robot.safety import EStopLatch
 
 
@@ -181,6 +194,50 @@ class ServerSource:
         self.client.close()
 
 
+class LearningSource:
+    """``learn: true`` (``server`` is a ``robot-rl learn`` learner, step execution): the robot is an actor of the
+    learner (:class:`robot_rl.serve.actor.EpisodeActor`). Each step's action is the served base + residual with the
+    exploration the learner asks for; while the teleop mux says a human drives (``/robot_rl/intervention``), the
+    step is the human's latest ``/robot_rl/human_action`` and is sent as an intervention. The episode's rows go
+    to the learner when it is labelled (``~/mark_success``, ``~/mark_failure``, the time limit) and are dropped
+    when it is discarded (``~/discard_episode``, or a new episode over an unlabelled one, e.g. after an e-stop)."""
+
+    def __init__(self, address: str, token: str | None, name: str, seed: int = 0, connect_timeout: float = 10.0):
+        from robot_rl.serve.actor import EpisodeActor
+        from robot_rl.serve.client import PolicyClient
+
+        self.client = PolicyClient(address, token=token, timeout_s=connect_timeout, retries=0)
+        meta = self.client.wait_ready(connect_timeout)
+        if "learner" not in self.client.ping():
+            self.client.close()
+            raise ConfigError("learn", f"the policy server at {address} has no learner attached",
+                              "point server:= at `robot-rl learn`, or set learn:=false")
+        self.keys, self.image_shape = _server_inputs(meta)
+        self.actor = EpisodeActor(self.client, name=f"{name}-{os.getpid()}", seed=seed)
+        self.seed, self.connect_timeout = seed, connect_timeout
+        self.human = None  # the human's action for the next step, or None (the node sets it per tick)
+
+    def start(self):
+        self.actor.start(seed=self.seed + self.actor.episode)
+
+    def drop_chunk(self):
+        pass  # a hold keeps the episode's session: the next step continues it (its row spans the hold)
+
+    def act(self, obs: dict, timeout_s: float) -> np.ndarray:
+        first = self.actor.step == 0
+        return self.actor.act(obs, human=self.human, timeout_s=self.connect_timeout if first else timeout_s)[None]
+
+    def end(self, final_obs: dict, success: bool) -> int:
+        return self.actor.end(final_obs, success, timeout_s=self.connect_timeout)
+
+    def discard(self):
+        self.actor.discard()
+
+    def close(self):
+        self.actor.discard()
+        self.client.close()
+
+
 class AsyncServerSource:
     """``execution: async``: :class:`robot_rl.serve.client.AsyncChunkClient` — chunks are requested in the
     background once at most ``threshold`` queued actions remain, so the loop never waits for the base policy
@@ -269,7 +326,14 @@ def make_node():
                 "seed": int(declare(self, "seed", 0, "noise seed (episode k uses seed + k)")),
                 "autostart": bool(declare(self, "autostart", False, "configure + activate at start-up")),
                 "trigger": declare(self, "trigger", "auto", "when a control step runs: timer | image | auto"),
+                "learn": bool(declare(self, "learn", False, "server:= is a `robot-rl learn` learner: explore, "
+                                                            "label episodes, send them (step execution)")),
+                "episode_steps": int(declare(self, "episode_steps", 0, "learn: time limit in control steps (then "
+                                                                       "labelled failed); 0 = none")),
             }
+            if self.p["learn"] and (not self.p["server"] or self.p["execution"] != "step"):
+                raise ConfigError("learn", "needs server:=HOST:PORT of `robot-rl learn` and execution:=step",
+                                  "set both, or learn:=false")
             if self.p["execution"] not in ("step", "async"):
                 raise ConfigError("execution", f"{self.p['execution']!r} is not step or async",
                                   "set execution:=step (exact per-step residual) or execution:=async")
@@ -298,6 +362,20 @@ def make_node():
                               if self.p["action_chunk_topic"] else None)
             self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
             estop_services(self, self._on_estop, self._on_clear)
+            self.episode = "idle"  # learn: running | unlabelled (stopped by an e-stop) | idle
+            self.last_obs = None  # learn: the last observation the policy acted on
+            if self.p["learn"]:
+                from std_msgs.msg import Bool
+                from std_srvs.srv import Trigger
+
+                self.create_service(Trigger, "~/start_episode", self._on_start_episode)
+                self.create_service(Trigger, "~/mark_success", lambda q, r: self._on_label(r, True))
+                self.create_service(Trigger, "~/mark_failure", lambda q, r: self._on_label(r, False))
+                self.create_service(Trigger, "~/discard_episode", self._on_discard)
+                self.intervening, self.human_action = False, None
+                self.create_subscription(Bool, "/robot_rl/intervention",
+                                         lambda m: setattr(self, "intervening", bool(m.data)), COMMAND_QOS)
+                self.create_subscription(JointState, "/robot_rl/human_action", self._on_human, COMMAND_QOS)
             self.create_timer(1.0, self._diag)
             self._Empty, self._PoseStamped, self._Image, self._JointState = Empty, PoseStamped, Image, JointState
             if self.p["autostart"]:
@@ -319,7 +397,10 @@ def make_node():
                     token = None
                     if p["token_file"]:
                         token = open(p["token_file"]).read().strip()
-                    if p["execution"] == "async":
+                    if p["learn"]:
+                        self.source = LearningSource(p["server"], token, self.get_name(), p["seed"],
+                                                     p["connect_timeout"])
+                    elif p["execution"] == "async":
                         self.source = AsyncServerSource(p["server"], token, self.get_name(), p["seed"],
                                                         p["connect_timeout"], p["chunk_threshold"],
                                                         p["ensemble_decay"])
@@ -406,19 +487,33 @@ def make_node():
             if self.estop.active:
                 self.get_logger().error("activate refused: the e-stop is latched -> call ~/clear_estop first")
                 return TransitionCallbackReturn.FAILURE
+            self._begin_episode()
+            self.get_logger().info("activated: new episode")
+            return super().on_activate(state)
+
+        def _begin_episode(self):
+            """A new episode: the source's (learn: an unlabelled one is dropped), the loop started."""
+            if self.p["learn"] and self.episode != "idle":
+                self.source.discard()
             self.estop_hold = False
             self.source.start()
             self.steps, self.last_tick = 0, None
             self.holding, self.hold_reason = False, ""
-            self.timer = self.create_timer(self.period, self._on_timer)
-            self.get_logger().info("activated: new episode")
-            return super().on_activate(state)
+            self.episode = "running"
+            if self.timer is None:
+                self.timer = self.create_timer(self.period, self._on_timer)
 
-        def on_deactivate(self, state):
+        def _stop_loop(self, reason: str):
             if self.timer is not None:
                 self.destroy_timer(self.timer)
                 self.timer = None
-            self._hold("deactivated")
+            self._hold(reason)
+
+        def on_deactivate(self, state):
+            self._stop_loop("deactivated")
+            if self.p["learn"] and self.episode != "idle":
+                self.source.discard()
+                self.episode = "idle"
             return super().on_deactivate(state)
 
         def on_cleanup(self, state):
@@ -505,8 +600,15 @@ def make_node():
             if bad:
                 self._hold(f"non-finite observation {bad}", "bad_obs")
                 return
+            o = {k: obs[k] for k in self.keys}
+            if self.p["learn"]:
+                self.last_obs = o
+                if 0 < self.p["episode_steps"] <= self.steps:  # the time limit: labelled failed (truncated)
+                    self._label(False, "time limit")
+                    return
+                self.source.human = self.human_action if self.intervening else None
             try:
-                rows = self.source.act({k: obs[k] for k in self.keys}, self.p["server_timeout"])
+                rows = self.source.act(o, self.p["server_timeout"])
             except TimeoutError as e:
                 self._hold(f"policy server timeout: {e}", "server_timeouts")
                 return
@@ -532,11 +634,77 @@ def make_node():
             if ms > self.period * 1e3:
                 self.counts["deadline_misses"] += 1
 
+        # -- learning: episode control -------------------------------------------------------------------------
+        def _final_obs(self):
+            try:
+                js, objects, params, images, _, _ = self._inputs(now_sec(self))
+            except _Stale:
+                return self.last_obs
+            obs = assemble_observation(self.controller, self.task, js, objects, params, images)
+            return {k: obs[k] for k in self.keys}
+
+        def _label(self, success: bool, why: str) -> str:
+            """End the running (or e-stopped) episode with a label and send it; the arm holds until the next
+            ~/start_episode."""
+            self._stop_loop(f"episode over ({why})")
+            final = self._final_obs()
+            if final is None or self.source.actor.pending is None:
+                self.source.discard()
+                self.episode = "idle"
+                return "no step to send"
+            n = self.source.end(final, success)
+            self.episode = "idle"
+            self.counts["episodes_sent"] += 1
+            self.counts["rows_sent"] += n
+            self.get_logger().info(f"episode labelled {'success' if success else 'failure'} ({why}): {n} rows sent")
+            return f"{'success' if success else 'failure'}: {n} rows sent to the learner"
+
+        def _on_label(self, res, success: bool):
+            if self.episode == "idle":
+                res.success, res.message = False, "no episode to label: call ~/start_episode first"
+                return res
+            try:
+                res.message = self._label(success, "operator")
+                res.success = True
+            except Exception as e:  # noqa: BLE001 - the learner unreachable: say so, keep holding
+                res.success, res.message = False, f"could not send the episode: {e}"
+            return res
+
+        def _on_discard(self, req, res):
+            was = self.episode
+            self._stop_loop("episode discarded")
+            self.source.discard()
+            self.episode = "idle"
+            res.success, res.message = True, "discarded" if was != "idle" else "no episode"
+            return res
+
+        def _on_start_episode(self, req, res):
+            from lifecycle_msgs.msg import State
+
+            if self._state_machine.current_state[0] != State.PRIMARY_STATE_ACTIVE:
+                res.success, res.message = False, "the node is not active: configure and activate it first"
+            elif self.estop.active:
+                res.success, res.message = False, "the e-stop is latched: call ~/clear_estop first"
+            else:
+                dropped = self.episode != "idle"
+                self._begin_episode()
+                res.success = True
+                res.message = "episode started" + (" (the unlabelled one was discarded)" if dropped else "")
+            return res
+
+        def _on_human(self, m):
+            try:
+                self.human_action = msg_to_action(m).astype(np.float32)
+            except ConfigError:
+                self.human_action = None
+
         # -- services / diagnostics ----------------------------------------------------------------------------
         def _on_estop(self, req, res):
             self.estop.trigger("e-stop service")
             self.estop_hold = True
             self._hold("e-stop", "estops")
+            if self.p["learn"] and self.episode == "running":
+                self.episode = "unlabelled"  # kept only if the operator labels it; dropped by the next episode
             res.success, res.message = True, "e-stop latched: holding; clear with ~/clear_estop, then re-activate"
             return res
 

@@ -253,11 +253,10 @@ class EpisodeActor(_Acting):
             self.explore, self.stop_now = st["explore"], bool(st["stop"])
 
     def _act(self, obs: dict, timeout_s: float | None):
-        first = self.step == 0
-        r = self.client.act(self.session, self.step, obs, reset=first,
-                            seed=self.reset_seed if first else None, timeout_s=timeout_s)
-        self.step += 1
-        return r
+        # a step index is used once, answered or not (the server refuses a step that does not increase)
+        step, self.step = self.step, self.step + 1
+        return self.client.act(self.session, step, obs, reset=step == 0,
+                               seed=self.reset_seed if step == 0 else None, timeout_s=timeout_s)
 
     def act(self, obs: dict, human: np.ndarray | None = None, timeout_s: float | None = None) -> np.ndarray:
         """This step's executed action, float32 (A,) raw units; ``obs`` as the server's obs_spec (one frame)."""

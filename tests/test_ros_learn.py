@@ -1,0 +1,104 @@
+"""Learning on the robot over real DDS, separate processes: ``robot-rl learn`` as the learner, PyBullet
+``sim_robot`` as the arm, the arm bridge, and the policy node with ``learn:=true`` acting through the learner's
+server. The test is the operator: it labels episodes through the node's services. Labelled episodes reach the
+learner and its store whole (the time limit labels failure), an e-stopped episode the operator does not label is
+dropped by the next ~/start_episode, and Ctrl-C saves the learner's state."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ros_helpers import ros  # noqa: F401 (pytest fixture)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "place_bc_mujoco"
+LIMIT = 20
+
+
+def start_learner(out: Path):
+    p = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "robot_rl.cli", "learn", "--base", str(FIXTURE), "--out", str(out),
+                          "--port", "0", "--task", "place", "--set", "td3.learning_starts=30",
+                          "--set", "td3.critic_hidden=[16,16]", "--set", "td3.n_critics=2",
+                          "--set", "td3.batch_size=16", "--set", "td3.log_every=10", "--set", "td3.critic_warmup_updates=0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.monotonic()
+    for line in p.stdout:
+        m = re.search(r"serving on tcp://[^:]+:(\d+)", line)
+        if m:
+            return p, int(m.group(1))
+        if time.monotonic() - t0 > 90:
+            break
+    p.kill()
+    raise AssertionError("the learner did not start")
+
+
+def test_policy_node_learns_through_the_learner_with_labelled_episodes(ros):
+    from sensor_msgs.msg import JointState
+    from std_srvs.srv import Trigger
+
+    from robot_rl.datasets.store import ZarrStore
+    from robot_rl.ros.common import COMMAND_QOS
+
+    drv, start, tmp = ros
+    learner, port = start_learner(tmp / "learn")
+    store = tmp / "learn" / "episodes.zarr"
+    try:
+        start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet", "seed": 9_000_000})
+        start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands", "hardware_interpolates": True})
+        start("robot_rl.ros.policy_node", {"server": f"127.0.0.1:{port}", "learn": True, "episode_steps": LIMIT,
+                                           "server_timeout": 0.5, "autostart": True})
+        drv.subscribe(JointState, "/arm_bridge/action", COMMAND_QOS, keep=True)
+        actions = lambda: drv.log.get("/arm_bridge/action", [])  # noqa: E731
+        n_ep = lambda: ZarrStore.open(store).n_episodes if store.exists() else 0  # noqa: E731
+
+        # 1. the time limit ends the first episode: labelled failed, every step sent
+        drv.wait_for(lambda: n_ep() == 1, 90, "the first episode in the learner's store")
+        assert len(actions()) == LIMIT
+        # 2. reset the arm, start an episode, the operator marks success after a few steps
+        assert drv.call(Trigger, "/sim_robot/reset").success
+        assert drv.call(Trigger, "/policy_node/start_episode").success
+        drv.wait_for(lambda: len(actions()) >= LIMIT + 6, 30, "actions of episode 2")
+        r = drv.call(Trigger, "/policy_node/mark_success")
+        assert r.success, r.message
+        n2 = len(actions()) - LIMIT
+        drv.wait_for(lambda: n_ep() == 2, 30, "the second episode in the store")
+        # 3. an e-stop mid-episode, then a new episode without a label: the e-stopped steps never reach the learner
+        assert drv.call(Trigger, "/sim_robot/reset").success
+        assert drv.call(Trigger, "/policy_node/start_episode").success
+        drv.wait_for(lambda: len(actions()) >= LIMIT + n2 + 4, 30, "actions of episode 3")
+        assert drv.call(Trigger, "/policy_node/estop").success
+        assert not drv.call(Trigger, "/policy_node/start_episode").success  # refused while latched
+        assert drv.call(Trigger, "/policy_node/clear_estop").success
+        assert drv.call(Trigger, "/sim_robot/reset").success
+        r = drv.call(Trigger, "/policy_node/start_episode")
+        assert r.success and "discarded" in r.message, r.message
+        n_before = len(actions())
+        drv.wait_for(lambda: len(actions()) >= n_before + 5, 30, "actions of episode 4")
+        assert drv.call(Trigger, "/policy_node/mark_failure").success
+        n4 = len(actions()) - n_before
+        drv.wait_for(lambda: n_ep() == 3, 30, "the fourth episode in the store")
+        st = ZarrStore.open(store)
+        metas = st.episodes_meta()
+        assert [bool(m["success"]) for m in metas] == [False, True, False]
+        eps = [st.get_episode(i, keys=["reward", "action", "base_action", "residual_version"]) for i in range(3)]
+        # the rows of an episode are its executed actions (a label call may race one last tick: +-1)
+        assert len(eps[0]["reward"]) == LIMIT
+        assert abs(len(eps[1]["reward"]) - n2) <= 1 and abs(len(eps[2]["reward"]) - n4) <= 1
+        assert eps[1]["reward"][-1] == 1.0 and eps[1]["reward"][:-1].sum() == 0 and eps[2]["reward"].sum() == 0
+        assert all(np.isfinite(e["action"]).all() and np.isfinite(e["base_action"]).all() for e in eps)
+    finally:
+        learner.send_signal(signal.SIGINT)  # stops at a request boundary and saves
+        try:
+            out, _ = learner.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            learner.kill()
+            out, _ = learner.communicate()
+        print("learner output:\n" + out[-3000:])
+        for f in sorted(tmp.glob("*.log")):
+            print(f"{f.name}:\n{f.read_text()[-2000:]}")
+    assert learner.returncode == 0, out[-2000:]
+    assert (tmp / "learn" / "state" / "model.safetensors").is_file() and (tmp / "learn" / "checkpoint").is_dir()
