@@ -102,3 +102,47 @@ def test_policy_node_learns_through_the_learner_with_labelled_episodes(ros):
             print(f"{f.name}:\n{f.read_text()[-2000:]}")
     assert learner.returncode == 0, out[-2000:]
     assert (tmp / "learn" / "state" / "model.safetensors").is_file() and (tmp / "learn" / "checkpoint").is_dir()
+
+
+def test_scripted_operator_runs_episodes_back_to_back(ros):
+    """The scripted operator resets the simulator and starts each episode, marks success from the simulator's
+    predicate, and lets the node's time limit label the rest: every episode it counted is in the learner's store
+    with the same label. The scene puts the cube on its target, so the predicate holds as soon as the gripper is
+    open: the success path is exercised whatever the untrained policy does."""
+    import json
+
+    from std_msgs.msg import String
+
+    from robot_rl.datasets.store import ZarrStore
+    from robot_rl.ros.common import LATCHED_QOS
+
+    drv, start, tmp = ros
+    learner, port = start_learner(tmp / "learn")
+    try:
+        on_target = {"task.cube_x": [0.5, 0.5], "task.cube_y": [0.05, 0.05], "task.target_x": [0.5, 0.5],
+                     "task.target_y": [0.05, 0.05]}
+        start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet", "seed": 9_100_000, **on_target})
+        start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands", "hardware_interpolates": True})
+        start("robot_rl.ros.policy_node", {"server": f"127.0.0.1:{port}", "learn": True, "episode_steps": 15,
+                                           "server_timeout": 0.5, "autostart": True})
+        start("robot_rl.ros.operator", {"episodes": 3, "reset_wait": 0.2})
+        drv.subscribe(String, "/operator/status", LATCHED_QOS)
+        status = lambda: json.loads(drv.last["/operator/status"][1].data) if "/operator/status" in drv.last else {}  # noqa: E731
+        drv.wait_for(lambda: status().get("episodes", 0) >= 3, 120, "three episodes run by the operator")
+        drv.spin(1.0)
+        counts = status()
+        assert counts["episodes"] == 3 and counts["discarded"] == 0 and counts["successes"] >= 1
+        st = ZarrStore.open(tmp / "learn" / "episodes.zarr")
+        assert st.n_episodes == 3
+        labels = [bool(m["success"]) for m in st.episodes_meta()]
+        assert sum(labels) == counts["successes"] and len(labels) - sum(labels) == counts["failures"]
+        for i, ok in enumerate(labels):
+            r = st.get_episode(i, keys=["reward"])["reward"]
+            assert r[-1] == float(ok) and (ok or len(r) == 15)  # failures are the time limit's
+    finally:
+        learner.send_signal(signal.SIGINT)
+        try:
+            learner.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            learner.kill()
+            learner.communicate()

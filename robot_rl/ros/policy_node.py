@@ -48,6 +48,8 @@ episode's rows stay in the node until it is labelled, then go to the learner in 
   ``~/discard_episode`` drops it; an e-stop leaves it unlabelled: a label keeps it, the next episode drops it;
   ``~/start_episode`` (the operator's "reset done") begins the next episode (the node must be active, the e-stop
       clear). After a label or a discard the arm holds until then.
+  ``~/episode_state`` (std_msgs/String, latched) JSON {state: running | unlabelled | idle, episode, steps, label:
+      success | failure | discarded, rows_sent}, published on every change, for the operator.
 A hold mid-episode keeps the session: the row of the step before it spans the hold.
 
 Holds (publishes ``std_msgs/Empty`` on ``hold_topic``: the bridge commands the measured posture) when an input is
@@ -68,6 +70,7 @@ one), holds by cause, steps.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter, deque
@@ -77,7 +80,7 @@ import numpy as np
 from robot_rl.robot.controller import DiffIKController
 from robot_rl.envs.env import assemble_observation
 from robot_rl.errors import ConfigError
-from robot_rl.ros.common import (COMMAND_QOS, SENSOR_QOS, action_to_msg, chunk_to_msg, declare, declare_task,
+from robot_rl.ros.common import (COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, action_to_msg, chunk_to_msg, declare, declare_task,
                                  diagnostic, estop_services, JointStateCache, msg_to_action, msg_to_image, now_sec,
                                  PoseCache, qos_subscription, robot_model, run_node, sec_to_stamp, stamp_to_sec)
 from robot_rl.robot.safety import EStopLatch
@@ -363,10 +366,14 @@ def make_node():
             self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
             estop_services(self, self._on_estop, self._on_clear)
             self.episode = "idle"  # learn: running | unlabelled (stopped by an e-stop) | idle
+            self.n_episodes, self.last_label = 0, None
             self.last_obs = None  # learn: the last observation the policy acted on
             if self.p["learn"]:
-                from std_msgs.msg import Bool
+                from std_msgs.msg import Bool, String
                 from std_srvs.srv import Trigger
+
+                self.pub_episode = self.create_publisher(String, "~/episode_state", LATCHED_QOS)
+                self._String = String
 
                 self.create_service(Trigger, "~/start_episode", self._on_start_episode)
                 self.create_service(Trigger, "~/mark_success", lambda q, r: self._on_label(r, True))
@@ -499,9 +506,21 @@ def make_node():
             self.source.start()
             self.steps, self.last_tick = 0, None
             self.holding, self.hold_reason = False, ""
-            self.episode = "running"
+            self.n_episodes += 1
+            self._set_episode("running", label="")
             if self.timer is None:
                 self.timer = self.create_timer(self.period, self._on_timer)
+
+        def _set_episode(self, state: str, label: str | None = None, rows: int = 0):
+            """learn: the episode state, published latched on ``~/episode_state`` as JSON {state, episode, steps,
+            label, rows_sent} (what an operator, scripted or human, follows)."""
+            self.episode = state
+            if label is not None:
+                self.last_label = label
+            if self.p["learn"]:
+                self.pub_episode.publish(self._String(data=json.dumps(
+                    {"state": state, "episode": self.n_episodes, "steps": self.steps, "label": self.last_label,
+                     "rows_sent": rows})))
 
         def _stop_loop(self, reason: str):
             if self.timer is not None:
@@ -513,7 +532,7 @@ def make_node():
             self._stop_loop("deactivated")
             if self.p["learn"] and self.episode != "idle":
                 self.source.discard()
-                self.episode = "idle"
+                self._set_episode("idle", "discarded")
             return super().on_deactivate(state)
 
         def on_cleanup(self, state):
@@ -650,10 +669,10 @@ def make_node():
             final = self._final_obs()
             if final is None or self.source.actor.pending is None:
                 self.source.discard()
-                self.episode = "idle"
+                self._set_episode("idle", "discarded")
                 return "no step to send"
             n = self.source.end(final, success)
-            self.episode = "idle"
+            self._set_episode("idle", "success" if success else "failure", n)
             self.counts["episodes_sent"] += 1
             self.counts["rows_sent"] += n
             self.get_logger().info(f"episode labelled {'success' if success else 'failure'} ({why}): {n} rows sent")
@@ -662,6 +681,9 @@ def make_node():
         def _on_label(self, res, success: bool):
             if self.episode == "idle":
                 res.success, res.message = False, "no episode to label: call ~/start_episode first"
+                return res
+            if self.source.actor.pending is None:
+                res.success, res.message = False, "no step acted yet in this episode: label it after the first"
                 return res
             try:
                 res.message = self._label(success, "operator")
@@ -674,7 +696,7 @@ def make_node():
             was = self.episode
             self._stop_loop("episode discarded")
             self.source.discard()
-            self.episode = "idle"
+            self._set_episode("idle", "discarded" if was != "idle" else None)
             res.success, res.message = True, "discarded" if was != "idle" else "no episode"
             return res
 
@@ -704,7 +726,7 @@ def make_node():
             self.estop_hold = True
             self._hold("e-stop", "estops")
             if self.p["learn"] and self.episode == "running":
-                self.episode = "unlabelled"  # kept only if the operator labels it; dropped by the next episode
+                self._set_episode("unlabelled")  # kept only if the operator labels it; dropped by the next episode
             res.success, res.message = True, "e-stop latched: holding; clear with ~/clear_estop, then re-activate"
             return res
 
