@@ -573,6 +573,8 @@ class Config:
                 out[s] = {"name": self.task.name, **plain(self.task.kwargs)}
             else:
                 out[s] = plain(getattr(self, s))
+        if "residual" in out:  # the head the run trains (residual_config): a --config of this reproduces the run
+            out["residual"]["head"] = self.residual_config().head
         return out
 
     def to_yaml(self) -> str:

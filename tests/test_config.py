@@ -121,19 +121,22 @@ def test_yaml_files_skip_sections_the_command_does_not_use_but_not_unknown_ones(
 
 
 @pytest.mark.parametrize("command, preset", [("pipeline", "full-diffusion"), ("train-residual", None),
-                                             ("collect", None), ("transfer", None)])
+                                             ("collect", None), ("transfer", None),
+                                             ("pipeline", "full-image-offpolicy"), ("learn", None)])
 def test_written_config_round_trips(command, preset, tmp_path):
     from robot_rl.pipeline import PRESETS
 
     cfg = resolve(command, preset=PRESETS[preset] if preset else None,
-                  sets=["task.tolerance=0.004", "randomization.physics.object_mass=[0.8,1.2]"]
-                  if command != "pipeline" else ["env.controller.damping=0.03"])
+                  sets={"pipeline": ["env.controller.damping=0.03"], "learn": ["task.tolerance=0.004"]}.get(
+                      command, ["task.tolerance=0.004", "randomization.physics.object_mass=[0.8,1.2]"]))
     path = write_config(cfg, tmp_path / "run", ["robot-rl", command])
     again = resolve(command, files=[path])
     assert again.to_dict() == cfg.to_dict()
     if command == "pipeline":  # the preset layer underneath does not matter: the file is complete
         assert resolve(command, preset=PRESETS["quick"], files=[path]).to_dict() == cfg.to_dict()
         assert again.ppo_config() == cfg.ppo_config() and again.base_config() == cfg.base_config()
+    if "residual" in cfg.sections:  # the head the algo trains is written, and reading it back is no override
+        assert again.residual_config() == cfg.residual_config()
 
 
 def test_full_presets_resolve_to_the_settings_they_had():
