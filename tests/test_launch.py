@@ -61,7 +61,8 @@ def test_launch_file_static(path):
 
 NODE_MODULES = {"sim_robot": "robot_rl.hw_drivers.sim_robot", "arm_bridge": "robot_rl.hw_drivers.arm_bridge",
                 "camera": "robot_rl.hw_drivers.camera", "teleop": "robot_rl.hw_drivers.teleop",
-                "policy_node": "robot_rl.ros.policy_node", "recorder": "robot_rl.ros.recorder"}
+                "policy_node": "robot_rl.ros.policy_node", "recorder": "robot_rl.ros.recorder",
+                "operator": "robot_rl.ros.operator"}
 
 
 @pytest.mark.parametrize("path", sorted((LAUNCH / "config").glob("*.yaml")), ids=lambda p: p.name)
