@@ -180,6 +180,10 @@ def test_a_robot_actor_sends_labelled_episodes_and_never_a_discarded_one(tmp_pat
         env.close()
     pol, curve = out["r"]
     assert curve[-1]["env_steps"] == sent == actor.steps_sent and sent >= 4 * 2
+    # HIL-SERL: the two human-driven steps' transitions joined the demo side (created for them: no --demos)
+    assert curve[-1]["demo_size"] == 2 and curve[-1]["intervention_share"] == 1.0
+    steps = np.diff([0] + [r["env_steps"] for r in curve])  # the rows each curve row covers
+    assert sum(r["intervention_rate"] * n for r, n in zip(curve, steps)) == pytest.approx(2, abs=1e-6)
     st = ZarrStore.open(tmp_path / "ep.zarr")
     assert st.n_episodes == 4 and [bool(m["success"]) for m in st.episodes_meta()] == labels
     assert sum(len(st.get_episode(i, keys=["reward"])["reward"]) for i in range(4)) == sent  # no discarded row

@@ -45,6 +45,18 @@ def test_n_step_returns_by_hand():
     assert out["next_x"].flatten().tolist() == [42.0, 42.0]
 
 
+def test_n_step_carries_each_steps_flag():
+    """The flag of a step (e.g. a human drove it) comes out with the transition that starts at that step."""
+    ns = NStep(1, 2, 0.5)
+    flags = [False, True, False]
+    out = []
+    for t, f in enumerate(flags):
+        tr = ns.push(torch.tensor([[float(t)]]), torch.zeros(1, 1), np.array([0.0], np.float32), np.array([False]),
+                     np.array([t == 2]), torch.tensor([[t + 1.0]]), flags=np.array([f]))
+        out += list(zip(tr["x"][:, 0].tolist(), ns.emitted_flags.tolist()))
+    assert out == [(0.0, False), (1.0, True), (2.0, False)]
+
+
 def test_envs_keep_their_own_windows():
     ns = NStep(2, 2, 1.0)
     f = lambda a, b: torch.tensor([[a], [b]], dtype=torch.float32)  # noqa: E731

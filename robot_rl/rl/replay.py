@@ -113,17 +113,20 @@ class NStep:
         self.n, self.gamma = int(n), float(gamma)
         self.pending: list[list[tuple]] = [[] for _ in range(n_envs)]
 
-    def push(self, x, residual, reward, terminated, truncated, next_x, slots=None) -> dict[str, torch.Tensor]:
+    def push(self, x, residual, reward, terminated, truncated, next_x, slots=None,
+             flags=None) -> dict[str, torch.Tensor]:
         """One step of B envs: x (B, F), residual (B, A), reward (B,), terminated / truncated (B,) bool,
         next_x (B, F). ``slots`` (B ints): the window of each row (rows of one window in step order); default all
-        N windows, row i -> window i. Raises ConfigError for a slot outside 0..N-1."""
+        N windows, row i -> window i. ``flags`` (B,) bool, optional: carried with each step; afterwards
+        ``emitted_flags`` (bool array) holds the flag of the first step of each returned transition (e.g. "a human
+        drove it"). Raises ConfigError for a slot outside 0..N-1."""
         out = []
         slots = range(len(self.pending)) if slots is None else slots
         for i, j in enumerate(slots):
             if not 0 <= j < len(self.pending):
                 raise ConfigError("slot", f"{j} outside 0..{len(self.pending) - 1}", "use one window per env/session")
             pend = self.pending[j]
-            pend.append((x[i], residual[i], float(reward[i])))
+            pend.append((x[i], residual[i], float(reward[i]), bool(flags[i]) if flags is not None else False))
             if bool(terminated[i]) or bool(truncated[i]):
                 while pend:
                     out.append(self._emit(pend, next_x[i], bool(terminated[i])))
@@ -131,12 +134,13 @@ class NStep:
             elif len(pend) == self.n:
                 out.append(self._emit(pend, next_x[i], False))
                 pend.pop(0)
-        return stack(out, x.shape[-1], residual.shape[-1])
+        self.emitted_flags = np.array([f for *_, f in out], dtype=bool)
+        return stack([row for *row, _ in out], x.shape[-1], residual.shape[-1])
 
     def _emit(self, pend: list, next_x, terminal: bool) -> tuple:
-        ret = sum(self.gamma ** k * r for k, (_, _, r) in enumerate(pend))
+        ret = sum(self.gamma ** k * r for k, (_, _, r, _) in enumerate(pend))
         disc = 0.0 if terminal else self.gamma ** len(pend)
-        return pend[0][0], pend[0][1], ret, disc, next_x
+        return pend[0][0], pend[0][1], ret, disc, next_x, pend[0][3]
 
     def clear(self, slots=None) -> None:
         """Drop the pending steps of ``slots`` (default every window), e.g. of an actor that died mid-episode."""

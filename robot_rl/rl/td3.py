@@ -340,10 +340,26 @@ class TD3Run:
         """The run has its ``total_env_steps``."""
         return self.steps >= self.td3.total_env_steps
 
-    def add(self, x, residual, reward, terminated, truncated, next_x, success, slots=None) -> None:
+    def add(self, x, residual, reward, terminated, truncated, next_x, success, slots=None,
+            interventions=None) -> None:
         """Store B executed steps (see :meth:`robot_rl.rl.replay.NStep.push` for the arrays; ``success`` (B,) bool;
-        ``slots``: each row's n-step window, default row i -> window i) and count them as env steps."""
-        self.online.add(*self.nstep.push(x, residual, reward, terminated, truncated, next_x, slots=slots).values())
+        ``slots``: each row's n-step window, default row i -> window i) and count them as env steps.
+
+        ``interventions`` (B,) bool, optional: steps a human drove (their ``residual`` the human action's
+        residual-unit equivalent). With ``td3.use_interventions`` their n-step transitions join the demo side too,
+        as HIL-SERL adds intervention steps to both buffers (Luo et al. 2024); a demo side is created for them when
+        the run has none (not saved in ``state``: a resumed run gets them back from the store with ``--demos``)."""
+        tr = self.nstep.push(x, residual, reward, terminated, truncated, next_x, slots=slots, flags=interventions)
+        self.online.add(*tr.values())
+        if interventions is not None and self.td3.use_interventions and self.nstep.emitted_flags.any():
+            m = torch.as_tensor(self.nstep.emitted_flags)
+            if self.demos is None:
+                rc = self.policy.config
+                self.demos = ReplayBuffer(min(self.td3.buffer_size, self.td3.total_env_steps), rc.in_dim,
+                                          rc.action_dim)
+            self.demos.add(*(v[m] for v in tr.values()))
+            self.demo_stats["transitions"] += int(m.sum())
+            self.demo_stats["intervention_steps"] += int(m.sum())
         done = np.logical_or(np.asarray(terminated, dtype=bool), np.asarray(truncated, dtype=bool))
         self.window["succ"].extend(bool(v) for v in np.asarray(success, dtype=bool)[done])
         self.window["res"].append(float(torch.as_tensor(residual).abs().mean()))

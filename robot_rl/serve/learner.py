@@ -216,6 +216,7 @@ class LearnerHost:
         self.version, self.pushed_at = 0, run.learner.actor_updates
         self.chunk_version: dict[str, int] = {}
         self.mixed, self.lag = 0, []
+        self.rows = self.intervened = 0  # rows and human-driven rows since the last curve row
 
     def forget(self, sessions) -> None:
         """Sessions that begin new episodes without a final row (a restarted actor): no chunk to continue."""
@@ -241,8 +242,12 @@ class LearnerHost:
                              norm.normalize("action", torch.as_tensor(np.array(req["base"][:k]))))
             nx = pol.features(norm, {key: np.array(a[:k]) for key, a in req["next_obs"].items()},
                               norm.normalize("action", torch.as_tensor(np.array(req["next_base"][:k]))))
+        inter = req.get("intervention")
+        self.rows += k
+        self.intervened += int(np.sum(inter[:k])) if inter is not None else 0
         run.add(x, torch.as_tensor(np.array(req["residual"][:k])), req["reward"][:k], req["terminated"][:k],
-                req["truncated"][:k], nx, req["success"][:k], slots=slots)
+                req["truncated"][:k], nx, req["success"][:k], slots=slots,
+                interventions=None if inter is None else np.asarray(inter[:k], bool))
         run.train()
         self.inbox.consumed += len(req["sessions"])
         if run.learner.actor_updates - self.pushed_at >= td3.push_every:
@@ -252,12 +257,14 @@ class LearnerHost:
         n_rows = len(run.curve)
         run.log(self.service.stats["batches"], self.extra())
         if len(run.curve) > n_rows:
-            self.lag = []
+            self.lag, self.rows, self.intervened = [], 0, 0
 
     def extra(self) -> dict:
-        """The split's curve fields: weight_version, policy_lag (mean over the row), mixed_version_chunks, backlog."""
+        """The learner's curve fields: weight_version, policy_lag (mean over the row), mixed_version_chunks, backlog,
+        intervention_rate (share of the row's env steps a human drove)."""
         return {"weight_version": self.version, "policy_lag": float(np.mean(self.lag)) if self.lag else 0.0,
-                "mixed_version_chunks": self.mixed, "backlog": self.inbox.received - self.inbox.consumed}
+                "mixed_version_chunks": self.mixed, "backlog": self.inbox.received - self.inbox.consumed,
+                "intervention_rate": self.intervened / max(1, self.rows)}
 
     def close(self) -> None:
         """Stop accepting transitions (replies say ``stop``), stop the server and the pushing client."""
