@@ -199,3 +199,10 @@ def test_a_robot_actor_sends_labelled_episodes_and_never_a_discarded_one(tmp_pat
     for i in range(st.n_episodes):
         r = st.get_episode(i, keys=["reward"])["reward"]
         assert r[:-1].sum() == 0 and r[-1] == float(labels[i])
+    # the end-of-run report: every labelled episode against robot time (10 Hz control)
+    assert (tmp_path / "run" / "robot_learning.png").stat().st_size > 10_000
+    from robot_rl.stages.evaluation import robot_learning_report
+
+    rep = robot_learning_report(st, tmp_path / "rep")
+    assert rep["episodes"] == 4 and rep["steps"] == sent and rep["intervention_steps"] == 2
+    assert rep["robot_minutes"] == pytest.approx(sent / 10 / 60, abs=0.01) and rep["successes"] == sum(labels)

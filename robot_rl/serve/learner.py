@@ -489,4 +489,8 @@ def learn_online(base, task: str, td3: TD3Config, out_dir: str | Path, *, store:
     if progress and episodes.writers:
         print(f"robot-rl learn: {len(episodes.writers)} unfinished episodes not committed", file=sys.stderr,
               flush=True)
+    if episodes.store.n_episodes:  # robot_learning.{png,md}: success, interventions, length, version vs robot time
+        from robot_rl.stages.evaluation import robot_learning_report
+
+        robot_learning_report(episodes.store, out_dir, control_rate_hz=1.0 / float(ekw.get("control_dt", 0.1)))
     return run.finish(0, extra={"episodes_committed": episodes.committed, "weight_version": lh.version})

@@ -266,6 +266,66 @@ def plot_learning_curve(curve: list[dict], path: str | Path, base_rate: float | 
     return str(path)
 
 
+def robot_learning_report(store, out_dir: str | Path, control_rate_hz: float = 10.0, window: int = 10) -> dict:
+    """The report of learning on a robot (``robot-rl learn``): from the episodes a learner committed to ``store``
+    (in commit order: source ``policy``, with ``intervention`` and ``residual_version`` per step), against robot
+    time = cumulative control steps / ``control_rate_hz`` (minutes of interaction; resets and labelling excluded).
+
+    Writes ``<out>/robot_learning.png`` (four panels against robot time: success rate over the last ``window``
+    episodes, the share of steps a human drove per episode, episode length, residual weight version) and
+    ``<out>/robot_learning.md``. Returns {episodes, robot_minutes, successes, intervention_steps, steps,
+    last_window_success, per_episode: [{success, length, interventions, version, robot_min}]}. Raises ConfigError
+    for a store without episodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from robot_rl.datasets.store import ZarrStore
+
+    st = store if isinstance(store, ZarrStore) else ZarrStore.open(store)
+    if st.n_episodes == 0:
+        raise ConfigError("store", f"{st.path} holds no episode", "label at least one episode")
+    rows, t = [], 0.0
+    for i, m in enumerate(st.episodes_meta()):
+        e = st.get_episode(i, keys=["intervention", "residual_version"])
+        n = len(e["intervention"])
+        t += n / control_rate_hz / 60.0
+        rows.append({"success": bool(m["success"]), "length": n, "interventions": int(e["intervention"].sum()),
+                     "version": int(e["residual_version"].max()), "robot_min": t})
+    succ = np.array([r["success"] for r in rows], float)
+    rolling = [float(succ[max(0, k + 1 - window):k + 1].mean()) for k in range(len(rows))]
+    x = [r["robot_min"] for r in rows]
+    fig, axes = plt.subplots(4, 1, figsize=(8, 9), sharex=True)
+    panels = ((rolling, f"success (last {window} episodes)"),
+              ([r["interventions"] / r["length"] for r in rows], "intervention rate (steps)"),
+              ([r["length"] for r in rows], "episode length (steps)"),
+              ([r["version"] for r in rows], "residual weight version"))
+    for ax, (y, name) in zip(axes, panels):
+        ax.plot(x, y, "o-", ms=3)
+        ax.set_ylabel(name, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 1.02)
+    axes[1].set_ylim(0, 1.02)
+    axes[-1].set_xlabel(f"robot time (min of control at {control_rate_hz:g} Hz)")
+    fig.tight_layout()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "robot_learning.png", dpi=110)
+    plt.close(fig)
+    summary = {"episodes": len(rows), "robot_minutes": round(t, 2), "successes": int(succ.sum()),
+               "steps": int(sum(r["length"] for r in rows)),
+               "intervention_steps": int(sum(r["interventions"] for r in rows)),
+               "last_window_success": rolling[-1], "per_episode": rows}
+    (out / "robot_learning.md").write_text("\n".join([
+        "# Learning on the robot", "",
+        f"{summary['episodes']} labelled episodes, {summary['steps']} control steps = {summary['robot_minutes']} "
+        f"min of robot time at {control_rate_hz:g} Hz; {summary['successes']} successes; "
+        f"{summary['intervention_steps']} human-driven steps; success over the last {window} episodes "
+        f"{rolling[-1]:.2f}.", "", "![robot learning](robot_learning.png)", ""]))
+    return summary
+
+
 def paired_test(a: list[dict], b: list[dict]) -> dict:
     """Exact McNemar test (two-sided binomial test on the discordant pairs; McNemar 1947) of two policies evaluated
     on the SAME episode seeds: ``a`` and ``b`` are ``per_episode`` lists of :func:`evaluate` ({seed, success, ...}).
