@@ -405,10 +405,10 @@ class TD3Run:
         self.bar.close()
 
     def finish(self, next_seed: int, extra: dict | None = None) -> tuple[ResidualPolicy, list]:
-        """The end of the run: the state (when not checkpointed on a schedule), the deployable ``checkpoint``
+        """The end of the run: the state (unless the schedule just saved it), the deployable ``checkpoint``
         (``extra`` added to its metadata), ``learning_curve.json`` and ``td3_config.json``."""
         self.close()
-        if self.next_ckpt is None:
+        if self.next_ckpt is None or not self.done:  # not yet saved at this step (stopped before the end: learn)
             _save_state(self.state_dir, self.learner, self.online, self.steps, self.curve, next_seed, self.td3)
         save_residual(self.policy, self.out / "checkpoint",
                       extra={**(self.checkpoint_extra or {}), "env_steps": self.steps, "algo": "td3", **(extra or {})})

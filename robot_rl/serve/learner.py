@@ -30,6 +30,7 @@ not re-run (the learner has already trained on part of them). Local actor proces
 from __future__ import annotations
 
 import copy
+import dataclasses
 import multiprocessing as mp
 import queue
 import secrets
@@ -50,10 +51,11 @@ from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, freeze
 from robot_rl.rl.td3 import TD3Config, TD3Run
 from robot_rl.serve.actor import ActorSpec, run_actor
 from robot_rl.serve.client import PolicyClient
-from robot_rl.serve.server import _LOOPBACK, PolicyServer, PolicyService, ServeConfig
+from robot_rl.serve.server import LOOPBACK, PolicyServer, PolicyService, ServeConfig
 
 ACTOR_SEED_STRIDE = 1_000_000  # episode seeds of actor k: the run's seed start + k * this
 RESTART_SEED_STRIDE = 100_000  # ... + r * this after its r-th restart (Ray actors)
+LEARN_CHECKPOINT_EVERY = 1_000  # learn_online's resumable state, env steps, when td3.checkpoint_every is 0
 
 
 class ActorPool:
@@ -425,7 +427,7 @@ class EpisodeLog:
 def check_listen(host: str, token: str | None) -> None:
     """A learner beyond loopback needs a token: actors elsewhere would act, and the learner push weights, without
     one (the server refuses unauthenticated pushes off loopback). Raises ConfigError (``serve.token``)."""
-    if token is None and host not in _LOOPBACK:
+    if token is None and host not in LOOPBACK:
         raise ConfigError("serve.token", f"none, and the learner would listen on {host}",
                           "give a shared token (--token-file or $ROBOT_RL_SERVER_TOKEN), or listen on 127.0.0.1")
 
@@ -446,7 +448,9 @@ def learn_online(base, task: str, td3: TD3Config, out_dir: str | Path, *, store:
     The observation dims are the task env's (a robot's policy node assembles the same observation dict). Sessions
     take n-step windows as they come (:class:`SessionSlots`, ``max_sessions`` of them). Exploration is the
     actors' to add, as the learner's replies say (``explore``). ``ready(endpoint)`` is called once the server
-    listens. ``resume``: continue the run in ``out_dir/state`` (its episodes stay in ``store``).
+    listens. ``resume``: continue the run in ``out_dir/state`` (its episodes stay in ``store``). The state is saved
+    every ``td3.checkpoint_every`` env steps (0: every :data:`LEARN_CHECKPOINT_EVERY`), so a learner that dies loses
+    at most that much of its replay; every labelled episode is in ``store`` from the moment it arrived.
 
     Raises ConfigError for bad settings, an image base (transitions carry low-dim observations only) or an episode
     that does not fit ``store``.
@@ -456,6 +460,8 @@ def learn_online(base, task: str, td3: TD3Config, out_dir: str | Path, *, store:
     if base.config.image_keys:
         raise ConfigError("base", "transitions carry low-dim observations only; this base reads camera frames",
                           "learn online with a state base (the residual on image features needs frames, next step)")
+    if not td3.checkpoint_every:  # a robot's learner must survive a crash: save every ~100 s of 10 Hz control
+        td3 = dataclasses.replace(td3, checkpoint_every=LEARN_CHECKPOINT_EVERY)
     torch.manual_seed(td3.seed)
     ekw = env_kwargs_for(base.config, task, task_kwargs, env_kwargs)
     ekw.pop("ray", None)

@@ -132,7 +132,7 @@ def weights_digest(module: torch.nn.Module) -> str:
 #: the client identity of :meth:`PolicyService.process` / :meth:`PolicyService.handle` callers that pass none
 #: (an in-process caller: tests, the fuzzer). Socket peers get their ZeroMQ routing identity instead.
 LOCAL_CLIENT = b"local"
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _ARCH_FIELDS = ("obs_keys", "obs_dims", "fine_keys", "action_dim", "hidden", "head", "image_keys",
                "image_encoder")  # fixed for a served residual
 _HEADER_SLACK = 64 * 1024  # bytes of a safetensors header (JSON) allowed on top of the tensor bytes of a push
@@ -441,7 +441,7 @@ class PolicyService:
         if not self.cfg.allow_push:
             raise P.ProtocolError("push_rejected", "push_weights", "weight push is disabled on this server "
                                                                    "(started with --no-weight-push)")
-        if self.cfg.token is None and self.cfg.host not in _LOOPBACK:
+        if self.cfg.token is None and self.cfg.host not in LOOPBACK:
             raise P.ProtocolError("auth", "token", f"weight push to a server listening on {self.cfg.host} needs "
                                                    "authentication; restart it with --token-file (or on loopback)")
         limit = self._push_limit or self.cfg.max_message_bytes
@@ -784,7 +784,7 @@ def serve(base_path: str, residual_path: str | None = None, config: ServeConfig 
     server = load_server(base_path, residual_path, config or ServeConfig(), device)
     cfg, service = server.cfg, server.service
     endpoint = server.bind()
-    if cfg.host not in _LOOPBACK and cfg.token is None:
+    if cfg.host not in LOOPBACK and cfg.token is None:
         print(f"robot-rl serve: warning: listening on {cfg.host} without a token: anyone who can reach this "
               "port can query the policy (weight push is refused without a token; use --token-file, see "
               "docs/SECURITY.md)", file=sys.stderr)
