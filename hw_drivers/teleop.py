@@ -8,7 +8,10 @@ Inputs (all optional, any mix)
       to ``max_linear_speed`` / ``max_yaw_rate``; buttons ``button_open`` / ``button_close``; ``deadman_button``
       (-1 = none) must be held for Joy motion to count.
   ~/gripper (std_msgs/Float64): gripper command in [-1 open, +1 closed] (kept until changed).
-  keyboard (``keyboard:=true`` and a terminal on stdin): w/s x, a/d y, r/f z, q/e yaw, space toggles the gripper.
+  keyboard (``keyboard:=true`` and a terminal on stdin): w/s x, a/d y, r/f z, q/e yaw, space toggles the gripper;
+      with ``label_node`` set (a policy node with ``learn:=true``, e.g. policy_node), the episode keys call its
+      services: 1 ``~/mark_success``, 2 ``~/mark_failure``, 0 ``~/discard_episode``, Enter ``~/start_episode``
+      (reset done); each reply is logged.
 Velocities become env actions: ``a_xyz = v * dt / pos_scale``, ``a_yaw = w_z * dt / yaw_scale`` with
 ``dt = 1 / control_rate`` (clipped to [-1, 1]), i.e. the action the sim env and arm bridge interpret as the same motion.
 
@@ -47,6 +50,7 @@ def twist_to_action(lin, wz, gripper: float, dt: float, pos_scale: float, yaw_sc
 
 
 KEYS = {"w": (0, 1), "s": (0, -1), "a": (1, 1), "d": (1, -1), "r": (2, 1), "f": (2, -1), "q": (3, 1), "e": (3, -1)}
+LABEL_KEYS = {"1": "mark_success", "2": "mark_failure", "0": "discard_episode", "\n": "start_episode"}
 
 
 def make_node():
@@ -78,6 +82,14 @@ def make_node():
             policy_topic = declare(self, "policy_action_topic", "", "policy actions to mux ('' = plain teleop)")
             action_topic = declare(self, "action_topic", "/arm_bridge/action", "where actions go")
             keyboard = bool(declare(self, "keyboard", False, "read keys from the terminal"))
+            label_node = declare(self, "label_node", "", "learning policy node the episode keys label ('' = off)")
+            self.label_clients = {}
+            if label_node:
+                from std_srvs.srv import Trigger
+
+                self._Trigger = Trigger
+                self.label_clients = {k: self.create_client(Trigger, f"/{label_node}/{srv}")
+                                      for k, srv in LABEL_KEYS.items()}
             self.gripper = -1.0
             self.human = None  # (t, lin (3,), wz)
             self.human_motion_t = -np.inf
@@ -146,7 +158,9 @@ def make_node():
                     if not select.select([sys.stdin], [], [], 0.1)[0]:
                         continue
                     k = sys.stdin.read(1).lower()
-                    if k == " ":
+                    if k in self.label_clients:
+                        self._label(k)
+                    elif k == " ":
                         self._on_gripper(Float64(data=-self.gripper))
                     elif k in KEYS:
                         axis, sign = KEYS[k]
@@ -158,6 +172,20 @@ def make_node():
                         self._motion(v, wz)
             finally:
                 termios.tcsetattr(fd, termios.TCSADRAIN, old)
+
+        def _label(self, key: str):
+            """An episode key: call the learning policy node's service, log its reply."""
+            cli, name = self.label_clients[key], LABEL_KEYS[key]
+            if not cli.service_is_ready():
+                self.get_logger().warning(f"{name}: {cli.srv_name} is not available")
+                return
+
+            def done(f):
+                r = f.result()
+                log = self.get_logger().info if r is not None and r.success else self.get_logger().warning
+                log(f"{name}: {getattr(r, 'message', 'no reply')}")
+
+            cli.call_async(self._Trigger.Request()).add_done_callback(done)
 
         # -- output --------------------------------------------------------------------------------------------
         def _tick(self):

@@ -203,3 +203,49 @@ def test_learner_killed_mid_episode_holds_and_a_resumed_learner_takes_over(ros):
             except subprocess.TimeoutExpired:
                 learner.kill()
                 learner.communicate()
+
+
+def test_keyboard_episode_keys_call_the_learning_nodes_services(ros):
+    """teleop with keyboard:=true on a terminal and label_node:=policy_node: 1 / 2 / 0 / Enter call the node's
+    ~/mark_success, ~/mark_failure, ~/discard_episode and ~/start_episode (this driver serves them)."""
+    import os
+    import pty
+
+    from std_srvs.srv import Trigger
+
+    from ros_helpers import ros_env
+
+    drv, start, tmp = ros
+    called = []
+
+    def serve(name):
+        def cb(req, res):
+            called.append(name)
+            res.success, res.message = True, f"{name} done"
+            return res
+        drv.node.create_service(Trigger, f"/policy_node/{name}", cb)
+
+    for name in ("mark_success", "mark_failure", "discard_episode", "start_episode"):
+        serve(name)
+    master, slave = pty.openpty()  # the node reads keys only from a terminal
+    p = subprocess.Popen([sys.executable, "-m", "robot_rl.hw_drivers.teleop", "--ros-args", "-p", "keyboard:=true",
+                          "-p", "label_node:=policy_node"], stdin=slave, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=ros_env(drv.domain))
+    try:
+        for key, name in (("1", "mark_success"), ("2", "mark_failure"), ("0", "discard_episode"),
+                          ("\r", "start_episode")):
+            end = time.monotonic() + 60
+            while name not in called:  # until the node's clients have discovered the services
+                assert time.monotonic() < end, f"{key!r} never called {name}"
+                os.write(master, key.encode())
+                drv.spin(0.5)
+        # each key called its own service, in order (a key re-sent while the first call was in flight may repeat it)
+        assert list(dict.fromkeys(called)) == ["mark_success", "mark_failure", "discard_episode", "start_episode"]
+    finally:
+        p.send_signal(signal.SIGINT)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        os.close(master)
+        os.close(slave)
