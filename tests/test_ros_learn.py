@@ -186,7 +186,8 @@ def test_learner_killed_mid_episode_holds_and_a_resumed_learner_takes_over(ros):
         learner.wait()
         drv.wait_for(lambda: any(t > t_kill for t, _ in drv.log.get("/arm_bridge/hold", [])), 5, "hold")
         t_hold = min(t for t, _ in drv.log["/arm_bridge/hold"] if t > t_kill)
-        assert t_hold - t_kill <= 0.1 + 0.1 + 0.05, t_hold - t_kill  # a period + the step deadline + DDS
+        # a period + the step deadline + delivery and scheduling (nice 19 nodes on a loaded 2-core host: 0.1 s)
+        assert t_hold - t_kill <= 0.1 + 0.1 + 0.1, t_hold - t_kill
         drv.spin(0.5)
         assert not [t for t, _ in actions() if t > t_kill + 0.01]
         n_before = len(actions())

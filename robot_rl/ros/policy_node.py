@@ -671,7 +671,13 @@ def make_node():
                 self.source.discard()
                 self._set_episode("idle", "discarded")
                 return "no step to send"
-            n = self.source.end(final, success)
+            try:
+                n = self.source.end(final, success)
+            except Exception as e:  # noqa: BLE001 - the learner unreachable: keep the episode, say so, hold
+                self._set_episode("unlabelled")
+                self.get_logger().error(f"could not send the episode ({e}); label it again once the learner is "
+                                        "back, or ~/discard_episode")
+                return f"not sent ({e}): label again to retry, or discard"
             self._set_episode("idle", "success" if success else "failure", n)
             self.counts["episodes_sent"] += 1
             self.counts["rows_sent"] += n
@@ -685,11 +691,8 @@ def make_node():
             if self.source.actor.pending is None:
                 res.success, res.message = False, "no step acted yet in this episode: label it after the first"
                 return res
-            try:
-                res.message = self._label(success, "operator")
-                res.success = True
-            except Exception as e:  # noqa: BLE001 - the learner unreachable: say so, keep holding
-                res.success, res.message = False, f"could not send the episode: {e}"
+            res.message = self._label(success, "operator")
+            res.success = self.episode == "idle"  # False: not sent (the episode is kept, unlabelled)
             return res
 
         def _on_discard(self, req, res):

@@ -283,17 +283,18 @@ class EpisodeActor(_Acting):
         return executed
 
     def end(self, final_obs: dict, success: bool, timeout_s: float | None = None) -> int:
-        """Label and send the running episode (see the class doc); returns the rows sent."""
+        """Label and send the running episode (see the class doc); returns the rows sent. When the learner cannot
+        be reached (TimeoutError, ConnectionError from the client) the episode is kept, to be labelled again."""
         if self.pending is None:
             self.discard()
             return 0
-        final = self._act(final_obs, timeout_s)
-        self.rows.append({**self.pending, "next_obs": {k: final_obs[k] for k in self.low_keys},
-                          "next_base": np.array(final.base[0], np.float32), "reward": float(bool(success)),
-                          "terminated": bool(success), "truncated": not success, "success": bool(success)})
-        rows, self.rows, self.pending = self.rows, [], None
+        final = self._act(final_obs, timeout_s)  # raises (learner unreachable): nothing changed, label again
+        rows = self.rows + [{**self.pending, "next_obs": {k: final_obs[k] for k in self.low_keys},
+                             "next_base": np.array(final.base[0], np.float32), "reward": float(bool(success)),
+                             "terminated": bool(success), "truncated": not success, "success": bool(success)}]
         for i in range(0, len(rows), MAX_TRANSITIONS):
             self._send(rows[i:i + MAX_TRANSITIONS])
+        self.rows, self.pending = [], None
         self.episodes += 1
         self._close()
         return len(rows)
