@@ -37,6 +37,17 @@ def start_learner(out: Path, *args, port: int = 0):
     raise AssertionError("the learner did not start")
 
 
+def stop_learner(p) -> str:
+    """Ctrl-C the learner (it stops at a request boundary and saves; killed after 60 s); returns its output."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+    try:
+        return p.communicate(timeout=60)[0] or ""
+    except subprocess.TimeoutExpired:
+        p.kill()
+        return p.communicate()[0] or ""
+
+
 def test_policy_node_learns_through_the_learner_with_labelled_episodes(ros):
     from sensor_msgs.msg import JointState
     from std_srvs.srv import Trigger
@@ -95,12 +106,7 @@ def test_policy_node_learns_through_the_learner_with_labelled_episodes(ros):
         assert eps[1]["reward"][-1] == 1.0 and eps[1]["reward"][:-1].sum() == 0 and eps[2]["reward"].sum() == 0
         assert all(np.isfinite(e["action"]).all() and np.isfinite(e["base_action"]).all() for e in eps)
     finally:
-        learner.send_signal(signal.SIGINT)  # stops at a request boundary and saves
-        try:
-            out, _ = learner.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            learner.kill()
-            out, _ = learner.communicate()
+        out = stop_learner(learner)
         print("learner output:\n" + out[-3000:])
         for f in sorted(tmp.glob("*.log")):
             print(f"{f.name}:\n{f.read_text()[-2000:]}")
@@ -144,12 +150,7 @@ def test_scripted_operator_runs_episodes_back_to_back(ros):
             r = st.get_episode(i, keys=["reward"])["reward"]
             assert r[-1] == float(ok) and (ok or len(r) == 15)  # failures are the time limit's
     finally:
-        learner.send_signal(signal.SIGINT)
-        try:
-            learner.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            learner.kill()
-            learner.communicate()
+        stop_learner(learner)
 
 
 def test_learner_killed_mid_episode_holds_and_a_resumed_learner_takes_over(ros):
@@ -197,13 +198,7 @@ def test_learner_killed_mid_episode_holds_and_a_resumed_learner_takes_over(ros):
         again = ZarrStore.open(store).get_episode(0)
         assert all(np.array_equal(first[k], again[k], equal_nan=True) for k in first)
     finally:
-        if learner.poll() is None:
-            learner.send_signal(signal.SIGINT)
-            try:
-                learner.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                learner.kill()
-                learner.communicate()
+        stop_learner(learner)
 
 
 def test_keyboard_episode_keys_call_the_learning_nodes_services(ros):
