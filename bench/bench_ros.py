@@ -10,6 +10,14 @@ The camera's own share is reported beside it: the age of each frame when the ben
 (``camera_frame_age_at_receipt``: the simulator's render time after the stamp plus DDS transport); the policy stack's
 part is the difference.
 
+``latency --learn``: the same while the residual learns on the robot (docs/ROS2.md, "Learning on the robot"):
+``robot-rl learn`` (TD3 with its default ensemble, 10 Q heads of 256x256, UTD ``--utd``) serves the state base
+``--checkpoint`` + its residual, the policy node acts through it with ``learn:=true``, and the scripted operator
+resets and labels episodes so that transitions flow and the learner updates and pushes weights during the whole
+measured window (its updates, weight versions and env steps in that window are reported). Every process runs at
+``--nice`` (default 19, as in the tests; the learner's updating thread lowers itself further,
+``robot_rl.serve.learner.yield_cpu_to_serving``); learner and nodes share this host's cores.
+
 ``success``: ``--episodes`` episodes of ``place`` on sim_robot with ``--backend`` (default pybullet) driven by the
 policy node with ``--checkpoint`` (trained in MuJoCo), over ROS; reference in the same run: the in-process
 ``robot_rl.stages.evaluation.evaluate`` on the same backend and seeds. A camera policy (a ``robot-rl distill``
@@ -17,6 +25,7 @@ student) gets the cameras and image size it was trained with from sim_robot; the
 to are reported (``pose_topics_subscribed``: none for a student).
 
     python bench/bench_ros.py latency --seconds 30
+    python bench/bench_ros.py latency --learn --seconds 60
     python bench/bench_ros.py success --checkpoint runs/place3mm_bc/base/checkpoint --episodes 20
     python bench/bench_ros.py success --checkpoint runs/distill/student_round1/checkpoint --interface trajectory
 """
@@ -35,6 +44,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from ros_helpers import Driver, NodeProcess, new_domain, ros_env  # noqa: E402
+
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "place_bc_mujoco"
 
 
 def diag_sink(drv):
@@ -59,7 +70,7 @@ def bench_latency(a):
     from test_ros_faults import image_policy
 
     tmp = Path(tempfile.mkdtemp())
-    ck = image_policy(tmp) if not a.checkpoint else Path(a.checkpoint)
+    ck = Path(a.checkpoint) if a.checkpoint else FIXTURE if a.learn else image_policy(tmp)
     # reference: one in-process policy step on a real observation
     torch.set_num_threads(1)
     pol = load_policy(ck)
@@ -77,10 +88,24 @@ def bench_latency(a):
     env.close()
     d = new_domain()
     envv = ros_env(d)
-    procs = [NodeProcess("robot_rl.hw_drivers.sim_robot", {"backend": a.backend, "cameras": ["front"]}, tmp, envv),
+    learner = None
+    if a.learn:  # the policy node acts through a learning `robot-rl learn`, the operator keeps episodes going
+        from test_ros_learn import start_learner
+
+        learner, port = start_learner(tmp / "learn", "--set", f"td3.utd_ratio={a.utd}", "--set",
+                                      "td3.learning_starts=200", "--set", "td3.critic_warmup_updates=20",
+                                      "--set", "td3.push_every=10", base=ck, tiny=False, nice=a.nice)
+        node = {"server": f"127.0.0.1:{port}", "learn": True, "episode_steps": 100, "server_timeout": 0.05,
+                "autostart": True}
+    else:
+        node = {"checkpoint": str(ck), "autostart": True}
+    procs = [NodeProcess("robot_rl.hw_drivers.sim_robot", {"backend": a.backend, "cameras": ["front"],
+                                                            "image_size": [96, 96], "seed": 0}, tmp, envv, nice=a.nice),
              NodeProcess("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands",
-                                                            "hardware_interpolates": True}, tmp, envv),
-             NodeProcess("robot_rl.ros.policy_node", {"checkpoint": str(ck), "autostart": True}, tmp, envv)]
+                                                            "hardware_interpolates": True}, tmp, envv, nice=a.nice),
+             NodeProcess("robot_rl.ros.policy_node", node, tmp, envv, nice=a.nice)]
+    if a.learn:
+        procs.append(NodeProcess("robot_rl.ros.operator", {}, tmp, envv, nice=a.nice))
     drv = Driver(d)
     diags = diag_sink(drv)
     drv.subscribe(Float64, "/arm_bridge/latency", COMMAND_QOS, keep=True)
@@ -93,14 +118,38 @@ def bench_latency(a):
                                  lambda m: frame_age.append(time.time() - stamp_to_sec(m.header.stamp)), SENSOR_QOS)
     try:
         drv.wait_for(lambda: len(drv.log.get("/arm_bridge/latency", [])) > 5, 120, "commands")
+        if a.learn:  # past the learner's 200 warm-up steps: it updates from here on
+            drv.spin(25.0)
         del frame_age[:]
         n0 = len(drv.log["/arm_bridge/latency"])
+        t_start = time.time()
         drv.spin(a.seconds)
+        t_end = time.time()
         drv.spin(1.2)
     finally:
         for p in reversed(procs):
             p.stop()
         drv.close()
+        if learner is not None:
+            from test_ros_learn import stop_learner
+
+            learner_out = stop_learner(learner)
+    learning = {}
+    if a.learn:
+        curve = json.loads((tmp / "learn" / "learning_curve.json").read_text())
+        before = [r for r in curve if r["unix_time"] <= t_start] or [{"updates": 0, "weight_version": 0,
+                                                                        "env_steps": 0}]
+        during = [r for r in curve if t_start < r["unix_time"] <= t_end]
+        if not during:
+            raise SystemExit(f"no learner curve row inside the measured window: {learner_out[-3000:]}")
+        a0, a1 = before[-1], during[-1]
+        learning = {"learner_returncode": learner.returncode, "utd_ratio": a.utd,
+                    "learner_updates_in_window": a1["updates"] - a0["updates"],
+                    "weight_versions_pushed_in_window": a1["weight_version"] - a0["weight_version"],
+                    "env_steps_learned_in_window": a1["env_steps"] - a0["env_steps"],
+                    "window_s_between_those_rows": a1["unix_time"] - before[-1].get("unix_time", t_start)}
+        if learner.returncode:
+            print(learner_out[-3000:], file=sys.stderr)
     lat = np.array([m.data for _, m in drv.log["/arm_bridge/latency"][n0:]]) * 1e3
     pn = diags.get("policy_node: control loop", {})
     r = {"commands": int(lat.size), "obs_to_command_ms_p50": float(np.percentile(lat, 50)),
@@ -113,7 +162,8 @@ def bench_latency(a):
          "deadline_misses": int(pn.get("deadline_misses", 0)), "policy_steps": int(pn.get("steps", 0)),
          "holds": int(pn.get("holds", 0)), "stale_holds": int(pn.get("stale", 0)),
          "sim": diags.get("sim_robot: simulation", {}),
-         "reference_in_process_step_ms_p50": float(np.median(ref)), "control_period_ms": 100.0}
+         "reference_in_process_step_ms_p50": float(np.median(ref)), "control_period_ms": 100.0, "nice": a.nice,
+         "backend": a.backend, **learning}
     r["ratio_p50_latency_to_in_process_step"] = r["obs_to_command_ms_p50"] / r["reference_in_process_step_ms_p50"]
     r["ratio_p99_latency_to_period"] = r["obs_to_command_ms_p99"] / 100.0
     print(json.dumps(r, indent=1))
@@ -200,9 +250,14 @@ def main():
     lt = sub.add_parser("latency")
     lt.add_argument("--seconds", type=float, default=30.0)
     lt.add_argument("--backend", default="mujoco")
-    lt.add_argument("--checkpoint", default="", help="image policy (default: a tiny untrained one)")
+    lt.add_argument("--checkpoint", default="", help="image policy (default: a tiny untrained one); with --learn a "
+                    "state base (default: tests/fixtures/place_bc_mujoco)")
+    lt.add_argument("--learn", action="store_true", help="the policy node acts through a learning `robot-rl learn`")
+    lt.add_argument("--utd", type=float, default=0.5, help="--learn: the learner's UTD ratio")
+    lt.add_argument("--nice", type=int, default=19, help="nice level of every process started (the learner's "
+                    "updates run UPDATE_THREAD_NICE lower still)")
     sc = sub.add_parser("success")
-    sc.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/place_bc_mujoco"))
+    sc.add_argument("--checkpoint", default=str(FIXTURE))
     sc.add_argument("--backend", default="pybullet")
     sc.add_argument("--interface", default="commands", choices=["commands", "trajectory"])
     sc.add_argument("--trajectory-mode", default="chunk", choices=["chunk", "point"],

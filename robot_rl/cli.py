@@ -561,6 +561,8 @@ class _Command:
 
 RAY_HELP = ("run the env workers as Ray actors (robot_rl.envs.ray_envs): 'local' starts Ray on this machine, 'auto' "
             "or HOST:PORT joins a running cluster (ray start --head); default: local subprocesses")
+INIT_HELP = ("start from this TD3 run's residual and critics (RUN or RUN/state; same base, task and residual "
+             "settings) with an empty replay, e.g. fine-tune a MuJoCo-trained residual on PyBullet or a robot")
 
 
 def _square(text: str) -> list[int]:
@@ -618,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
      .field("--n-envs", "ppo.n_envs|td3.n_envs", type=int).field("--n-steps", "ppo.n_steps", type=int)
      .field("--actors", "td3.actors", "td3: actor processes acting through a policy server in the learner "
                                       "process (0: single process)", type=int)
+     .field("--init-from", "td3.init_from", "td3: " + INIT_HELP, metavar="RUN")
      .field("--alpha", "residual.alpha", type=float).field("--seed", "seed", type=int)
      .field("--backend", "env.backend").field("--randomization", "randomization.preset", rnd_help)
      .field("--ray", "env.ray", RAY_HELP, metavar="ADDRESS"))
@@ -747,6 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
      .arg("--token-file", help="file with the shared token (required to listen beyond loopback)")
      .arg("--robot-backend", default="robot", help="the episodes' backend name in the store (default: robot)")
      .field("--task", "task.name").field("--env-steps", "td3.total_env_steps", type=int)
+     .field("--init-from", "td3.init_from", INIT_HELP, metavar="RUN")
      .field("--seed", "seed", type=int)
      .field("--host", "serve.host", "address to bind").field("--port", "serve.port", "TCP port (0 = any free "
                                                                                     "port, printed at start)",

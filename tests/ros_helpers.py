@@ -31,7 +31,7 @@ def ros_env(domain: int) -> dict:
 class NodeProcess:
     """One node in its own process with a parameter file; ``stop()`` sends SIGINT and waits."""
 
-    def __init__(self, module: str, params: dict, tmp: Path, env: dict, name: str | None = None):
+    def __init__(self, module: str, params: dict, tmp: Path, env: dict, name: str | None = None, nice: int = 19):
         self.name = name or module.rsplit(".", 1)[-1]
         pfile = tmp / f"{self.name}.params.yaml"
         pfile.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
@@ -39,7 +39,7 @@ class NodeProcess:
         args = [sys.executable, "-m", module, "--ros-args", "--params-file", str(pfile)]
         if name:
             args += ["-r", f"__node:={name}"]
-        self.proc = subprocess.Popen(["nice", "-n", "19", *args], env=env, stdout=open(self.log, "w"),
+        self.proc = subprocess.Popen(["nice", "-n", str(nice), *args], env=env, stdout=open(self.log, "w"),
                                      stderr=subprocess.STDOUT)
 
     def alive(self) -> bool:

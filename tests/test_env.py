@@ -193,3 +193,36 @@ def test_impossible_task_and_env_options_fail_before_any_simulator(task, task_kw
     with pytest.raises(ConfigError) as e:
         check_env_options(task, task_kwargs, **env_kwargs)
     assert e.value.field == field
+
+
+@pytest.mark.parametrize("backend", ["mujoco", "pybullet"])
+def test_scripted_intervention_rescues_an_off_target_placement(backend):
+    """The scripted operator's rule (ScriptedIntervention) on an expert that sets the cube down 12 mm off target: it
+    fires while the cube is held low over the wrong spot, and the takeover places it within 4 mm; without it the
+    same episodes fail, and a good placement is never taken over."""
+    from robot_rl.envs.experts import ScriptedIntervention
+
+    env = make_env("place", backend, task_kwargs={"tolerance": 0.004})
+    rule = ScriptedIntervention()
+    try:
+        for seed, offset, take_over in ((3, 0.012, True), (4, -0.012, True), (3, 0.012, False), (5, 0.0, True)):
+            obs, _ = env.reset(seed=seed)
+            expert = ScriptedExpert("place")
+            expert.offset = np.array([offset, 0.0])
+            rule.reset()
+            info = {}
+            for _ in range(100):
+                a = expert.act(obs)
+                r = rule(obs) if take_over else None
+                a = a if r is None else r
+                obs, _, term, trunc, info = env.step(a)
+                if term or trunc:
+                    break
+            if offset == 0.0:  # the expert alone places within 3 mm: no takeover
+                assert not rule.active and info["success"]
+            elif take_over:
+                assert rule.active and rule.steps > 5 and info["success"], (seed, offset, rule.steps)
+            else:
+                assert not info["success"]
+    finally:
+        env.close()

@@ -255,7 +255,7 @@ def test_resumed_run_continues_the_same_run(tmp_path):
     assert saved["env_steps"] == 2000 and saved["updates"] == first[-1]["updates"]
     pol, resumed = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=4000, **TOY), tmp_path / "r",
                                       resume=True, **kw)
-    drop = ("wall_s",)
+    drop = ("wall_s", "unix_time")
     strip = lambda rows: json.dumps([{k: v for k, v in r.items() if k not in drop} for r in rows])  # noqa: E731
     assert strip(resumed[:len(first)]) == strip(first)  # the first half is the stopped run's, unchanged
     assert strip(first) == strip(straight[:len(first)])  # ... which is the straight run's first half
@@ -266,6 +266,29 @@ def test_resumed_run_continues_the_same_run(tmp_path):
     with pytest.raises(ConfigError, match="no saved state"):
         train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=100, **TOY), tmp_path / "none",
                            resume=True, **kw)
+
+
+def test_init_from_starts_from_a_trained_run_with_an_empty_replay(tmp_path):
+    """``td3.init_from``: a new run takes a trained run's residual and critics (not its replay or counters) and
+    explores with that residual from its first step; a fresh run with the same settings warms up from the base."""
+    kw = dict(make_venv=point_venv, progress=False)
+    trained, _ = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=4000, **TOY), tmp_path / "a",
+                                    residual=ResidualConfig(**TOY_RES), **kw)
+    short = {**TOY, "learning_starts": 10_000, "log_every": 400}  # no update in the new runs: what acts is loaded
+    pol, curve = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=400, init_from=str(tmp_path / "a"),
+                                                                     **short),
+                                    tmp_path / "b", residual=ResidualConfig(**TOY_RES), **kw)
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in pol.state_dict().items())
+    assert curve[-1]["updates"] == 0 and 350 < curve[-1]["online_size"] <= 400  # this run's steps only
+    _, fresh = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=400, **short), tmp_path / "c",
+                                  residual=ResidualConfig(**TOY_RES), **kw)
+    assert curve[-1]["success_rate"] >= 0.8 and fresh[-1]["success_rate"] <= 0.3, (curve[-1], fresh[-1])
+    with pytest.raises(ConfigError, match="td3.init_from"):  # another residual model
+        train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=400, init_from=str(tmp_path / "a"),
+                                                            **short), tmp_path / "d",
+                           residual=ResidualConfig(**{**TOY_RES, "hidden": (32, 32)}), **kw)
+    with pytest.raises(ConfigError, match="td3.init_from"):  # no state there
+        TD3Config(init_from=str(tmp_path / "nothing")).validate()
 
 
 def test_actor_learner_split_streams_every_step_and_never_mixes_versions(tmp_path):

@@ -19,13 +19,18 @@ FIXTURE = Path(__file__).parent / "fixtures" / "place_bc_mujoco"
 LIMIT = 20
 
 
-def start_learner(out: Path, *args, port: int = 0):
-    """``robot-rl learn`` in its own process with a tiny learner; returns (process, port) once it listens."""
-    p = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "robot_rl.cli", "learn", "--base", str(FIXTURE),
-                          "--out", str(out), "--port", str(port), "--task", "place", "--set", "td3.learning_starts=30",
-                          "--set", "td3.critic_hidden=[16,16]", "--set", "td3.n_critics=2", "--set",
-                          "td3.batch_size=16", "--set", "td3.log_every=10", "--set", "td3.critic_warmup_updates=0",
-                          *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+TINY = ("td3.learning_starts=30", "td3.critic_hidden=[16,16]", "td3.n_critics=2", "td3.batch_size=16",
+        "td3.log_every=10", "td3.critic_warmup_updates=0")
+
+
+def start_learner(out: Path, *args, port: int = 0, base: Path = FIXTURE, tiny: bool = True, nice: int = 19):
+    """``robot-rl learn`` in its own process (``tiny``: a tiny learner, else TD3's defaults, curve rows every 100
+    steps) on ``base`` at ``nice``; returns (process, port) once it listens. ``args``: more command-line arguments."""
+    sets = TINY if tiny else ("td3.log_every=100",)
+    p = subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-m", "robot_rl.cli", "learn", "--base", str(base),
+                          "--out", str(out), "--port", str(port), "--task", "place",
+                          *[a for s in sets for a in ("--set", s)], *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.monotonic()
     for line in p.stdout:
         m = re.search(r"serving on tcp://[^:]+:(\d+)", line)
@@ -118,7 +123,8 @@ def test_scripted_operator_runs_episodes_back_to_back(ros):
     """The scripted operator resets the simulator and starts each episode, marks success from the simulator's
     predicate, and lets the node's time limit label the rest: every episode it counted is in the learner's store
     with the same label. The scene puts the cube on its target, so the predicate holds as soon as the gripper is
-    open: the success path is exercised whatever the untrained policy does."""
+    open: the success path is exercised whatever the untrained policy does. Its takeovers (``intervene:=true``)
+    reach the store as intervention steps with the expert's action."""
     import json
 
     from std_msgs.msg import String
@@ -135,7 +141,11 @@ def test_scripted_operator_runs_episodes_back_to_back(ros):
         start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands", "hardware_interpolates": True})
         start("robot_rl.ros.policy_node", {"server": f"127.0.0.1:{port}", "learn": True, "episode_steps": 15,
                                            "server_timeout": 0.5, "autostart": True})
-        start("robot_rl.ros.operator", {"episodes": 3, "reset_wait": 0.2})
+        # intervene:=true with bounds that always hold: the scripted expert takes over at the first tick of each
+        # episode (the rule's own bounds are tested in test_env), exercising the takeover path end to end
+        start("robot_rl.ros.operator", {"episodes": 3, "reset_wait": 0.2, "intervene": True, "intervene_near": 1.0,
+                                        "intervene_lift": [-1.0, 1.0], "intervene_min_error": 0.0,
+                                        "intervene_max_width": 1.0})
         drv.subscribe(String, "/operator/status", LATCHED_QOS)
         status = lambda: json.loads(drv.last["/operator/status"][1].data) if "/operator/status" in drv.last else {}  # noqa: E731
         drv.wait_for(lambda: status().get("episodes", 0) >= 3, 120, "three episodes run by the operator")
@@ -149,6 +159,17 @@ def test_scripted_operator_runs_episodes_back_to_back(ros):
         for i, ok in enumerate(labels):
             r = st.get_episode(i, keys=["reward"])["reward"]
             assert r[-1] == float(ok) and (ok or len(r) == 15)  # failures are the time limit's
+        # the takeovers: flagged steps, executed = the expert's action (the human_action stored), counted by both
+        assert counts["intervened_episodes"] == 3 and counts["intervention_steps"] > 0
+        flagged = 0
+        for i in range(3):
+            e = st.get_episode(i, keys=["intervention", "human_action", "action"])
+            f = np.asarray(e["intervention"], bool)
+            assert f[1:].all(), f  # all but (at most) the first tick, before the operator's first message arrived
+            np.testing.assert_allclose(e["human_action"][f], e["action"][f], atol=1e-6)
+            assert np.isnan(e["human_action"][~f]).all()
+            flagged += int(f.sum())
+        assert flagged > 0
     finally:
         stop_learner(learner)
 

@@ -108,3 +108,56 @@ class ScriptedExpert:
         if self.noise > 0:
             a[:4] += self.rng.normal(0.0, self.noise, size=4)
         return np.clip(a, -1.0, 1.0).astype(np.float32)
+
+
+class ScriptedIntervention:
+    """The scripted operator's intervention rule for ``place``: a stand-in for the person who takes over when the
+    robot is about to fail (HIL-SERL, Luo et al. 2024), for learning on the robot in simulation.
+
+    Rule: the expert takes over when the policy holds the cube low over the wrong spot, i.e. about to set it down
+    off target: all of gripper width < ``max_width`` (closed on the 40 mm cube), cube centre ``lift[0]``-``lift[1]``
+    above its resting height (``target_pos`` z), and horizontal cube-to-target error between ``min_error`` and
+    ``near``. From then to
+    the end of the episode a :class:`ScriptedExpert` drives from its ``transport`` phase: lift to carry height,
+    align within 3 mm, lower, release. A policy that places well, or fails earlier (no grasp, dropped cube, far from
+    the target), is not helped; so the intervention rate falls as the policy improves.
+
+    Call :meth:`reset` at each episode start and the instance once per control step with the env's observation
+    (``ee_pos``, ``ee_quat``, ``cube_pos``, ``cube_quat``, ``target_pos``, ``gripper_width``; m, xyzw, base frame).
+
+    Args:
+        near, lift, min_error, max_width: the trigger's bounds [m]. pos_scale, yaw_scale: the controller's action
+            scales. Raises ConfigError for empty bounds.
+    Attributes: ``active`` (the expert drives), ``steps`` (steps it drove this episode).
+    """
+
+    def __init__(self, near: float = 0.03, lift: tuple = (0.008, 0.03), min_error: float = 0.003,
+                 max_width: float = 0.045, pos_scale: float = 0.02, yaw_scale: float = 0.15):
+        if not (0.0 <= min_error < near and lift[0] < lift[1] and max_width > 0):
+            raise ConfigError("intervention", f"near {near}, lift {list(lift)}, min_error {min_error}, max_width "
+                              f"{max_width}", "use 0 <= min_error < near, lift [lo, hi] with lo < hi, max_width > 0")
+        self.near, self.lift, self.min_error, self.max_width = near, tuple(lift), min_error, max_width
+        self.expert = ScriptedExpert("place", pos_scale=pos_scale, yaw_scale=yaw_scale)
+        self.reset()
+
+    def reset(self) -> None:
+        self.active, self.steps = False, 0
+
+    def triggers(self, obs: dict) -> bool:
+        """The rule (class doc) on one observation."""
+        cube, tgt = np.asarray(obs["cube_pos"], np.float64), np.asarray(obs["target_pos"], np.float64)
+        err = float(np.linalg.norm(cube[:2] - tgt[:2]))
+        lift = float(cube[2] - tgt[2])
+        return bool(obs["gripper_width"][0] < self.max_width and self.lift[0] < lift < self.lift[1]
+                    and self.min_error < err < self.near)
+
+    def __call__(self, obs: dict) -> np.ndarray | None:
+        """The expert's action (5,) float32 for this step once the rule has fired this episode, else None."""
+        if not self.active and self.triggers(obs):
+            self.active = True
+            self.expert.reset()
+            self.expert.phase = "transport"
+        if not self.active:
+            return None
+        self.steps += 1
+        return self.expert.act(obs)

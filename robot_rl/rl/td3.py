@@ -108,6 +108,10 @@ class TD3Config:
     actors: int = 0
     push_every: int = 50  # actor updates between weight pushes to the actors (SERL: steps_per_update 50)
     max_backlog: int = 256  # rows the learner may fall behind before actors wait (keeps the UTD ratio)
+    # a TD3 run directory (or its ``state``) whose actor, critics, targets and optimiser moments this run starts
+    # from, with an empty replay and zeroed counters: fine-tuning a residual learnt in one simulator on another
+    # or on the robot (ResFiT's real-robot runs start from the sim-trained residual). "": a fresh residual
+    init_from: str = ""
 
     def explore_std_at(self, env_steps: int) -> float:
         """Exploration noise std (residual units) after ``env_steps`` env steps: ``explore_std``, or with
@@ -116,6 +120,11 @@ class TD3Config:
             return float(self.explore_std)
         f = min(1.0, max(0.0, (env_steps - self.learning_starts) / self.explore_decay_steps))
         return float(self.explore_std + f * (self.explore_std_final - self.explore_std))
+
+    def warming_up(self, env_steps: int) -> bool:
+        """Warm-up exploration (base + uniform noise) is due: before ``learning_starts`` env steps, unless the run
+        starts from a trained residual (``init_from``), which then explores with its own actor + noise."""
+        return env_steps < self.learning_starts and not self.init_from
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
@@ -138,6 +147,9 @@ class TD3Config:
                   "learning_starts", "critic_warmup_updates", "checkpoint_every", "val_every"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"td3.{k}", f"{getattr(self, k)} < 0", "use 0 (off) or a positive value")
+        if self.init_from and not _state_dir(self.init_from).joinpath("model.safetensors").is_file():
+            raise ConfigError("td3.init_from", f"no TD3 state in {self.init_from}",
+                              "give a TD3 run's output directory (it holds state/) or leave it empty")
         if self.actors < 0 or (self.actors and self.n_envs % self.actors):
             raise ConfigError("td3.actors", f"{self.actors} is negative or does not divide n_envs ({self.n_envs})",
                               "use 0 (single process) or a divisor of td3.n_envs")
@@ -249,8 +261,8 @@ def _polyak(target: torch.nn.Module, source: torch.nn.Module, tau: float) -> Non
 
 
 class Explorer:
-    """The exploring actor the collector calls: base + U(-warmup_noise, warmup_noise) before ``learning_starts``
-    env steps, then ``clip(pi(x) + N(0, std), -1, 1)`` with ``std = cfg.explore_std_at(steps)`` (residual units).
+    """The exploring actor the collector calls: base + U(-warmup_noise, warmup_noise) while warming up
+    (:meth:`TD3Config.warming_up`), then ``clip(pi(x) + N(0, std), -1, 1)`` with ``std = cfg.explore_std_at(steps)`` (residual units).
     The loop sets ``steps`` (env steps so far). Draws from torch's global RNG."""
 
     def __init__(self, policy: ResidualPolicy, cfg: TD3Config):
@@ -259,7 +271,7 @@ class Explorer:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> ActorStep:
         shape = (x.shape[0], self.policy.config.action_dim)
-        if self.steps < self.cfg.learning_starts:
+        if self.cfg.warming_up(self.steps):
             return ActorStep((torch.rand(shape) * 2 - 1) * self.cfg.warmup_noise)
         res = self.policy.actor(x) + torch.randn(shape) * self.cfg.explore_std_at(self.steps)
         return ActorStep(res.clamp(-1.0, 1.0))
@@ -321,6 +333,8 @@ class TD3Run:
         self.steps, self.curve = 0, []
         if resume:
             self.steps, self.curve, self.seed_start = _load_state(self.state_dir, self.learner, self.online, self.out)
+        elif td3.init_from:
+            _load_weights(_state_dir(td3.init_from), self.learner)
         self.nstep = NStep(n_slots, td3.n_step, td3.gamma)
         self.out.mkdir(parents=True, exist_ok=True)
         self.val = Validation(validate, td3.val_every, td3.val_episodes, self.out, checkpoint_extra)
@@ -437,7 +451,7 @@ def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, 
 
     Writes ``out_dir/{checkpoint, state, learning_curve.json, td3_config.json}`` (+ ``checkpoint_best``,
     ``validation.json``). Returns (the residual, learning-curve rows {env_steps, episodes, success_rate, wall_s,
-    updates, actor_updates, utd, critic_loss, q_mean, target_mean, actor_loss, residual_abs, online_size,
+    unix_time, updates, actor_updates, utd, critic_loss, q_mean, target_mean, actor_loss, residual_abs, online_size,
     demo_size, intervention_share, base_calls[, val_success]}), one row per ``log_every`` env steps.
     Raises ConfigError for bad configs or a bad demo store.
     """
@@ -476,7 +490,7 @@ def _row(steps, window, learner, online, demo_buf, demo_stats, base_calls, t0) -
     n_demo = len(demo_buf) if demo_buf is not None else 0
     succ = window["succ"]
     return {"env_steps": steps, "episodes": len(succ), "success_rate": float(np.mean(succ)) if succ else float("nan"),
-            "wall_s": time.time() - t0, "updates": learner.updates, "actor_updates": learner.actor_updates,
+            "wall_s": time.time() - t0, "unix_time": time.time(), "updates": learner.updates, "actor_updates": learner.actor_updates,
             "utd": learner.updates / max(steps, 1), "critic_loss": mean("critic_loss"), "q_mean": mean("q_mean"),
             "target_mean": mean("target_mean"), "actor_loss": mean("actor_loss"),
             "residual_abs": float(np.mean(window["res"])) if window["res"] else float("nan"),
@@ -506,18 +520,35 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=list))
 
 
-def _load_state(d: Path, learner: TD3Learner, online: ReplayBuffer, out: Path) -> tuple[int, list, int]:
-    """Restore a :func:`_save_state` directory into ``learner`` and ``online``; returns (env steps, curve rows, the
-    next episode seed). Raises ConfigError for a state of another residual model."""
+def _state_dir(path: str | Path) -> Path:
+    """A run directory's ``state``, or ``path`` itself when it is one."""
+    p = Path(path)
+    return p / "state" if (p / "state").is_dir() else p
+
+
+def _load_weights(d: Path, learner: TD3Learner, field: str = "td3.init_from") -> tuple[dict, dict]:
+    """Load the networks and optimiser moments of a :func:`_save_state` directory into ``learner``; returns (its
+    tensors, its saved config). Raises ConfigError (naming ``field``) for a state of another residual model."""
     from robot_rl.policies.checkpoint import read_checkpoint
 
     tensors, meta = read_checkpoint(d, STATE_FORMAT)
     cfg = meta["config"]
     want = _jsonable(asdict(learner.policy.config))
-    if cfg["residual"] != want:
-        raise ConfigError("resume", f"the saved residual model in {d} differs from this run's",
-                          "resume with the same base, task and residual settings (the run's config.yaml)")
+    # fields added to ResidualConfig after the state was written are absent there; empty here means the same model
+    saved = {**{k: v for k, v in want.items() if v in (None, [], {})}, **cfg["residual"]}
+    if saved != want:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} there, {want.get(k)!r} here"
+                         for k in sorted(set(want) | set(saved)) if saved.get(k) != want.get(k))
+        raise ConfigError(field, f"the saved residual model in {d} differs from this run's ({diff})",
+                          "use the same base, task and residual settings (the run's config.yaml)")
     learner.load_tensors({k: v for k, v in tensors.items() if not k.startswith(("replay.", "rng."))})
+    return tensors, cfg
+
+
+def _load_state(d: Path, learner: TD3Learner, online: ReplayBuffer, out: Path) -> tuple[int, list, int]:
+    """Restore a :func:`_save_state` directory into ``learner`` and ``online``; returns (env steps, curve rows, the
+    next episode seed). Raises ConfigError for a state of another residual model."""
+    tensors, cfg = _load_weights(d, learner, field="resume")
     learner.updates, learner.actor_updates = int(cfg["updates"]), int(cfg["actor_updates"])
     online.load_state({**{k[len("replay."):]: v for k, v in tensors.items() if k.startswith("replay.")},
                        "added": cfg["replay_added"]})

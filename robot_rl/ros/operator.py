@@ -10,16 +10,26 @@ What it does, episode after episode (a state machine on a 20 Hz timer, all servi
      resets the scene (``/<sim_robot>/reset``, std_srvs/Trigger: the next seed of the simulator's schedule) and
      confirms "reset done" with ``/<policy_node>/start_episode``, after ``reset_wait`` seconds;
   3. it stops after ``episodes`` episodes (0: never) by leaving the last one idle.
-It does not intervene (no takeovers): interventions come from the teleop mux, which a person drives.
+With ``intervene:=true`` it also takes over as a person would, by a fixed rule
+(:class:`robot_rl.envs.experts.ScriptedIntervention`: when the policy holds the cube low over the wrong spot, the
+scripted expert re-lifts, aligns and places it, to the episode's end), publishing what the teleop mux publishes for a
+person: ``/robot_rl/human_action`` (sensor_msgs/JointState, the 5-D action) and ``/robot_rl/intervention``
+(std_msgs/Bool, True while it drives, False when the episode ends), at ``control_rate``. The policy node executes
+those steps and sends them as interventions (HIL-SERL). It assembles the observation like the policy node
+(``/joint_states`` + the simulator's privileged poses; the robot-model and ``task.*`` parameters as there).
 
 Parameters: ``policy_node`` / ``sim_robot`` (node names), ``privileged_namespace``, ``episodes``, ``reset_wait``
-(s). Publishes ``~/status`` (std_msgs/String JSON {episodes, successes, failures, discarded}) on each label.
+(s), ``intervene``, ``control_rate`` (Hz), the rule's bounds ``intervene_near`` / ``intervene_lift`` /
+``intervene_min_error`` / ``intervene_max_width`` (m; defaults: the rule's). Publishes ``~/status`` (std_msgs/String JSON {episodes, successes,
+failures, discarded, intervened_episodes, intervention_steps}) on each label.
 """
 
 from __future__ import annotations
 
 import json
 import time
+
+import numpy as np
 
 from robot_rl.ros.common import COMMAND_QOS, LATCHED_QOS, declare, run_node
 
@@ -41,15 +51,82 @@ def make_node():
                         "reset": self.create_client(Trigger, f"/{sim}/reset"),
                         "start": self.create_client(Trigger, f"/{pn}/start_episode")}
             self.success, self.state, self.busy = False, None, False
-            self.counts = {"episodes": 0, "successes": 0, "failures": 0, "discarded": 0}
+            self.counts = {"episodes": 0, "successes": 0, "failures": 0, "discarded": 0, "intervened_episodes": 0,
+                           "intervention_steps": 0}
             self.seen_episode = self.marked = None
+            self.rule, self.driving = None, False  # the takeover rule (intervene:=true), and whether it drives now
             self.phase, self.start_at = None, 0.0  # None | resetting | wait | starting
             self.create_subscription(Bool, f"{ns}/success", lambda m: setattr(self, "success", bool(m.data)),
                                      COMMAND_QOS)
             self.create_subscription(String, f"/{pn}/episode_state", self._on_state, LATCHED_QOS)
             self.pub = self.create_publisher(String, "~/status", LATCHED_QOS)
-            self._String, self._Trigger = String, Trigger
+            self._String, self._Trigger, self._Bool = String, Trigger, Bool
             self.create_timer(0.05, self._step)
+            if declare(self, "intervene", False, "take over by ScriptedIntervention's rule (module doc)"):
+                self._setup_intervention(ns)
+
+        def _setup_intervention(self, ns: str):
+            from geometry_msgs.msg import PoseStamped
+            from sensor_msgs.msg import JointState
+
+            from robot_rl.envs.experts import ScriptedIntervention
+            from robot_rl.robot.controller import DiffIKController
+            from robot_rl.ros.common import JointStateCache, PoseCache, declare_task, robot_model
+
+            self.robot, chain = robot_model(self)
+            self.controller = DiffIKController(chain, np.array(self.robot.q_home))
+            self.task, _ = declare_task(self, "task (observation assembly)")
+            rate = float(declare(self, "control_rate", 10.0, "intervention steps per second [Hz]", positive=True))
+            d = ScriptedIntervention()
+            self.rule = ScriptedIntervention(
+                near=float(declare(self, "intervene_near", d.near, "rule: max cube-to-target error [m]")),
+                lift=[float(v) for v in declare(self, "intervene_lift", list(d.lift),
+                                                "rule: [lo, hi] cube height above rest [m]")],
+                min_error=float(declare(self, "intervene_min_error", d.min_error, "rule: min error [m]")),
+                max_width=float(declare(self, "intervene_max_width", d.max_width, "rule: max gripper width [m]")))
+            self.js, self.poses = JointStateCache(), PoseCache()
+            self.create_subscription(JointState, "/joint_states", self.js.update, COMMAND_QOS)
+            self.markers = [m.name for m in self.task.markers]
+            for n in [o.name for o in self.task.objects] + self.markers:
+                self.create_subscription(PoseStamped, f"{ns}/{n}_pose", lambda m, n=n: self.poses.update(n, m),
+                                         COMMAND_QOS)
+            self.pub_int = self.create_publisher(self._Bool, "/robot_rl/intervention", COMMAND_QOS)
+            self.pub_human = self.create_publisher(JointState, "/robot_rl/human_action", COMMAND_QOS)
+            self.create_timer(1.0 / rate, self._intervene)
+
+        def _observation(self):
+            """The policy node's observation from the latest inputs, or None while one is missing."""
+            from robot_rl.envs.env import assemble_observation
+
+            r = self.robot
+            if not self.js.has((*r.arm_joints, *r.gripper_joints)) or any(
+                    n not in self.poses.poses for n in [o.name for o in self.task.objects] + self.markers):
+                return None
+            q, dq, w, _ = self.js.get(r.arm_joints, r.gripper_joints)
+            params = {f"{n}_xy": [float(v) for v in self.poses.poses[n][0][:2]] for n in self.markers}
+            return assemble_observation(self.controller, self.task, (q, dq, w), self.poses, params)
+
+        def _hand_back(self):
+            self.pub_int.publish(self._Bool(data=False))
+            self.driving = False
+
+        def _intervene(self):
+            from robot_rl.ros.common import action_to_msg
+
+            st = self.state
+            if st is None or st["state"] != "running":
+                if self.driving:  # ended without a label (e.g. an e-stop)
+                    self._hand_back()
+                self.rule.reset()
+                return
+            obs = self._observation()
+            a = None if obs is None else self.rule(obs)
+            if a is None:
+                return
+            self.pub_human.publish(action_to_msg(a, self.get_clock().now().to_msg()))
+            self.pub_int.publish(self._Bool(data=True))
+            self.driving = True
+            self.counts["intervention_steps"] += 1
 
         def _on_state(self, m):
             self.state = json.loads(m.data)
@@ -59,6 +136,9 @@ def make_node():
                 key = {"success": "successes", "failure": "failures", "discarded": "discarded"}[st["label"]]
                 self.counts["episodes"] += 1
                 self.counts[key] += 1
+                if self.driving:  # the episode ended under the expert: hand back
+                    self.counts["intervened_episodes"] += 1
+                    self._hand_back()
                 self.pub.publish(self._String(data=json.dumps(self.counts)))
 
         def _call(self, name: str, then=None, failed=None):

@@ -56,6 +56,9 @@ from robot_rl.serve.server import LOOPBACK, PolicyServer, PolicyService, ServeCo
 ACTOR_SEED_STRIDE = 1_000_000  # episode seeds of actor k: the run's seed start + k * this
 RESTART_SEED_STRIDE = 100_000  # ... + r * this after its r-th restart (Ray actors)
 LEARN_CHECKPOINT_EVERY = 1_000  # learn_online's resumable state, env steps, when td3.checkpoint_every is 0
+# Python's GIL switch interval while a learner serves: the serving thread shares the GIL with the updates, and with
+# the default 5 ms a request waits up to that long at each hand-off (several per request) while an update runs
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class ActorPool:
@@ -165,7 +168,7 @@ class TransitionInbox:
 
     def status(self) -> dict:
         td3 = self.td3
-        warm = self.received < td3.learning_starts
+        warm = td3.warming_up(self.received)
         return {"backlog": self.received - self.consumed, "stop": self.stop,
                 "explore": {"mode": "warmup" if warm else "policy", "warmup_noise": float(td3.warmup_noise),
                             "std": td3.explore_std_at(self.received)}}
@@ -212,6 +215,8 @@ class LearnerHost:
         self.service.learner = self.inbox
         self.server = PolicyServer(self.service)
         self.endpoint = self.server.bind()
+        self.switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.thread = threading.Thread(target=self.server.serve_forever, name="policy-server", daemon=True)
         self.thread.start()
         self.pusher = PolicyClient(self.endpoint.replace("0.0.0.0", "127.0.0.1"), token=token, timeout_s=30.0)
@@ -274,6 +279,7 @@ class LearnerHost:
         self.server.stop()
         self.thread.join(timeout=5)
         self.pusher.close()
+        sys.setswitchinterval(self.switch_interval)
 
 
 def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Path, *,
@@ -424,6 +430,22 @@ class EpisodeLog:
         self.writers.pop(sid, None)
 
 
+UPDATE_THREAD_NICE = 10  # how much lower than the serving thread the learner's updates run (Linux thread nice)
+
+
+def yield_cpu_to_serving() -> None:
+    """Lower the calling (updating) thread's CPU priority by :data:`UPDATE_THREAD_NICE` below the process's, so that
+    the serving thread, on a robot's control path, gets the CPU first when both want it (Linux: ``setpriority`` of
+    one thread; elsewhere, or when refused, nothing changes)."""
+    import os
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + UPDATE_THREAD_NICE))
+    except (AttributeError, OSError):
+        pass
+
+
 def check_listen(host: str, token: str | None) -> None:
     """A learner beyond loopback needs a token: actors elsewhere would act, and the learner push weights, without
     one (the server refuses unauthenticated pushes off loopback). Raises ConfigError (``serve.token``)."""
@@ -476,6 +498,7 @@ def learn_online(base, task: str, td3: TD3Config, out_dir: str | Path, *, store:
 
     slots = SessionSlots(max_sessions, evict)
     lh = LearnerHost(run, base, host=host, port=port, token=token, max_sessions=max_sessions)
+    yield_cpu_to_serving()
     if ready is not None:
         ready(lh.endpoint)
     try:
