@@ -11,6 +11,8 @@ Publishes
   <privileged_namespace>/<object>_pose       geometry_msgs/PoseStamped  ground-truth object poses (base frame)
   <privileged_namespace>/<marker>_pose       geometry_msgs/PoseStamped  task markers (e.g. the place target)
   <privileged_namespace>/success             std_msgs/Bool            the task's success predicate
+  <privileged_namespace>/failure             std_msgs/Bool            its failure predicate (e.g. place: the cube
+                                                                       released near the target but off it)
   <privileged_namespace>/episode             std_msgs/String (latched) JSON {seed, task, backend, params, t_start}
   /clock                                     rosgraph_msgs/Clock      when ``publish_clock`` (use_sim_time)
   /diagnostics                               diagnostic_msgs/DiagnosticArray  real-time factor, late ticks
@@ -147,6 +149,7 @@ def make_node():
             self.pub_pose = {n: self.create_publisher(PoseStamped, f"{self.priv}/{n}_pose", COMMAND_QOS)
                              for n in names}
             self.pub_success = self.create_publisher(Bool, f"{self.priv}/success", COMMAND_QOS)
+            self.pub_failure = self.create_publisher(Bool, f"{self.priv}/failure", COMMAND_QOS)
             self.pub_episode = self.create_publisher(String, f"{self.priv}/episode", LATCHED_QOS)
             from diagnostic_msgs.msg import DiagnosticArray
 
@@ -320,7 +323,9 @@ def make_node():
                 for n, pub in self.pub_pose.items():
                     pub.publish(pose_msg(*self._pose_of(n), stamp, self.frame_id))
                 obs = self.env.observe()
-                self.pub_success.publish(Bool(data=bool(self.env.task.is_success(obs, self.env.params))))
+                ok = bool(self.env.task.is_success(obs, self.env.params))
+                self.pub_success.publish(Bool(data=ok))
+                self.pub_failure.publish(Bool(data=not ok and bool(self.env.task.is_failure(obs, self.env.params))))
             if cams:
                 H, W = int(self.image_size[0]), int(self.image_size[1])
                 for c in self.cameras:

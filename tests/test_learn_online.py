@@ -180,8 +180,9 @@ def test_a_robot_actor_sends_labelled_episodes_and_never_a_discarded_one(tmp_pat
         env.close()
     pol, curve = out["r"]
     assert curve[-1]["env_steps"] == sent == actor.steps_sent and sent >= 4 * 2
-    # HIL-SERL: the two human-driven steps' transitions joined the demo side (created for them: no --demos)
-    assert curve[-1]["demo_size"] == 2 and curve[-1]["intervention_share"] == 1.0
+    # HIL-SERL puts human-driven steps on the demo side too; these two are beyond the residual's reach (a gripper
+    # command against the base's), so they are stored on neither side (TD3Run.add) but counted
+    assert curve[-1]["demo_size"] == 0 and curve[-1]["unreachable_steps"] == 2
     steps = np.diff([0] + [r["env_steps"] for r in curve])  # the rows each curve row covers
     assert sum(r["intervention_rate"] * n for r, n in zip(curve, steps)) == pytest.approx(2, abs=1e-6)
     st = ZarrStore.open(tmp_path / "ep.zarr")

@@ -291,6 +291,24 @@ def test_init_from_starts_from_a_trained_run_with_an_empty_replay(tmp_path):
         TD3Config(init_from=str(tmp_path / "nothing")).validate()
 
 
+def test_intervention_steps_join_the_demo_side_unless_the_residual_cannot_reach_them(tmp_path):
+    """TD3Run.add with interventions (HIL-SERL): a human step's transition goes to both replay sides; one whose
+    action lies beyond base +- alpha (its residual clipped, so never what was executed) goes to neither."""
+    from robot_rl.rl.td3 import TD3Run
+
+    run = TD3Run(BiasedBase(), "point", TD3Config(total_env_steps=100, n_step=1, **{k: v for k, v in TOY.items()
+                                                                                     if k != "n_envs"}, n_envs=1),
+                 tmp_path, obs_dims={"goal_rel": 2}, n_slots=1, residual=ResidualConfig(**TOY_RES), progress=False)
+    F = run.policy.config.in_dim
+    x = torch.zeros(4, F)
+    z = np.zeros(4)
+    run.add(x, torch.zeros(4, 2), z, z.astype(bool), z.astype(bool), x, z.astype(bool), slots=[0, 0, 0, 0],
+            interventions=np.array([False, True, True, False]), unreachable=np.array([False, False, True, False]))
+    assert len(run.online) == 3 and len(run.demos) == 1  # the unreachable human step is on neither side
+    assert run.demo_stats["intervention_steps"] == 1 and run.demo_stats["unreachable"] == 1
+    run.close()
+
+
 def test_actor_learner_split_streams_every_step_and_never_mixes_versions(tmp_path):
     """Two actor processes act through the learner's policy server on real MuJoCo envs while the learner trains and
     pushes weights every 2 actor updates: every executed step reaches the replay once, versions advance during

@@ -117,16 +117,16 @@ class NStep:
              flags=None) -> dict[str, torch.Tensor]:
         """One step of B envs: x (B, F), residual (B, A), reward (B,), terminated / truncated (B,) bool,
         next_x (B, F). ``slots`` (B ints): the window of each row (rows of one window in step order); default all
-        N windows, row i -> window i. ``flags`` (B,) bool, optional: carried with each step; afterwards
-        ``emitted_flags`` (bool array) holds the flag of the first step of each returned transition (e.g. "a human
-        drove it"). Raises ConfigError for a slot outside 0..N-1."""
+        N windows, row i -> window i. ``flags`` (B,) small ints (or bool), optional: carried with each step;
+        afterwards ``emitted_flags`` (int8 array) holds the flag of the first step of each returned transition (e.g.
+        "a human drove it"). Raises ConfigError for a slot outside 0..N-1."""
         out = []
         slots = range(len(self.pending)) if slots is None else slots
         for i, j in enumerate(slots):
             if not 0 <= j < len(self.pending):
                 raise ConfigError("slot", f"{j} outside 0..{len(self.pending) - 1}", "use one window per env/session")
             pend = self.pending[j]
-            pend.append((x[i], residual[i], float(reward[i]), bool(flags[i]) if flags is not None else False))
+            pend.append((x[i], residual[i], float(reward[i]), int(flags[i]) if flags is not None else 0))
             if bool(terminated[i]) or bool(truncated[i]):
                 while pend:
                     out.append(self._emit(pend, next_x[i], bool(terminated[i])))
@@ -134,7 +134,7 @@ class NStep:
             elif len(pend) == self.n:
                 out.append(self._emit(pend, next_x[i], False))
                 pend.pop(0)
-        self.emitted_flags = np.array([f for *_, f in out], dtype=bool)
+        self.emitted_flags = np.array([f for *_, f in out], dtype=np.int8)
         return stack([row for *row, _ in out], x.shape[-1], residual.shape[-1])
 
     def _emit(self, pend: list, next_x, terminal: bool) -> tuple:

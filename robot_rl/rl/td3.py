@@ -309,7 +309,7 @@ class TD3Run:
         rcfg = (residual or ResidualConfig(head="tanh")).derive(bc, task, obs_dims)
         self.policy = residual_for_base(rcfg, base)  # an image base: its encoder's features too (module doc)
         self.learner = TD3Learner(self.policy, td3)
-        self.demos, self.demo_stats = None, {"transitions": 0, "intervention_steps": 0}
+        self.demos, self.demo_stats = None, {"transitions": 0, "intervention_steps": 0, "unreachable": 0}
         if demos is not None and td3.demo_ratio > 0:
             from robot_rl.envs.tasks import make_task
 
@@ -355,18 +355,31 @@ class TD3Run:
         return self.steps >= self.td3.total_env_steps
 
     def add(self, x, residual, reward, terminated, truncated, next_x, success, slots=None,
-            interventions=None) -> None:
+            interventions=None, unreachable=None) -> None:
         """Store B executed steps (see :meth:`robot_rl.rl.replay.NStep.push` for the arrays; ``success`` (B,) bool;
         ``slots``: each row's n-step window, default row i -> window i) and count them as env steps.
 
         ``interventions`` (B,) bool, optional: steps a human drove (their ``residual`` the human action's
         residual-unit equivalent). With ``td3.use_interventions`` their n-step transitions join the demo side too,
         as HIL-SERL adds intervention steps to both buffers (Luo et al. 2024); a demo side is created for them when
-        the run has none (not saved in ``state``: a resumed run gets them back from the store with ``--demos``)."""
-        tr = self.nstep.push(x, residual, reward, terminated, truncated, next_x, slots=slots, flags=interventions)
+        the run has none (not saved in ``state``: a resumed run gets them back from the store with ``--demos``).
+        ``unreachable`` (B,) bool, optional: intervention steps whose executed action the residual cannot reach
+        (their ``residual`` is clipped); transitions starting there are stored on neither side, as
+        :func:`~robot_rl.rl.replay.demo_buffer` drops such demo steps (a clipped label was never executed)."""
+        flags = None
+        if interventions is not None:
+            flags = np.asarray(interventions, bool).astype(np.int8)
+            if unreachable is not None:
+                flags[np.asarray(unreachable, bool)] = 2
+        tr = self.nstep.push(x, residual, reward, terminated, truncated, next_x, slots=slots, flags=flags)
+        ef = self.nstep.emitted_flags
+        if (ef == 2).any():
+            self.demo_stats["unreachable"] += int((ef == 2).sum())
+            tr = {k: v[torch.as_tensor(ef != 2)] for k, v in tr.items()}
+            ef = ef[ef != 2]
         self.online.add(*tr.values())
-        if interventions is not None and self.td3.use_interventions and self.nstep.emitted_flags.any():
-            m = torch.as_tensor(self.nstep.emitted_flags)
+        if interventions is not None and self.td3.use_interventions and (ef == 1).any():
+            m = torch.as_tensor(ef == 1)
             if self.demos is None:
                 rc = self.policy.config
                 self.demos = ReplayBuffer(min(self.td3.buffer_size, self.td3.total_env_steps), rc.in_dim,
@@ -452,7 +465,7 @@ def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, 
     Writes ``out_dir/{checkpoint, state, learning_curve.json, td3_config.json}`` (+ ``checkpoint_best``,
     ``validation.json``). Returns (the residual, learning-curve rows {env_steps, episodes, success_rate, wall_s,
     unix_time, updates, actor_updates, utd, critic_loss, q_mean, target_mean, actor_loss, residual_abs, online_size,
-    demo_size, intervention_share, base_calls[, val_success]}), one row per ``log_every`` env steps.
+    demo_size, intervention_share, unreachable_steps, base_calls[, val_success]}), one row per ``log_every`` env steps.
     Raises ConfigError for bad configs or a bad demo store.
     """
     td3.validate()
@@ -496,6 +509,7 @@ def _row(steps, window, learner, online, demo_buf, demo_stats, base_calls, t0) -
             "residual_abs": float(np.mean(window["res"])) if window["res"] else float("nan"),
             "online_size": len(online), "demo_size": n_demo,
             "intervention_share": demo_stats["intervention_steps"] / max(1, demo_stats["transitions"]),
+            "unreachable_steps": demo_stats["unreachable"],
             "base_calls": base_calls}
 
 

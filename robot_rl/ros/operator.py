@@ -4,7 +4,9 @@ with the policy node's ``learn:=true``), for simulation and tests.
 What it does, episode after episode (a state machine on a 20 Hz timer, all service calls asynchronous):
   1. while the policy node's episode runs (``/<policy_node>/episode_state`` ``running``) and the simulator's task
      predicate (``<privileged_namespace>/success``, std_msgs/Bool) turns true, it calls
-     ``/<policy_node>/mark_success`` — the label a person would give on seeing the cube placed;
+     ``/<policy_node>/mark_success`` — the label a person would give on seeing the cube placed; when its failure
+     predicate (``<privileged_namespace>/failure``: the cube set down off target) turns true, ``mark_failure``, as
+     the simulated env ends such an episode;
   2. once the episode is over (``idle``: labelled by it, by the node's time limit as failed, or discarded), or left
      ``unlabelled`` by an e-stop (which it does not keep: a person would inspect it; the scripted one drops it), it
      resets the scene (``/<sim_robot>/reset``, std_srvs/Trigger: the next seed of the simulator's schedule) and
@@ -48,6 +50,7 @@ def make_node():
             self.max_episodes = int(declare(self, "episodes", 0, "episodes to run, then stop (0: never)"))
             self.reset_wait = float(declare(self, "reset_wait", 0.5, "seconds between the reset and the start"))
             self.cli = {"success": self.create_client(Trigger, f"/{pn}/mark_success"),
+                        "failure": self.create_client(Trigger, f"/{pn}/mark_failure"),
                         "reset": self.create_client(Trigger, f"/{sim}/reset"),
                         "start": self.create_client(Trigger, f"/{pn}/start_episode")}
             self.success, self.state, self.busy = False, None, False
@@ -56,7 +59,10 @@ def make_node():
             self.seen_episode = self.marked = None
             self.rule, self.driving = None, False  # the takeover rule (intervene:=true), and whether it drives now
             self.phase, self.start_at = None, 0.0  # None | resetting | wait | starting
+            self.failure = False
             self.create_subscription(Bool, f"{ns}/success", lambda m: setattr(self, "success", bool(m.data)),
+                                     COMMAND_QOS)
+            self.create_subscription(Bool, f"{ns}/failure", lambda m: setattr(self, "failure", bool(m.data)),
                                      COMMAND_QOS)
             self.create_subscription(String, f"/{pn}/episode_state", self._on_state, LATCHED_QOS)
             self.pub = self.create_publisher(String, "~/status", LATCHED_QOS)
@@ -164,13 +170,14 @@ def make_node():
                 return
             if st["state"] == "running":
                 self.phase = None
-                if self.success and self.marked != st["episode"]:
+                if (self.success or self.failure) and self.marked != st["episode"]:
                     self.marked = st["episode"]
-                    self._call("success", failed=lambda: setattr(self, "marked", None))  # e.g. no step yet
+                    self._call("success" if self.success else "failure",
+                               failed=lambda: setattr(self, "marked", None))  # e.g. no step yet
                 return
             if self.phase == "wait":  # reset done; the scene settles, as a person would look before confirming
                 if time.monotonic() >= self.start_at:
-                    self.phase, self.success = "starting", False
+                    self.phase, self.success, self.failure = "starting", False, False
                     self._call("start", failed=lambda: setattr(self, "phase", None))
                 return
             if self.phase is not None:  # a reset or start in flight, or started and the state not yet running

@@ -252,9 +252,17 @@ class LearnerHost:
         inter = req.get("intervention")
         self.rows += k
         self.intervened += int(np.sum(inter[:k])) if inter is not None else 0
-        run.add(x, torch.as_tensor(np.array(req["residual"][:k])), req["reward"][:k], req["terminated"][:k],
-                req["truncated"][:k], nx, req["success"][:k], slots=slots,
-                interventions=None if inter is None else np.asarray(inter[:k], bool))
+        res = torch.as_tensor(np.array(req["residual"][:k]))
+        unreachable = None
+        if inter is not None and np.any(inter[:k]):  # a human's action beyond base +- alpha: its residual is clipped
+            with torch.no_grad():
+                base_n = norm.normalize("action", torch.as_tensor(np.array(req["base"][:k])))
+                exe_n = norm.normalize("action", torch.as_tensor(np.array(req["executed"][:k])))
+                far = ((pol.combine(base_n, res) - exe_n).abs() > 1e-3).any(-1).numpy()
+            unreachable = far & np.asarray(inter[:k], bool)
+        run.add(x, res, req["reward"][:k], req["terminated"][:k], req["truncated"][:k], nx, req["success"][:k],
+                slots=slots, interventions=None if inter is None else np.asarray(inter[:k], bool),
+                unreachable=unreachable)
         run.train()
         self.inbox.consumed += len(req["sessions"])
         if run.learner.actor_updates - self.pushed_at >= td3.push_every:
