@@ -117,9 +117,8 @@ class ScriptedIntervention:
     Rule: the expert takes over when the policy holds the cube low over the wrong spot, i.e. about to set it down
     off target: all of gripper width < ``max_width`` (closed on the 40 mm cube), cube centre ``lift[0]``-``lift[1]``
     above its resting height (``target_pos`` z), and horizontal cube-to-target error between ``min_error`` and
-    ``near``. From then to
-    the end of the episode a :class:`ScriptedExpert` drives from its ``transport`` phase: lift to carry height,
-    align within 3 mm, lower, release. A policy that places well, or fails earlier (no grasp, dropped cube, far from
+    ``near``. From then to the end of the episode a :class:`ScriptedExpert` drives from its ``transport`` phase:
+    lift to carry height, align within 3 mm, lower, release. A policy that places well, or fails earlier (no grasp, dropped cube, far from
     the target), is not helped; so the intervention rate falls as the policy improves.
 
     Call :meth:`reset` at each episode start and the instance once per control step with the env's observation

@@ -205,6 +205,13 @@ def relabel_base_actions(base, obs: dict, lengths: list[int], seed: int = 0) -> 
     return out
 
 
+def reaches(policy, base_n: torch.Tensor, residual: torch.Tensor, executed_n: torch.Tensor) -> np.ndarray:
+    """(B,) bool: ``policy.combine(base_n, residual)`` gives the executed action (normalized, (B, A)) within 1e-3 in
+    every dimension, i.e. the residual label is what was executed, not a clipped stand-in for an action beyond
+    base +- alpha (demo steps and a human's interventions; such steps are kept out of the replay)."""
+    return ((policy.combine(base_n, residual) - executed_n).abs() <= 1e-3).all(-1).numpy()
+
+
 def demo_buffer(store_path: str | Path, base, policy, *, n_step: int, gamma: float, task: str, max_steps: int,
                 tolerance: float | None = None, intervention_penalty: float = 0.0,
                 use_interventions: bool = True, max_episodes: int | None = None, seed: int = 0,
@@ -271,7 +278,7 @@ def demo_buffer(store_path: str | Path, base, policy, *, n_step: int, gamma: flo
         executed = np.concatenate([_executed(e) for e in eps])
         act_n = norm.normalize("action", torch.as_tensor(executed, dtype=torch.float32))
         label = ((act_n - base_n) / rc.alpha).clamp(-1.0, 1.0)
-        reachable = ((policy.combine(base_n, label) - act_n).abs() <= 1e-3).all(-1).numpy()
+        reachable = reaches(policy, base_n, label, act_n)
         x_all = policy.features(norm, cat, base_n)
     buf = ReplayBuffer(capacity or max(1, int(sum(lengths))), rc.in_dim, rc.action_dim)
     nstep = NStep(1, n_step, gamma)

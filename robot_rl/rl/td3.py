@@ -262,8 +262,8 @@ def _polyak(target: torch.nn.Module, source: torch.nn.Module, tau: float) -> Non
 
 class Explorer:
     """The exploring actor the collector calls: base + U(-warmup_noise, warmup_noise) while warming up
-    (:meth:`TD3Config.warming_up`), then ``clip(pi(x) + N(0, std), -1, 1)`` with ``std = cfg.explore_std_at(steps)`` (residual units).
-    The loop sets ``steps`` (env steps so far). Draws from torch's global RNG."""
+    (:meth:`TD3Config.warming_up`), then ``clip(pi(x) + N(0, std), -1, 1)`` with ``std = cfg.explore_std_at(steps)``
+    (residual units). The loop sets ``steps`` (env steps so far). Draws from torch's global RNG."""
 
     def __init__(self, policy: ResidualPolicy, cfg: TD3Config):
         self.policy, self.cfg, self.steps = policy, cfg, 0
@@ -502,8 +502,9 @@ def _row(steps, window, learner, online, demo_buf, demo_stats, base_calls, t0) -
     mean = lambda k: float(np.mean([s[k] for s in st if k in s])) if any(k in s for s in st) else float("nan")  # noqa
     n_demo = len(demo_buf) if demo_buf is not None else 0
     succ = window["succ"]
+    now = time.time()
     return {"env_steps": steps, "episodes": len(succ), "success_rate": float(np.mean(succ)) if succ else float("nan"),
-            "wall_s": time.time() - t0, "unix_time": time.time(), "updates": learner.updates, "actor_updates": learner.actor_updates,
+            "wall_s": now - t0, "unix_time": now, "updates": learner.updates, "actor_updates": learner.actor_updates,
             "utd": learner.updates / max(steps, 1), "critic_loss": mean("critic_loss"), "q_mean": mean("q_mean"),
             "target_mean": mean("target_mean"), "actor_loss": mean("actor_loss"),
             "residual_abs": float(np.mean(window["res"])) if window["res"] else float("nan"),

@@ -22,8 +22,9 @@ those steps and sends them as interventions (HIL-SERL). It assembles the observa
 
 Parameters: ``policy_node`` / ``sim_robot`` (node names), ``privileged_namespace``, ``episodes``, ``reset_wait``
 (s), ``intervene``, ``control_rate`` (Hz), the rule's bounds ``intervene_near`` / ``intervene_lift`` /
-``intervene_min_error`` / ``intervene_max_width`` (m; defaults: the rule's). Publishes ``~/status`` (std_msgs/String JSON {episodes, successes,
-failures, discarded, intervened_episodes, intervention_steps}) on each label.
+``intervene_min_error`` / ``intervene_max_width`` (m; defaults: the rule's). Publishes ``~/status``
+(std_msgs/String JSON {episodes, successes, failures, discarded, intervened_episodes, intervention_steps}) on each
+label.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def make_node():
             self.js, self.poses = JointStateCache(), PoseCache()
             self.create_subscription(JointState, "/joint_states", self.js.update, COMMAND_QOS)
             self.markers = [m.name for m in self.task.markers]
-            for n in [o.name for o in self.task.objects] + self.markers:
+            self.pose_names = [o.name for o in self.task.objects] + self.markers
+            for n in self.pose_names:
                 self.create_subscription(PoseStamped, f"{ns}/{n}_pose", lambda m, n=n: self.poses.update(n, m),
                                          COMMAND_QOS)
             self.pub_int = self.create_publisher(self._Bool, "/robot_rl/intervention", COMMAND_QOS)
@@ -105,8 +107,8 @@ def make_node():
             from robot_rl.envs.env import assemble_observation
 
             r = self.robot
-            if not self.js.has((*r.arm_joints, *r.gripper_joints)) or any(
-                    n not in self.poses.poses for n in [o.name for o in self.task.objects] + self.markers):
+            if not self.js.has((*r.arm_joints, *r.gripper_joints)) or any(n not in self.poses.poses
+                                                                         for n in self.pose_names):
                 return None
             q, dq, w, _ = self.js.get(r.arm_joints, r.gripper_joints)
             params = {f"{n}_xy": [float(v) for v in self.poses.poses[n][0][:2]] for n in self.markers}

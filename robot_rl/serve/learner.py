@@ -47,6 +47,7 @@ import torch
 from robot_rl.envs.vector import env_kwargs_for, make_vector_env
 from robot_rl.errors import ConfigError
 from robot_rl.rl.collector import env_obs_dims
+from robot_rl.rl.replay import reaches
 from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, freeze
 from robot_rl.rl.td3 import TD3Config, TD3Run
 from robot_rl.serve.actor import ActorSpec, run_actor
@@ -258,8 +259,7 @@ class LearnerHost:
             with torch.no_grad():
                 base_n = norm.normalize("action", torch.as_tensor(np.array(req["base"][:k])))
                 exe_n = norm.normalize("action", torch.as_tensor(np.array(req["executed"][:k])))
-                far = ((pol.combine(base_n, res) - exe_n).abs() > 1e-3).any(-1).numpy()
-            unreachable = far & np.asarray(inter[:k], bool)
+                unreachable = ~reaches(pol, base_n, res, exe_n) & np.asarray(inter[:k], bool)
         run.add(x, res, req["reward"][:k], req["terminated"][:k], req["truncated"][:k], nx, req["success"][:k],
                 slots=slots, interventions=None if inter is None else np.asarray(inter[:k], bool),
                 unreachable=unreachable)
