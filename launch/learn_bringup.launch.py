@@ -20,18 +20,22 @@ def generate_launch_description():
     server = LaunchConfiguration("server")
     task = LaunchConfiguration("task")
     episode_steps = LaunchConfiguration("episode_steps")
+    checkpoint = LaunchConfiguration("checkpoint")
     return LaunchDescription([
         DeclareLaunchArgument("task", default_value="place", description="lift | place (scene, observation keys)"),
         DeclareLaunchArgument("backend", default_value="pybullet", description="mujoco | pybullet"),
         DeclareLaunchArgument("server", default_value="127.0.0.1:5555", description="robot-rl learn host:port"),
         DeclareLaunchArgument("episode_steps", default_value="100", description="time limit (control steps)"),
+        DeclareLaunchArgument("checkpoint", default_value="",
+                              description="the learner's base here: keep its last weights (offline episodes)"),
         Node(executable="robot-rl-sim-robot", name="sim_robot", output="screen",
              parameters=[os.path.join(CONFIG, "sim_robot.yaml"), {"backend": backend, "task.name": task}]),
         Node(executable="robot-rl-arm-bridge", name="arm_bridge", output="screen",
              parameters=[os.path.join(CONFIG, "arm_bridge.yaml")]),
         Node(executable="robot-rl-policy-node", name="policy_node", output="screen",
              parameters=[os.path.join(CONFIG, "policy_node_learn.yaml"),
-                         {"server": server, "task.name": task, "episode_steps": episode_steps}]),
+                         {"server": server, "task.name": task, "episode_steps": episode_steps,
+                          "checkpoint": checkpoint}]),
         Node(executable="robot-rl-operator", name="operator", output="screen",
              parameters=[os.path.join(CONFIG, "operator.yaml")]),
     ])

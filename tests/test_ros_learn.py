@@ -4,6 +4,7 @@ server. The test is the operator: it labels episodes through the node's services
 learner and its store whole (the time limit labels failure), an e-stopped episode the operator does not label is
 dropped by the next ~/start_episode, and Ctrl-C saves the learner's state."""
 
+import json
 import re
 import signal
 import subprocess
@@ -177,13 +178,15 @@ def test_scripted_operator_runs_episodes_back_to_back(ros):
 def test_learner_killed_mid_episode_holds_and_a_resumed_learner_takes_over(ros):
     """SIGKILL the learner while the node runs an episode: the arm holds within one control period (+ the step
     deadline) and gets no further action; a learner restarted with --resume on the same port serves the node
-    again (its session re-created), the running episode still reaches it, and the store keeps every episode."""
+    again (its session re-created), the running episode still reaches it, and the store keeps every episode.
+    Killed again between episodes, the node keeps serving its last good weights: the next episode runs base + its
+    copy of the learner's residual, offline (nothing sent)."""
     from sensor_msgs.msg import JointState
-    from std_msgs.msg import Empty
+    from std_msgs.msg import Empty, String
     from std_srvs.srv import Trigger
 
     from robot_rl.datasets.store import ZarrStore
-    from robot_rl.ros.common import COMMAND_QOS
+    from robot_rl.ros.common import COMMAND_QOS, LATCHED_QOS
 
     drv, start, tmp = ros
     out = tmp / "learn"
@@ -193,9 +196,11 @@ def test_learner_killed_mid_episode_holds_and_a_resumed_learner_takes_over(ros):
         start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet", "seed": 9_200_000})
         start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands", "hardware_interpolates": True})
         start("robot_rl.ros.policy_node", {"server": f"127.0.0.1:{port}", "learn": True, "episode_steps": 12,
-                                           "server_timeout": 0.1, "autostart": True})
+                                           "server_timeout": 0.1, "autostart": True, "checkpoint": str(FIXTURE)})
         drv.subscribe(JointState, "/arm_bridge/action", COMMAND_QOS, keep=True)
         drv.subscribe(Empty, "/arm_bridge/hold", COMMAND_QOS, keep=True)
+        drv.subscribe(String, "/policy_node/episode_state", LATCHED_QOS, keep=True)
+        state = lambda: json.loads(drv.log["/policy_node/episode_state"][-1][1].data)  # noqa: E731
         actions = lambda: drv.log.get("/arm_bridge/action", [])  # noqa: E731
         n_ep = lambda: ZarrStore.open(store).n_episodes if store.exists() else 0  # noqa: E731
         drv.wait_for(lambda: n_ep() == 1, 90, "the first episode in the store")
@@ -218,6 +223,20 @@ def test_learner_killed_mid_episode_holds_and_a_resumed_learner_takes_over(ros):
         drv.wait_for(lambda: n_ep() == 2, 60, "the interrupted episode, labelled at its time limit")
         again = ZarrStore.open(store).get_episode(0)
         assert all(np.array_equal(first[k], again[k], equal_nan=True) for k in first)
+        # killed between episodes: the next episode runs the node's copy of the last weights, offline
+        drv.wait_for(lambda: state()["state"] == "idle", 10, "the node idle after the time limit")
+        learner.send_signal(signal.SIGKILL)
+        learner.wait()
+        assert drv.call(Trigger, "/sim_robot/reset").success
+        r = drv.call(Trigger, "/policy_node/start_episode")
+        assert r.success and "OFFLINE" in r.message, r.message
+        n_before = len(actions())
+        drv.wait_for(lambda: state()["state"] == "idle", 30, "the offline episode at its time limit")
+        st = state()
+        assert st["offline"] and st["label"] == "failure" and st["rows_sent"] == 0, st
+        assert isinstance(st["residual_version"], int), st  # a copy of the resumed learner's residual
+        assert len(actions()) - n_before >= 12  # its 12 steps reached the arm
+        assert n_ep() == 2
     finally:
         stop_learner(learner)
 

@@ -34,6 +34,7 @@ from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, load_residual, 
 from robot_rl.envs.vector import env_kwargs_for
 from robot_rl.serve import protocol as P
 from robot_rl.serve.client import AsyncChunkClient, PolicyClient, RemotePolicy, ServerError, ServerTimeout
+from robot_rl.serve.server import weights_digest
 
 KEYS = {"ee_pos": 3, "cube_pos": 3}
 TOKEN = "test-token-0123456789"
@@ -397,6 +398,8 @@ def test_weight_push_changes_version_and_actions_without_dropping_requests(serve
             c.push_weights(b"not safetensors", version=2)
         got = [c.act("after-push", t, o, reset=t == 0, seed=9 if t == 0 else None) for t, o in enumerate(obs)]
         assert c.metadata(refresh=True)["residual"]["version"] == 1
+        version, copy = c.fetch_residual(base)  # the `weights` request: a robot's copy of the served residual
+        assert version == 1 and weights_digest(copy) == weights_digest(res2) != weights_digest(res1)
     want2, _, _ = _reference(base, res2, 9, obs)
     want1, _, _ = _reference(base, res1, 9, obs)
     acts = np.stack([r.action for r in got])
@@ -527,6 +530,11 @@ def test_a_push_mid_chunk_takes_effect_at_the_next_chunk(ckpts, models):
     acts = np.stack([r["executed"][0] for r in got])
     assert np.array_equal(acts[:Ta], want1[:Ta]) and np.array_equal(acts[Ta:], want2[Ta:])
     assert not np.allclose(want1[Ta:], want2[Ta:])
+    from robot_rl.serve.server import PolicyService, ServeConfig
+
+    bare = PolicyService(base, None, ServeConfig(port=0))  # serves no residual: the `weights` reply says so
+    assert _call(bare, "weights", 1) == {**_call(bare, "weights", 1), "residual_version": 0, "weights": None,
+                                         "config": None}
 
 
 def _transitions(k, A=5, **over):

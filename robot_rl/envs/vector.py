@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from functools import partial
 
 import gymnasium as gym
@@ -33,6 +34,15 @@ def _env_fn(task, backend, task_kwargs, env_kwargs):
     return make_env(task, backend, task_kwargs=task_kwargs, **env_kwargs)
 
 
+def worker_context():
+    """The ``multiprocessing`` context of local env and actor workers: ``forkserver`` (safe beside torch's thread
+    pools), its server preloading this module (the simulators) and torch, so each worker forks with them imported
+    (about 0.2 s per worker against 3 s importing them anew). The preload list has no effect once this process's
+    fork server runs (it is started by the first worker)."""
+    multiprocessing.set_forkserver_preload([__name__, "torch"])
+    return multiprocessing.get_context("forkserver")
+
+
 def make_vector_env(task: str, n_envs: int, backend: str = "mujoco", *, task_kwargs: dict | None = None,
                     asynchronous: bool = True, ray: str | None = None, **env_kwargs) -> gym.vector.VectorEnv:
     """``n_envs`` copies of ``make_env(task, backend, ...)`` with autoreset disabled.
@@ -44,7 +54,8 @@ def make_vector_env(task: str, n_envs: int, backend: str = "mujoco", *, task_kwa
     unreachable cluster (field ``env.ray``).
 
     Local workers start with the ``forkserver`` method (safe with torch's thread pools), so a script that calls
-    this must guard its entry point with ``if __name__ == "__main__":`` (standard multiprocessing rule).
+    this must guard its entry point with ``if __name__ == "__main__":`` (standard multiprocessing rule); see
+    :func:`worker_context`.
     """
     check_env_options(task, task_kwargs, **env_kwargs)  # bad input fails here, not in a worker
     if ray is not None:
@@ -54,6 +65,7 @@ def make_vector_env(task: str, n_envs: int, backend: str = "mujoco", *, task_kwa
     fns = [partial(_env_fn, task, backend, task_kwargs or {}, env_kwargs) for _ in range(n_envs)]
     mode = gym.vector.AutoresetMode.DISABLED
     if asynchronous and n_envs > 1:
+        worker_context()
         return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode, context="forkserver")
     return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
 

@@ -49,7 +49,12 @@ episode's rows stay in the node until it is labelled, then go to the learner in 
   ``~/start_episode`` (the operator's "reset done") begins the next episode (the node must be active, the e-stop
       clear). After a label or a discard the arm holds until then.
   ``~/episode_state`` (std_msgs/String, latched) JSON {state: running | unlabelled | idle, episode, steps, label:
-      success | failure | discarded, rows_sent}, published on every change, for the operator.
+      success | failure | discarded, rows_sent, offline, residual_version (of the local copy, or null)}, published
+      on every change, for the operator.
+  The learner dies mid-episode: the step's deadline passes and the arm holds (the episode waits for the learner,
+  and continues when a restarted one answers). With ``checkpoint:=`` the learner's base, the node keeps the last
+  good weights (a copy of the learner's residual, refreshed at each episode boundary) and an episode started while the
+  learner does not answer runs base + that copy here, offline (no exploration, nothing sent).
 A hold mid-episode keeps the session: the row of the step before it spans the hold.
 
 Holds (publishes ``std_msgs/Empty`` on ``hold_topic``: the bridge commands the measured posture) when an input is
@@ -203,35 +208,95 @@ class LearningSource:
     exploration the learner asks for; while the teleop mux says a human drives (``/robot_rl/intervention``), the
     step is the human's latest ``/robot_rl/human_action`` and is sent as an intervention. The episode's rows go
     to the learner when it is labelled (``~/mark_success``, ``~/mark_failure``, the time limit) and are dropped
-    when it is discarded (``~/discard_episode``, or a new episode over an unlabelled one, e.g. after an e-stop)."""
+    when it is discarded (``~/discard_episode``, or a new episode over an unlabelled one, e.g. after an e-stop).
 
-    def __init__(self, address: str, token: str | None, name: str, seed: int = 0, connect_timeout: float = 10.0):
+    ``checkpoint`` (the learner's base, on this machine; optional): the source keeps the last good weights, a copy
+    of the learner's residual fetched at every episode start and after every episode sent (the ``weights`` request;
+    a version switch only at episode boundaries). An episode that starts while the learner does not answer within ``probe_s`` runs
+    offline: base + that copy in this process (:class:`InProcessSource`, no exploration), nothing sent. Raises
+    ConfigError when the checkpoint is not the learner's base."""
+
+    def __init__(self, address: str, token: str | None, name: str, seed: int = 0, connect_timeout: float = 10.0,
+                 checkpoint: str = "", probe_s: float = 1.0):
         from robot_rl.serve.actor import EpisodeActor
         from robot_rl.serve.client import PolicyClient
 
         self.client = PolicyClient(address, token=token, timeout_s=connect_timeout, retries=0)
-        meta = self.client.wait_ready(connect_timeout)
-        if "learner" not in self.client.ping():
+        try:
+            meta = self.client.wait_ready(connect_timeout)
+            if "learner" not in self.client.ping():
+                raise ConfigError("learn", f"the policy server at {address} has no learner attached",
+                                  "point server:= at `robot-rl learn`, or set learn:=false")
+            self.keys, self.image_shape = _server_inputs(meta)
+            self.local, self.local_version = None, None  # InProcessSource of the last good weights, their version
+            if checkpoint:
+                from robot_rl.serve.server import weights_digest
+
+                self.local = InProcessSource(checkpoint, seed=seed)
+                if weights_digest(self.local.base) != meta["base"]["version"]:
+                    raise ConfigError("checkpoint", f"{checkpoint} is not the learner's base (weights digest "
+                                      f"{weights_digest(self.local.base)} != {meta['base']['version']})",
+                                      "point checkpoint:= at the base the learner was started with (--base)")
+                self._fetch(connect_timeout)
+        except BaseException:
             self.client.close()
-            raise ConfigError("learn", f"the policy server at {address} has no learner attached",
-                              "point server:= at `robot-rl learn`, or set learn:=false")
-        self.keys, self.image_shape = _server_inputs(meta)
+            raise
         self.actor = EpisodeActor(self.client, name=f"{name}-{os.getpid()}", seed=seed)
-        self.seed, self.connect_timeout = seed, connect_timeout
+        self.seed, self.connect_timeout, self.probe_s = seed, connect_timeout, probe_s
         self.human = None  # the human's action for the next step, or None (the node sets it per tick)
+        self.offline = False  # this episode runs the last good weights here (the learner was unreachable)
+
+    def _fetch(self, timeout_s: float):
+        """Refresh the copy of the learner's residual (raises ServerTimeout, ServerError)."""
+        self.local_version, self.local.res = self.client.fetch_residual(self.local.base, timeout_s)
 
     def start(self):
+        """A new episode: the learner's, with the copy of its weights refreshed; or, with a checkpoint and the
+        learner not answering within ``probe_s``, an offline one on the last good weights."""
+        from robot_rl.serve.client import ServerError
+
+        self.offline = False
+        if self.local is not None:
+            try:
+                self._fetch(self.probe_s)
+            except ServerError:
+                pass  # the learner answers (with an error): it runs the episode; the previous copy stays
+            except TimeoutError:
+                self.offline = True
+                self.actor.discard()
+                self.local.start()
+                return
         self.actor.start(seed=self.seed + self.actor.episode)
 
+    @property
+    def has_steps(self) -> bool:
+        """The running episode has acted at least once (so it can be labelled)."""
+        return (not self.local.first) if self.offline else self.actor.pending is not None
+
     def drop_chunk(self):
-        pass  # a hold keeps the episode's session: the next step continues it (its row spans the hold)
+        if self.offline:
+            self.local.drop_chunk()
+        # learning: a hold keeps the episode's session: the next step continues it (its row spans the hold)
 
     def act(self, obs: dict, timeout_s: float) -> np.ndarray:
+        if self.offline:
+            return self.local.act(obs, timeout_s)
         first = self.actor.step == 0
         return self.actor.act(obs, human=self.human, timeout_s=self.connect_timeout if first else timeout_s)[None]
 
     def end(self, final_obs: dict, success: bool) -> int:
-        return self.actor.end(final_obs, success, timeout_s=self.connect_timeout)
+        """Send the labelled episode; returns the rows sent (0 for an offline episode, which is not sent)."""
+        from robot_rl.serve.client import ServerError
+
+        if self.offline:
+            return 0
+        n = self.actor.end(final_obs, success, timeout_s=self.connect_timeout)
+        if self.local is not None:
+            try:  # the learner just answered: refresh the copy now too, so it is the newest if the learner dies
+                self._fetch(self.probe_s)
+            except (TimeoutError, ServerError):
+                pass  # the previous copy stays
+        return n
 
     def discard(self):
         self.actor.discard()
@@ -298,7 +363,8 @@ def make_node():
             self.robot, self.chain = robot_model(self)
             self.controller = DiffIKController(self.chain, np.array(self.robot.q_home))
             self.p = {
-                "checkpoint": declare(self, "checkpoint", "", "base policy checkpoint dir (in-process mode)"),
+                "checkpoint": declare(self, "checkpoint", "", "base policy checkpoint dir (in-process mode; "
+                                      "learn: the learner's base, to keep its last good weights here)"),
                 "residual": declare(self, "residual", "", "residual checkpoint dir (in-process mode, optional)"),
                 "server": declare(self, "server", "", "policy server host:port ('' = in-process)"),
                 "server_timeout": float(declare(self, "server_timeout", 0.05, "deadline of one step's request [s]",
@@ -406,7 +472,7 @@ def make_node():
                         token = open(p["token_file"]).read().strip()
                     if p["learn"]:
                         self.source = LearningSource(p["server"], token, self.get_name(), p["seed"],
-                                                     p["connect_timeout"])
+                                                     p["connect_timeout"], p["checkpoint"])
                     elif p["execution"] == "async":
                         self.source = AsyncServerSource(p["server"], token, self.get_name(), p["seed"],
                                                         p["connect_timeout"], p["chunk_threshold"],
@@ -520,7 +586,8 @@ def make_node():
             if self.p["learn"]:
                 self.pub_episode.publish(self._String(data=json.dumps(
                     {"state": state, "episode": self.n_episodes, "steps": self.steps, "label": self.last_label,
-                     "rows_sent": rows})))
+                     "rows_sent": rows, "offline": self.source.offline,
+                     "residual_version": self.source.local_version})))
 
         def _stop_loop(self, reason: str):
             if self.timer is not None:
@@ -667,7 +734,7 @@ def make_node():
             ~/start_episode."""
             self._stop_loop(f"episode over ({why})")
             final = self._final_obs()
-            if final is None or self.source.actor.pending is None:
+            if final is None or not self.source.has_steps:
                 self.source.discard()
                 self._set_episode("idle", "discarded")
                 return "no step to send"
@@ -678,17 +745,22 @@ def make_node():
                 self.get_logger().error(f"could not send the episode ({e}); label it again once the learner is "
                                         "back, or ~/discard_episode")
                 return f"not sent ({e}): label again to retry, or discard"
-            self._set_episode("idle", "success" if success else "failure", n)
+            label = "success" if success else "failure"
+            self._set_episode("idle", label, n)
+            if self.source.offline:
+                self.counts["offline_episodes"] += 1
+                self.get_logger().info(f"offline episode labelled {label} ({why}): not sent")
+                return f"{label}: offline episode (the learner was unreachable at its start), nothing sent"
             self.counts["episodes_sent"] += 1
             self.counts["rows_sent"] += n
-            self.get_logger().info(f"episode labelled {'success' if success else 'failure'} ({why}): {n} rows sent")
-            return f"{'success' if success else 'failure'}: {n} rows sent to the learner"
+            self.get_logger().info(f"episode labelled {label} ({why}): {n} rows sent")
+            return f"{label}: {n} rows sent to the learner"
 
         def _on_label(self, res, success: bool):
             if self.episode == "idle":
                 res.success, res.message = False, "no episode to label: call ~/start_episode first"
                 return res
-            if self.source.actor.pending is None:
+            if not self.source.has_steps:
                 res.success, res.message = False, "no step acted yet in this episode: label it after the first"
                 return res
             res.message = self._label(success, "operator")
@@ -715,6 +787,9 @@ def make_node():
                 self._begin_episode()
                 res.success = True
                 res.message = "episode started" + (" (the unlabelled one was discarded)" if dropped else "")
+                if self.source.offline:
+                    res.message += (f" OFFLINE: the learner does not answer; running base + the last good residual "
+                                    f"(version {self.source.local_version}) here, nothing is sent")
             return res
 
         def _on_human(self, m):

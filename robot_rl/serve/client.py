@@ -408,6 +408,19 @@ class PolicyClient:
         m = self._call("push_weights", timeout_s, version=int(version), weights=bytes(weights), config=config)
         return int(m["residual_version"])
 
+    def fetch_residual(self, base, timeout_s: float | None = None):
+        """The served residual as a local frozen copy (the ``weights`` request): ``(residual_version,
+        ResidualPolicy or None when the server serves none)``, checked against ``base`` (the same base policy as the
+        server's). Raises ServerTimeout, ServerError, and ConfigError for weights that do not fit ``base``."""
+        from safetensors.torch import load as st_load
+
+        from robot_rl.rl.residual import residual_from_tensors
+
+        m = self._call("weights", timeout_s)
+        if m["weights"] is None:
+            return int(m["residual_version"]), None
+        return int(m["residual_version"]), residual_from_tensors(m["config"], st_load(m["weights"]), base)
+
     def send_transitions(self, rows: dict, timeout_s: float | None = None) -> dict:
         """Stream executed control steps to the learner behind the server (the ``transitions`` request of
         :mod:`robot_rl.serve.protocol`, whose doc lists the fields): ``rows`` maps ``sessions`` to a list of K

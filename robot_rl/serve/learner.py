@@ -18,7 +18,7 @@ The single-process mode (:func:`robot_rl.rl.td3.train_residual_td3`, ``td3.actor
 :func:`learn_online` (``robot-rl learn``) is the same learner for actors it does not start (a robot's policy node,
 sim actors on other machines): it listens on a given address and commits every received episode to a store.
 
-Where the actors run (:class:`ActorPool`): local ``spawn`` processes, or with ``env.ray`` set Ray tasks of
+Where the actors run (:class:`ActorPool`): local processes (forkserver), or with ``env.ray`` set Ray tasks of
 :data:`~robot_rl.envs.ray_envs.WORKER_NUM_CPUS` CPU each, on any node; then the server listens on this node's
 address with a random token. Weights still travel by the server's push, not Ray's object store: it is the robot's
 path too, versioned and pinned per action chunk, and one 300 kB push takes milliseconds (``bench/bench_learner.py``).
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import multiprocessing as mp
 import queue
 import secrets
 import sys
@@ -44,7 +43,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from robot_rl.envs.vector import env_kwargs_for, make_vector_env
+from robot_rl.envs.vector import env_kwargs_for, make_vector_env, worker_context
 from robot_rl.errors import ConfigError
 from robot_rl.rl.collector import env_obs_dims
 from robot_rl.rl.replay import reaches
@@ -65,7 +64,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 class ActorPool:
     """The actors of one run: ``spec(k, r)`` is actor k's :class:`ActorSpec` after r restarts.
 
-    ``address`` None: ``spawn`` processes (one dying ends the run: RuntimeError from :meth:`check`); an address:
+    ``address`` None: local processes (:func:`~robot_rl.envs.vector.worker_context`) (one dying ends the run: RuntimeError from :meth:`check`); an address:
     Ray tasks (:func:`robot_rl.envs.ray_envs.connect`), a dead one started again by :meth:`check`, which returns the
     indices restarted."""
 
@@ -73,7 +72,7 @@ class ActorPool:
         self.n, self.spec, self.address = n, spec, address
         self.restarts = [0] * n
         if address is None:
-            ctx = mp.get_context("spawn")
+            ctx = worker_context()
             self.stop_event = ctx.Event()
             self.procs = [ctx.Process(target=run_actor, name=f"actor{k}", daemon=True, args=(spec(k, 0),
                                                                                                self.stop_event))

@@ -7,7 +7,7 @@ every field is checked here against an explicit schema before the server looks a
 
 Common fields of every request::
 
-    {"v": 2, "type": <str>, "id": <int 0..2**63-1, echoed in the reply>, "token": <str, only if the server wants one>}
+    {"v": 3, "type": <str>, "id": <int 0..2**63-1, echoed in the reply>, "token": <str, only if the server wants one>}
 
 Request types (extra fields):
 
@@ -20,6 +20,9 @@ Request types (extra fields):
 - ``push_weights`` — ``version`` (int, strictly greater than the served residual version), ``weights`` (bin:
   a safetensors file of the residual's ``state_dict``), optional ``config`` (map of ``ResidualConfig`` fields;
   default: the served residual's config). Reply: ``{"residual_version": int}``.
+- ``weights`` (v3) — none. Reply ``{"residual_version": int, "config": map of ``ResidualConfig`` fields or nil,
+  "weights": bin (a safetensors file of the served residual's ``state_dict``, the layout a push sends) or nil}``
+  (nil: no residual served). A robot keeps this copy to run base + residual itself while the learner is down.
 - ``close`` — ``session``: forget a session's state. Reply ``{"closed": bool}``.
 - ``ping`` — none. Reply ``{"time": float (server wall clock, s), "stats": map, "sessions": int}`` (+ ``learner``,
   the map of a ``transitions`` reply, when a learner is attached).
@@ -44,7 +47,8 @@ Errors are replies ``{"v": 1, "type": "error", "id": <id or nil>, "code": <ERROR
 "message": str}``; the server answers every request, malformed ones included, and never dies of one.
 A change of any of this bumps :data:`PROTOCOL_VERSION`; a request with another ``v`` gets a ``version`` error.
 
-v2 added ``transitions`` and the ``not_learning`` error code; v1 clients get a ``version`` error.
+v2 added ``transitions`` and the ``not_learning`` error code; v3 added ``weights``; clients of an older version get
+a ``version`` error.
 
 Weight versions and chunks: a session takes the newest pushed residual when its base plans a chunk (or at reset)
 and keeps it for every step of that chunk, so no action chunk mixes two residual versions; ``act`` replies carry
@@ -68,7 +72,7 @@ import string
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 DEFAULT_PORT = 5555
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20  # 16 MiB: e.g. 2 frames of two 480x640 RGB cameras with room to spare
 
@@ -78,7 +82,7 @@ DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "uint8": "|u1", 
 MAX_NDIM = 6
 MAX_SESSION_LEN = 128
 MAX_ID = 2**63 - 1
-REQUEST_TYPES = ("metadata", "act", "push_weights", "close", "ping", "transitions")
+REQUEST_TYPES = ("metadata", "act", "push_weights", "close", "ping", "transitions", "weights")
 MAX_TRANSITIONS = 4096  # rows of one ``transitions`` request
 ERROR_CODES = ("decode", "too_large", "version", "schema", "auth", "dtype", "shape", "value", "unknown_session",
                "stale_step", "capacity", "push_rejected", "internal", "not_learning")
@@ -215,7 +219,7 @@ def check_session(s) -> str:
 
 # --- requests ---------------------------------------------------------------------------------------------------
 _COMMON = {"v", "type", "id", "token"}
-_FIELDS = {"metadata": set(), "ping": set(), "close": {"session"},
+_FIELDS = {"metadata": set(), "ping": set(), "weights": set(), "close": {"session"},
            "act": {"session", "step", "obs", "reset", "seed", "new_chunk"},
            "push_weights": {"version", "weights", "config"},
            "transitions": {"sessions", "steps", "obs", "base", "residual", "executed", "reward", "terminated",

@@ -191,6 +191,7 @@ class PolicyService:
         self.residual = residual
         self.residual_version = 0
         self.residual_digest = weights_digest(residual) if residual is not None else None
+        self._weights_bytes: tuple = (None, b"")  # ((version, digest), safetensors bytes) of the last weights reply
         self._last_push_sha = None
         self.base_version = weights_digest(base)
         # (client key, session id) -> session, least recently used first; and per client, sid -> session (LRU)
@@ -292,6 +293,8 @@ class PolicyService:
                 return self._pack(P.reply("close", rid, closed=s is not None)), None
             if t == "push_weights":
                 return self._push(req), None
+            if t == "weights":
+                return self._weights(rid), None
             if t == "transitions":
                 if self.learner is None:
                     raise P.ProtocolError("not_learning", "transitions", "this server has no learner attached; "
@@ -499,6 +502,19 @@ class PolicyService:
         self._push_limit = need + _HEADER_SLACK
         self.stats["pushes"] += 1
         return self._pack(P.reply("push_weights", rid, residual_version=version))
+
+    def _weights(self, rid) -> bytes:
+        """The ``weights`` reply: the served residual as safetensors bytes (serialised once per version)."""
+        from safetensors.torch import save as st_save
+
+        if self.residual is None:
+            return self._pack(P.reply("weights", rid, residual_version=self.residual_version, config=None,
+                                      weights=None))
+        if self._weights_bytes[0] != (self.residual_version, self.residual_digest):
+            state = {k: v.detach().cpu().contiguous() for k, v in self.residual.state_dict().items()}
+            self._weights_bytes = ((self.residual_version, self.residual_digest), st_save(state))
+        return self._pack(P.reply("weights", rid, residual_version=self.residual_version,
+                                  config=residual_config_dict(self.residual), weights=self._weights_bytes[1]))
 
     @staticmethod
     def _tensor_bytes(module: torch.nn.Module) -> int:
