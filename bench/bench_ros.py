@@ -16,7 +16,9 @@ part is the difference.
 resets and labels episodes so that transitions flow and the learner updates and pushes weights during the whole
 measured window (its updates, weight versions and env steps in that window are reported). Every process runs at
 ``--nice`` (default 19, as in the tests; the learner's updating thread lowers itself further,
-``robot_rl.serve.learner.yield_cpu_to_serving``); learner and nodes share this host's cores.
+``robot_rl.serve.learner.yield_cpu_to_serving``); learner and nodes share this host's cores, unless
+``--learner-cpus`` / ``--node-cpus`` pin them to CPU lists (``taskset -c``), as a robot PC gives its control path
+cores of its own.
 
 ``success``: ``--episodes`` episodes of ``place`` on sim_robot with ``--backend`` (default pybullet) driven by the
 policy node with ``--checkpoint`` (trained in MuJoCo), over ROS; reference in the same run: the in-process
@@ -26,6 +28,7 @@ to are reported (``pose_topics_subscribed``: none for a student).
 
     python bench/bench_ros.py latency --seconds 30
     python bench/bench_ros.py latency --learn --seconds 60
+    python bench/bench_ros.py latency --learn --seconds 60 --learner-cpus 1 --node-cpus 0
     python bench/bench_ros.py success --checkpoint runs/place3mm_bc/base/checkpoint --episodes 20
     python bench/bench_ros.py success --checkpoint runs/distill/student_round1/checkpoint --interface trajectory
 """
@@ -94,18 +97,21 @@ def bench_latency(a):
 
         learner, port = start_learner(tmp / "learn", "--set", f"td3.utd_ratio={a.utd}", "--set",
                                       "td3.learning_starts=200", "--set", "td3.critic_warmup_updates=20",
-                                      "--set", "td3.push_every=10", base=ck, tiny=False, nice=a.nice)
+                                      "--set", "td3.push_every=10", base=ck, tiny=False, nice=a.nice,
+                                      cpus=a.learner_cpus)
         node = {"server": f"127.0.0.1:{port}", "learn": True, "episode_steps": 100, "server_timeout": 0.05,
-                "autostart": True}
+                "autostart": True, "trigger": a.trigger}
     else:
-        node = {"checkpoint": str(ck), "autostart": True}
+        node = {"checkpoint": str(ck), "autostart": True, "trigger": a.trigger}
     procs = [NodeProcess("robot_rl.hw_drivers.sim_robot", {"backend": a.backend, "cameras": ["front"],
-                                                            "image_size": [96, 96], "seed": 0}, tmp, envv, nice=a.nice),
+                                                            "image_size": [96, 96], "seed": 0}, tmp, envv, nice=a.nice,
+                         cpus=a.node_cpus),
              NodeProcess("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands",
-                                                            "hardware_interpolates": True}, tmp, envv, nice=a.nice),
-             NodeProcess("robot_rl.ros.policy_node", node, tmp, envv, nice=a.nice)]
+                                                            "hardware_interpolates": True}, tmp, envv, nice=a.nice,
+                         cpus=a.node_cpus),
+             NodeProcess("robot_rl.ros.policy_node", node, tmp, envv, nice=a.nice, cpus=a.node_cpus)]
     if a.learn:
-        procs.append(NodeProcess("robot_rl.ros.operator", {}, tmp, envv, nice=a.nice))
+        procs.append(NodeProcess("robot_rl.ros.operator", {}, tmp, envv, nice=a.nice, cpus=a.node_cpus))
     drv = Driver(d)
     diags = diag_sink(drv)
     drv.subscribe(Float64, "/arm_bridge/latency", COMMAND_QOS, keep=True)
@@ -163,6 +169,7 @@ def bench_latency(a):
          "holds": int(pn.get("holds", 0)), "stale_holds": int(pn.get("stale", 0)),
          "sim": diags.get("sim_robot: simulation", {}),
          "reference_in_process_step_ms_p50": float(np.median(ref)), "control_period_ms": 100.0, "nice": a.nice,
+         "learner_cpus": a.learner_cpus, "node_cpus": a.node_cpus, "trigger": a.trigger,
          "backend": a.backend, **learning}
     r["ratio_p50_latency_to_in_process_step"] = r["obs_to_command_ms_p50"] / r["reference_in_process_step_ms_p50"]
     r["ratio_p99_latency_to_period"] = r["obs_to_command_ms_p99"] / 100.0
@@ -254,6 +261,10 @@ def main():
                     "state base (default: tests/fixtures/place_bc_mujoco)")
     lt.add_argument("--learn", action="store_true", help="the policy node acts through a learning `robot-rl learn`")
     lt.add_argument("--utd", type=float, default=0.5, help="--learn: the learner's UTD ratio")
+    lt.add_argument("--trigger", default="auto", choices=["auto", "timer", "image", "pose"],
+                    help="the policy node's trigger (auto: image for a camera policy, else timer)")
+    lt.add_argument("--learner-cpus", default=None, help="--learn: CPU list the learner runs on (taskset -c), e.g. 1")
+    lt.add_argument("--node-cpus", default=None, help="CPU list the nodes run on (taskset -c), e.g. 0")
     lt.add_argument("--nice", type=int, default=19, help="nice level of every process started (the learner's "
                     "updates run UPDATE_THREAD_NICE lower still)")
     sc = sub.add_parser("success")

@@ -31,7 +31,8 @@ def ros_env(domain: int) -> dict:
 class NodeProcess:
     """One node in its own process with a parameter file; ``stop()`` sends SIGINT and waits."""
 
-    def __init__(self, module: str, params: dict, tmp: Path, env: dict, name: str | None = None, nice: int = 19):
+    def __init__(self, module: str, params: dict, tmp: Path, env: dict, name: str | None = None, nice: int = 19,
+                 cpus: str | None = None):
         self.name = name or module.rsplit(".", 1)[-1]
         pfile = tmp / f"{self.name}.params.yaml"
         pfile.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
@@ -39,7 +40,8 @@ class NodeProcess:
         args = [sys.executable, "-m", module, "--ros-args", "--params-file", str(pfile)]
         if name:
             args += ["-r", f"__node:={name}"]
-        self.proc = subprocess.Popen(["nice", "-n", str(nice), *args], env=env, stdout=open(self.log, "w"),
+        pin = ["taskset", "-c", cpus] if cpus else []  # cpus: a CPU list ("0", "0-1") to run on
+        self.proc = subprocess.Popen([*pin, "nice", "-n", str(nice), *args], env=env, stdout=open(self.log, "w"),
                                      stderr=subprocess.STDOUT)
 
     def alive(self) -> bool:

@@ -2,7 +2,9 @@
 simulated actor process), through the policy server: every row is learned from, every ended episode is committed
 to the store with what was executed, and a restarted learner continues with the stored episodes intact."""
 
+import json
 import multiprocessing as mp
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from robot_rl.policies.checkpoint import load_policy
 from robot_rl.rl.residual import combine
 from robot_rl.rl.td3 import TD3Config
 from robot_rl.serve.actor import ActorSpec, run_actor
-from robot_rl.serve.learner import SessionSlots, learn_online
+from robot_rl.serve.learner import EpisodeLog, SessionSlots, learn_online
 
 FIXTURE = Path(__file__).parent / "fixtures" / "place_bc_mujoco"
 TK = {"max_steps": 30}
@@ -87,6 +89,27 @@ def test_learn_online_learns_from_an_external_actor_and_commits_every_episode(tm
     after = st2.get_episode(0)
     assert all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
 
+    # episodes the learner took after its last saved state (here: two stored episodes taken again, as if it had
+    # received them after the state at 420 and died before saving) are learned from again on resume
+    log = EpisodeLog(store_path, "place", "robot")
+    keys = list(pol.config.obs_keys)
+    again = list(log.rows_after(0, keys))[:2]
+    assert len(again) == 2 and all(r["truncated"][-1] for r in again)
+    win = again[1]  # the second one ends as a success (terminated, reward 1): both kinds of last row
+    win["truncated"][-1], win["terminated"][-1], win["success"][-1], win["reward"][-1] = False, True, True, 1.0
+    first = 420
+    for r in again:
+        n = len(r["sessions"])
+        log.add({**r, "sessions": [f"late-{first}"] * n}, n, first_step=first)
+        first += n
+    assert [len(r["sessions"]) for r in log.rows_after(420, keys)] == [len(r["sessions"]) for r in again]
+    td3.total_env_steps = 10_000
+    halt = threading.Event()
+    halt.set()  # no actor: only what resuming does
+    learn_online(base, "place", td3, run, store=store_path, task_kwargs=TK, progress=False, resume=True, stop=halt)
+    saved = json.loads((run / "state" / "config.json").read_text())["config"]
+    assert saved["env_steps"] == first and saved["replay_added"] == first  # 420 + the rows taken again
+
 
 def test_session_slots_reuse_and_evict():
     evicted = []
@@ -100,7 +123,6 @@ def test_session_slots_reuse_and_evict():
 
 
 def test_learn_online_refuses_a_store_of_other_keys(tmp_path):
-    from robot_rl.serve.learner import EpisodeLog
 
     st = ZarrStore.open_or_create(tmp_path / "s.zarr")
     st.add_episode({"other": np.zeros((2, 3), np.float32), "action": np.zeros((2, 5), np.float32)}, seed=0,
@@ -110,7 +132,8 @@ def test_learn_online_refuses_a_store_of_other_keys(tmp_path):
     req = {"sessions": ["r0"], "obs": {"ee_pos": np.zeros((1, 3), np.float32)}, "executed": np.zeros((1, A), "f4"),
            "base": np.zeros((1, A), "f4"), "residual": np.zeros((1, A), "f4"), "reward": np.zeros(1, "f4"),
            "residual_version": np.zeros(1, "i8"), "terminated": np.ones(1, bool), "truncated": np.zeros(1, bool),
-           "success": np.zeros(1, bool)}
+           "success": np.zeros(1, bool), "next_obs": {"ee_pos": np.zeros((1, 3), np.float32)},
+           "next_base": np.zeros((1, A), "f4")}
     with pytest.raises(ConfigError):
         log.add(req, 1)
     assert ZarrStore.open(tmp_path / "s.zarr").n_episodes == 1  # nothing stored, nothing lost
@@ -121,7 +144,6 @@ def test_a_robot_actor_sends_labelled_episodes_and_never_a_discarded_one(tmp_pat
     learn_online: labelled episodes reach the learner whole (success -> terminated with reward 1, failure or time
     limit -> truncated), discarded ones never do, and a human-driven step is stored as an intervention with the
     human's action and its residual-unit equivalent."""
-    import threading
 
     from robot_rl.envs.env import make_env
     from robot_rl.serve.actor import EpisodeActor

@@ -24,11 +24,14 @@ TINY = ("td3.learning_starts=30", "td3.critic_hidden=[16,16]", "td3.n_critics=2"
         "td3.log_every=10", "td3.critic_warmup_updates=0")
 
 
-def start_learner(out: Path, *args, port: int = 0, base: Path = FIXTURE, tiny: bool = True, nice: int = 19):
+def start_learner(out: Path, *args, port: int = 0, base: Path = FIXTURE, tiny: bool = True, nice: int = 19,
+                  cpus: str | None = None):
     """``robot-rl learn`` in its own process (``tiny``: a tiny learner, else TD3's defaults, curve rows every 100
-    steps) on ``base`` at ``nice``; returns (process, port) once it listens. ``args``: more command-line arguments."""
+    steps) on ``base`` at ``nice`` (on the CPU list ``cpus``, e.g. "1", when given); returns (process, port) once it
+    listens. ``args``: more command-line arguments."""
     sets = TINY if tiny else ("td3.log_every=100",)
-    p = subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-m", "robot_rl.cli", "learn", "--base", str(base),
+    pin = ["taskset", "-c", cpus] if cpus else []
+    p = subprocess.Popen([*pin, "nice", "-n", str(nice), sys.executable, "-m", "robot_rl.cli", "learn", "--base", str(base),
                           "--out", str(out), "--port", str(port), "--task", "place",
                           *[a for s in sets for a in ("--set", s)], *args],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -231,7 +234,8 @@ def test_learner_killed_mid_episode_holds_and_a_resumed_learner_takes_over(ros):
         r = drv.call(Trigger, "/policy_node/start_episode")
         assert r.success and "OFFLINE" in r.message, r.message
         n_before = len(actions())
-        drv.wait_for(lambda: state()["state"] == "idle", 30, "the offline episode at its time limit")
+        drv.wait_for(lambda: state()["offline"] and state()["state"] == "idle", 30,
+                     "the offline episode at its time limit")
         st = state()
         assert st["offline"] and st["label"] == "failure" and st["rows_sent"] == 0, st
         assert isinstance(st["residual_version"], int), st  # a copy of the resumed learner's residual

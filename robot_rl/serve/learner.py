@@ -230,16 +230,18 @@ class LearnerHost:
         for sid in sessions:
             self.chunk_version.pop(sid, None)
 
-    def consume(self, req: dict, slots: list[int]) -> None:
+    def consume(self, req: dict, slots: list[int], replayed: bool = False) -> None:
         """Learn from one ``transitions`` request whose first ``len(slots)`` rows are kept (row j -> n-step window
-        ``slots[j]``; rows past ``td3.total_env_steps`` are dropped by the caller); see the class doc."""
+        ``slots[j]``; rows past ``td3.total_env_steps`` are dropped by the caller); see the class doc.
+        ``replayed``: rows read back from the store on resume (:meth:`EpisodeLog.rows_after`), not from the
+        inbox: learned from alike, without the version bookkeeping of live chunks."""
         run, td3, pol, norm = self.run, self.td3, self.run.policy, self.norm
         k = len(slots)
         if not k:  # nothing kept (the run has its steps): counted as consumed, no update, no curve row
-            self.inbox.consumed += len(req["sessions"])
+            self.inbox.consumed += 0 if replayed else len(req["sessions"])
             return
-        for j, sid in enumerate(req["sessions"][:k]):  # one residual version per chunk (the server's pinning, checked)
-            v = int(req["residual_version"][j])
+        for j, sid in enumerate(req["sessions"][:k] if not replayed else []):  # one residual version per chunk
+            v = int(req["residual_version"][j])  # (the server's pinning, checked)
             if not req["new_chunk"][j] and self.chunk_version.get(sid, v) != v:
                 self.mixed += 1
             self.chunk_version[sid] = v
@@ -263,7 +265,7 @@ class LearnerHost:
                 slots=slots, interventions=None if inter is None else np.asarray(inter[:k], bool),
                 unreachable=unreachable)
         run.train()
-        self.inbox.consumed += len(req["sessions"])
+        self.inbox.consumed += 0 if replayed else len(req["sessions"])
         if run.learner.actor_updates - self.pushed_at >= td3.push_every:
             self.version += 1
             self.pusher.push_weights(pol, self.version)
@@ -394,9 +396,12 @@ class EpisodeLog:
     Stored per step: the low-dim observation keys of the rows (float32), ``action`` = the executed action (raw
     units), ``intervention`` and ``human_action`` (the executed action on intervention rows, NaN elsewhere), and
     the fields ``reward`` (float32), ``base_action`` (raw, float32 (A,)), ``residual`` (residual units) and
-    ``residual_version`` (int64). Episode metadata: source ``policy`` (intervention steps are flagged, so only they
-    join a later run's demo side, :func:`robot_rl.rl.replay.demo_buffer`), success = the last row's ``success``,
-    seed -1 (a robot has none), ``extra`` {session, weight versions}.
+    ``residual_version`` (int64), ``learner_step`` (int64: the learner's env-step count at the row, so a resumed
+    learner finds the rows its saved state lacks: :meth:`rows_after`; left out in a store whose episodes were
+    written without it). Episode metadata: source ``policy`` (intervention steps are flagged, so only they join a
+    later run's demo side, :func:`robot_rl.rl.replay.demo_buffer`), success = the last row's ``success``, seed -1
+    (a robot has none), ``extra`` {session, weight versions, final: {obs, base} (the next observation and base
+    action after the last row)}.
 
     Args:
         store: path of the store (created when missing). task / backend: episode metadata.
@@ -408,11 +413,14 @@ class EpisodeLog:
         from robot_rl.datasets.store import ZarrStore
 
         self.store, self.task, self.backend = ZarrStore.open_or_create(store), task, backend
+        # learner_step per row (what rows_after reads), unless the store's episodes were written without it
+        self.with_step = self.store.n_episodes == 0 or "learner_step" in self.store.keys
         self.writers: dict = {}
         self.committed = 0
 
-    def add(self, req: dict, k: int) -> None:
-        """Append the first ``k`` rows of a ``transitions`` request; commit the episodes they end."""
+    def add(self, req: dict, k: int, first_step: int = 0) -> None:
+        """Append the first ``k`` rows of a ``transitions`` request; commit the episodes they end. ``first_step``:
+        the learner's env-step count before these rows (row j is stored with ``learner_step`` = first_step + j)."""
         from robot_rl.datasets.episodes import EpisodeWriter
 
         inter = req.get("intervention")
@@ -423,14 +431,52 @@ class EpisodeLog:
             w.add({key: a[j] for key, a in req["obs"].items()}, req["executed"][j], intervention=flagged,
                   human_action=req["executed"][j] if flagged else None, reward=float(req["reward"][j]),
                   base_action=req["base"][j], residual=req["residual"][j],
-                  residual_version=np.int64(req["residual_version"][j]))
+                  residual_version=np.int64(req["residual_version"][j]),
+                  **({"learner_step": np.int64(first_step + j)} if self.with_step else {}))
             if req["terminated"][j] or req["truncated"][j]:
                 versions = self.writers[sid].steps["residual_version"]
+                final = {"obs": {key: [float(v) for v in a[j]] for key, a in req["next_obs"].items()},
+                         "base": [float(v) for v in req["next_base"][j]]}
                 self.writers.pop(sid).commit(
                     self.store, seed=-1, task=self.task, source="policy", success=bool(req["success"][j]),
                     backend=self.backend, extra={"session": sid, "residual_versions": [int(min(versions)),
-                                                                                       int(max(versions))]})
+                                                                                       int(max(versions))],
+                                                 "final": final})
                 self.committed += 1
+
+    def rows_after(self, step: int, obs_keys: list[str]):
+        """The stored rows the learner took at env step ``step`` or later (``learner_step``), one
+        ``transitions``-shaped request per episode (``sessions`` ``store-<episode>``, ``new_chunk`` true): what a
+        learner resumed from a state saved at ``step`` had learned from before it stopped and lost with it. The
+        next observation of a row is the next row's, and for the last one the episode's ``final`` (its metadata);
+        without that (a store written before it was kept) the last row of a failure is left out. Yields dicts."""
+        st = self.store
+        if "learner_step" not in st.keys:
+            return
+        for i, meta in enumerate(st.episodes_meta()):
+            e = st.get_episode(i, keys=[*obs_keys, "learner_step", "base_action", "residual", "action", "reward",
+                                        "residual_version", "intervention"])
+            keep = e["learner_step"] >= step
+            if not keep.any():
+                continue
+            ok, final = bool(meta["success"]), (meta.get("extra") or {}).get("final")
+            n = len(e["reward"])
+            end = np.zeros(n, bool)
+            end[-1] = True
+            if final is None and not ok:  # no next observation for the last row of a failure: left out
+                keep[-1] = False
+            fin = final or {"obs": {k: e[k][-1] for k in obs_keys}, "base": e["base_action"][-1]}
+            nxt = lambda a, last: np.concatenate([a[1:], np.asarray(last, a.dtype)[None]])  # noqa: E731
+            row = {"sessions": [f"store-{i}"] * int(keep.sum()),
+                   "obs": {k: e[k][keep] for k in obs_keys},
+                   "next_obs": {k: nxt(e[k], fin["obs"][k])[keep] for k in obs_keys},
+                   "base": e["base_action"][keep], "next_base": nxt(e["base_action"], fin["base"])[keep],
+                   "residual": e["residual"][keep], "executed": e["action"][keep], "reward": e["reward"][keep],
+                   "terminated": (end & ok)[keep], "truncated": (end & ~ok)[keep], "success": (end & ok)[keep],
+                   "residual_version": e["residual_version"][keep], "new_chunk": np.ones(int(keep.sum()), bool),
+                   "intervention": e["intervention"][keep].astype(bool)}
+            if len(row["sessions"]):
+                yield row
 
     def drop(self, sid: str) -> None:
         """Forget a session's unfinished episode (it is not committed)."""
@@ -477,9 +523,11 @@ def learn_online(base, task: str, td3: TD3Config, out_dir: str | Path, *, store:
     The observation dims are the task env's (a robot's policy node assembles the same observation dict). Sessions
     take n-step windows as they come (:class:`SessionSlots`, ``max_sessions`` of them). Exploration is the
     actors' to add, as the learner's replies say (``explore``). ``ready(endpoint)`` is called once the server
-    listens. ``resume``: continue the run in ``out_dir/state`` (its episodes stay in ``store``). The state is saved
-    every ``td3.checkpoint_every`` env steps (0: every :data:`LEARN_CHECKPOINT_EVERY`), so a learner that dies loses
-    at most that much of its replay; every labelled episode is in ``store`` from the moment it arrived.
+    listens. ``resume``: continue the run in ``out_dir/state`` (its episodes stay in ``store``), first learning again
+    from the stored rows it took after that state was saved (:meth:`EpisodeLog.rows_after`: the replay, env-step
+    count and updates a learner that died lost with them). The state is saved every ``td3.checkpoint_every`` env
+    steps (0: every :data:`LEARN_CHECKPOINT_EVERY`); every labelled episode is in ``store`` from the moment it
+    arrived, so a learner that dies loses only the rows of episodes not yet ended.
 
     Raises ConfigError for bad settings, an image base (transitions carry low-dim observations only) or an episode
     that does not fit ``store``.
@@ -506,13 +554,24 @@ def learn_online(base, task: str, td3: TD3Config, out_dir: str | Path, *, store:
     slots = SessionSlots(max_sessions, evict)
     lh = LearnerHost(run, base, host=host, port=port, token=token, max_sessions=max_sessions)
     yield_cpu_to_serving()
+    if resume:  # what it learned from after its last saved state, it learns from again (the store has it)
+        n_rows = n_eps = 0
+        for req in episodes.rows_after(run.steps, list(run.policy.config.obs_keys)):
+            k = max(0, min(len(req["sessions"]), td3.total_env_steps - run.steps))
+            sid = req["sessions"][0]
+            lh.consume(req, [slots.take(sid)] * k, replayed=True)
+            slots.release(sid)
+            n_rows, n_eps = n_rows + k, n_eps + 1
+        if progress and n_rows:
+            print(f"robot-rl learn: {n_rows} rows of {n_eps} stored episodes taken after the saved state, learned "
+                  "from again", file=sys.stderr, flush=True)
     if ready is not None:
         ready(lh.endpoint)
     try:
         while not run.done and not (stop is not None and stop.is_set()):
             for req in lh.inbox.drain(0.5):
                 k = max(0, min(len(req["sessions"]), td3.total_env_steps - run.steps))
-                episodes.add(req, k)
+                episodes.add(req, k, run.steps)
                 taken = [slots.take(sid) for sid in req["sessions"][:k]]
                 for j in range(k):
                     if req["terminated"][j] or req["truncated"][j]:
