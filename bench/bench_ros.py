@@ -100,9 +100,9 @@ def bench_latency(a):
                                       "--set", "td3.push_every=10", base=ck, tiny=False, nice=a.nice,
                                       cpus=a.learner_cpus)
         node = {"server": f"127.0.0.1:{port}", "learn": True, "episode_steps": 100, "server_timeout": 0.05,
-                "autostart": True, "trigger": a.trigger}
+                "autostart": True}
     else:
-        node = {"checkpoint": str(ck), "autostart": True, "trigger": a.trigger}
+        node = {"checkpoint": str(ck), "autostart": True}
     procs = [NodeProcess("robot_rl.hw_drivers.sim_robot", {"backend": a.backend, "cameras": ["front"],
                                                             "image_size": [96, 96], "seed": 0}, tmp, envv, nice=a.nice,
                          cpus=a.node_cpus),
@@ -169,7 +169,7 @@ def bench_latency(a):
          "holds": int(pn.get("holds", 0)), "stale_holds": int(pn.get("stale", 0)),
          "sim": diags.get("sim_robot: simulation", {}),
          "reference_in_process_step_ms_p50": float(np.median(ref)), "control_period_ms": 100.0, "nice": a.nice,
-         "learner_cpus": a.learner_cpus, "node_cpus": a.node_cpus, "trigger": a.trigger,
+         "learner_cpus": a.learner_cpus, "node_cpus": a.node_cpus,
          "backend": a.backend, **learning}
     r["ratio_p50_latency_to_in_process_step"] = r["obs_to_command_ms_p50"] / r["reference_in_process_step_ms_p50"]
     r["ratio_p99_latency_to_period"] = r["obs_to_command_ms_p99"] / 100.0
@@ -261,8 +261,6 @@ def main():
                     "state base (default: tests/fixtures/place_bc_mujoco)")
     lt.add_argument("--learn", action="store_true", help="the policy node acts through a learning `robot-rl learn`")
     lt.add_argument("--utd", type=float, default=0.5, help="--learn: the learner's UTD ratio")
-    lt.add_argument("--trigger", default="auto", choices=["auto", "timer", "image", "pose"],
-                    help="the policy node's trigger (auto: image for a camera policy, else timer)")
     lt.add_argument("--learner-cpus", default=None, help="--learn: CPU list the learner runs on (taskset -c), e.g. 1")
     lt.add_argument("--node-cpus", default=None, help="CPU list the nodes run on (taskset -c), e.g. 0")
     lt.add_argument("--nice", type=int, default=19, help="nice level of every process started (the learner's "

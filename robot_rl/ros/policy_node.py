@@ -17,9 +17,6 @@ When a tick happens (``trigger`` parameter):
       closer than 0.9 period to the last tick are skipped), so the observation is as fresh as the camera allows;
       a timer at ``control_rate`` stands in when no frame has come for 1.5 periods (the step then uses the latest
       inputs, or holds if they are older than ``max_obs_age``).
-  ``pose``   the same on the arrival of each pose of the task's first object (``<privileged_namespace>/<object>_pose``,
-      from the simulator or your perception): a state policy's step then starts on its freshest object pose instead
-      of whenever the timer fires (up to one pose period of observation age saved).
   ``auto`` (default) ``image`` when the policy reads a camera, else ``timer``.
 
 Action source (``server`` parameter):
@@ -397,7 +394,7 @@ def make_node():
                                               "where each step's planned continuation goes ('' = not sent)"),
                 "seed": int(declare(self, "seed", 0, "noise seed (episode k uses seed + k)")),
                 "autostart": bool(declare(self, "autostart", False, "configure + activate at start-up")),
-                "trigger": declare(self, "trigger", "auto", "when a control step runs: timer | image | pose | auto"),
+                "trigger": declare(self, "trigger", "auto", "when a control step runs: timer | image | auto"),
                 "learn": bool(declare(self, "learn", False, "server:= is a `robot-rl learn` learner: explore, "
                                                             "label episodes, send them (step execution)")),
                 "episode_steps": int(declare(self, "episode_steps", 0, "learn: time limit in control steps (then "
@@ -409,15 +406,14 @@ def make_node():
             if self.p["execution"] not in ("step", "async"):
                 raise ConfigError("execution", f"{self.p['execution']!r} is not step or async",
                                   "set execution:=step (exact per-step residual) or execution:=async")
-            if self.p["trigger"] not in ("timer", "image", "pose", "auto"):
-                raise ConfigError("trigger", f"{self.p['trigger']!r} is not timer, image, pose or auto",
+            if self.p["trigger"] not in ("timer", "image", "auto"):
+                raise ConfigError("trigger", f"{self.p['trigger']!r} is not timer, image or auto",
                                   "set trigger:=auto (image-triggered when the policy uses a camera)")
             self.period = 1.0 / self.p["control_rate"]
             self.task, _ = declare_task(self, "task whose observation keys are assembled")
             self.source = None
             self.timer = None
             self.trigger_camera: str | None = None
-            self.trigger_pose: str | None = None
             self.estop = EStopLatch()
             self.estop_hold = False  # set by an e-stop, cleared only by the next activate (not by ~/clear_estop)
             self.js, self.poses = JointStateCache(), PoseCache()
@@ -514,14 +510,7 @@ def make_node():
                 self.source.close()
                 self.source = None
                 return TransitionCallbackReturn.FAILURE
-            if trig == "pose" and not self.objects:
-                self.get_logger().error("configure failed: trigger: pose but the policy reads no object pose -> "
-                                        "set trigger:=timer (or auto)")
-                self.source.close()
-                self.source = None
-                return TransitionCallbackReturn.FAILURE
             self.trigger_camera = self.cameras[0] if trig == "image" else None
-            self.trigger_pose = self.objects[0] if trig == "pose" else None
             self.get_logger().info(f"configured: {'server ' + p['server'] if p['server'] else 'in-process'} "
                                    f"({p['execution']} execution), "
                                    f"keys {self.source.keys}, cameras {self.cameras}, trigger {trig}")
@@ -542,7 +531,7 @@ def make_node():
             for name in self.objects + (["target"] if self.need_target else []):
                 self.subs.append(self.create_subscription(
                     self._PoseStamped, f"{p['privileged_namespace']}/{name}_pose",
-                    lambda m, n=name: self._on_pose(n, m), COMMAND_QOS))
+                    lambda m, n=name: self.poses.update(n, m), COMMAND_QOS))
             for cam in self.cameras:
                 self.subs.append(qos_subscription(
                     self, self._Image, p["image_topic"].format(camera=cam), lambda m, c=cam: self._on_image(c, m),
@@ -559,16 +548,10 @@ def make_node():
                 if self.last_tick is None or now_sec(self) - self.last_tick >= 0.9 * self.period:
                     self._tick()
 
-        def _on_pose(self, name, m):
-            self.poses.update(name, m)
-            if name == self.trigger_pose and self.timer is not None:
-                if self.last_tick is None or now_sec(self) - self.last_tick >= 0.9 * self.period:
-                    self._tick()
-
         def _on_timer(self):
-            if (self.trigger_camera or self.trigger_pose) is not None and self.last_tick is not None \
+            if self.trigger_camera is not None and self.last_tick is not None \
                     and now_sec(self) - self.last_tick < 1.5 * self.period:
-                return  # frames (or poses) are driving the loop
+                return  # frames are driving the loop
             self._tick()
 
         def on_activate(self, state):
