@@ -531,6 +531,24 @@ def _store_tools(a):
     return 0
 
 
+def cmd_success_classifier(a):
+    from robot_rl.config import write_config
+    from robot_rl.stages.success import train_success_classifier
+
+    cfg = _resolve(a)
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{out} is a file", "pass a new directory for the classifier")
+    write_config(cfg, out, _argv())
+    r = train_success_classifier(a.store, out, cfg.success, seed=cfg.seed)
+    for name in ("held_out_frames", "held_out_episodes"):
+        c = r[name]
+        print(f"{name}: tp {c['tp']} fp {c['fp']} tn {c['tn']} fn {c['fn']}, precision {c['precision']:.3f}, "
+              f"recall {c['recall']:.3f}")
+    print(f"classifier in {out / 'checkpoint'}, report in {out / 'report.md'}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------- parser
 class _Command:
     """A subcommand whose flags are shorthands for config fields (default None: not given)."""
@@ -676,6 +694,13 @@ def build_parser() -> argparse.ArgumentParser:
      .field("--seed", "seed", type=int)
      .field("--randomization", "randomization.preset", rnd_help + " (rollouts and randomized conditions)")
      .field("--ray", "env.ray", RAY_HELP, metavar="ADDRESS"))
+
+    (_Command(sub, "success-classifier", cmd_success_classifier,
+              "train a success classifier (camera frame -> P(task done), SERL's reward classifier) on a store's "
+              "labelled episodes; held-out confusion matrices in its report")
+     .arg("--store", required=True).arg("--out", required=True)
+     .field("--camera", "success.camera").field("--steps", "success.steps", type=int)
+     .field("--seed", "seed", type=int))
 
     pp = _Command(sub, "pipeline", cmd_pipeline, "collect -> train base -> residual RL -> evaluate, end to end")
     pp.arg("--preset", default="quick", help="quick | full (MLP BC base) | full-diffusion (Diffusion Policy base)")

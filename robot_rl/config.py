@@ -26,6 +26,7 @@ The dataclasses are the single source of defaults. A command uses some of these 
 ``transfer``       :class:`~robot_rl.stages.transfer.TransferConfig`
 ``distill``        :class:`~robot_rl.stages.distill.DistillConfig` (the student trains with ``base`` / ``policy``)
 ``serve``          :class:`~robot_rl.serve.server.ServeConfig`
+``success``        :class:`~robot_rl.stages.success.SuccessConfig` (``robot-rl success-classifier``)
 =================  ==================================================================================================
 
 One syntax everywhere: ``--set section.field=value`` with the value parsed as YAML (:func:`parse_value`), nested
@@ -57,7 +58,7 @@ import yaml
 from robot_rl.errors import ConfigError
 
 ORDER = ("seed", "algo", "task", "env", "randomization", "collect", "base", "policy", "ppo", "td3", "residual", "eval",
-         "transfer", "distill", "serve")
+         "transfer", "distill", "serve", "success")
 SCALARS = {"seed": (int, 0), "algo": (str, "ppo")}  # top-level values that are not mappings of fields
 ALGOS = {"ppo": "gaussian", "td3": "tanh"}  # residual learner -> the actor head it trains
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -71,6 +72,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
                  "eval"),
     "serve": ("serve",),
     "learn": ("seed", "algo", "task", "env", "td3", "residual", "serve"),
+    "success-classifier": ("seed", "success"),
 }
 
 
@@ -502,6 +504,7 @@ def section_classes() -> dict[str, type]:
     from robot_rl.stages.collect import CollectConfig
     from robot_rl.stages.distill import DistillConfig
     from robot_rl.stages.evaluation import EvalConfig
+    from robot_rl.stages.success import SuccessConfig
     from robot_rl.stages.train_base import BaseTrainConfig
     from robot_rl.stages.transfer import TransferConfig
 
@@ -530,7 +533,7 @@ def section_classes() -> dict[str, type]:
                                 if k in ResidualConfig.__dataclass_fields__}, ResidualConfig.__doc__)
     return {"task": TaskSection, "env": env, "randomization": RandomizationSection, "collect": CollectConfig,
             "base": base, "policy": policy, "ppo": ppo, "td3": td3, "residual": residual, "eval": EvalConfig,
-            "transfer": TransferConfig, "distill": DistillConfig, "serve": ServeConfig}
+            "transfer": TransferConfig, "distill": DistillConfig, "serve": ServeConfig, "success": SuccessConfig}
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -559,6 +562,7 @@ class Config:
     transfer: Any = None
     distill: Any = None
     serve: Any = None
+    success: Any = None
     given: frozenset = frozenset()
 
     def to_dict(self) -> dict:

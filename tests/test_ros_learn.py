@@ -178,6 +178,45 @@ def test_scripted_operator_runs_episodes_back_to_back(ros):
         stop_learner(learner)
 
 
+def test_operator_labels_success_by_a_success_classifier_on_the_camera(ros):
+    """``success_classifier:=`` labels success from the camera instead of the simulator's predicate: a classifier
+    whose threshold is 0 fires on the first frame of each running episode, so every episode is marked a success
+    before the time limit although the cube is nowhere near its target (the predicate is false)."""
+    import json
+
+    from std_msgs.msg import String
+
+    from robot_rl.datasets.store import ZarrStore
+    from robot_rl.policies.checkpoint import save_module_safetensors
+    from robot_rl.ros.common import LATCHED_QOS
+    from robot_rl.stages.success import FORMAT, SuccessClassifier
+
+    drv, start, tmp = ros
+    cfg = {"channels": [8], "num_keypoints": 4, "feature_dim": 8, "crop": None, "camera": "front", "threshold": 0.0,
+           "image_shape": [48, 48, 3]}  # the camera's 64x64 frames are resized to it
+    save_module_safetensors(SuccessClassifier(cfg), tmp / "clf", cfg, format_name=FORMAT)
+    learner, port = start_learner(tmp / "learn")
+    try:
+        start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet", "seed": 9_300_000, "cameras": ["front"],
+                                                "image_size": [64, 64]})
+        start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands", "hardware_interpolates": True})
+        start("robot_rl.ros.policy_node", {"server": f"127.0.0.1:{port}", "learn": True, "episode_steps": 30,
+                                           "server_timeout": 0.5, "autostart": True})
+        start("robot_rl.ros.operator", {"episodes": 2, "reset_wait": 0.2, "success_classifier": str(tmp / "clf")})
+        drv.subscribe(String, "/operator/status", LATCHED_QOS)
+        status = lambda: json.loads(drv.last["/operator/status"][1].data) if "/operator/status" in drv.last else {}  # noqa: E731
+        drv.wait_for(lambda: status().get("episodes", 0) >= 2, 120, "two episodes labelled by the classifier")
+        counts = status()
+        assert counts["successes"] == 2 and counts["classifier_successes"] == 2, counts
+        store = tmp / "learn" / "episodes.zarr"
+        drv.wait_for(lambda: store.exists() and ZarrStore.open(store).n_episodes == 2, 30, "both in the store")
+        st = ZarrStore.open(store)
+        assert [bool(m["success"]) for m in st.episodes_meta()] == [True, True]
+        assert all(len(st.get_episode(i, keys=["reward"])["reward"]) < 30 for i in range(2))  # before the limit
+    finally:
+        stop_learner(learner)
+
+
 def test_learner_killed_mid_episode_holds_and_a_resumed_learner_takes_over(ros):
     """SIGKILL the learner while the node runs an episode: the arm holds within one control period (+ the step
     deadline) and gets no further action; a learner restarted with --resume on the same port serves the node

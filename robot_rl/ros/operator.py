@@ -12,6 +12,10 @@ What it does, episode after episode (a state machine on a 20 Hz timer, all servi
      resets the scene (``/<sim_robot>/reset``, std_srvs/Trigger: the next seed of the simulator's schedule) and
      confirms "reset done" with ``/<policy_node>/start_episode``, after ``reset_wait`` seconds;
   3. it stops after ``episodes`` episodes (0: never) by leaving the last one idle.
+With ``success_classifier:=DIR`` (a ``robot-rl success-classifier`` checkpoint, :mod:`robot_rl.stages.success`) the
+success label comes from the classifier instead of the simulator: the first frame of a running episode on the
+classifier's camera (``image_topic``, default ``/cameras/{camera}/image_raw``) that it scores at or above its
+threshold marks success (SERL's reward classifier); the time limit and the failure predicate stay as they are.
 With ``intervene:=true`` it also takes over as a person would, by a fixed rule
 (:class:`robot_rl.envs.experts.ScriptedIntervention`: when the policy holds the cube low over the wrong spot, the
 scripted expert re-lifts, aligns and places it, to the episode's end), publishing what the teleop mux publishes for a
@@ -23,8 +27,8 @@ those steps and sends them as interventions (HIL-SERL). It assembles the observa
 Parameters: ``policy_node`` / ``sim_robot`` (node names), ``privileged_namespace``, ``episodes``, ``reset_wait``
 (s), ``intervene``, ``control_rate`` (Hz), the rule's bounds ``intervene_near`` / ``intervene_lift`` /
 ``intervene_min_error`` / ``intervene_max_width`` (m; defaults: the rule's). Publishes ``~/status``
-(std_msgs/String JSON {episodes, successes, failures, discarded, intervened_episodes, intervention_steps}) on each
-label.
+(std_msgs/String JSON {episodes, successes, failures, discarded, intervened_episodes, intervention_steps,
+classifier_successes}) on each label.
 """
 
 from __future__ import annotations
@@ -61,8 +65,15 @@ def make_node():
             self.rule, self.driving = None, False  # the takeover rule (intervene:=true), and whether it drives now
             self.phase, self.start_at = None, 0.0  # None | resetting | wait | starting
             self.failure = False
-            self.create_subscription(Bool, f"{ns}/success", lambda m: setattr(self, "success", bool(m.data)),
-                                     COMMAND_QOS)
+            self.counts["classifier_successes"] = 0
+            clf = declare(self, "success_classifier", "", "checkpoint of `robot-rl success-classifier`: label "
+                                                          "success when it fires on the camera, not by the "
+                                                          "simulator's predicate")
+            if clf:
+                self._setup_classifier(clf)
+            else:
+                self.create_subscription(Bool, f"{ns}/success", lambda m: setattr(self, "success", bool(m.data)),
+                                         COMMAND_QOS)
             self.create_subscription(Bool, f"{ns}/failure", lambda m: setattr(self, "failure", bool(m.data)),
                                      COMMAND_QOS)
             self.create_subscription(String, f"/{pn}/episode_state", self._on_state, LATCHED_QOS)
@@ -71,6 +82,34 @@ def make_node():
             self.create_timer(0.05, self._step)
             if declare(self, "intervene", False, "take over by ScriptedIntervention's rule (module doc)"):
                 self._setup_intervention(ns)
+
+        def _setup_classifier(self, path: str):
+            from sensor_msgs.msg import Image
+
+            from robot_rl.ros.common import SENSOR_QOS, msg_to_image, qos_subscription
+            from robot_rl.stages.success import load_success_classifier
+
+            self.clf = load_success_classifier(path)
+            cam = self.clf.config["camera"]
+            topic = declare(self, "image_topic", "/cameras/{camera}/image_raw", "camera topic ({camera}: the "
+                                                                                "classifier's camera)")
+            self._msg_to_image = msg_to_image
+            qos_subscription(self, Image, topic.format(camera=cam), self._on_image, SENSOR_QOS)
+
+        def _on_image(self, m):
+            """The success classifier on each frame of a running episode (resized to its input size)."""
+            st = self.state
+            if st is None or st["state"] != "running" or self.success:
+                return
+            img = self._msg_to_image(m)
+            h, w = self.clf.config["image_shape"][:2]
+            if img.shape[:2] != (h, w):
+                import cv2
+
+                img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+            if self.clf.is_success(img):
+                self.success = True
+                self.counts["classifier_successes"] += 1
 
         def _setup_intervention(self, ns: str):
             from geometry_msgs.msg import PoseStamped
