@@ -155,6 +155,10 @@ LIMITS: dict[str, Limit] = {
     "serve.max_message_bytes": Limit(1024, 2**30), "serve.control_rate_hz": Limit(0, 10_000, lo_open=True),
     "serve.max_sessions": Limit(1, 10**6), "serve.session_ttl_s": Limit(0, 10**7, lo_open=True), "serve.seed": SEED,
     "serve.max_sessions_per_client": Limit(1, 10**6), "serve.session_idle_s": Limit(0, 10**7, lo_open=True),
+    "success.steps": Limit(1, 10**8), "success.batch_size": Limit(2, 65536), "success.lr": Limit(0, 1, lo_open=True),
+    "success.weight_decay": Limit(0, 1), "success.val_fraction": Limit(0, 1, lo_open=True),
+    "success.threshold": Limit(0, 1), "success.channels": Limit(4, 1024), "success.num_keypoints": Limit(1, 1024),
+    "success.feature_dim": Limit(1, 65536), "success.crop": Limit(8, 1024),
 }
 
 

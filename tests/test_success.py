@@ -3,6 +3,7 @@ MuJoCo camera episodes with both labels, it ranks held-out positive frames (the 
 negatives; trained with the loss's sign flipped it must not (proof that the bar can fail)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,10 @@ def store(tmp_path_factory):
 
 
 def _train(store, out, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one torch thread: the suite runs two test processes on 2 cores
     r = subprocess.run([sys.executable, "-m", "robot_rl.cli", "success-classifier", "--store", str(store), "--out",
-                        str(out), *[a for s in (*SETS, *extra) for a in ("--set", s)]], capture_output=True, text=True)
+                        str(out), *[a for s in (*SETS, *extra) for a in ("--set", s)]], capture_output=True, text=True,
+                       env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
 
