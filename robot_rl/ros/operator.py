@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 
+from robot_rl.errors import ConfigError
 from robot_rl.ros.common import COMMAND_QOS, LATCHED_QOS, declare, run_node
 
 
@@ -101,7 +102,11 @@ def make_node():
             st = self.state
             if st is None or st["state"] != "running" or self.success:
                 return
-            img = self._msg_to_image(m)
+            try:
+                img = self._msg_to_image(m)
+            except ConfigError as e:  # an encoding the classifier cannot read: say so, label by other means
+                self.get_logger().error(f"success classifier: {e}", throttle_duration_sec=5.0)
+                return
             h, w = self.clf.config["image_shape"][:2]
             if img.shape[:2] != (h, w):
                 import cv2
