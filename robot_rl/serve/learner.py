@@ -454,11 +454,11 @@ class EpisodeLog:
         if "learner_step" not in st.keys:
             return
         for i, meta in enumerate(st.episodes_meta()):
-            e = st.get_episode(i, keys=[*obs_keys, "learner_step", "base_action", "residual", "action", "reward",
-                                        "residual_version", "intervention"])
-            keep = e["learner_step"] >= step
+            keep = st.get_episode(i, keys=["learner_step"])["learner_step"] >= step  # the rest only when needed
             if not keep.any():
                 continue
+            e = st.get_episode(i, keys=[*obs_keys, "base_action", "residual", "action", "reward", "residual_version",
+                                        "intervention"])
             ok, final = bool(meta["success"]), (meta.get("extra") or {}).get("final")
             n = len(e["reward"])
             end = np.zeros(n, bool)
