@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+from contextlib import contextmanager
 from functools import partial
 
 import gymnasium as gym
@@ -41,6 +43,22 @@ def worker_context():
     fork server runs (it is started by the first worker)."""
     multiprocessing.set_forkserver_preload([__name__, "torch"])
     return multiprocessing.get_context("forkserver")
+
+
+@contextmanager
+def all_cores():
+    """Run torch on every core inside the block: for work this process does while its env workers wait (the
+    updates of a synchronous collect-then-train loop). Elsewhere the entry points keep torch on one thread (the
+    workers own the other cores; OpenMP oversubscription is catastrophic). The core count is ``OMP_NUM_THREADS``
+    when set (so a test runner sharing the machine can cap it), else the cores this process may run on."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_vector_env(task: str, n_envs: int, backend: str = "mujoco", *, task_kwargs: dict | None = None,

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from robot_rl.envs.vector import TRAIN_SEED_START, env_kwargs_for, make_vector_env
+from robot_rl.envs.vector import TRAIN_SEED_START, all_cores, env_kwargs_for, make_vector_env
 from robot_rl.errors import ConfigError
 from robot_rl.progress import progress_bar
 from robot_rl.rl.buffers import RolloutBuffer
@@ -222,7 +222,8 @@ def train_residual(base, task: str, ppo: PPOConfig, out_dir: str | Path, *, resi
             with torch.no_grad():
                 last_v = pol.value(col.features())
             adv, ret = gae(buf.reward, buf.value, buf.done(), last_v, ppo.gamma, ppo.gae_lambda)
-            stats = ppo_update(pol, opt, ppo, buf.flat({"advantage": adv, "return": ret}))
+            with all_cores():  # the env workers wait for the next rollout meanwhile
+                stats = ppo_update(pol, opt, ppo, buf.flat({"advantage": adv, "return": ret}))
             row = {"env_steps": steps, "episodes": len(ep_succ),
                    "success_rate": float(np.mean(ep_succ)) if ep_succ else float("nan"),
                    "wall_s": time.time() - t0, **stats, "std": float(pol.actor.log_std.detach().exp().mean()),

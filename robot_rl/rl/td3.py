@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from robot_rl.envs.vector import TRAIN_SEED_START, env_kwargs_for, make_vector_env
+from robot_rl.envs.vector import TRAIN_SEED_START, all_cores, env_kwargs_for, make_vector_env
 from robot_rl.errors import ConfigError
 from robot_rl.progress import progress_bar
 from robot_rl.rl.collector import Collector, env_obs_dims
@@ -488,7 +488,8 @@ def train_residual_td3(base, task: str, td3: TD3Config, out_dir: str | Path, *, 
             run.explorer.steps = run.steps
             tr = col.step()
             run.add(tr.x, tr.residual, tr.reward, tr.terminated, tr.truncated, tr.next_x, tr.success)
-            run.train()
+            with all_cores():  # the env workers wait for the next step meanwhile
+                run.train()
             run.log(col.base_calls)
             run.checkpoint(col.seeds.next)
     finally:

@@ -30,16 +30,14 @@ trained on the teacher's rollouts under visual domain randomization), optionally
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from robot_rl.datasets.store import ZarrStore
 from robot_rl.envs.env import ROBOT_OBS_DIMS
 from robot_rl.envs.tasks import make_task
+from robot_rl.envs.vector import all_cores
 from robot_rl.errors import ConfigError
 from robot_rl.stages.evaluation import CombinedPolicy, EvalConfig, evaluate, record_videos
 from robot_rl.stages.train_base import BaseTrainConfig, train_base
@@ -179,17 +177,13 @@ def distill(teacher, task: str, out_dir: str | Path, *, teacher_residual=None, c
             rounds += done
             times[f"dagger_{r}_rollouts_s"] = time.time() - t
         t = time.time()
-        threads = torch.get_num_threads()  # rollouts run torch on one thread (env workers own the cores); training
-        torch.set_num_threads(os.cpu_count() or 1)  # has the machine to itself
         # a DAgger round continues the previous student with its normalization: the teacher's labels at the states
         # the student visits reach far outside the first round's action range (README, distillation)
         round_cfg = student_cfg if r == 0 else replace(student_cfg, steps=cfg.dagger_steps, init_normalizer=True,
                                                          init_from=str(out / f"student_round{r - 1}" / "checkpoint"))
-        try:
+        with all_cores():  # training has the machine to itself (rollouts run torch on one thread)
             summary = train_base(out / "rollouts.zarr", out / f"student_round{r}", round_cfg,
                                  writer=writer_for(f"round{r}") if writer_for else None, progress=progress)
-        finally:
-            torch.set_num_threads(threads)
         times[f"train_round{r}_s"] = time.time() - t
         student = load_policy(summary["checkpoint"])
     final = out / f"student_round{cfg.dagger_rounds}" / "checkpoint"
