@@ -88,6 +88,10 @@ def test_learn_online_learns_from_an_external_actor_and_commits_every_episode(tm
     assert st2.n_episodes >= n_before + 3
     after = st2.get_episode(0)
     assert all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
+    # the resumed learner's weights carry versions above the first run's: a stored version names one residual
+    resumed = [st2.get_episode(i, keys=["residual_version"])["residual_version"] for i in range(n_before,
+                                                                                                st2.n_episodes)]
+    assert min(int(v.min()) for v in resumed) > max(versions)
 
     # episodes the learner took after its last saved state (here: two stored episodes taken again, as if it had
     # received them after the state at 420 and died before saving) are learned from again on resume

@@ -7,7 +7,8 @@ actors in others.
 - Actors (:mod:`robot_rl.serve.actor`, ``td3.actors`` processes with ``n_envs / actors`` envs each) act through that
   server and stream every executed step back as ``transitions`` requests (:class:`TransitionInbox` queues them).
 - Weights reach the actors through the server's own weight push (``push_weights``, a :class:`PolicyClient` of the
-  learner), versioned 1, 2, ... every ``td3.push_every`` actor updates. The server pins each session's residual for
+  learner), versioned 1, 2, ... every ``td3.push_every`` actor updates (a resumed run goes on above the versions it
+  pushed before: :func:`resumed_version`). The server pins each session's residual for
   the whole action chunk it was planned with, so no chunk mixes two versions; the learner counts any row that
   would (``mixed_version_chunks`` in the curve, 0 by construction) and logs how stale the acting weights were
   (``policy_lag``: learner version minus the row's, mean per curve row).
@@ -221,9 +222,18 @@ class LearnerHost:
         self.thread.start()
         self.pusher = PolicyClient(self.endpoint.replace("0.0.0.0", "127.0.0.1"), token=token, timeout_s=30.0)
         self.version, self.pushed_at = 0, run.learner.actor_updates
+        self.serve_as(resumed_version(run))
         self.chunk_version: dict[str, int] = {}
         self.mixed, self.lag = 0, []
         self.rows = self.intervened = 0  # rows and human-driven rows since the last curve row
+
+    def serve_as(self, version: int) -> None:
+        """Push the residual as it is now under ``version`` when that is above the served one (a resumed run's
+        restored weights: versions go on rising across restarts, so a stored ``residual_version`` names one set of
+        weights)."""
+        if version > self.version:
+            self.version = version
+            self.pusher.push_weights(self.run.policy, version)
 
     def forget(self, sessions) -> None:
         """Sessions that begin new episodes without a final row (a restarted actor): no chunk to continue."""
@@ -289,6 +299,17 @@ class LearnerHost:
         self.thread.join(timeout=5)
         self.pusher.close()
         sys.setswitchinterval(self.switch_interval)
+
+
+def resumed_version(run: TD3Run) -> int:
+    """The weight version a resumed run serves its restored residual as: above every version pushed before its
+    saved state (the last curve row's ``weight_version`` plus at most one push per ``td3.push_every`` actor updates
+    since that row). 0 for a fresh run (the untrained residual is version 0)."""
+    rows = [r for r in run.curve if "weight_version" in r and "actor_updates" in r]
+    if not rows:
+        return 0
+    since = max(0, run.learner.actor_updates - int(rows[-1]["actor_updates"]))
+    return int(rows[-1]["weight_version"]) + since // run.td3.push_every + 1
 
 
 def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Path, *,
@@ -557,6 +578,7 @@ def learn_online(base, task: str, td3: TD3Config, out_dir: str | Path, *, store:
     if resume:  # what it learned from after its last saved state, it learns from again (the store has it)
         n_rows = n_eps = 0
         for req in episodes.rows_after(run.steps, list(run.policy.config.obs_keys)):
+            lh.serve_as(int(np.max(req["residual_version"])) + 1)  # above what the lost run pushed, too
             k = max(0, min(len(req["sessions"]), td3.total_env_steps - run.steps))
             sid = req["sessions"][0]
             lh.consume(req, [slots.take(sid)] * k, replayed=True)
