@@ -27,11 +27,13 @@ from pathlib import Path
 import numpy as np
 
 
-def cli(*args, log: Path) -> None:
-    """Run ``robot-rl ARGS`` with its output in ``log``; a plain progress line every 30 s while it runs."""
+def cli(*args, log: Path, env: dict | None = None) -> None:
+    """Run ``robot-rl ARGS`` with its output in ``log`` (``env``: its environment, default this process's); a plain
+    progress line every 30 s while it runs."""
     t0 = next_line = time.time()
     with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", *map(str, args)], stdout=f, stderr=subprocess.STDOUT)
+        p = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", *map(str, args)], stdout=f, stderr=subprocess.STDOUT,
+                             env=env)
         while p.poll() is None:
             time.sleep(1.0)
             if time.time() >= next_line + 30:

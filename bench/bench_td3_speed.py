@@ -16,32 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from bench_actors import cli  # bench/ is on sys.path when run as a script
 
 
 def run(args, out: Path, one_thread: bool) -> dict:
-    """One training run; returns {steps_per_s, wall_s} over the curve rows past warm-up."""
+    """One training run; returns {steps_per_s, env_steps, wall_s, updates} over the curve rows past warm-up."""
     env = {**os.environ}
     if one_thread:
         env["OMP_NUM_THREADS"] = "1"
     else:
         env.pop("OMP_NUM_THREADS", None)
     sets = [x for s in args.set for x in ("--set", s)]
-    cmd = [sys.executable, "-m", "robot_rl.cli", "train-residual", "--algo", "td3", "--base", args.base,
-           "--out", str(out), "--task", args.task, "--train-seeds", "1", "--env-steps", str(args.env_steps),
-           "--set", f"td3.learning_starts={args.learning_starts}", "--set", "td3.critic_warmup_updates=100",
-           "--set", "td3.val_every=0", "--set", "td3.log_every=1000", "--set", "eval.episodes=1", *sets]
-    t0 = time.time()
-    with open(out.with_suffix(".log"), "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        while p.poll() is None:
-            time.sleep(5.0)
-            print(f"  ... {'1 thread' if one_thread else 'all cores'}: {time.time() - t0:.0f} s", flush=True)
-    if p.returncode:
-        sys.exit(f"train-residual failed (exit {p.returncode}); see {out.with_suffix('.log')}")
+    cli("train-residual", "--algo", "td3", "--base", args.base, "--out", out, "--task", args.task, "--train-seeds", 1,
+        "--env-steps", args.env_steps, "--set", f"td3.learning_starts={args.learning_starts}",
+        "--set", "td3.critic_warmup_updates=100", "--set", "td3.val_every=0", "--set", "td3.log_every=1000",
+        "--set", "eval.episodes=1", *sets, log=out.with_suffix(".log"), env=env)
     curve = json.loads((out / "seed_0" / "learning_curve.json").read_text())
     rows = [r for r in curve if r["env_steps"] > args.learning_starts]
     a, b = rows[0], rows[-1]
