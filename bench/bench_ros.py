@@ -18,7 +18,9 @@ measured window (its updates, weight versions and env steps in that window are r
 ``--nice`` (default 19, as in the tests; the learner's updating thread lowers itself further,
 ``robot_rl.serve.learner.yield_cpu_to_serving``); learner and nodes share this host's cores, unless
 ``--learner-cpus`` / ``--node-cpus`` pin them to CPU lists (``taskset -c``), as a robot PC gives its control path
-cores of its own.
+cores of its own; ``--learner-nice`` gives the learner a level of its own. ``--acting local`` (default) has the
+node act on its own copy of the learner's weights (``acting:=local``), ``--acting learner`` with a round trip to
+the learner per step; ``--trigger-camera front`` paces the node's loop by the camera's frames instead of a timer.
 
 ``success``: ``--episodes`` episodes of ``place`` on sim_robot with ``--backend`` (default pybullet) driven by the
 policy node with ``--checkpoint`` (trained in MuJoCo), over ROS; reference in the same run: the in-process
@@ -29,6 +31,7 @@ to are reported (``pose_topics_subscribed``: none for a student).
     python bench/bench_ros.py latency --seconds 30
     python bench/bench_ros.py latency --learn --seconds 60
     python bench/bench_ros.py latency --learn --seconds 60 --learner-cpus 1 --node-cpus 0
+    python bench/bench_ros.py latency --learn --seconds 60 --nice 0 --learner-nice 19 --trigger-camera front
     python bench/bench_ros.py success --checkpoint runs/place3mm_bc/base/checkpoint --episodes 20
     python bench/bench_ros.py success --checkpoint runs/distill/student_round1/checkpoint --interface trajectory
 """
@@ -97,12 +100,13 @@ def bench_latency(a):
 
         learner, port = start_learner(tmp / "learn", "--set", f"td3.utd_ratio={a.utd}", "--set",
                                       "td3.learning_starts=200", "--set", "td3.critic_warmup_updates=20",
-                                      "--set", "td3.push_every=10", base=ck, tiny=False, nice=a.nice,
-                                      cpus=a.learner_cpus)
+                                      "--set", "td3.push_every=10", base=ck, tiny=False,
+                                      nice=a.nice if a.learner_nice is None else a.learner_nice,
+                                      cpus=a.learner_cpus, idle=a.learner_idle)
         node = {"server": f"127.0.0.1:{port}", "learn": True, "episode_steps": 100, "server_timeout": 0.05,
-                "autostart": True}
+                "autostart": True, "acting": a.acting, "checkpoint": str(ck), "trigger_camera": a.trigger_camera}
     else:
-        node = {"checkpoint": str(ck), "autostart": True}
+        node = {"checkpoint": str(ck), "autostart": True, "trigger_camera": a.trigger_camera}
     procs = [NodeProcess("robot_rl.hw_drivers.sim_robot", {"backend": a.backend, "cameras": ["front"],
                                                             "image_size": [96, 96], "seed": 0}, tmp, envv, nice=a.nice,
                          cpus=a.node_cpus),
@@ -169,7 +173,9 @@ def bench_latency(a):
          "holds": int(pn.get("holds", 0)), "stale_holds": int(pn.get("stale", 0)),
          "sim": diags.get("sim_robot: simulation", {}),
          "reference_in_process_step_ms_p50": float(np.median(ref)), "control_period_ms": 100.0, "nice": a.nice,
-         "learner_cpus": a.learner_cpus, "node_cpus": a.node_cpus,
+         "learner_cpus": a.learner_cpus, "node_cpus": a.node_cpus, "learner_nice": a.learner_nice,
+         "learner_idle": a.learner_idle,
+         "trigger_camera": a.trigger_camera, **({"acting": a.acting} if a.learn else {}),
          "backend": a.backend, **learning}
     r["ratio_p50_latency_to_in_process_step"] = r["obs_to_command_ms_p50"] / r["reference_in_process_step_ms_p50"]
     r["ratio_p99_latency_to_period"] = r["obs_to_command_ms_p99"] / 100.0
@@ -265,6 +271,14 @@ def main():
     lt.add_argument("--node-cpus", default=None, help="CPU list the nodes run on (taskset -c), e.g. 0")
     lt.add_argument("--nice", type=int, default=19, help="nice level of every process started (the learner's "
                     "updates run UPDATE_THREAD_NICE lower still)")
+    lt.add_argument("--learner-nice", type=int, default=None, help="--learn: the learner's nice level (default "
+                    "--nice), e.g. 19 with --nice 0: the control path first, as a robot PC would set it")
+    lt.add_argument("--learner-idle", action="store_true", help="--learn: the learner under the SCHED_IDLE policy "
+                    "(chrt -i 0): it runs only on CPU time no other process wants")
+    lt.add_argument("--acting", default="local", choices=["local", "learner"], help="--learn: the policy node's "
+                    "acting (local: base + its copy of the residual in the node; learner: a round trip per step)")
+    lt.add_argument("--trigger-camera", default="", help="the camera whose frames pace the node's loop (e.g. "
+                    "front; '' = the policy's camera, a 10 Hz timer for a state policy)")
     sc = sub.add_parser("success")
     sc.add_argument("--checkpoint", default=str(FIXTURE))
     sc.add_argument("--backend", default="pybullet")

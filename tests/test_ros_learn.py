@@ -25,12 +25,12 @@ TINY = ("td3.learning_starts=30", "td3.critic_hidden=[16,16]", "td3.n_critics=2"
 
 
 def start_learner(out: Path, *args, port: int = 0, base: Path = FIXTURE, tiny: bool = True, nice: int = 19,
-                  cpus: str | None = None):
+                  cpus: str | None = None, idle: bool = False):
     """``robot-rl learn`` in its own process (``tiny``: a tiny learner, else TD3's defaults, curve rows every 100
-    steps) on ``base`` at ``nice`` (on the CPU list ``cpus``, e.g. "1", when given); returns (process, port) once it
-    listens. ``args``: more command-line arguments."""
+    steps) on ``base`` at ``nice`` (on the CPU list ``cpus``, e.g. "1", when given; under the SCHED_IDLE policy,
+    ``chrt -i 0``, with ``idle``); returns (process, port) once it listens. ``args``: more command-line arguments."""
     sets = TINY if tiny else ("td3.log_every=100",)
-    pin = ["taskset", "-c", cpus] if cpus else []
+    pin = (["taskset", "-c", cpus] if cpus else []) + (["chrt", "-i", "0"] if idle else [])
     p = subprocess.Popen([*pin, "nice", "-n", str(nice), sys.executable, "-m", "robot_rl.cli", "learn", "--base", str(base),
                           "--out", str(out), "--port", str(port), "--task", "place",
                           *[a for s in sets for a in ("--set", s)], *args],

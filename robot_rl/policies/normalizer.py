@@ -57,13 +57,23 @@ class Normalizer(nn.Module):
         return a
 
     def _scale_offset(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) of ``key``, cached until its statistics change: a new buffer (``to``, ``load_state_dict``
+        into a new tensor) or an in-place write (the tensor's version counter). Per-step callers (an actor's
+        control step normalizes every observation key) would otherwise pay eight small tensor ops per key."""
         if key not in self.dims:
             raise ConfigError("key", f"'{key}' has no normalization statistics", f"use one of {sorted(self.dims)}")
         lo, hi = getattr(self, f"{key}_min"), getattr(self, f"{key}_max")
-        rng = hi - lo
-        ok = rng > _MIN_RANGE
-        scale = torch.where(ok, 2.0 / torch.where(ok, rng, torch.ones_like(rng)), torch.ones_like(rng))
-        offset = torch.where(ok, -1.0 - scale * lo, -lo)
+        cache = self.__dict__.setdefault("_affine", {})
+        hit = cache.get(key)  # (lo, hi, their versions, scale, offset): holding lo / hi, so no new tensor is them
+        if hit is not None and hit[0] is lo and hit[1] is hi and hit[2] == (lo._version, hi._version):
+            return hit[3], hit[4]
+        with torch.no_grad():
+            rng = hi - lo
+            ok = rng > _MIN_RANGE
+            scale = torch.where(ok, 2.0 / torch.where(ok, rng, torch.ones_like(rng)), torch.ones_like(rng))
+            offset = torch.where(ok, -1.0 - scale * lo, -lo)
+        if not torch.is_inference_mode_enabled():  # an inference tensor could not be used outside that mode
+            cache[key] = (lo, hi, (lo._version, hi._version), scale, offset)
         return scale, offset
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,11 @@ When a tick happens (``trigger`` parameter):
       closer than 0.9 period to the last tick are skipped), so the observation is as fresh as the camera allows;
       a timer at ``control_rate`` stands in when no frame has come for 1.5 periods (the step then uses the latest
       inputs, or holds if they are older than ``max_obs_age``).
-  ``auto`` (default) ``image`` when the policy reads a camera, else ``timer``.
+  ``auto`` (default) ``image`` when the policy reads a camera (or ``trigger_camera`` is set), else ``timer``.
+  ``trigger_camera`` (default ``""``: the policy's first camera) names the camera whose frames trigger; one the
+  policy does not read is subscribed for its timing only, e.g. the camera a perception stack computes the object
+  poses from, so a state policy steps when the poses of a frame are fresh (the simulated robot publishes the joint
+  states and poses of a tick before that tick's frames).
 
 Action source (``server`` parameter):
   ``""`` (default) in-process: ``checkpoint`` (+ ``residual``) loaded here. ``execution: step`` executes them with
@@ -55,6 +59,10 @@ episode's rows stay in the node until it is labelled, then go to the learner in 
   and continues when a restarted one answers). With ``checkpoint:=`` the learner's base, the node keeps the last
   good weights (a copy of the learner's residual, refreshed at each episode boundary) and an episode started while the
   learner does not answer runs base + that copy here, offline (no exploration, nothing sent).
+With ``acting:=local`` (and ``checkpoint:=``) every step runs base + the node's copy of the learner's residual in
+this process instead, with the learner's exploration (:class:`robot_rl.serve.actor.LocalActs`): the control loop
+never waits on the learner (its updates only compete for the CPU), weights change at episode starts, and a learner
+that dies mid-episode does not stop the episode: its label waits until the learner answers again.
 A hold mid-episode keeps the session: the row of the step before it spans the hold.
 
 Holds (publishes ``std_msgs/Empty`` on ``hold_topic``: the bridge commands the measured posture) when an input is
@@ -213,14 +221,29 @@ class LearningSource:
     ``checkpoint`` (the learner's base, on this machine; optional): the source keeps the last good weights, a copy
     of the learner's residual fetched at every episode start and after every episode sent (the ``weights`` request;
     a version switch only at episode boundaries). An episode that starts while the learner does not answer within ``probe_s`` runs
-    offline: base + that copy in this process (:class:`InProcessSource`, no exploration), nothing sent. Raises
-    ConfigError when the checkpoint is not the learner's base."""
+    offline: base + that copy in this process (:class:`InProcessSource`, no exploration), nothing sent.
+
+    ``acting``: ``learner`` (default) each step is a round trip to the learner's server (the newest residual, pinned
+    per chunk; the arm holds when the learner stops answering); ``local`` (needs ``checkpoint``) each step runs the
+    base + that copy in this process (:class:`robot_rl.serve.actor.LocalActs`, the server's arithmetic, with the
+    learner's exploration), so the control loop never waits on the learner, whose updates may take the CPU: only
+    the episode's start (weights, exploration) and its rows (at the label) go to the learner. A learner that dies
+    mid-episode does not stop it; the label then waits for the learner (the episode is kept until it is sent).
+    Raises ConfigError for a bad ``acting``, ``local`` without a checkpoint, or a checkpoint that is not the
+    learner's base."""
 
     def __init__(self, address: str, token: str | None, name: str, seed: int = 0, connect_timeout: float = 10.0,
-                 checkpoint: str = "", probe_s: float = 1.0):
+                 checkpoint: str = "", probe_s: float = 1.0, acting: str = "learner"):
         from robot_rl.serve.actor import EpisodeActor
         from robot_rl.serve.client import PolicyClient
 
+        if acting not in ("learner", "local"):
+            raise ConfigError("acting", f"{acting!r} is not learner or local",
+                              "set acting:=learner (a round trip per step) or acting:=local (with checkpoint:=)")
+        if acting == "local" and not checkpoint:
+            raise ConfigError("checkpoint", "empty, and acting:=local runs the learner's base in this node",
+                              "set checkpoint:= to the base the learner was started with, or acting:=learner")
+        self.acting = acting
         self.client = PolicyClient(address, token=token, timeout_s=connect_timeout, retries=0)
         try:
             meta = self.client.wait_ready(connect_timeout)
@@ -266,7 +289,12 @@ class LearningSource:
                 self.actor.discard()
                 self.local.start()
                 return
-        self.actor.start(seed=self.seed + self.actor.episode)
+        acts = None
+        if self.acting == "local":
+            from robot_rl.serve.actor import LocalActs
+
+            acts = LocalActs(self.local.base, self.local.res, self.local_version)
+        self.actor.start(seed=self.seed + self.actor.episode, acts=acts)
 
     @property
     def has_steps(self) -> bool:
@@ -395,10 +423,15 @@ def make_node():
                 "seed": int(declare(self, "seed", 0, "noise seed (episode k uses seed + k)")),
                 "autostart": bool(declare(self, "autostart", False, "configure + activate at start-up")),
                 "trigger": declare(self, "trigger", "auto", "when a control step runs: timer | image | auto"),
+                "trigger_camera": declare(self, "trigger_camera", "", "image trigger: the camera whose frames "
+                                                                      "pace the loop ('' = the policy's first)"),
                 "learn": bool(declare(self, "learn", False, "server:= is a `robot-rl learn` learner: explore, "
                                                             "label episodes, send them (step execution)")),
                 "episode_steps": int(declare(self, "episode_steps", 0, "learn: time limit in control steps (then "
                                                                        "labelled failed); 0 = none")),
+                "acting": declare(self, "acting", "learner", "learn: where each step runs: learner (its server) | "
+                                                             "local (the base + a copy of its residual here; "
+                                                             "needs checkpoint:=)"),
             }
             if self.p["learn"] and (not self.p["server"] or self.p["execution"] != "step"):
                 raise ConfigError("learn", "needs server:=HOST:PORT of `robot-rl learn` and execution:=step",
@@ -452,13 +485,14 @@ def make_node():
             self.create_timer(1.0, self._diag)
             self._Empty, self._PoseStamped, self._Image, self._JointState = Empty, PoseStamped, Image, JointState
             if self.p["autostart"]:
-                self.create_timer(0.0, self._autostart)  # after the executor starts spinning
-                self._autostarted = False
+                # once, after the executor starts spinning (a 0 s timer left running would spin a core)
+                self._autostart_timer = self.create_timer(0.0, self._autostart)
 
         def _autostart(self):
-            if getattr(self, "_autostarted", True):
+            if self._autostart_timer is None:
                 return
-            self._autostarted = True
+            self.destroy_timer(self._autostart_timer)
+            self._autostart_timer = None
             if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
                 self.trigger_activate()
 
@@ -472,7 +506,7 @@ def make_node():
                         token = open(p["token_file"]).read().strip()
                     if p["learn"]:
                         self.source = LearningSource(p["server"], token, self.get_name(), p["seed"],
-                                                     p["connect_timeout"], p["checkpoint"])
+                                                     p["connect_timeout"], p["checkpoint"], acting=p["acting"])
                     elif p["execution"] == "async":
                         self.source = AsyncServerSource(p["server"], token, self.get_name(), p["seed"],
                                                         p["connect_timeout"], p["chunk_threshold"],
@@ -503,14 +537,19 @@ def make_node():
                     self.source.close()
                     self.source = None
                 return TransitionCallbackReturn.FAILURE
-            trig = p["trigger"] if p["trigger"] != "auto" else ("image" if self.cameras else "timer")
-            if trig == "image" and not self.cameras:
+            cam = p["trigger_camera"] or (self.cameras[0] if self.cameras else "")
+            trig = p["trigger"] if p["trigger"] != "auto" else ("image" if cam else "timer")
+            if trig == "image" and not cam:
                 self.get_logger().error("configure failed: trigger: image but the policy reads no camera -> "
-                                        "set trigger:=timer (or auto)")
+                                        "set trigger:=timer (or auto), or trigger_camera:=NAME")
                 self.source.close()
                 self.source = None
                 return TransitionCallbackReturn.FAILURE
-            self.trigger_camera = self.cameras[0] if trig == "image" else None
+            self.trigger_camera = cam if trig == "image" else None
+            if self.trigger_camera is not None and cam not in self.cameras:  # its frames only pace the loop
+                self.subs.append(qos_subscription(
+                    self, self._Image, p["image_topic"].format(camera=cam), lambda m, c=cam: self._on_image(c, m),
+                    SENSOR_QOS))
             self.get_logger().info(f"configured: {'server ' + p['server'] if p['server'] else 'in-process'} "
                                    f"({p['execution']} execution), "
                                    f"keys {self.source.keys}, cameras {self.cameras}, trigger {trig}")

@@ -21,7 +21,8 @@ by a bounded amount. A robot would not wait; simulated envs can.
 :class:`EpisodeActor` is a robot as an actor (``robot-rl learn``): one session per episode, exploration as the
 learner says, a human's action taking a step over as an intervention, and the episode's rows sent whole once the
 episode is labelled (success / failure / time limit), or dropped when it is discarded. It never waits on the
-learner's backlog.
+learner's backlog. It acts through the server (a round trip per control step), or, with :class:`LocalActs`,
+on its own copy of the learner's weights in its own process (the control path never waits for the learner).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from robot_rl.envs.vector import SeedSchedule, make_vector_env, reset_some
 from robot_rl.policies.normalizer import Normalizer
 from robot_rl.rl.residual import combine
-from robot_rl.serve.client import PolicyClient
+from robot_rl.serve.client import ActResult, PolicyClient
 from robot_rl.serve.protocol import MAX_TRANSITIONS
 
 #: pause between backlog polls while the learner catches up: each poll is a request the server thread answers (and
@@ -212,6 +213,66 @@ class SimActor(_Acting):
             self._send(ready)
 
 
+class LocalActs:
+    """The policy server's per-step ``act`` answered in this process, from a frozen copy of the learner's weights:
+    what an actor runs when its control loop must not wait for the learner (SERL / HIL-SERL actors act on their own
+    copy of the parameters, refreshed between episodes). ``act`` and ``close_session`` take
+    :meth:`robot_rl.serve.client.PolicyClient.act`'s arguments and give its :class:`ActResult` for row 0 only,
+    with the server's arithmetic: one :class:`~robot_rl.policies.execution.ChunkStream` per session (reset with the
+    session's seed, then one frame per step), a new base chunk when the queue does not cover the step, and the
+    residual's mean on this step's observation (:func:`robot_rl.rl.residual.apply_residual`, a batch of one, as the
+    server's row 0). One session at a time (a robot's episode).
+
+    Args:
+        base: the frozen base (the learner's: the same weights digest). residual: the copy of its residual
+            (:meth:`PolicyClient.fetch_residual`), or None. residual_version: that copy's version (every row says
+            it).
+    """
+
+    def __init__(self, base, residual, residual_version: int):
+        from robot_rl.serve.server import weights_digest
+
+        self.base, self.residual, self.residual_version = base, residual, int(residual_version)
+        cfg = base.config
+        self.keys = list(cfg.obs_keys) + list(cfg.image_keys)
+        self.low_keys = list(cfg.obs_keys)
+        self.base_version = weights_digest(base)
+        self.session, self.stream = None, None
+
+    def act(self, session: str, step: int, obs: dict, *, reset: bool = False, seed: int | None = None,
+            timeout_s: float | None = None) -> ActResult:
+        """This step's base action, residual mean and executed action (each float32 (1, A)); ``obs``: one frame
+        {key: array} with the base's keys. Raises RuntimeError for a step of a session never reset."""
+        import zlib
+
+        from robot_rl.policies.execution import ChunkStream, predict_chunks
+        from robot_rl.rl.residual import apply_residual
+
+        frame = {k: np.array(obs[k]) for k in self.keys}
+        if reset:
+            seed = seed if seed is not None else zlib.crc32(session.encode()) % 2**63
+            self.session, self.stream = session, ChunkStream(self.base.config.n_obs_steps, seed=seed)
+            self.stream.reset([frame], step)
+        else:
+            if session != self.session:
+                raise RuntimeError(f"session {session!r} was not started here (reset=True first)")
+            self.stream.observe(frame)
+            self.stream.t = step
+        new = bool(reset) or not self.stream.queue.covers(step)
+        if new:
+            self.stream.queue.add(predict_chunks(self.base, [self.stream], self.keys)[0], step)
+        base = self.stream.queue.rows(step)[:1]
+        r, executed = apply_residual(self.base.normalizer, self.residual,
+                                     {k: frame[k][None] for k in self.low_keys}, base)
+        return ActResult(session=session, step=step, chunk_start=step, base=base, residual=r, executed=executed,
+                         base_version=self.base_version, residual_version=self.residual_version, new_chunk=new,
+                         timing={})
+
+    def close_session(self, session: str, timeout_s: float | None = None) -> None:
+        if session == self.session:
+            self.session, self.stream = None, None
+
+
 class EpisodeActor(_Acting):
     """A robot as an actor (``robot-rl learn``): one server session per episode, one ``act`` per control step with
     the exploration the learner asks for, and the episode's rows kept until the episode is labelled, then sent in
@@ -232,6 +293,10 @@ class EpisodeActor(_Acting):
     The last row's next base action is one more ``act`` on the final observation (the action the base would have
     executed there), as the simulated actors do.
 
+    Where a step's base action and residual mean come from: the server (one ``act`` round trip per step), or an
+    episode's :class:`LocalActs` (``start(acts=...)``: this process, on a copy of the learner's weights; only the
+    episode's start and its rows talk to the learner).
+
     Args:
         client: a :class:`PolicyClient` of the learner's server. name: session prefix. seed: exploration seed.
     Attributes: ``episodes`` (episodes sent), ``steps_sent``, ``rows`` (the running episode's rows).
@@ -241,10 +306,14 @@ class EpisodeActor(_Acting):
         super().__init__(client, np.random.default_rng([seed, 17]), None)
         self.name, self.episode, self.episodes = name, 0, 0
         self.session, self.rows, self.pending = None, [], None
+        self.final_base = None  # the base action at the final observation, once asked (a label may be retried)
+        self.acts = client
 
-    def start(self, seed: int | None = None) -> None:
-        """Begin an episode: a new session (``seed``: its base sampling seed), the learner's exploration now."""
+    def start(self, seed: int | None = None, acts: LocalActs | None = None) -> None:
+        """Begin an episode: a new session (``seed``: its base sampling seed), the learner's exploration now;
+        ``acts``: this episode's steps run on that local copy instead of through the server."""
         self.discard()
+        self.acts = acts if acts is not None else self.client
         self.session = f"{self.name}-{self.episode}"
         self.episode += 1
         self.step, self.reset_seed = 0, seed
@@ -255,7 +324,7 @@ class EpisodeActor(_Acting):
     def _act(self, obs: dict, timeout_s: float | None):
         # a step index is used once, answered or not (the server refuses a step that does not increase)
         step, self.step = self.step, self.step + 1
-        return self.client.act(self.session, step, obs, reset=step == 0,
+        return self.acts.act(self.session, step, obs, reset=step == 0,
                                seed=self.reset_seed if step == 0 else None, timeout_s=timeout_s)
 
     def act(self, obs: dict, human: np.ndarray | None = None, timeout_s: float | None = None) -> np.ndarray:
@@ -288,26 +357,27 @@ class EpisodeActor(_Acting):
         if self.pending is None:
             self.discard()
             return 0
-        final = self._act(final_obs, timeout_s)  # raises (learner unreachable): nothing changed, label again
+        if self.final_base is None:  # raises (learner unreachable): nothing changed, label again
+            self.final_base = np.array(self._act(final_obs, timeout_s).base[0], np.float32)
         rows = self.rows + [{**self.pending, "next_obs": {k: final_obs[k] for k in self.low_keys},
-                             "next_base": np.array(final.base[0], np.float32), "reward": float(bool(success)),
+                             "next_base": self.final_base, "reward": float(bool(success)),
                              "terminated": bool(success), "truncated": not success, "success": bool(success)}]
         for i in range(0, len(rows), MAX_TRANSITIONS):
             self._send(rows[i:i + MAX_TRANSITIONS])
-        self.rows, self.pending = [], None
+        self.rows, self.pending, self.final_base = [], None, None
         self.episodes += 1
         self._close()
         return len(rows)
 
     def discard(self) -> None:
         """Drop the running episode (nothing reaches the learner)."""
-        self.rows, self.pending = [], None
+        self.rows, self.pending, self.final_base = [], None, None
         self._close()
 
     def _close(self) -> None:
         if self.session is not None:
             try:
-                self.client.close_session(self.session, timeout_s=1.0)
+                self.acts.close_session(self.session, timeout_s=1.0)
             except Exception:  # noqa: BLE001 - best effort (the server also expires idle sessions)
                 pass
             self.session = None
