@@ -284,6 +284,65 @@ def test_learner_killed_mid_episode_holds_and_a_resumed_learner_takes_over(ros):
         stop_learner(learner)
 
 
+def test_acting_locally_the_arm_keeps_moving_while_the_learner_is_frozen(ros):
+    """acting:=local: the node runs each step on its copy of the learner's weights. SIGSTOP the learner a few steps
+    into an episode: actions keep reaching the arm at the control rate (no hold: the loop never waits on the
+    learner), the time limit ends the episode while the learner is still frozen, and once it runs again (SIGCONT)
+    the episode reaches its store whole: every step, one residual version, the version the node reported.
+    trigger_camera:=front paces the state policy by the camera's frames: each action carries the stamp of a frame
+    (the joint states and poses of that tick came first), not of a 50 Hz pose sample between frames."""
+    from sensor_msgs.msg import Image, JointState
+    from std_msgs.msg import Empty, String
+
+    from robot_rl.datasets.store import ZarrStore
+    from robot_rl.ros.common import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS, stamp_to_sec
+
+    drv, start, tmp = ros
+    out = tmp / "learn"
+    learner, port = start_learner(out)
+    store = out / "episodes.zarr"
+    limit = 40
+    try:
+        start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet", "seed": 9_300_000, "cameras": ["front"],
+                                                "image_size": [32, 32]})
+        start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "commands", "hardware_interpolates": True})
+        frames = set()
+        drv.node.create_subscription(Image, "/cameras/front/image_raw",
+                                     lambda m: frames.add(round(stamp_to_sec(m.header.stamp), 6)), SENSOR_QOS)
+        drv.subscribe(JointState, "/arm_bridge/action", COMMAND_QOS, keep=True)
+        drv.subscribe(Empty, "/arm_bridge/hold", COMMAND_QOS, keep=True)
+        drv.subscribe(String, "/policy_node/episode_state", LATCHED_QOS, keep=True)
+        start("robot_rl.ros.policy_node", {"server": f"127.0.0.1:{port}", "learn": True, "episode_steps": limit,
+                                           "server_timeout": 0.1, "autostart": True, "checkpoint": str(FIXTURE),
+                                           "acting": "local", "trigger_camera": "front"})
+        actions = lambda: drv.log.get("/arm_bridge/action", [])  # noqa: E731
+        drv.wait_for(lambda: len(actions()) >= 3, 90, "the first actions")
+        t_stop = time.monotonic()
+        learner.send_signal(signal.SIGSTOP)
+        try:
+            drv.spin(2.0)
+            during = [t for t, _ in actions() if t > t_stop]
+            assert len(during) >= 12, len(during)  # ~20 at 10 Hz: the loop did not wait on the learner
+            assert not [t for t, _ in drv.log.get("/arm_bridge/hold", []) if t > t_stop]
+            drv.wait_for(lambda: json.loads(drv.log["/policy_node/episode_state"][-1][1].data)["steps"] >= limit
+                         or len(actions()) >= limit, 10, "the time limit")
+        finally:
+            learner.send_signal(signal.SIGCONT)
+        drv.wait_for(lambda: store.exists() and ZarrStore.open(store).n_episodes == 1, 30,
+                     "the episode in the store once the learner runs again")
+        st = json.loads(drv.log["/policy_node/episode_state"][-1][1].data)
+        e = ZarrStore.open(store).get_episode(0, keys=["reward", "residual_version", "intervention"])
+        assert len(e["reward"]) == limit and e["reward"].sum() == 0 and not e["intervention"].any()
+        assert set(e["residual_version"].tolist()) == {st["residual_version"]}, (e["residual_version"], st)
+        stamps = [round(stamp_to_sec(m.header.stamp), 6) for _, m in actions()]
+        assert sum(t in frames for t in stamps) >= 0.9 * len(stamps), (stamps[:10], sorted(frames)[:10])
+    finally:
+        out_text = stop_learner(learner)
+        print("learner output:\n" + out_text[-3000:])
+        for f in sorted(tmp.glob("*.log")):
+            print(f"{f.name}:\n{f.read_text()[-2000:]}")
+
+
 def test_keyboard_episode_keys_call_the_learning_nodes_services(ros):
     """teleop with keyboard:=true on a terminal and label_node:=policy_node: 1 / 2 / 0 / Enter call the node's
     ~/mark_success, ~/mark_failure, ~/discard_episode and ~/start_episode (this driver serves them)."""

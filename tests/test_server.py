@@ -157,6 +157,29 @@ def test_round_trip_equals_in_process(server, models):
     assert all(r.residual_version == 0 and r.executed.shape == (4 - t % 4, 5) for t, r in enumerate(got))
 
 
+def test_local_acts_answer_as_the_server_does(server, models):
+    """LocalActs (a robot acting on its copy of the learner's weights, acting:=local) gives the server's act reply
+    for every step of an episode, bit-exact: the diffusion base's chunks (its session seed), a new chunk every Ta
+    steps, the residual's mean on the step's observation and the executed action; the version it was given."""
+    from robot_rl.serve.actor import LocalActs
+
+    _, addr = server
+    base, res1, _ = models
+    rng = np.random.default_rng(3)
+    obs = [_obs(rng) for _ in range(10)]
+    local = LocalActs(base, res1, residual_version=7)
+    with PolicyClient(addr, token=TOKEN) as c:
+        for t, o in enumerate(obs):
+            kw = dict(reset=t == 0, seed=11 if t == 0 else None)
+            want, got = c.act("la", t, o, **kw), local.act("la", t, o, **kw)
+            assert np.array_equal(got.base, want.base[:1]) and np.array_equal(got.residual, want.residual[:1])
+            assert np.array_equal(got.executed, want.executed[:1]) and got.new_chunk == want.new_chunk
+            assert got.residual_version == 7 and got.base_version == want.base_version
+    assert not np.array_equal(got.residual, np.zeros_like(got.residual))  # the residual is in play
+    with pytest.raises(RuntimeError, match="reset=True"):
+        local.act("other", 11, obs[0])
+
+
 def test_batching_across_concurrent_clients_equals_unbatched(server, models):
     _, addr = server
     base, res1, _ = models
