@@ -325,7 +325,7 @@ class EpisodeActor(_Acting):
         # a step index is used once, answered or not (the server refuses a step that does not increase)
         step, self.step = self.step, self.step + 1
         return self.acts.act(self.session, step, obs, reset=step == 0,
-                               seed=self.reset_seed if step == 0 else None, timeout_s=timeout_s)
+                             seed=self.reset_seed if step == 0 else None, timeout_s=timeout_s)
 
     def act(self, obs: dict, human: np.ndarray | None = None, timeout_s: float | None = None) -> np.ndarray:
         """This step's executed action, float32 (A,) raw units; ``obs`` as the server's obs_spec (one frame)."""
