@@ -8,7 +8,8 @@ action for this step, and publishes it to the arm bridge (``action_topic``, the 
 same stamp; row 0 = this step's action, rows 1.. = the rest of the base's action chunk with the residual of this
 step's observation): the arm bridge turns it into a multi-point joint trajectory with velocities, so a real
 controller moves smoothly through the steps and keeps moving when a message is late. The executed action of every
-step is still this step's action message; the preview only shapes what follows it.
+step is still this step's action message; the preview only shapes what follows it (none is sent when nothing
+follows this step's action, e.g. while learning, where each step is decided on its own).
 
 When a tick happens (``trigger`` parameter):
   ``timer``  every 1/``control_rate`` s on the node clock (/clock with ``use_sim_time``). Images are sampled
@@ -746,10 +747,10 @@ def make_node():
             if a.shape != (5,) or not np.all(np.isfinite(a)):
                 self._hold(f"rejected action {a.tolist()} (NaN/inf or shape != (5,))", "rejected_actions")
                 return
-            if self.pub_chunk is not None:  # before the action: the bridge pairs them by stamp
-                ok = shaped and np.all(np.isfinite(rows))
-                self.pub_chunk.publish(chunk_to_msg(np.clip(rows if ok else a[None], -1.0, 1.0), self.period,
-                                                    sec_to_stamp(t_obs)))
+            # the planned continuation, before the action (the bridge pairs them by stamp); a chunk of this step
+            # alone (learning, a NaN past row 0) plans nothing more than the action: not sent, one message less
+            if self.pub_chunk is not None and shaped and len(rows) > 1 and np.all(np.isfinite(rows)):
+                self.pub_chunk.publish(chunk_to_msg(np.clip(rows, -1.0, 1.0), self.period, sec_to_stamp(t_obs)))
             self.pub_action.publish(action_to_msg(np.clip(a, -1.0, 1.0), sec_to_stamp(t_obs)))
             self.holding, self.hold_reason = False, ""
             self.steps += 1
