@@ -244,7 +244,7 @@ class LearningSource:
         if acting == "local" and not checkpoint:
             raise ConfigError("checkpoint", "empty, and acting:=local runs the learner's base in this node",
                               "set checkpoint:= to the base the learner was started with, or acting:=learner")
-        self.acting = acting
+        self.acting, self.acts = acting, None  # acts: the LocalActs of acting:=local
         self.client = PolicyClient(address, token=token, timeout_s=connect_timeout, retries=0)
         try:
             meta = self.client.wait_ready(connect_timeout)
@@ -290,12 +290,13 @@ class LearningSource:
                 self.actor.discard()
                 self.local.start()
                 return
-        acts = None
         if self.acting == "local":
-            from robot_rl.serve.actor import LocalActs
+            if self.acts is None:
+                from robot_rl.serve.actor import LocalActs
 
-            acts = LocalActs(self.local.base, self.local.res, self.local_version)
-        self.actor.start(seed=self.seed + self.actor.episode, acts=acts)
+                self.acts = LocalActs(self.local.base, self.local.res, self.local_version)
+            self.acts.load(self.local.res, self.local_version)
+        self.actor.start(seed=self.seed + self.actor.episode, acts=self.acts)
 
     @property
     def has_steps(self) -> bool:
@@ -549,7 +550,7 @@ def make_node():
             self.trigger_camera = cam if trig == "image" else None
             if self.trigger_camera is not None and cam not in self.cameras:  # its frames only pace the loop
                 self.subs.append(qos_subscription(
-                    self, self._Image, p["image_topic"].format(camera=cam), lambda m, c=cam: self._on_image(c, m),
+                    self, self._Image, p["image_topic"].format(camera=cam), lambda m, c=cam: self._on_frame(c),
                     SENSOR_QOS))
             self.get_logger().info(f"configured: {'server ' + p['server'] if p['server'] else 'in-process'} "
                                    f"({p['execution']} execution), "
@@ -584,6 +585,10 @@ def make_node():
                 self.counts["bad_images"] += 1
                 self.get_logger().error(f"image from {cam}: {e}", throttle_duration_sec=5.0)
                 return
+            self._on_frame(cam)
+
+        def _on_frame(self, cam):
+            """A new frame of ``cam`` arrived: a step, when it is the trigger camera's and a period has passed."""
             if cam == self.trigger_camera and self.timer is not None:
                 if self.last_tick is None or now_sec(self) - self.last_tick >= 0.9 * self.period:
                     self._tick()

@@ -218,26 +218,29 @@ class LocalActs:
     what an actor runs when its control loop must not wait for the learner (SERL / HIL-SERL actors act on their own
     copy of the parameters, refreshed between episodes). ``act`` and ``close_session`` take
     :meth:`robot_rl.serve.client.PolicyClient.act`'s arguments and give its :class:`ActResult` for row 0 only,
-    with the server's arithmetic: one :class:`~robot_rl.policies.execution.ChunkStream` per session (reset with the
-    session's seed, then one frame per step), a new base chunk when the queue does not cover the step, and the
-    residual's mean on this step's observation (:func:`robot_rl.rl.residual.apply_residual`, a batch of one, as the
-    server's row 0). One session at a time (a robot's episode).
+    with the server's arithmetic: the base through a one-env :class:`~robot_rl.policies.execution.ChunkExecutor`
+    seeded with the session's seed (a stream of one draws the server's noise), a new chunk when the queue runs out,
+    and the residual's mean on this step's observation (:func:`robot_rl.rl.residual.apply_residual`, a batch of
+    one, as the server's row 0). One session at a time (a robot's episode), steps one apart.
 
     Args:
         base: the frozen base (the learner's: the same weights digest). residual: the copy of its residual
             (:meth:`PolicyClient.fetch_residual`), or None. residual_version: that copy's version (every row says
-            it).
+            it). :meth:`load` swaps in a newer copy.
     """
 
     def __init__(self, base, residual, residual_version: int):
         from robot_rl.serve.server import weights_digest
 
-        self.base, self.residual, self.residual_version = base, residual, int(residual_version)
-        cfg = base.config
-        self.keys = list(cfg.obs_keys) + list(cfg.image_keys)
-        self.low_keys = list(cfg.obs_keys)
+        self.base = base
+        self.low_keys = list(base.config.obs_keys)
         self.base_version = weights_digest(base)
-        self.session, self.stream = None, None
+        self.load(residual, residual_version)
+        self.session, self.ex = None, None
+
+    def load(self, residual, residual_version: int) -> None:
+        """Act on this copy of the learner's residual from the next session on (call between episodes)."""
+        self.residual, self.residual_version = residual, int(residual_version)
 
     def act(self, session: str, step: int, obs: dict, *, reset: bool = False, seed: int | None = None,
             timeout_s: float | None = None) -> ActResult:
@@ -245,32 +248,28 @@ class LocalActs:
         {key: array} with the base's keys. Raises RuntimeError for a step of a session never reset."""
         import zlib
 
-        from robot_rl.policies.execution import ChunkStream, predict_chunks
+        from robot_rl.policies.execution import ChunkExecutor
         from robot_rl.rl.residual import apply_residual
 
-        frame = {k: np.array(obs[k]) for k in self.keys}
+        b = {k: np.asarray(v)[None] for k, v in obs.items()}
         if reset:
             seed = seed if seed is not None else zlib.crc32(session.encode()) % 2**63
-            self.session, self.stream = session, ChunkStream(self.base.config.n_obs_steps, seed=seed)
-            self.stream.reset([frame], step)
+            self.session, self.ex = session, ChunkExecutor(self.base, 1, seed=seed)
+            self.ex.reset(np.ones(1, bool), b)
+        elif session != self.session:
+            raise RuntimeError(f"session {session!r} was not started here (reset=True first)")
         else:
-            if session != self.session:
-                raise RuntimeError(f"session {session!r} was not started here (reset=True first)")
-            self.stream.observe(frame)
-            self.stream.t = step
-        new = bool(reset) or not self.stream.queue.covers(step)
-        if new:
-            self.stream.queue.add(predict_chunks(self.base, [self.stream], self.keys)[0], step)
-        base = self.stream.queue.rows(step)[:1]
-        r, executed = apply_residual(self.base.normalizer, self.residual,
-                                     {k: frame[k][None] for k in self.low_keys}, base)
+            self.ex.observe(b)
+        calls = self.ex.calls
+        base = self.ex.actions()
+        r, executed = apply_residual(self.base.normalizer, self.residual, {k: b[k] for k in self.low_keys}, base)
         return ActResult(session=session, step=step, chunk_start=step, base=base, residual=r, executed=executed,
-                         base_version=self.base_version, residual_version=self.residual_version, new_chunk=new,
-                         timing={})
+                         base_version=self.base_version, residual_version=self.residual_version,
+                         new_chunk=self.ex.calls > calls, timing={})
 
     def close_session(self, session: str, timeout_s: float | None = None) -> None:
         if session == self.session:
-            self.session, self.stream = None, None
+            self.session, self.ex = None, None
 
 
 class EpisodeActor(_Acting):

@@ -577,8 +577,10 @@ def learn_online(base, task: str, td3: TD3Config, out_dir: str | Path, *, store:
     yield_cpu_to_serving()
     if resume:  # what it learned from after its last saved state, it learns from again (the store has it)
         n_rows = n_eps = 0
-        for req in episodes.rows_after(run.steps, list(run.policy.config.obs_keys)):
-            lh.serve_as(int(np.max(req["residual_version"])) + 1)  # above what the lost run pushed, too
+        lost = list(episodes.rows_after(run.steps, list(run.policy.config.obs_keys)))
+        if lost:  # above what the lost run pushed, too
+            lh.serve_as(max(int(np.max(req["residual_version"])) for req in lost) + 1)
+        for req in lost:
             k = max(0, min(len(req["sessions"]), td3.total_env_steps - run.steps))
             sid = req["sessions"][0]
             lh.consume(req, [slots.take(sid)] * k, replayed=True)
