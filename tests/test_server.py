@@ -180,6 +180,30 @@ def test_local_acts_answer_as_the_server_does(server, models):
         local.act("other", 11, obs[0])
 
 
+def test_local_acts_reads_the_residuals_fine_keys(models):
+    """A residual with a fine key the base does not read (``place``'s cube_to_target over a base without it): LocalActs
+    feeds it from the step's observation, as the server does (it once passed the base's keys only and raised)."""
+    from robot_rl.serve.actor import LocalActs
+
+    base = models[0]
+    dims = {**KEYS, "d": 3}
+    res = _residual(4)
+    res.config.obs_dims, res.config.fine_keys = dims, {"d": 0.01}
+    res = ResidualPolicy(res.config)  # the input layer sized for the fine key
+    with torch.no_grad():
+        for p in res.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    rng = np.random.default_rng(5)
+    o = _obs(rng)
+    out = []
+    for d in (0.0, 0.02):
+        local = LocalActs(base, res, residual_version=1)
+        out.append(local.act("f", 0, {**o, "d": np.full(3, d, np.float32)}, reset=True, seed=3).residual)
+    assert not np.array_equal(out[0], out[1])  # the fine key moves the residual
+    with pytest.raises(ConfigError, match="fine_keys.d"):
+        LocalActs(base, res, residual_version=1).act("f", 0, o, reset=True, seed=3)
+
+
 def test_batching_across_concurrent_clients_equals_unbatched(server, models):
     _, addr = server
     base, res1, _ = models

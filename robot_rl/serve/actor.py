@@ -262,7 +262,9 @@ class LocalActs:
             self.ex.observe(b)
         calls = self.ex.calls
         base = self.ex.actions()
-        r, executed = apply_residual(self.base.normalizer, self.residual, {k: b[k] for k in self.low_keys}, base)
+        # the base's low-dim keys and the residual's fine keys (e.g. cube_to_target), as the server's float32 obs
+        keys = [*self.low_keys, *((self.residual.config.fine_keys or {}) if self.residual is not None else {})]
+        r, executed = apply_residual(self.base.normalizer, self.residual, {k: b[k] for k in keys if k in b}, base)
         return ActResult(session=session, step=step, chunk_start=step, base=base, residual=r, executed=executed,
                          base_version=self.base_version, residual_version=self.residual_version,
                          new_chunk=self.ex.calls > calls, timing={})
