@@ -48,7 +48,8 @@ def _stats(d, lo=-1.0, hi=1.0):
 
 def _residual(seed, **kw):
     torch.manual_seed(seed)
-    r = ResidualPolicy(ResidualConfig(obs_keys=list(KEYS), obs_dims=KEYS, action_dim=kw.pop("action_dim", 5),
+    r = ResidualPolicy(ResidualConfig(obs_keys=list(KEYS), obs_dims=kw.pop("obs_dims", KEYS),
+                                      action_dim=kw.pop("action_dim", 5),
                                       hidden=(32, 32), **kw))
     with torch.no_grad():
         for p in r.parameters():
@@ -186,13 +187,7 @@ def test_local_acts_reads_the_residuals_fine_keys(models):
     from robot_rl.serve.actor import LocalActs
 
     base = models[0]
-    dims = {**KEYS, "d": 3}
-    res = _residual(4)
-    res.config.obs_dims, res.config.fine_keys = dims, {"d": 0.01}
-    res = ResidualPolicy(res.config)  # the input layer sized for the fine key
-    with torch.no_grad():
-        for p in res.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    res = _residual(4, obs_dims={**KEYS, "d": 3}, fine_keys={"d": 0.01})
     rng = np.random.default_rng(5)
     o = _obs(rng)
     out = []

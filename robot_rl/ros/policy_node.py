@@ -295,7 +295,8 @@ class LearningSource:
                 from robot_rl.serve.actor import LocalActs
 
                 self.acts = LocalActs(self.local.base, self.local.res, self.local_version)
-            self.acts.load(self.local.res, self.local_version)
+            else:
+                self.acts.load(self.local.res, self.local_version)
         self.actor.start(seed=self.seed + self.actor.episode, acts=self.acts)
 
     @property

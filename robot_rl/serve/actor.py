@@ -241,6 +241,8 @@ class LocalActs:
     def load(self, residual, residual_version: int) -> None:
         """Act on this copy of the learner's residual from the next session on (call between episodes)."""
         self.residual, self.residual_version = residual, int(residual_version)
+        # what the residual reads: the base's low-dim keys and its fine keys (e.g. cube_to_target), as the server
+        self.res_keys = [*self.low_keys, *((residual.config.fine_keys or {}) if residual is not None else {})]
 
     def act(self, session: str, step: int, obs: dict, *, reset: bool = False, seed: int | None = None,
             timeout_s: float | None = None) -> ActResult:
@@ -262,9 +264,8 @@ class LocalActs:
             self.ex.observe(b)
         calls = self.ex.calls
         base = self.ex.actions()
-        # the base's low-dim keys and the residual's fine keys (e.g. cube_to_target), as the server's float32 obs
-        keys = [*self.low_keys, *((self.residual.config.fine_keys or {}) if self.residual is not None else {})]
-        r, executed = apply_residual(self.base.normalizer, self.residual, {k: b[k] for k in keys if k in b}, base)
+        r, executed = apply_residual(self.base.normalizer, self.residual,
+                                     {k: b[k] for k in self.res_keys if k in b}, base)
         return ActResult(session=session, step=step, chunk_start=step, base=base, residual=r, executed=executed,
                          base_version=self.base_version, residual_version=self.residual_version,
                          new_chunk=self.ex.calls > calls, timing={})
