@@ -8,7 +8,8 @@ seeds (rliable), for the last and the best-on-validation checkpoints. Then print
 held-out success (last, and best on validation) and the env steps and wall-clock minutes
 at which validation success (``<algo>.val_episodes`` episodes every ``<algo>.val_every`` env steps, seeds disjoint
 from training and held-out) first reached each ``--thresholds`` value ("-" when it never did), and the ratios
-TD3 / PPO. Writes ``<out>/bench_offpolicy.json``.
+TD3 / PPO. Writes ``<out>/bench_offpolicy.json`` and ``<out>/td3_vs_ppo.png`` (every seed's learning curve of
+both learners against env steps and wall time).
 
     python bench/bench_offpolicy.py --base runs/base4/checkpoint --out runs/bench_offpolicy --env-steps 100000 \
         --set task.tolerance=0.004 --td3-set td3.utd_ratio=0.25 \
@@ -133,7 +134,21 @@ def main() -> None:
     ratios["iqm"] = float(ot["iqm"] / op["iqm"]) if op["iqm"] else float("nan")
     print(f"TD3 / PPO held-out IQM: {ratios['iqm']:.2f}")
     result["ratios"] = ratios
+    result["plot"] = plot(out, result)
+    print(f"learning curves of every seed of both learners, against env steps and wall time: {result['plot']}")
     (out / "bench_offpolicy.json").write_text(json.dumps(result, indent=1))
+
+
+def plot(out: Path, result: dict) -> str:
+    """``<out>/td3_vs_ppo.png``: every seed's learning curve of both learners on the same axes, against env steps
+    and wall time, with the base's held-out success."""
+    from robot_rl.stages.evaluation import plot_learning_curve
+
+    curves = {f"{algo.upper()} seed {s}": json.loads((out / algo / f"seed_{s}" / "learning_curve.json").read_text())
+              for algo, r in result["runs"].items() for s in r["seeds"]}
+    first, *rest = curves
+    return plot_learning_curve(curves[first], out / "td3_vs_ppo.png", base_rate=result["runs"]["td3"]["base"],
+                               label=first, others={k: curves[k] for k in rest})
 
 
 if __name__ == "__main__":
