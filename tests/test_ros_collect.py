@@ -101,7 +101,12 @@ def test_twist_teleop_recorder_store_trains(ros):
     # ... and the robot followed: up while the policy drove, then forward and down during the takeover
     i0, i1 = np.flatnonzero(inter)[[0, -1]]
     up, takeover = ep["ee_pos"][i0] - ep["ee_pos"][0], ep["ee_pos"][i1] - ep["ee_pos"][i0]
-    assert up[2] > 0.015 and takeover[0] > 0.015 and takeover[2] < -0.015, (up, takeover)
+    # (the distance covered depends on how many 10 Hz steps a loaded machine executes in the 1 s takeover: CI saw
+    # 13 mm where an idle machine gives ~30 mm, so the check is the direction — well clear of zero, and along x and
+    # -z rather than y — not the distance)
+    assert up[2] > 0.015 and abs(up[:2]).max() < 0.3 * up[2], up
+    assert takeover[0] > 0.005 and takeover[2] < -0.005, takeover
+    assert abs(takeover[1]) < 0.3 * min(takeover[0], -takeover[2]), takeover
     assert ep["image_front"].shape[1:] == (96, 96, 3) and ep["image_front"].std() > 5
 
     out = tmp / "base"
