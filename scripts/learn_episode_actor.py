@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--tolerance", type=float, default=0.004)
     p.add_argument("--env-steps", type=int, default=18_000)
     p.add_argument("--intervene", action="store_true", help="the scripted operator's takeovers")
+    p.add_argument("--within-reach", action="store_true", help="with --intervene: execute each takeover step "
+                   "projected into the residual's reach (EpisodeActor's human_within_reach)")
     p.add_argument("--seed", type=int, default=0, help="the learner's and the exploration's seed")
     p.add_argument("--seed-start", type=int, default=5_000_000, help="episode i runs on seed SEED_START + i "
                    "(training range: disjoint from validation 500 000+ and evaluation 1 000 000-1 000 999)")
@@ -72,7 +74,7 @@ def main() -> None:
     env = make_env("place", task_kwargs=tk, render_mode=None, **env_kwargs_for(base.config, "place", tk,
                                                                                {"backend": a.backend}))
     client = PolicyClient(endpoint[0], timeout_s=60.0)
-    actor = EpisodeActor(client, name="arm", seed=a.seed)
+    actor = EpisodeActor(client, name="arm", seed=a.seed, human_within_reach=a.within_reach)
     rule = ScriptedIntervention() if a.intervene else None
     log, total, t0 = [], 0, time.time()
     try:

@@ -147,7 +147,8 @@ def test_a_robot_actor_sends_labelled_episodes_and_never_a_discarded_one(tmp_pat
     """EpisodeActor (what a robot's policy node runs) on a MuJoCo env standing in for the arm, against
     learn_online: labelled episodes reach the learner whole (success -> terminated with reward 1, failure or time
     limit -> truncated), discarded ones never do, and a human-driven step is stored as an intervention with the
-    human's action and its residual-unit equivalent."""
+    human's action and its residual-unit equivalent; with ``human_within_reach`` the arm executes that action
+    projected into the residual's reach, and the rows join the demo side."""
 
     from robot_rl.envs.env import make_env
     from robot_rl.serve.actor import EpisodeActor
@@ -169,17 +170,18 @@ def test_a_robot_actor_sends_labelled_episodes_and_never_a_discarded_one(tmp_pat
                    **env_kwargs_for(base.config, "place", TK, None))
     client = PolicyClient(endpoint[0], timeout_s=30.0)
     actor = EpisodeActor(client, name="arm", seed=0)
-    sent, labels, human_rows = 0, [], []
+    sent, labels, human_rows = 0, [], {1: [], 3: []}
     try:
         for ep in range(5):
             obs, _ = env.reset(seed=9_000_000 + ep)
             actor.start(seed=ep)
+            actor.human_within_reach = ep == 3
             for step in range(TK["max_steps"]):
                 o = {k: obs[k] for k in base.config.obs_keys}
                 human = None
-                if ep == 1 and step in (3, 4):  # a human takes over for two steps
+                if ep in (1, 3) and step in (3, 4):  # a human takes over for two steps
                     human = np.array([0.5, 0.0, 0.0, 0.0, 1.0], np.float32)
-                    human_rows.append(step)
+                    human_rows[ep].append(step)
                 a = actor.act(o, human=human)
                 obs, _, term, trunc, info = env.step(a)
                 if term or trunc:
@@ -206,23 +208,28 @@ def test_a_robot_actor_sends_labelled_episodes_and_never_a_discarded_one(tmp_pat
         env.close()
     pol, curve = out["r"]
     assert curve[-1]["env_steps"] == sent == actor.steps_sent and sent >= 4 * 2
-    # HIL-SERL puts human-driven steps on the demo side too; these two are beyond the residual's reach (a gripper
-    # command against the base's), so they are stored on neither side (TD3Run.add) but counted
-    assert curve[-1]["demo_size"] == 0 and curve[-1]["unreachable_steps"] == 2
+    # HIL-SERL puts human-driven steps on the demo side too; episode 1's two are beyond the residual's reach (a
+    # gripper command against the base's), so they are stored on neither side (TD3Run.add) but counted; episode
+    # 3's, executed within reach, join the demo side
+    assert curve[-1]["demo_size"] == 2 and curve[-1]["unreachable_steps"] == 2
     steps = np.diff([0] + [r["env_steps"] for r in curve])  # the rows each curve row covers
-    assert sum(r["intervention_rate"] * n for r, n in zip(curve, steps)) == pytest.approx(2, abs=1e-6)
+    assert sum(r["intervention_rate"] * n for r, n in zip(curve, steps)) == pytest.approx(4, abs=1e-6)
     st = ZarrStore.open(tmp_path / "ep.zarr")
     assert st.n_episodes == 4 and [bool(m["success"]) for m in st.episodes_meta()] == labels
     assert sum(len(st.get_episode(i, keys=["reward"])["reward"]) for i in range(4)) == sent  # no discarded row
-    e = st.get_episode(1, keys=["action", "base_action", "residual", "intervention", "human_action", "reward"])
-    assert list(np.flatnonzero(e["intervention"])) == human_rows
-    h = e["intervention"]
-    assert np.allclose(e["human_action"][h], [0.5, 0.0, 0.0, 0.0, 1.0]) and np.allclose(e["action"][h],
-                                                                                         e["human_action"][h])
-    norm = base.normalizer
-    want = ((norm.normalize("action", torch.as_tensor(e["action"][h]))
-             - norm.normalize("action", torch.as_tensor(e["base_action"][h]))) / pol.config.alpha).clamp(-1, 1)
-    assert np.allclose(e["residual"][h], want.numpy(), atol=1e-5)
+    norm, human = base.normalizer, torch.tensor([0.5, 0.0, 0.0, 0.0, 1.0])
+    for i, ep in ((1, 1), (2, 3)):  # store index, episode (episode 2 was discarded)
+        e = st.get_episode(i, keys=["action", "base_action", "residual", "intervention", "human_action", "reward"])
+        assert list(np.flatnonzero(e["intervention"])) == human_rows[ep]
+        h = e["intervention"]
+        base_n = norm.normalize("action", torch.as_tensor(e["base_action"][h]))
+        want = ((norm.normalize("action", human) - base_n) / pol.config.alpha).clamp(-1, 1)
+        assert np.allclose(e["residual"][h], want.numpy(), atol=1e-5)
+        executed = human.expand(2, -1) if ep == 1 else norm.unnormalize("action", combine(base_n, want,
+                                                                                          pol.config.alpha))
+        assert np.allclose(e["action"][h], executed.numpy(), atol=1e-5)
+        assert np.allclose(e["human_action"][h], e["action"][h])
+    assert not np.allclose(e["action"][h], human.numpy(), atol=1e-2)  # projected: not the human's action
     for i in range(st.n_episodes):
         r = st.get_episode(i, keys=["reward"])["reward"]
         assert r[:-1].sum() == 0 and r[-1] == float(labels[i])
@@ -231,5 +238,5 @@ def test_a_robot_actor_sends_labelled_episodes_and_never_a_discarded_one(tmp_pat
     from robot_rl.stages.evaluation import robot_learning_report
 
     rep = robot_learning_report(st, tmp_path / "rep")
-    assert rep["episodes"] == 4 and rep["steps"] == sent and rep["intervention_steps"] == 2
+    assert rep["episodes"] == 4 and rep["steps"] == sent and rep["intervention_steps"] == 4
     assert rep["robot_minutes"] == pytest.approx(sent / 10 / 60, abs=0.01) and rep["successes"] == sum(labels)

@@ -288,7 +288,12 @@ class EpisodeActor(_Acting):
     ``warmup_noise`` during warm-up, else Gaussian ``std``, residual units, clipped to [-1, 1]); the executed action
     is ``unnormalize(clip(normalize(base) + alpha * residual, -1, 1))``. With ``human`` (a human drove the step,
     raw action (A,)) the row is an intervention: executed = the human's action, residual = its residual-unit
-    equivalent ``clip((normalize(human) - normalize(base)) / alpha, -1, 1)``.
+    equivalent ``clip((normalize(human) - normalize(base)) / alpha, -1, 1)``. With ``human_within_reach`` the arm
+    executes the human's action projected into the residual's reach instead, ``combine(base, that residual)``: each
+    normalized base action dimension moves by at most ``alpha`` (of [-1, 1]) toward the human's, so a takeover
+    becomes a bounded nudge whose every row the residual can imitate (a full takeover's steps beyond that reach
+    are dropped by the learner, as ``demo_buffer`` drops unreachable demo steps); the row's (and the store's) human
+    action is then the executed, projected one.
 
     :meth:`end` labels the episode: ``success`` True -> reward 1 and ``terminated`` on the last row; False (a
     failure mark or the time limit) -> reward 0 and ``truncated`` (bootstrapped: the task goes on past the cut).
@@ -301,11 +306,13 @@ class EpisodeActor(_Acting):
 
     Args:
         client: a :class:`PolicyClient` of the learner's server. name: session prefix. seed: exploration seed.
+        human_within_reach: execute interventions projected into the residual's reach (above); default False.
     Attributes: ``episodes`` (episodes sent), ``steps_sent``, ``rows`` (the running episode's rows).
     """
 
-    def __init__(self, client: PolicyClient, name: str = "robot", seed: int = 0):
+    def __init__(self, client: PolicyClient, name: str = "robot", seed: int = 0, human_within_reach: bool = False):
         super().__init__(client, np.random.default_rng([seed, 17]), None)
+        self.human_within_reach = bool(human_within_reach)
         self.name, self.episode, self.episodes = name, 0, 0
         self.session, self.rows, self.pending = None, [], None
         self.final_base = None  # the base action at the final observation, once asked (a label may be retried)
@@ -343,6 +350,8 @@ class EpisodeActor(_Acting):
                 d = (self.norm.normalize("action", torch.as_tensor(executed))
                      - self.norm.normalize("action", torch.as_tensor(base))) / self.alpha
             residual = np.clip(d.numpy(), -1.0, 1.0).astype(np.float32)
+            if self.human_within_reach:
+                executed = self._executed(base, residual)
         else:
             residual = self._residual(np.asarray(r.residual[0], np.float32))
             executed = self._executed(base, residual)
