@@ -169,3 +169,24 @@ def test_info_empty_store(tmp_path):
     assert empty["by_source"] == {} and empty["successes"] == 0 and empty["success_rate"] is None
     text = format_info(empty)
     assert "sources  -" in text and "success n/a," in text and os.fspath(tmp_path / "empty") in text
+
+
+def test_placement_errors_script_splits_the_final_error_by_label(tmp_path):
+    """scripts/placement_errors.py: the cube-to-target error at each episode's last step, mean and spread per label."""
+    import subprocess
+    import sys
+
+    st = ZarrStore.create(tmp_path / "p.zarr")
+    for i, (dy, ok) in enumerate([(0.008, False), (0.006, False), (0.001, True)]):
+        c2t = np.zeros((5, 3), np.float32)
+        c2t[-1] = [0.0, dy, 0.0]
+        c2t[:-1] = 0.5  # only the last step counts
+        st.add_episode({"action": np.zeros((5, 5), np.float32), "cube_to_target": c2t}, seed=i, task="place",
+                       source="policy", success=ok, backend="pybullet")
+    r = subprocess.run([sys.executable, "scripts/placement_errors.py", str(tmp_path / "p.zarr")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "3 episodes, 1 successes"
+    assert "failed (2): target - cube [mm] mean x +0.0 y +7.0, std x 0.0 y 1.0, median |error| 7.0" == lines[1]
+    assert lines[2].startswith("succeeded (1): target - cube [mm] mean x +0.0 y +1.0")
