@@ -41,8 +41,8 @@ def main() -> None:
             continue
         e = err[m] * 1000
         print(f"{name} ({int(m.sum())}): target - cube [mm] mean x {e[:, 0].mean():+.1f} y {e[:, 1].mean():+.1f}, "
-              f"std x {e[:, 0].std():.1f} y {e[:, 1].std():.1f}, median |error| "
-              f"{np.median(np.linalg.norm(e, axis=1)):.1f}")
+              f"std x {e[:, 0].std():.1f} y {e[:, 1].std():.1f}, median x {np.median(e[:, 0]):+.1f} y "
+              f"{np.median(e[:, 1]):+.1f}, median |error| {np.median(np.linalg.norm(e, axis=1)):.1f}")
 
 
 if __name__ == "__main__":

@@ -188,5 +188,6 @@ def test_placement_errors_script_splits_the_final_error_by_label(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "3 episodes, 1 successes"
-    assert "failed (2): target - cube [mm] mean x +0.0 y +7.0, std x 0.0 y 1.0, median |error| 7.0" == lines[1]
+    assert lines[1] == ("failed (2): target - cube [mm] mean x +0.0 y +7.0, std x 0.0 y 1.0, median x +0.0 y +7.0, "
+                        "median |error| 7.0")
     assert lines[2].startswith("succeeded (1): target - cube [mm] mean x +0.0 y +1.0")
