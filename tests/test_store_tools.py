@@ -175,6 +175,7 @@ def test_placement_errors_script_splits_the_final_error_by_label(tmp_path):
     """scripts/placement_errors.py: the cube-to-target error at each episode's last step, mean and spread per label."""
     import subprocess
     import sys
+    from pathlib import Path
 
     st = ZarrStore.create(tmp_path / "p.zarr")
     for i, (dy, ok) in enumerate([(0.008, False), (0.006, False), (0.001, True)]):
@@ -183,7 +184,8 @@ def test_placement_errors_script_splits_the_final_error_by_label(tmp_path):
         c2t[:-1] = 0.5  # only the last step counts
         st.add_episode({"action": np.zeros((5, 5), np.float32), "cube_to_target": c2t}, seed=i, task="place",
                        source="policy", success=ok, backend="pybullet")
-    r = subprocess.run([sys.executable, "scripts/placement_errors.py", str(tmp_path / "p.zarr")],
+    script = Path(__file__).parent.parent / "scripts" / "placement_errors.py"
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "p.zarr")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
