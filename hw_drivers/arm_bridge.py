@@ -167,6 +167,9 @@ def make_node():
             self.create_timer(min(0.02, scfg.command_timeout / 4), self._check_watchdog)
             self.create_timer(1.0, self._diag)
             self._JT, self._JTP, self._F64A, self._F64 = JointTrajectory, JointTrajectoryPoint, Float64MultiArray, Float64
+            from rclpy.serialization import serialize_message
+
+            self._serialize = serialize_message
             self.get_logger().info(f"arm_bridge: {self.interface} -> /{arm_ctrl}, gripper -> /{grip_ctrl}, "
                                    f"period {self.period} s, watchdog {scfg.command_timeout} s")
 
@@ -261,10 +264,12 @@ def make_node():
             plan made from the state at an earlier time starts from a velocity off by (acceleration change) x (time
             between), an extra acceleration of 4 dv / h on the first segment (h = period - lead; 2 rad/s^2 per ms at
             0.07 s and 3.75 rad/s^2 of change). Hence the plan starts at the expected publishing time (``now`` + the
-            running mean of the planning time, ``plan_delay_ms`` in the diagnostics), each ``time_from_start``
-            counts from the actual publishing time (the knots keep their place in time), and a plan that took
-            ``REPLAN_AFTER`` longer than expected (a preempted process on a loaded host) is made again (at most
-            ``MAX_REPLANS`` times, counted in ``replans``)."""
+            running mean of the planning time, ``plan_delay_ms`` in the diagnostics); the message is serialized
+            before the time is checked, so that it is written (its DDS source timestamp) right after the check; a
+            plan published ``REPLAN_AFTER`` later than expected (a preempted process on a loaded host) is made again
+            (at most ``MAX_REPLANS`` times, counted in ``replans``), and if still late its ``time_from_start`` values
+            count from the actual publishing time (the knots keep their place in time; those already due are
+            dropped)."""
             for attempt in range(MAX_REPLANS + 1):
                 now = now_sec(self)
                 start = now + self.plan_delay
@@ -273,25 +278,32 @@ def make_node():
                 times, qs, vs = plan_knots(q0, v0, steps, self.period, vel_max=self.limits.velocity *
                                            self.velocity_scale, acc_max=self.acc_max, lead=lead)
                 qs = np.clip(qs, self.safety.lo, self.safety.hi)
-                jt = self._JT()
-                jt.joint_names = list(self.robot.arm_joints)
-                for qk, vk in zip(qs, vs):
-                    pt = self._JTP()
-                    pt.positions, pt.velocities = [float(v) for v in qk], [float(v) for v in vk]
-                    jt.points.append(pt)
-                late = now_sec(self) - start
+                data = self._trajectory_bytes(times, qs, vs)
+                t_pub = now_sec(self)
+                late = t_pub - start
                 if late <= REPLAN_AFTER or attempt == MAX_REPLANS:
                     break
                 self.counts["replans"] += 1
-            keep = [(pt, t - late) for pt, t in zip(jt.points, times) if t - late > 1e-3] or [(jt.points[-1], 1e-3)]
-            for pt, t in keep:  # knots already due (a planner stalled for a period) are dropped, as a JTC would
-                pt.time_from_start = sec_to_duration(float(t))
-            jt.points = [pt for pt, _ in keep]
-            self.pub_arm.publish(jt)
-            self.plan_delay += 0.1 * (min(now_sec(self) - now, 0.25 * self.period) - self.plan_delay)
+            if late > REPLAN_AFTER:  # still late: the knots already due (a planner stalled) are dropped, as a JTC
+                keep = [(t - late, qk, vk) for t, qk, vk in zip(times, qs, vs) if t - late > 1e-3]  # would
+                data = self._trajectory_bytes(*zip(*keep)) if keep else self._trajectory_bytes([1e-3], qs[-1:], vs[-1:])
+            self.pub_arm.publish(data)
+            self.plan_delay += 0.1 * (min(t_pub - now, 0.25 * self.period) - self.plan_delay)
             self.reference = TrajectoryFollower(q0)
             self.reference.trajectory(start, q0, list(zip(times, qs, vs)), v_start=v0)
             self.counts["commands"] += 1
+
+        def _trajectory_bytes(self, times, qs, vs) -> bytes:
+            """The serialized JointTrajectory of knots (time_from_start [s], positions, velocities) (published
+            as bytes, so that the message's source timestamp follows the time check in _publish_plan at once)."""
+            jt = self._JT()
+            jt.joint_names = list(self.robot.arm_joints)
+            for t, qk, vk in zip(times, qs, vs):
+                pt = self._JTP()
+                pt.positions, pt.velocities = [float(v) for v in qk], [float(v) for v in vk]
+                pt.time_from_start = sec_to_duration(float(t))
+                jt.points.append(pt)
+            return self._serialize(jt)
 
         def _desired(self, q_meas, now):
             """The controller's desired (position, velocity) now: the trajectory this node sent, or the measured

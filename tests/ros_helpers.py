@@ -143,14 +143,14 @@ def new_domain() -> int:
 
 @pytest.fixture()
 def ros(tmp_path):
-    """(Driver, start(module, params, name=None) -> NodeProcess, tmp_path) on a fresh ROS domain; every started
+    """(Driver, start(module, params, name=None, nice=19) -> NodeProcess, tmp_path) on a fresh ROS domain; every started
     node is stopped (in reverse order) and the driver closed at teardown. Import it into a test module to use it."""
     d = new_domain()
     procs = []
     drv = Driver(d)
 
-    def start(module, params, name=None):
-        p = NodeProcess(module, params, tmp_path, ros_env(d), name)
+    def start(module, params, name=None, nice=19):
+        p = NodeProcess(module, params, tmp_path, ros_env(d), name, nice=nice)
         procs.append(p)
         return p
 

@@ -7,8 +7,9 @@ the last knot held), under injected message delays, sampled at 1 kHz, and writes
     python tests/ros_jtc_consumer.py OUT.json /arm_controller/joint_trajectory
 
 Stops on SIGINT/SIGTERM. Checks per delay scenario: velocity jump at each join (finite differences at 1 kHz),
-the largest acceleration per joint, trajectories that ran out before the next message within a stream (stops
-mid-motion), and positions against given limits.
+the largest acceleration per joint, trajectories that ran out before the next message although it was published on
+rate (stops mid-motion; messages published late, e.g. after a stalled policy, are counted as publisher gaps), and
+positions against given limits.
 """
 
 import sys
@@ -26,6 +27,7 @@ from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 DT = 0.001  # 1 kHz, a ros2_control update rate
 STREAM_GAP = 0.5  # s: messages received closer than this belong to one continuous stream
+ON_RATE = 0.2  # s: messages published closer than this (two control periods at 10 Hz): the publisher kept its rate
 
 
 def hermite(q0, v0, q1, v1, h, s):
@@ -67,16 +69,18 @@ class Trajectory:
 
 
 def replay(msgs, times):
-    """Apply each message at ``times`` (kept in order), sample the desired positions at 1 kHz. A message applied
-    after the previous trajectory ended starts from the measured positions at rest (the controller was holding;
-    meanwhile the simulator may have reset the arm); otherwise from the desired state then."""
+    """Apply each message at ``times`` (kept in order), sample the desired positions at 1 kHz. A message starts
+    from the controller's desired state then (the held last knot once the previous trajectory ended), except the
+    first of a new stream (received ``STREAM_GAP`` or more after the previous message: between episodes, when the
+    simulator may have reset the arm), which starts from the measured positions at rest."""
     apply, last = [], -np.inf
     for t in times:
         last = max(last, t)
         apply.append(last)
+    rx = [m[0] for m in msgs]
     trajs, cur = [], None
     for i, (a, (_, knots, measured, stamp, _)) in enumerate(zip(apply, msgs)):
-        if i == 0 or a >= cur.end:
+        if i == 0 or (a >= cur.end and rx[i] - rx[i - 1] >= STREAM_GAP):
             q0, v0 = np.asarray(measured), np.zeros(len(measured))
         else:
             q0, v0 = cur.state(a)
@@ -96,7 +100,9 @@ def analyse(msgs, times, lower, upper):
     v = np.diff(qs, axis=0) / DT
     acc = np.diff(v, axis=0) / DT
     rx = np.array([m[0] for m in msgs])
-    new_stream = np.r_[True, [apply[i] >= trajs[i - 1].end for i in range(1, len(msgs))]]
+    pub = np.array([m[4] for m in msgs])
+    ended = np.r_[True, [apply[i] >= trajs[i - 1].end for i in range(1, len(msgs))]]
+    new_stream = ended & np.r_[True, np.diff(rx) >= STREAM_GAP]  # started from the measured positions (replay)
     inner = ~new_stream[1:] & ~np.isin(apply[1:], apply[new_stream])  # (a delayed message may land on a start)
     joins = np.searchsorted(ts, apply[1:][inner])  # sample index of each join within a stream
     jumps = [float(np.max(np.abs(v[k] - v[k - 1]))) for k in joins if 1 <= k < len(v)]
@@ -105,12 +111,17 @@ def analyse(msgs, times, lower, upper):
     for k in starts:
         keep[max(k - 2, 0):k + 1] = False
     acc = acc[keep]
-    # a trajectory (not a one-knot stop from rest) that ran out while the stream went on
-    stops = sum(1 for i in range(1, len(msgs)) if rx[i] - rx[i - 1] < STREAM_GAP and len(msgs[i - 1][1]) >= 2
-                and apply[i] > trajs[i - 1].end + 1e-9)
+    # a trajectory (not a one-knot stop from rest) that ran out before the next message was applied, although the
+    # publisher sent that one on rate: the plan's horizon did not cover the delay. A message published later (a
+    # stalled publisher: the bridge's watchdog hold brakes to rest, then the stream resumes) is counted apart.
+    gap = np.r_[np.inf, np.diff(pub)]
+    ran_out = [i for i in range(1, len(msgs)) if len(msgs[i - 1][1]) >= 2 and apply[i] > trajs[i - 1].end + 1e-9
+               and rx[i] - rx[i - 1] < STREAM_GAP]
+    stops = sum(1 for i in ran_out if gap[i] <= ON_RATE)
     out = {"messages": len(msgs), "samples": len(ts), "max_join_velocity_jump": max(jumps) if jumps else 0.0,
            "max_acceleration": np.max(np.abs(acc), axis=0).tolist(),
            "max_velocity": np.max(np.abs(v), axis=0).tolist(), "stops_mid_motion": stops,
+           "publisher_gaps": int(np.sum((gap > ON_RATE) & (np.r_[np.inf, np.diff(rx)] < STREAM_GAP))),
            "max_gap_between_applies": float(np.max(np.diff(apply))) if len(apply) > 1 else 0.0}
     if lower is not None:
         out["below_lower"] = float(np.max(np.asarray(lower) - qs))
