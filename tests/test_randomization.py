@@ -161,6 +161,39 @@ def test_observation_noise_only_changes_what_the_agent_sees():
     e.close()
 
 
+def test_observation_bias_is_one_offset_per_episode_recorded_in_its_sample():
+    """sensing.obs_bias: a constant offset per episode (a calibration error) in [-half, half], on what the agent
+    sees only, the same for the same seed, recorded in info["randomization"], restored with the env's state."""
+    spec = {"sensing": {"obs_bias": {"gripper_width": 0.005, "cube_pos": 0.002}}}
+    e, nominal = make_env("place", randomization=spec), make_env("place")
+    offsets = []
+    for seed in (3, 4, 3):
+        obs, info = e.reset(seed=seed)
+        ref, _ = nominal.reset(seed=seed)
+        bias = info["randomization"]["sensing"]["obs_bias"]
+        assert set(bias) == {"gripper_width", "cube_pos"} and len(bias["cube_pos"]) == 3
+        acts = [np.random.default_rng(i).uniform(-1, 1, 5) for i in range(6)]
+        for a in [None, *acts]:
+            if a is not None:
+                obs, ref = e.step(a)[0], nominal.step(a)[0]
+            np.testing.assert_allclose(obs["gripper_width"] - ref["gripper_width"], bias["gripper_width"], atol=1e-6)
+            np.testing.assert_allclose(obs["cube_pos"] - ref["cube_pos"], bias["cube_pos"], atol=1e-6)
+            np.testing.assert_allclose(obs["cube_to_target"], obs["target_pos"] - obs["cube_pos"], atol=1e-6)
+            np.testing.assert_array_equal(obs["ee_pos"], ref["ee_pos"])
+        assert abs(bias["gripper_width"][0]) <= 0.005 and max(map(abs, bias["cube_pos"])) <= 0.002
+        offsets.append(bias)
+        if seed == 4:
+            state = e.get_state()
+            after = [e.step(a)[0] for a in acts[:2]]
+    assert offsets[0] == offsets[2] and offsets[0] != offsets[1]  # seeded per episode
+    e.set_state(state)  # episode 3 ran meanwhile, with other offsets
+    for x, y in zip(after, [e.step(a)[0] for a in acts[:2]]):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    e.close()
+    nominal.close()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_visual_and_camera_randomization_change_images_deterministically(backend):
     kw = dict(cameras=("front",), image_size=(48, 48))
@@ -197,6 +230,8 @@ def test_collected_episodes_store_their_randomization(tmp_path):
     ({"sensing": {"action_latency": [0, 11]}}, "randomization.sensing.action_latency"),
     ({"sensing": {"obs_noise": {"cube_pos": -0.1}}}, "randomization.sensing.obs_noise.cube_pos"),
     ({"sensing": {"obs_noise": {"banana": 0.1}}}, "randomization.sensing.obs_noise.banana"),
+    ({"sensing": {"obs_bias": {"cube_to_target": 0.1}}}, "randomization.sensing.obs_bias.cube_to_target"),
+    ({"sensing": {"obs_bias": {"gripper_width": 2.0}}}, "randomization.sensing.obs_bias.gripper_width"),
     ({"visual": {"light": [0.5, 4.0]}}, "randomization.visual.light"),
     ("strong", "randomization.preset"),
 ])

@@ -19,6 +19,9 @@ Parameters (:data:`PARAMS`; ranges are ``[lo, hi]`` sampled uniformly once per e
 ``physics.actuator_gain``      factor on the arm position servos' stiffness kp, drawn per joint
 ``sensing.obs_noise``          ``{obs_key: std}`` zero-mean Gaussian noise added every step (units of the key;
                                quaternions are renormalised; derived keys such as ``cube_to_target`` follow)
+``sensing.obs_bias``           ``{obs_key: half}`` a constant offset per episode, uniform in [-half, half] per
+                               element (units of the key): a sensor's calibration error, e.g. a gripper width
+                               that reads 4 mm wide on one robot and 2 mm narrow on another (applied before noise)
 ``sensing.action_latency``     ``[k_min, k_max]`` integer control steps between a command and its execution
 ``sensing.obs_latency``        ``[k_min, k_max]`` integer control steps an observation is delayed by
 ``sensing.camera_pos``         half-range [m] of a uniform offset of every camera position (in its parent frame)
@@ -72,6 +75,7 @@ PARAMS: dict[str, Param] = {
     "physics.joint_damping": Param("factor", 0.0, 20.0, False, "[0.5, 2.0]"),
     "physics.actuator_gain": Param("factor", 0.0, 3.0, True, "[0.8, 1.2]"),
     "sensing.obs_noise": Param("noise", 0.0, 1.0, False, "{'cube_pos': 0.001}"),
+    "sensing.obs_bias": Param("noise", 0.0, 1.0, False, "{'gripper_width': 0.005}"),
     "sensing.action_latency": Param("steps", 0, 10, False, "[0, 1]"),
     "sensing.obs_latency": Param("steps", 0, 10, False, "[0, 1]"),
     "sensing.camera_pos": Param("half", 0.0, 0.1, False, "0.01"),
@@ -147,21 +151,24 @@ def _check_param(name: str, value, p: Param):
     return (int(lo), int(hi)) if p.kind == "steps" else (lo, hi)
 
 
+PER_KEY = ("sensing.obs_noise", "sensing.obs_bias")  # the parameters that are {obs_key: value} dicts
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     """``{"physics": {"object_mass": x}}`` or ``{"physics.object_mass": x}`` -> ``{"physics.object_mass": x}``
-    (``obs_noise`` dicts stay whole, and ``sensing.obs_noise.<key>`` is accepted)."""
+    (``obs_noise`` / ``obs_bias`` dicts stay whole, and ``sensing.obs_noise.<key>`` is accepted)."""
     out = {}
     for k, v in d.items():
         if not isinstance(k, str):
             raise _fail(str(k), "keys must be strings")
         name = f"{prefix}{k}"
-        if name.startswith("sensing.obs_noise.") and name.count(".") == 2:
-            out.setdefault("sensing.obs_noise", {})[name.split(".", 2)[2]] = v
+        if name.rsplit(".", 1)[0] in PER_KEY and name.count(".") == 2:
+            out.setdefault(name.rsplit(".", 1)[0], {})[name.split(".", 2)[2]] = v
         elif isinstance(v, dict) and v and name not in PARAMS:
             out.update(_flatten(v, name + "."))
         elif isinstance(v, dict) and not v and name in GROUPS:
             continue
-        elif name == "sensing.obs_noise" and isinstance(v, dict):
+        elif name in PER_KEY and isinstance(v, dict):
             out.setdefault(name, {}).update(v)
         else:
             out[name] = v
@@ -190,7 +197,7 @@ def resolve(spec) -> dict:
         raise ConfigError("randomization.preset", f"unknown preset {preset!r}", f"use one of {sorted(PRESETS)}")
     merged = _flatten(copy.deepcopy(PRESETS[preset]))
     for name, v in _flatten(spec).items():
-        if name == "sensing.obs_noise" and isinstance(v, dict):
+        if name in PER_KEY and isinstance(v, dict):
             merged[name] = {**merged.get(name, {}), **v}
         else:
             merged[name] = v
@@ -211,8 +218,9 @@ def resolve(spec) -> dict:
         if v is None:  # an override may switch a preset parameter off
             continue
         out[name] = _check_param(name, v, PARAMS[name])
-    if out.get("sensing.obs_noise") == {}:
-        del out["sensing.obs_noise"]
+    for name in PER_KEY:
+        if out.get(name) == {}:
+            del out[name]
     return out
 
 
@@ -232,7 +240,8 @@ class Randomizer:
     Args:
         spec: see :func:`resolve`.
         scene: the env's scene (nominal camera poses, colours, objects).
-        obs_keys: low-dimensional observation keys the env produces (``sensing.obs_noise`` must use them).
+        obs_keys: low-dimensional observation keys the env produces (``sensing.obs_noise`` / ``obs_bias`` must
+            use them).
         derived_keys: keys computed from others (not noisy themselves; recomputed by ``derive``).
         derive: in-place recomputation of the derived keys of an observation dict (e.g. ``Task.derive``).
     """
@@ -242,15 +251,16 @@ class Randomizer:
         self.scene = scene
         self.active = bool(self.config)
         self.derive = derive
-        noise = self.config.get("sensing.obs_noise", {})
         allowed = [k for k in obs_keys if k not in derived_keys]
-        for k in noise:
-            if k not in allowed:
-                why = "is derived from other keys (noise its inputs instead)" if k in derived_keys \
-                    else "is not a low-dimensional observation key of this task"
-                raise ConfigError(f"randomization.sensing.obs_noise.{k}", f"{k!r} {why}",
-                                  f"use one of {', '.join(allowed)}")
-        self._noise = {k: s for k, s in noise.items() if s > 0}
+        for name in PER_KEY:
+            for k in self.config.get(name, {}):
+                if k not in allowed:
+                    why = "is derived from other keys (randomize its inputs instead)" if k in derived_keys \
+                        else "is not a low-dimensional observation key of this task"
+                    raise ConfigError(f"randomization.{name}.{k}", f"{k!r} {why}", f"use one of {', '.join(allowed)}")
+        self._noise = {k: s for k, s in self.config.get("sensing.obs_noise", {}).items() if s > 0}
+        self._bias_half = {k: h for k, h in self.config.get("sensing.obs_bias", {}).items() if h > 0}
+        self._bias: dict = {}  # this episode's offsets {key: array}
         self.sample_: dict = {}
         self._obs_buf: deque = deque(maxlen=1)
         self._act_buf: deque = deque()
@@ -334,6 +344,12 @@ class Randomizer:
         self.sample_ = sample
         sens = sample.get("sensing", {})
         self._rng = self._rng_for(seed, "sensing.noise_stream")
+        # the offsets take the keys' shapes, known from the first observation; the sample records them
+        self._bias = {k: self._rng_for(seed, f"sensing.obs_bias.{k}").uniform(-h, h, obs[k].shape)
+                      for k, h in self._bias_half.items()}
+        if self._bias:
+            sample.setdefault("sensing", {})["obs_bias"] = {k: [float(v) for v in b.ravel()]
+                                                             for k, b in self._bias.items()}
         self._obs_buf = deque(maxlen=sens.get("obs_latency", 0) + 1)
         first = self._noisy(obs)
         for _ in range(self._obs_buf.maxlen):
@@ -354,11 +370,13 @@ class Randomizer:
         return self._act_buf.popleft()
 
     def _noisy(self, obs: dict) -> dict:
-        if not self._noise:
+        if not self._noise and not self._bias:
             return obs
         out = dict(obs)
-        for k, s in self._noise.items():
-            v = obs[k].astype(np.float64) + self._rng.normal(0.0, s, obs[k].shape)
+        for k in dict.fromkeys([*self._bias, *self._noise]):
+            v = obs[k].astype(np.float64) + self._bias.get(k, 0.0)
+            if k in self._noise:
+                v = v + self._rng.normal(0.0, self._noise[k], obs[k].shape)
             if k.endswith("_quat"):
                 v /= np.linalg.norm(v)
             out[k] = v.astype(obs[k].dtype)
@@ -372,6 +390,8 @@ class Randomizer:
 
     def set_state(self, backend, state: dict) -> None:
         self.sample_ = copy.deepcopy(state["sample"])
+        self._bias = {k: np.asarray(b, np.float64)  # low-dimensional keys are 1-D
+                      for k, b in self.sample_.get("sensing", {}).get("obs_bias", {}).items()}
         self.apply(backend, self.sample_)
         self._obs_buf = deque(state["obs_buf"], maxlen=len(state["obs_buf"]))
         self._act_buf = deque(a.copy() for a in state["act_buf"])
