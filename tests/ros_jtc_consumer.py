@@ -78,9 +78,10 @@ def replay(msgs, times):
         last = max(last, t)
         apply.append(last)
     rx = [m[0] for m in msgs]
-    trajs, cur = [], None
+    trajs, cur, fresh = [], None, []
     for i, (a, (_, knots, measured, stamp, _)) in enumerate(zip(apply, msgs)):
-        if i == 0 or (a >= cur.end and rx[i] - rx[i - 1] >= STREAM_GAP):
+        fresh.append(i == 0 or (a >= cur.end and rx[i] - rx[i - 1] >= STREAM_GAP))
+        if fresh[-1]:
             q0, v0 = np.asarray(measured), np.zeros(len(measured))
         else:
             q0, v0 = cur.state(a)
@@ -92,17 +93,15 @@ def replay(msgs, times):
     ts = np.arange(apply[0], t_end, DT)
     idx = np.searchsorted(apply, ts, side="right") - 1
     qs = np.stack([trajs[i].state(t)[0] for i, t in zip(idx, ts)])
-    return np.asarray(apply), trajs, ts, qs
+    return np.asarray(apply), trajs, ts, qs, np.asarray(fresh)
 
 
 def analyse(msgs, times, lower, upper):
-    apply, trajs, ts, qs = replay(msgs, times)
+    apply, trajs, ts, qs, new_stream = replay(msgs, times)  # new_stream: started from the measured positions
     v = np.diff(qs, axis=0) / DT
     acc = np.diff(v, axis=0) / DT
-    rx = np.array([m[0] for m in msgs])
-    pub = np.array([m[4] for m in msgs])
-    ended = np.r_[True, [apply[i] >= trajs[i - 1].end for i in range(1, len(msgs))]]
-    new_stream = ended & np.r_[True, np.diff(rx) >= STREAM_GAP]  # started from the measured positions (replay)
+    rx_gap = np.r_[np.inf, np.diff([m[0] for m in msgs])]
+    pub_gap = np.r_[np.inf, np.diff([m[4] for m in msgs])]
     inner = ~new_stream[1:] & ~np.isin(apply[1:], apply[new_stream])  # (a delayed message may land on a start)
     joins = np.searchsorted(ts, apply[1:][inner])  # sample index of each join within a stream
     jumps = [float(np.max(np.abs(v[k] - v[k - 1]))) for k in joins if 1 <= k < len(v)]
@@ -114,14 +113,12 @@ def analyse(msgs, times, lower, upper):
     # a trajectory (not a one-knot stop from rest) that ran out before the next message was applied, although the
     # publisher sent that one on rate: the plan's horizon did not cover the delay. A message published later (a
     # stalled publisher: the bridge's watchdog hold brakes to rest, then the stream resumes) is counted apart.
-    gap = np.r_[np.inf, np.diff(pub)]
-    ran_out = [i for i in range(1, len(msgs)) if len(msgs[i - 1][1]) >= 2 and apply[i] > trajs[i - 1].end + 1e-9
-               and rx[i] - rx[i - 1] < STREAM_GAP]
-    stops = sum(1 for i in ran_out if gap[i] <= ON_RATE)
+    stops = sum(1 for i in range(1, len(msgs)) if len(msgs[i - 1][1]) >= 2 and apply[i] > trajs[i - 1].end + 1e-9
+                and rx_gap[i] < STREAM_GAP and pub_gap[i] <= ON_RATE)
     out = {"messages": len(msgs), "samples": len(ts), "max_join_velocity_jump": max(jumps) if jumps else 0.0,
            "max_acceleration": np.max(np.abs(acc), axis=0).tolist(),
            "max_velocity": np.max(np.abs(v), axis=0).tolist(), "stops_mid_motion": stops,
-           "publisher_gaps": int(np.sum((gap > ON_RATE) & (np.r_[np.inf, np.diff(rx)] < STREAM_GAP))),
+           "publisher_gaps": int(np.sum((pub_gap > ON_RATE) & (rx_gap < STREAM_GAP))),
            "max_gap_between_applies": float(np.max(np.diff(apply))) if len(apply) > 1 else 0.0}
     if lower is not None:
         out["below_lower"] = float(np.max(np.asarray(lower) - qs))
