@@ -31,7 +31,7 @@ def ros_env(domain: int) -> dict:
 class NodeProcess:
     """One node in its own process with a parameter file; ``stop()`` sends SIGINT and waits."""
 
-    def __init__(self, module: str, params: dict, tmp: Path, env: dict, name: str | None = None, nice: int = 19,
+    def __init__(self, module: str, params: dict, tmp: Path, env: dict, name: str | None = None, nice: int = 0,
                  cpus: str | None = None):
         self.name = name or module.rsplit(".", 1)[-1]
         pfile = tmp / f"{self.name}.params.yaml"
@@ -143,13 +143,18 @@ def new_domain() -> int:
 
 @pytest.fixture()
 def ros(tmp_path):
-    """(Driver, start(module, params, name=None, nice=19) -> NodeProcess, tmp_path) on a fresh ROS domain; every started
-    node is stopped (in reverse order) and the driver closed at teardown. Import it into a test module to use it."""
+    """(Driver, start(module, params, name=None, nice=0) -> NodeProcess, tmp_path) on a fresh ROS domain; every started
+    node is stopped (in reverse order) and the driver closed at teardown, and the tail of each node's log is printed
+    (pytest shows it for a failed test). Import it into a test module to use it.
+
+    Nodes run at the default priority (nice 0), as on a robot's computer: at nice 19 beside the suite's other workers
+    they starved for seconds at a time (CI: a teleop episode recorded 11 of ~34 steps; under two busy loops they
+    could not even finish importing in 30 s), which tests the scheduler, not the nodes."""
     d = new_domain()
     procs = []
     drv = Driver(d)
 
-    def start(module, params, name=None, nice=19):
+    def start(module, params, name=None, nice=0):
         p = NodeProcess(module, params, tmp_path, ros_env(d), name, nice=nice)
         procs.append(p)
         return p
@@ -158,6 +163,9 @@ def ros(tmp_path):
     for p in reversed(procs):
         p.stop()
     drv.close()
+    for p in procs:
+        lines = p.log.read_text(errors="replace").splitlines() if p.log.exists() else []
+        print(f"--- {p.name} (rc {p.proc.returncode}), last lines of {p.log.name}:", *lines[-15:], sep="\n")
 
 
 def make_video(path: Path, n=30, width=96, height=96):

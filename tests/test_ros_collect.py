@@ -63,7 +63,7 @@ def test_twist_teleop_recorder_store_trains(ros):
         assert time.monotonic() < deadline, "teleop actions never reached the bridge and the recorder"
     drv.call(Trigger, "/sim_robot/reset")
 
-    lengths = []
+    lengths, stops = [], []
     for ep in range(3):
         assert drv.call(Trigger, "/recorder/start").success
         drive(1.0, policy_action=[0.0, 0.0, 0.3, 0.0, -1.0])      # the policy drives (up)
@@ -76,14 +76,15 @@ def test_twist_teleop_recorder_store_trains(ros):
             continue
         r = drv.call(Trigger, "/recorder/stop")
         assert r.success, r.message
-        lengths.append(json.loads(r.message)["length"])
+        stops.append(json.loads(r.message))  # index, length, success, source, skipped_steps
+        lengths.append(stops[-1]["length"])
         drv.call(Trigger, "/sim_robot/reset")
 
     st = ZarrStore.open(store)
     assert st.n_episodes == 2 and [m["length"] for m in st.episodes_meta()] == lengths
     # ~3.4 s at 10 Hz (before the warm-up above the first episode could miss its first second: [23, 35]); the
     # bounds leave room for a busy CI machine
-    assert all(25 <= n <= 40 for n in lengths), lengths
+    assert all(25 <= n <= 40 for n in lengths), stops
     assert [p for p in st.validate() if p.startswith("error")] == []
     env = make_env("place", cameras=("front",))
     assert set(st.keys) == set(env.observation_space.spaces) | {"action", "intervention", "human_action"}

@@ -21,7 +21,7 @@ PERIOD, DEADLINE = 0.1, 0.05
 
 
 def start_server(checkpoint, port=0):
-    p = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "robot_rl.cli", "serve", "--checkpoint",
+    p = subprocess.Popen([sys.executable, "-m", "robot_rl.cli", "serve", "--checkpoint",
                           str(checkpoint), "--port", str(port), "--threads", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     t0 = time.monotonic()

@@ -24,11 +24,15 @@ TINY = ("td3.learning_starts=30", "td3.critic_hidden=[16,16]", "td3.n_critics=2"
         "td3.log_every=10", "td3.critic_warmup_updates=0")
 
 
-def start_learner(out: Path, *args, port: int = 0, base: Path = FIXTURE, tiny: bool = True, nice: int = 19,
+def start_learner(out: Path, *args, port: int = 0, base: Path = FIXTURE, tiny: bool = True, nice: int = 0,
                   cpus: str | None = None, idle: bool = False):
     """``robot-rl learn`` in its own process (``tiny``: a tiny learner, else TD3's defaults, curve rows every 100
     steps) on ``base`` at ``nice`` (on the CPU list ``cpus``, e.g. "1", when given; under the SCHED_IDLE policy,
-    ``chrt -i 0``, with ``idle``); returns (process, port) once it listens. ``args``: more command-line arguments."""
+    ``chrt -i 0``, with ``idle``); returns (process, port) once it listens. ``args``: more command-line arguments.
+
+    Default nice 0: here the learner also answers the node's step requests, on the control path, and its updating
+    thread already runs 10 nice levels below its serving thread (``robot_rl.serve.learner``); at nice 19 beside a
+    busy suite it answered late for seconds and the node held (a 90 s wait for the first episode timed out)."""
     sets = TINY if tiny else ("td3.log_every=100",)
     pin = (["taskset", "-c", cpus] if cpus else []) + (["chrt", "-i", "0"] if idle else [])
     p = subprocess.Popen([*pin, "nice", "-n", str(nice), sys.executable, "-m", "robot_rl.cli", "learn", "--base", str(base),
@@ -255,7 +259,7 @@ def test_learner_killed_mid_episode_holds_and_a_resumed_learner_takes_over(ros):
         learner.wait()
         drv.wait_for(lambda: any(t > t_kill for t, _ in drv.log.get("/arm_bridge/hold", [])), 5, "hold")
         t_hold = min(t for t, _ in drv.log["/arm_bridge/hold"] if t > t_kill)
-        # a period + the step deadline + delivery and scheduling (nice 19 nodes on a loaded 2-core host: 0.1 s)
+        # a period + the step deadline + delivery and scheduling (nodes on a loaded 2-core host: 0.1 s)
         assert t_hold - t_kill <= 0.1 + 0.1 + 0.1, t_hold - t_kill
         drv.spin(0.5)
         assert not [t for t, _ in actions() if t > t_kill + 0.01]

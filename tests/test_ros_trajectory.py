@@ -43,10 +43,9 @@ def test_trajectory_stream_is_smooth_under_delays_and_places(ros, tmp_path):
     consumer = subprocess.Popen([sys.executable, str(CONSUMER), str(out), "/arm_controller/joint_trajectory", limits],
                                 env=ros_env(drv.domain), cwd=tmp_path, stdout=open(tmp_path / "consumer.log", "w"),
                                 stderr=subprocess.STDOUT)
-    # at the default priority (nice 0), as on a robot's controller host, not below the other tests of the session
-    start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet"}, nice=0)
-    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "trajectory"}, nice=0)  # chunk mode, defaults
-    policy = start("robot_rl.ros.policy_node", {"checkpoint": str(FIXTURE)}, nice=0)
+    start("robot_rl.hw_drivers.sim_robot", {"backend": "pybullet"})
+    start("robot_rl.hw_drivers.arm_bridge", {"command_interface": "trajectory"})  # chunk mode, defaults
+    policy = start("robot_rl.ros.policy_node", {"checkpoint": str(FIXTURE)})
     drv.subscribe(Bool, "/sim/privileged/success", COMMAND_QOS)
     assert drv.lifecycle("policy_node", "configure", 60)
     wins = 0
