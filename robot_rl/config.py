@@ -145,7 +145,8 @@ LIMITS: dict[str, Limit] = {
     "td3.log_every": Limit(1, 10**10), "td3.checkpoint_every": Limit(0, 10**10), "td3.val_every": Limit(0, 10**10),
     "td3.val_episodes": Limit(1, 100_000), "td3.actors": Limit(0, 256), "td3.push_every": Limit(1, 10**9),
     "td3.max_backlog": Limit(1, 10**9),
-    "residual.alpha": Limit(0, 1, lo_open=True), "residual.hidden": WIDTH, "residual.log_std_init": Limit(-20, 5),
+    "residual.alpha": Limit(0, 1, lo_open=True), "residual.alpha_per_dim": Limit(0, 1, lo_open=True),
+    "residual.hidden": WIDTH, "residual.log_std_init": Limit(-20, 5),
     "eval.episodes": Limit(1, 10**6), "eval.n_envs": ENVS, "eval.seed_start": SEED, "eval.videos": Limit(0, 1000),
     "distill.episodes": Limit(1, 10**6), "distill.dagger_rounds": Limit(0, 100), "distill.dagger_episodes":
     Limit(1, 10**6), "distill.dagger_steps": Limit(1, 10**8),
@@ -756,7 +757,7 @@ def _check_residual_section(cfg: Config) -> None:
     head, and fine keys the task observes."""
     from dataclasses import replace
 
-    from robot_rl.envs.env import ROBOT_OBS_DIMS
+    from robot_rl.envs.env import ACTION_NAMES, ROBOT_OBS_DIMS
     from robot_rl.envs.tasks import make_task
     from robot_rl.rl.residual import DEFAULT_FINE_KEYS
 
@@ -774,7 +775,7 @@ def _check_residual_section(cfg: Config) -> None:
                 raise ConfigError(f"residual.fine_keys.{k}", f"task {cfg.task.name!r} has no observation {k!r}",
                                   f"use keys from {sorted(have)} or residual.fine_keys={{}}")
     replace(rc, obs_keys=["joint_pos"], obs_dims={"joint_pos": 1, **{k: 1 for k in fine}}, fine_keys=fine,
-            action_dim=1).validate()
+            action_dim=len(ACTION_NAMES)).validate()  # the envs' action (alpha_per_dim gives one scale each)
 
 
 def write_config(cfg: Config, out_dir: str | Path, argv: Sequence[str] | None = None) -> Path:

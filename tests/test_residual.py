@@ -102,6 +102,10 @@ def test_residual_base_mismatch(tmp_path, base):
 def test_bad_residual_config():
     with pytest.raises(ConfigError, match="alpha"):
         ResidualPolicy(ResidualConfig(obs_keys=["a"], obs_dims={"a": 1}, alpha=3.0))
+    with pytest.raises(ConfigError, match=r"alpha_per_dim.*2 scales for 5"):
+        ResidualPolicy(ResidualConfig(obs_keys=["a"], obs_dims={"a": 1}, alpha_per_dim=[0.1, 1.0]))
+    with pytest.raises(ConfigError, match=r"alpha_per_dim\[4\]"):
+        ResidualPolicy(ResidualConfig(obs_keys=["a"], obs_dims={"a": 1}, alpha_per_dim=[0.1] * 4 + [0.0]))
     with pytest.raises(ConfigError, match="residual_l2"):
         PPOConfig(residual_l2=-0.1).validate()
 
@@ -207,3 +211,23 @@ def test_derive_fills_in_the_base_and_task_fields():
     assert ResidualConfig(fine_keys={}).derive(bc, "place", env_dims).fine_keys == {}
     with pytest.raises(ConfigError, match="fine_keys.nope"):
         ResidualConfig(fine_keys={"nope": 0.01}).derive(bc, "place", env_dims)
+
+
+def test_a_residual_scale_per_action_dimension(tmp_path, base):
+    """alpha_per_dim scales each dimension on its own (here: the gripper with full authority), in combine, through
+    a saved and reloaded checkpoint, and in the demo relabelling's reach (base + scale * label, clipped)."""
+    rc = ResidualConfig(obs_keys=list(KEYS), obs_dims=KEYS, action_dim=5, alpha_per_dim=[0.1, 0.1, 0.1, 0.1, 1.0])
+    res = ResidualPolicy(rc)
+    assert rc.scale == [0.1] * 4 + [1.0] and ResidualConfig(alpha=0.2).scale == [0.2] * 5
+    base_n = torch.tensor([[0.0, 0.5, -0.95, 0.0, -0.4]])
+    r = torch.tensor([[1.0, -1.0, -1.0, 0.5, 1.0]])
+    assert torch.allclose(res.combine(base_n, r), torch.tensor([[0.1, 0.4, -1.0, 0.05, 0.6]]))
+    save_residual(res, tmp_path / "r")
+    back = load_residual(tmp_path / "r", base)
+    assert back.config.scale == rc.scale and torch.equal(back.combine(base_n, r), res.combine(base_n, r))
+    # a release the base starts (gripper -0.4) is one the residual can now hold back (executed +0.6: still closed)
+    from robot_rl.rl.replay import reaches
+
+    assert reaches(res, base_n, r, res.combine(base_n, r)).all()
+    assert not reaches(ResidualPolicy(ResidualConfig(obs_keys=list(KEYS), obs_dims=KEYS, action_dim=5)), base_n,
+                       r, res.combine(base_n, r)).any()

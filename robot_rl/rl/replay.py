@@ -224,7 +224,7 @@ def demo_buffer(store_path: str | Path, base, policy, *, n_step: int, gamma: flo
 
     Relabelling: the frozen ``base`` is run over each episode's recorded observations
     (:func:`relabel_base_actions`); the residual label is ``(action_n - base_n) / alpha`` clipped to [-1, 1]
-    (normalized actions, ``alpha = policy.config.alpha``). A step whose demonstrated action the residual cannot
+    (normalized actions, ``alpha = policy.config.scale``, per action dimension). A step whose demonstrated action the residual cannot
     reach (``combine(base, label)`` differs from it by more than 1e-3 in some dimension) is not stored: its clipped
     label was never executed, and crediting it with the demo's return teaches the critic that saturated residuals
     pay (with noisy scripted demos and alpha 0.1 that made TD3 collapse; docs/MEASUREMENTS.md). Features are built
@@ -277,7 +277,7 @@ def demo_buffer(store_path: str | Path, base, policy, *, n_step: int, gamma: flo
         base_n = norm.normalize("action", torch.as_tensor(base_raw))
         executed = np.concatenate([_executed(e) for e in eps])
         act_n = norm.normalize("action", torch.as_tensor(executed, dtype=torch.float32))
-        label = ((act_n - base_n) / rc.alpha).clamp(-1.0, 1.0)
+        label = ((act_n - base_n) / torch.as_tensor(rc.scale)).clamp(-1.0, 1.0)
         reachable = reaches(policy, base_n, label, act_n)
         x_all = policy.features(norm, cat, base_n)
     buf = ReplayBuffer(capacity or max(1, int(sum(lengths))), rc.in_dim, rc.action_dim)

@@ -58,6 +58,10 @@ class ResidualConfig:
     fine_keys: dict | None = None
     action_dim: int = 5  # derived: the base's action dimension
     alpha: float = 0.1  # residual scale in a_exec = clip(a_base + alpha * a_res, -1, 1) (ResiP: 0.1)
+    # one residual scale per action dimension in place of alpha ([] = alpha on every dimension), e.g.
+    # [0.1, 0.1, 0.1, 0.1, 1.0]: small corrections of the end effector, full authority over the gripper (whose
+    # base command crosses from closed to open in ~3 steps, so +-0.1 cannot hold a release back)
+    alpha_per_dim: list = field(default_factory=list)
     hidden: tuple = (256, 256)  # hidden layer widths of the actor and critic MLPs (tanh activations)
     log_std_init: float = -1.0  # initial log-std of the Gaussian / tanh-Gaussian head (std 0.37, residual units)
     head: str = "gaussian"  # actor head: gaussian (PPO), tanh (TD3, deterministic), tanh_gaussian (SAC)
@@ -73,6 +77,12 @@ class ResidualConfig:
             raise ConfigError("residual.obs_keys", "empty", "list the low-dim observation keys")
         if not 0.0 < self.alpha <= 1.0:
             raise ConfigError("residual.alpha", f"{self.alpha} outside (0, 1]", "use e.g. alpha=0.1")
+        if self.alpha_per_dim and len(self.alpha_per_dim) != self.action_dim:
+            raise ConfigError("residual.alpha_per_dim", f"{len(self.alpha_per_dim)} scales for {self.action_dim} "
+                              "action dimensions", f"give {self.action_dim} scales, or [] for alpha on every one")
+        for i, a in enumerate(self.alpha_per_dim):
+            if not 0.0 < float(a) <= 1.0:
+                raise ConfigError(f"residual.alpha_per_dim[{i}]", f"{a} outside (0, 1]", "use e.g. 0.1 or 1.0")
         for k, sc in (self.fine_keys or {}).items():
             if k not in self.obs_dims:
                 raise ConfigError(f"residual.fine_keys.{k}", "no dimension given in obs_dims", "add it to obs_dims")
@@ -91,6 +101,11 @@ class ResidualConfig:
         if missing:
             raise ConfigError(f"residual.image_encoder.{missing[0]}", "missing for a residual that reads images",
                               "derive the residual from its image base (ResidualConfig.derive)")
+
+    @property
+    def scale(self) -> list[float]:
+        """The residual scale of each action dimension, (A,) floats: ``alpha_per_dim``, else ``alpha`` on every one."""
+        return [float(a) for a in self.alpha_per_dim] if self.alpha_per_dim else [float(self.alpha)] * self.action_dim
 
     @property
     def in_dim(self) -> int:
@@ -123,14 +138,16 @@ class ResidualConfig:
                                       if images else {}))
 
 
-def combine(base_n: torch.Tensor, residual: torch.Tensor, alpha: float) -> torch.Tensor:
+def combine(base_n: torch.Tensor, residual: torch.Tensor, alpha) -> torch.Tensor:
     """The executed action, normalized: ``clip(base_n + alpha * residual, -1, 1)``, shape (..., A) float32.
 
     ``base_n``: the base action in the base policy's normalized action space ([-1, 1] per dimension);
-    ``residual``: the residual actor's output. The one place base and residual are combined (training, evaluation,
-    the policy server). Source: ResiP (Ankile et al. 2024), executed action = base + alpha * residual.
+    ``residual``: the residual actor's output; ``alpha``: the residual scale, one float or one per action dimension
+    ((A,) sequence or tensor: :attr:`ResidualConfig.scale`). The one place base and residual are combined
+    (training, evaluation, the policy server). Source: ResiP (Ankile et al. 2024), executed action = base + alpha *
+    residual.
     """
-    return torch.clamp(base_n + alpha * residual, -1.0, 1.0)
+    return torch.clamp(base_n + torch.as_tensor(alpha, dtype=base_n.dtype) * residual, -1.0, 1.0)
 
 
 def residual_input(normalizer, obs: dict, keys: list, base_action_n: np.ndarray | torch.Tensor,
@@ -237,7 +254,7 @@ class ResidualPolicy(nn.Module):
 
     def combine(self, base_n: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
         """Executed normalized action: :func:`combine` with this residual's ``alpha``."""
-        return combine(base_n, res, self.config.alpha)
+        return combine(base_n, res, self.config.scale)
 
     def dist(self, x: torch.Tensor) -> torch.distributions.Normal:
         """The Gaussian head's action distribution (batch shape (B, A)); PPO only."""

@@ -90,7 +90,7 @@ class _Acting:
         meta = client.metadata()
         if not meta["residual"]["loaded"]:
             raise RuntimeError("the policy server serves no residual; the learner starts it with one")
-        self.alpha = float(meta["residual"]["alpha"])
+        self.alpha = torch.as_tensor(meta["residual"]["alpha"], dtype=torch.float32)  # (A,) or a scalar
         self.low_keys = [k for k, s in meta["obs_spec"].items() if s["dtype"] == "float32"]
         A = int(meta["action_spec"]["shape"][0])
         self.norm = Normalizer({"action": A}, {"action": meta["normalization"]["action"]})

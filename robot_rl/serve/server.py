@@ -238,7 +238,7 @@ class PolicyService:
             "base": {"kind": bc.kind, "version": self.base_version, "stochastic": bc.kind == "diffusion"},
             "residual": {"loaded": res is not None, "version": self.residual_version,
                          "digest": self.residual_digest,
-                         "alpha": float(res.config.alpha) if res is not None else None,
+                         "alpha": res.config.scale if res is not None else None,  # (A,) per dimension
                          "config": residual_config_dict(res) if res is not None else None},
             "batching": {"max_batch": self.cfg.max_batch, "window_ms": float(self.cfg.batch_window_ms)},
             "max_message_bytes": self.cfg.max_message_bytes, "auth_required": self.cfg.token is not None,
