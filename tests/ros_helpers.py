@@ -164,8 +164,8 @@ def ros(tmp_path):
         p.stop()
     drv.close()
     for p in procs:
-        lines = p.log.read_text(errors="replace").splitlines() if p.log.exists() else []
-        print(f"--- {p.name} (rc {p.proc.returncode}), last lines of {p.log.name}:", *lines[-15:], sep="\n")
+        print(f"--- {p.name} (rc {p.proc.returncode}), last lines of {p.log.name}:", *p.text().splitlines()[-15:],
+              sep="\n")
 
 
 def make_video(path: Path, n=30, width=96, height=96):

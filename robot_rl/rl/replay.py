@@ -224,11 +224,11 @@ def demo_buffer(store_path: str | Path, base, policy, *, n_step: int, gamma: flo
 
     Relabelling: the frozen ``base`` is run over each episode's recorded observations
     (:func:`relabel_base_actions`); the residual label is ``(action_n - base_n) / alpha`` clipped to [-1, 1]
-    (normalized actions, ``alpha = policy.config.scale``, per action dimension). A step whose demonstrated action the residual cannot
-    reach (``combine(base, label)`` differs from it by more than 1e-3 in some dimension) is not stored: its clipped
-    label was never executed, and crediting it with the demo's return teaches the critic that saturated residuals
-    pay (with noisy scripted demos and alpha 0.1 that made TD3 collapse; docs/MEASUREMENTS.md). Features are built
-    by ``policy.features`` with that base action (the next step's for ``next_x``).
+    (normalized actions, ``alpha = policy.config.scale``, per action dimension). A step whose demonstrated action
+    the residual cannot reach (``combine(base, label)`` differs from it by more than 1e-3 in some dimension) is not
+    stored: its clipped label was never executed, and crediting it with the demo's return teaches the critic that
+    saturated residuals pay (with noisy scripted demos and alpha 0.1 that made TD3 collapse; docs/MEASUREMENTS.md).
+    Features are built by ``policy.features`` with that base action (the next step's for ``next_x``).
 
     Rewards: the task's sparse reward, 1 on the last step of an episode the store marks successful, 0 elsewhere.
     The store's success flag is taken as the training task's: an episode recorded under other task settings

@@ -253,7 +253,7 @@ class ResidualPolicy(nn.Module):
                             self.mean_residual(self.features(normalizer, obs, base_action_n)))
 
     def combine(self, base_n: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-        """Executed normalized action: :func:`combine` with this residual's ``alpha``."""
+        """Executed normalized action: :func:`combine` with this residual's scale (``config.scale``)."""
         return combine(base_n, res, self.config.scale)
 
     def dist(self, x: torch.Tensor) -> torch.distributions.Normal:
