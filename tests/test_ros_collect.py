@@ -110,8 +110,10 @@ def test_twist_teleop_recorder_store_trains(ros):
     up, takeover = ep["ee_pos"][i0] - ep["ee_pos"][0], ep["ee_pos"][i1] - ep["ee_pos"][i0]
     # (the distance covered depends on how many 10 Hz steps a loaded machine executes in the 1 s takeover: CI saw
     # 13 mm where an idle machine gives ~30 mm, so the check is the direction — well clear of zero, and along x and
-    # -z rather than y — not the distance)
-    assert up[2] > 0.015 and abs(up[:2]).max() < 0.3 * up[2], up
+    # -z rather than y — not the distance; the same for the policy's 1 s up: a clean-clone CI run whose test driver
+    # was starved held the arm twice on the bridge's watchdog in it and rose 2.8 mm, 1.3e-4 m sideways; an arm that
+    # did not follow moves ~1e-4 m)
+    assert up[2] > 0.002 and abs(up[:2]).max() < 0.3 * up[2], up
     assert takeover[0] > 0.005 and takeover[2] < -0.005, takeover
     assert abs(takeover[1]) < 0.3 * min(takeover[0], -takeover[2]), takeover
     assert ep["image_front"].shape[1:] == (96, 96, 3) and ep["image_front"].std() > 5
