@@ -114,8 +114,9 @@ def cmd_train_residual(a):
     others = _compared_curves(a.compare or [])
     out = Path(a.out)
     if a.resume:
-        if cfg.algo != "td3":
-            raise ConfigError("resume", f"--resume continues a td3 run, not {cfg.algo}", "use --algo td3")
+        if cfg.algo not in ("td3", "sac"):
+            raise ConfigError("resume", f"--resume continues an off-policy run, not {cfg.algo}",
+                              "use --algo td3 or --algo sac")
     else:
         check_run_dir(out, overwrite=a.overwrite)
     base = load_policy(a.base)
@@ -579,8 +580,8 @@ class _Command:
 
 RAY_HELP = ("run the env workers as Ray actors (robot_rl.envs.ray_envs): 'local' starts Ray on this machine, 'auto' "
             "or HOST:PORT joins a running cluster (ray start --head); default: local subprocesses")
-INIT_HELP = ("start from this TD3 run's residual and critics (RUN or RUN/state; same base, task and residual "
-             "settings) with an empty replay, e.g. fine-tune a MuJoCo-trained residual on PyBullet or a robot")
+INIT_HELP = ("start from this run's residual and critics (same algo; RUN or RUN/state; same base, task and "
+             "residual settings) with an empty replay, e.g. fine-tune a MuJoCo-trained residual on PyBullet or a robot")
 
 
 def _square(text: str) -> list[int]:
@@ -620,25 +621,26 @@ def build_parser() -> argparse.ArgumentParser:
      .field("--sources", "base.sources", "episode sources to train on: scripted teleop policy intervention "
                                          "(default: all)", nargs="*", metavar="SOURCE"))
 
-    (_Command(sub, "train-residual", cmd_train_residual, "residual RL (PPO or TD3) on top of a frozen base")
+    (_Command(sub, "train-residual", cmd_train_residual, "residual RL (PPO, TD3 or SAC) on top of a frozen base")
      .arg("--base", required=True).arg("--out", required=True)
      .arg("--overwrite", action="store_true", help="replace the run already in --out (its checkpoints, logs and "
                                                    "config); without it such an --out is refused")
-     .arg("--demos", metavar="STORE", help="td3: zarr store of demonstrations for the demo half of the replay "
+     .arg("--demos", metavar="STORE", help="td3/sac: zarr store of demonstrations for the demo half of the replay "
                                            "(relabelled with the base's actions; RLPD 50/50 sampling)")
-     .arg("--resume", action="store_true", help="td3: continue the run saved in --out/state")
+     .arg("--resume", action="store_true", help="td3/sac: continue the run saved in --out/state")
      .arg("--compare", nargs="+", metavar="RUN", help="overlay these earlier runs' learning curves (e.g. a PPO run "
                                                     "on the same base) in learning_curve.png")
      .arg("--train-seeds", type=int, metavar="N", help="train N seeds (--seed, +1, ...) into --out/seed_S, evaluate "
                                                       "each and the base on the same held-out seeds (eval.*) and "
                                                       "report per-seed Wilson intervals, paired tests against the "
                                                       "base, and the IQM with a bootstrap CI over seeds (rliable)")
-     .field("--algo", "algo", "residual learner: ppo | td3", choices=["ppo", "td3"])
-     .field("--task", "task.name").field("--env-steps", "ppo.total_env_steps|td3.total_env_steps", type=int)
-     .field("--n-envs", "ppo.n_envs|td3.n_envs", type=int).field("--n-steps", "ppo.n_steps", type=int)
+     .field("--algo", "algo", "residual learner: ppo | td3 | sac", choices=["ppo", "td3", "sac"])
+     .field("--task", "task.name")
+     .field("--env-steps", "ppo.total_env_steps|td3.total_env_steps|sac.total_env_steps", type=int)
+     .field("--n-envs", "ppo.n_envs|td3.n_envs|sac.n_envs", type=int).field("--n-steps", "ppo.n_steps", type=int)
      .field("--actors", "td3.actors", "td3: actor processes acting through a policy server in the learner "
                                       "process (0: single process)", type=int)
-     .field("--init-from", "td3.init_from", "td3: " + INIT_HELP, metavar="RUN")
+     .field("--init-from", "td3.init_from|sac.init_from", "td3/sac: " + INIT_HELP, metavar="RUN")
      .field("--alpha", "residual.alpha", type=float).field("--seed", "seed", type=int)
      .field("--backend", "env.backend").field("--randomization", "randomization.preset", rnd_help)
      .field("--ray", "env.ray", RAY_HELP, metavar="ADDRESS"))

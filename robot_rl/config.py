@@ -17,10 +17,12 @@ The dataclasses are the single source of defaults. A command uses some of these 
                    next section)
 ``policy``         :class:`~robot_rl.policies.base.PolicyConfig` hyper-parameters (kind, keys and dims come from
                    ``base`` and the store)
-``algo``           the residual learner (a string, not a mapping): ``ppo`` (:mod:`robot_rl.rl.ppo`) or ``td3``
-                   (:mod:`robot_rl.rl.td3`); it also picks the residual's actor head unless ``residual.head`` is set
+``algo``           the residual learner (a string, not a mapping): ``ppo`` (:mod:`robot_rl.rl.ppo`), ``td3``
+                   (:mod:`robot_rl.rl.td3`) or ``sac`` (:mod:`robot_rl.rl.sac`); it also picks the residual's actor
+                   head unless ``residual.head`` is set
 ``ppo``            :class:`~robot_rl.rl.ppo.PPOConfig` (its ``seed`` is the run's)
 ``td3``            :class:`~robot_rl.rl.td3.TD3Config` (its ``seed`` is the run's)
+``sac``            :class:`~robot_rl.rl.sac.SACConfig` (its ``seed`` is the run's)
 ``residual``       :class:`~robot_rl.rl.residual.ResidualConfig` model fields (keys, dims filled in by the trainer)
 ``eval``           :class:`~robot_rl.stages.evaluation.EvalConfig`
 ``transfer``       :class:`~robot_rl.stages.transfer.TransferConfig`
@@ -57,19 +59,19 @@ import yaml
 
 from robot_rl.errors import ConfigError
 
-ORDER = ("seed", "algo", "task", "env", "randomization", "collect", "base", "policy", "ppo", "td3", "residual", "eval",
-         "transfer", "distill", "serve", "success")
+ORDER = ("seed", "algo", "task", "env", "randomization", "collect", "base", "policy", "ppo", "td3", "sac", "residual",
+         "eval", "transfer", "distill", "serve", "success")
 SCALARS = {"seed": (int, 0), "algo": (str, "ppo")}  # top-level values that are not mappings of fields
-ALGOS = {"ppo": "gaussian", "td3": "tanh"}  # residual learner -> the actor head it trains
+ALGOS = {"ppo": "gaussian", "td3": "tanh", "sac": "tanh_gaussian"}  # residual learner -> the actor head it trains
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "collect": ("seed", "task", "env", "randomization", "collect"),
     "train-base": ("seed", "base", "policy"),
-    "train-residual": ("seed", "algo", "task", "env", "randomization", "ppo", "td3", "residual", "eval"),
+    "train-residual": ("seed", "algo", "task", "env", "randomization", "ppo", "td3", "sac", "residual", "eval"),
     "eval": ("seed", "task", "env", "randomization", "eval"),
     "transfer": ("task", "env", "randomization", "transfer"),
     "distill": ("seed", "task", "env", "randomization", "base", "policy", "eval", "distill"),
-    "pipeline": ("seed", "algo", "task", "env", "randomization", "collect", "base", "policy", "ppo", "td3", "residual",
-                 "eval"),
+    "pipeline": ("seed", "algo", "task", "env", "randomization", "collect", "base", "policy", "ppo", "td3", "sac",
+                 "residual", "eval"),
     "serve": ("serve",),
     "learn": ("seed", "algo", "task", "env", "td3", "residual", "serve"),
     "success-classifier": ("seed", "success"),
@@ -145,6 +147,8 @@ LIMITS: dict[str, Limit] = {
     "td3.log_every": Limit(1, 10**10), "td3.checkpoint_every": Limit(0, 10**10), "td3.val_every": Limit(0, 10**10),
     "td3.val_episodes": Limit(1, 100_000), "td3.actors": Limit(0, 256), "td3.push_every": Limit(1, 10**9),
     "td3.max_backlog": Limit(1, 10**9),
+    "sac.init_temperature": Limit(0, 1e3, lo_open=True), "sac.lr_temperature": RATE,
+    "sac.target_entropy": Limit(-1e3, 1e3),
     "residual.alpha": Limit(0, 1, lo_open=True), "residual.alpha_per_dim": Limit(0, 1, lo_open=True),
     "residual.hidden": WIDTH, "residual.log_std_init": Limit(-20, 5),
     "eval.episodes": Limit(1, 10**6), "eval.n_envs": ENVS, "eval.seed_start": SEED, "eval.videos": Limit(0, 1000),
@@ -161,6 +165,10 @@ LIMITS: dict[str, Limit] = {
     "success.threshold": Limit(0, 1), "success.channels": Limit(4, 1024), "success.num_keypoints": Limit(1, 1024),
     "success.feature_dim": Limit(1, 65536), "success.crop": Limit(8, 1024),
 }
+_TD3_ONLY = ("target_noise", "target_noise_clip", "explore_std", "explore_decay_steps", "explore_std_final", "actors",
+             "push_every", "max_backlog")  # the TD3Config fields SACConfig lacks (robot_rl.rl.td3)
+LIMITS.update({f"sac.{k[4:]}": v for k, v in list(LIMITS.items())
+               if k.startswith("td3.") and k[4:] not in _TD3_ONLY})  # the fields both share (robot_rl.rl.offpolicy)
 
 
 def check_number(value, where: str) -> None:
@@ -504,6 +512,7 @@ def section_classes() -> dict[str, type]:
     from robot_rl.policies.base import PolicyConfig
     from robot_rl.rl.ppo import PPOConfig
     from robot_rl.rl.residual import ResidualConfig
+    from robot_rl.rl.sac import SACConfig
     from robot_rl.rl.td3 import TD3Config
     from robot_rl.serve.server import ServeConfig
     from robot_rl.stages.collect import CollectConfig
@@ -532,12 +541,13 @@ def section_classes() -> dict[str, type]:
         "action_dim": store}, PolicyConfig.__doc__)
     ppo = derived_section("PPOSection", PPOConfig, {"seed": seed}, PPOConfig.__doc__)
     td3 = derived_section("TD3Section", TD3Config, {"seed": seed}, TD3Config.__doc__)
+    sac = derived_section("SACSection", SACConfig, {"seed": seed}, SACConfig.__doc__)
     derived = "filled in by the trainer from the base policy and the task"
     residual = derived_section("ResidualSection", ResidualConfig,
                                {k: derived for k in ("obs_keys", "obs_dims", "action_dim")
                                 if k in ResidualConfig.__dataclass_fields__}, ResidualConfig.__doc__)
     return {"task": TaskSection, "env": env, "randomization": RandomizationSection, "collect": CollectConfig,
-            "base": base, "policy": policy, "ppo": ppo, "td3": td3, "residual": residual, "eval": EvalConfig,
+            "base": base, "policy": policy, "ppo": ppo, "td3": td3, "sac": sac, "residual": residual, "eval": EvalConfig,
             "transfer": TransferConfig, "distill": DistillConfig, "serve": ServeConfig, "success": SuccessConfig}
 
 
@@ -562,6 +572,7 @@ class Config:
     policy: Any = None
     ppo: Any = None
     td3: Any = None
+    sac: Any = None
     residual: Any = None
     eval: Any = None
     transfer: Any = None
@@ -624,6 +635,18 @@ class Config:
         from robot_rl.rl.td3 import TD3Config
 
         return TD3Config(**plain_fields(self.td3, keep_tuples=True), seed=self.seed)
+
+    def sac_config(self):
+        """:class:`~robot_rl.rl.sac.SACConfig` with the run's seed."""
+        from robot_rl.rl.sac import SACConfig
+
+        return SACConfig(**plain_fields(self.sac, keep_tuples=True), seed=self.seed)
+
+    def offpolicy_config(self):
+        """The off-policy learner's config of ``algo`` (td3 or sac); ConfigError for ppo."""
+        if self.algo not in ("td3", "sac"):
+            raise ConfigError("algo", f"{self.algo} is not an off-policy learner", "use --algo td3 or --algo sac")
+        return self.td3_config() if self.algo == "td3" else self.sac_config()
 
     def residual_config(self):
         """:class:`~robot_rl.rl.residual.ResidualConfig` (its keys and dims left for the trainer to fill in); the
@@ -737,6 +760,8 @@ def check_config(cfg: Config) -> None:
         cfg.ppo_config().validate()
     if cfg.td3 is not None:
         cfg.td3_config().validate()
+    if cfg.sac is not None:
+        cfg.sac_config().validate()
     if cfg.residual is not None:
         _check_residual_section(cfg)
     for sec in ("eval", "transfer"):

@@ -177,25 +177,25 @@ def make_validator(base, cfg: Config, desc: str = "validate"):
 
 def train_residual_for(cfg: Config, base, out_dir: str | Path, *, demos=None, writer=None, progress: bool = True,
                        checkpoint_extra: dict | None = None, resume: bool = False):
-    """Train the residual with the config's learner (``algo``: :func:`robot_rl.rl.ppo.train_residual` or
-    :func:`robot_rl.rl.td3.train_residual_td3`, whose demo side reads ``demos``; with ``td3.actors`` > 0 the
-    actor-learner split :func:`robot_rl.serve.learner.train_residual_td3_actors`), validated on
-    :data:`~robot_rl.envs.vector.VAL_SEED_START` seeds when the learner's ``val_every`` is set. Returns
-    (residual, learning curve). ``resume``: TD3 only (ConfigError for PPO)."""
+    """Train the residual with the config's learner (``algo``: :func:`robot_rl.rl.ppo.train_residual`, or for td3
+    and sac :func:`robot_rl.rl.offpolicy.train_residual_offpolicy`, whose demo side reads ``demos``; with
+    ``td3.actors`` > 0 TD3's actor-learner split :func:`robot_rl.serve.learner.train_residual_td3_actors`), validated
+    on :data:`~robot_rl.envs.vector.VAL_SEED_START` seeds when the learner's ``val_every`` is set. Returns
+    (residual, learning curve). ``resume``: off-policy runs only (ConfigError for PPO)."""
     kw = dict(residual=cfg.residual_config(), task_kwargs=cfg.task.kwargs, env_kwargs=cfg.env_kwargs(backend=True),
               writer=writer, progress=progress, checkpoint_extra={**(checkpoint_extra or {}), "algo": cfg.algo})
-    if cfg.algo == "td3":
-        from robot_rl.rl.td3 import train_residual_td3
+    if cfg.algo in ("td3", "sac"):
+        from robot_rl.rl.offpolicy import train_residual_offpolicy
         from robot_rl.serve.learner import train_residual_td3_actors
 
-        td3 = cfg.td3_config()
-        train = train_residual_td3_actors if td3.actors else train_residual_td3
-        return train(base, cfg.task.name, td3, out_dir, demos=demos,
-                     validate=make_validator(base, cfg) if td3.val_every else None, resume=resume, **kw)
+        opc = cfg.offpolicy_config()
+        train = train_residual_td3_actors if getattr(opc, "actors", 0) else train_residual_offpolicy
+        return train(base, cfg.task.name, opc, out_dir, demos=demos,
+                     validate=make_validator(base, cfg) if opc.val_every else None, resume=resume, **kw)
     from robot_rl.rl.ppo import train_residual
 
     if resume:
-        raise ConfigError("resume", "PPO runs do not resume", "resume a td3 run, or start the PPO run again")
+        raise ConfigError("resume", "PPO runs do not resume", "resume a td3 or sac run, or start the PPO run again")
     ppo = cfg.ppo_config()
     return train_residual(base, cfg.task.name, ppo, out_dir, validate=make_validator(base, cfg) if ppo.val_every
                           else None, **kw)

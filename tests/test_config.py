@@ -83,6 +83,10 @@ def test_nested_and_typed_values():
     ("train-residual", ["ppo.n_minibatches=3"], "ppo.n_minibatches", ["divide"]),
     ("train-residual", ["residual.obs_keys=[a]"], "residual.obs_keys", ["trainer"]),
     ("train-residual", ["ppo.seed=1"], "ppo.seed", ["--set seed="]),
+    ("train-residual", ["sac.init_temperature=0"], "sac.init_temperature", ["> 0"]),
+    ("train-residual", ["sac.explore_std=0.2"], "sac.explore_std", ["init_temperature"]),  # a TD3-only field
+    ("train-residual", ["sac.n_target_critics=5", "sac.n_critics=2"], "sac.n_target_critics", ["n_critics"]),
+    ("train-residual", ["algo=sac", "residual.head=tanh"], "residual.head", ["tanh_gaussian"]),
     ("train-residual", ["task.tol=1"], "task.tol", ["tolerance"]),
     ("train-residual", ["task.name=stack"], "task", ["place"]),
     ("train-residual", ["env.bogus=1"], "env.bogus", ["control_dt"]),
@@ -122,11 +126,12 @@ def test_yaml_files_skip_sections_the_command_does_not_use_but_not_unknown_ones(
 
 @pytest.mark.parametrize("command, preset", [("pipeline", "full-diffusion"), ("train-residual", None),
                                              ("collect", None), ("transfer", None),
-                                             ("pipeline", "full-image-offpolicy"), ("learn", None)])
+                                             ("pipeline", "full-image-offpolicy"), ("learn", None),
+                                             ("train-residual", "sac")])
 def test_written_config_round_trips(command, preset, tmp_path):
     from robot_rl.pipeline import PRESETS
 
-    cfg = resolve(command, preset=PRESETS[preset] if preset else None,
+    cfg = resolve(command, preset={"algo": "sac"} if preset == "sac" else PRESETS[preset] if preset else None,
                   sets={"pipeline": ["env.controller.damping=0.03"], "learn": ["task.tolerance=0.004"]}.get(
                       command, ["task.tolerance=0.004", "randomization.physics.object_mass=[0.8,1.2]"]))
     path = write_config(cfg, tmp_path / "run", ["robot-rl", command])
@@ -137,6 +142,9 @@ def test_written_config_round_trips(command, preset, tmp_path):
         assert again.ppo_config() == cfg.ppo_config() and again.base_config() == cfg.base_config()
     if "residual" in cfg.sections:  # the head the algo trains is written, and reading it back is no override
         assert again.residual_config() == cfg.residual_config()
+    if preset == "sac":
+        assert again.sac_config() == cfg.sac_config() == again.offpolicy_config()
+        assert again.residual_config().head == "tanh_gaussian"
 
 
 def test_full_presets_resolve_to_the_settings_they_had():

@@ -209,7 +209,7 @@ def test_a_robot_actor_sends_labelled_episodes_and_never_a_discarded_one(tmp_pat
     pol, curve = out["r"]
     assert curve[-1]["env_steps"] == sent == actor.steps_sent and sent >= 4 * 2
     # HIL-SERL puts human-driven steps on the demo side too; episode 1's two are beyond the residual's reach (a
-    # gripper command against the base's), so they are stored on neither side (TD3Run.add) but counted; episode
+    # gripper command against the base's), so they are stored on neither side (OffPolicyRun.add) but counted; episode
     # 3's, executed within reach, join the demo side
     assert curve[-1]["demo_size"] == 2 and curve[-1]["unreachable_steps"] == 2
     steps = np.diff([0] + [r["env_steps"] for r in curve])  # the rows each curve row covers

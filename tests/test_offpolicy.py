@@ -1,6 +1,6 @@
-"""Residual TD3 and its replay: n-step returns by hand, truncation bootstrapped and termination not, demo
-relabelling with the frozen (chunking) base, the untrained residual is the base, TD3 learns a toy task (and fails
-with the critic target's sign flipped), and a resumed run continues the same run."""
+"""Residual TD3 / SAC and their replay: n-step returns by hand, truncation bootstrapped and termination not, demo
+relabelling with the frozen (chunking) base, the untrained residual is the base, TD3 and SAC each learn a toy task
+(and fail with the critic target's sign flipped), and a resumed run continues the same run."""
 
 import json
 from types import SimpleNamespace
@@ -15,7 +15,9 @@ from robot_rl.policies.normalizer import Normalizer
 from robot_rl.rl.collector import Collector
 from robot_rl.rl.replay import NStep, ReplayBuffer, demo_buffer, relabel_base_actions, sample_mixed
 from robot_rl.rl.residual import ActorStep, ResidualConfig, ResidualPolicy, load_residual
-from robot_rl.rl.td3 import TD3Config, TD3Learner, train_residual_td3
+from robot_rl.rl.offpolicy import train_residual_offpolicy
+from robot_rl.rl.sac import SACConfig, SACLearner
+from robot_rl.rl.td3 import TD3Config, TD3Learner
 from test_learning import BIAS, BiasedBase, _deterministic_rollouts, one_torch_thread, point_venv  # noqa: F401
 
 
@@ -197,7 +199,7 @@ def test_untrained_residual_is_the_base():
 def test_exploration_noise_follows_its_schedule():
     """Constant by default; with explore_decay_steps the std falls linearly from explore_std at learning_starts to
     explore_std_final, then stays; the explorer's noise has that std (the actor's mean is 0 untrained)."""
-    from robot_rl.rl.td3 import Explorer
+    from robot_rl.rl.offpolicy import Explorer
 
     assert TD3Config(explore_std=0.5).explore_std_at(10**9) == 0.5
     cfg = TD3Config(explore_std=0.5, explore_std_final=0.1, explore_decay_steps=1000, learning_starts=200)
@@ -219,19 +221,29 @@ TOY_RES = dict(alpha=0.5, hidden=(64, 64), head="tanh")
 def target_sign(request, monkeypatch):
     """The learning test also runs with the critic target's sign flipped and must then fail: proof that it can."""
     if request.param != "intact":
+        import robot_rl.rl.sac as sac_mod
         import robot_rl.rl.td3 as td3_mod
 
-        intact = td3_mod.td_target
-        monkeypatch.setattr(td3_mod, "td_target", lambda r, d, q: -intact(r, d, q))
+        for mod in (td3_mod, sac_mod):
+            monkeypatch.setattr(mod, "td_target", lambda r, d, q, intact=mod.td_target: -intact(r, d, q))
     return request.param
 
 
-def test_td3_cancels_a_biased_base(tmp_path, target_sign):
+def toy_config(algo: str, **kw):
+    """The toy settings for ``algo`` (SAC explores with its own actor: no explore_std) and its residual."""
+    if algo == "td3":
+        return TD3Config(**{**TOY, **kw}), ResidualConfig(**TOY_RES)
+    return SACConfig(**{k: v for k, v in {**TOY, **kw}.items() if k != "explore_std"}), \
+        ResidualConfig(**{**TOY_RES, "head": "tanh_gaussian"})
+
+
+@pytest.mark.parametrize("algo", ["td3", "sac"])
+def test_offpolicy_cancels_a_biased_base(tmp_path, target_sign, algo):
     """4 000 env steps (~1 750 updates, a few seconds): from ~6 % (base alone) to >= 90 % deterministic success,
-    the executed correction within 0.1 of -BIAS."""
-    cfg = TD3Config(total_env_steps=4000, seed=0, **TOY)
-    pol, curve = train_residual_td3(BiasedBase(), "point", cfg, tmp_path, residual=ResidualConfig(**TOY_RES),
-                                    make_venv=point_venv, progress=False)
+    the executed correction within 0.1 of -BIAS; with the critic target's sign flipped, < 50 %."""
+    cfg, res = toy_config(algo, total_env_steps=4000, seed=0)
+    pol, curve = train_residual_offpolicy(BiasedBase(), "point", cfg, tmp_path, residual=res, make_venv=point_venv,
+                                          progress=False)
     rate, corr = _deterministic_rollouts(pol)
     if target_sign != "intact":
         assert rate < 0.5, (rate, curve[-1])
@@ -242,19 +254,23 @@ def test_td3_cancels_a_biased_base(tmp_path, target_sign):
     assert curve[-1]["updates"] == int((4000 - 500) * 0.5) and curve[-1]["online_size"] > 3900
     saved = load_residual(tmp_path / "checkpoint")
     assert all(torch.equal(v, pol.state_dict()[k]) for k, v in saved.state_dict().items())
+    if algo == "sac":  # the temperature is learned and logged: it moved from its start
+        assert curve[-1]["temperature"] != pytest.approx(cfg.init_temperature, rel=0.05), curve[-1]
+        assert np.isfinite(curve[-1]["entropy"])
 
 
-def test_resumed_run_continues_the_same_run(tmp_path):
+@pytest.mark.parametrize("algo", ["td3", "sac"])
+def test_resumed_run_continues_the_same_run(tmp_path, algo):
     """A run stopped at 2 000 env steps and resumed to 4 000 keeps its curve, counters, buffer and learned weights
-    and learns on to the same result as the uninterrupted run."""
-    kw = dict(residual=ResidualConfig(**TOY_RES), make_venv=point_venv, progress=False)
-    _, straight = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=4000, **TOY), tmp_path / "s",
-                                     **kw)
-    _, first = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=2000, **TOY), tmp_path / "r", **kw)
+    (SAC: its temperature and that optimiser too) and learns on to the same result as the uninterrupted run."""
+    run = lambda out, steps, **kw: train_residual_offpolicy(  # noqa: E731
+        BiasedBase(), "point", toy_config(algo, total_env_steps=steps)[0], tmp_path / out,
+        residual=toy_config(algo)[1], make_venv=point_venv, progress=False, **kw)
+    _, straight = run("s", 4000)
+    _, first = run("r", 2000)
     saved = json.loads((tmp_path / "r" / "state" / "config.json").read_text())["config"]
-    assert saved["env_steps"] == 2000 and saved["updates"] == first[-1]["updates"]
-    pol, resumed = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=4000, **TOY), tmp_path / "r",
-                                      resume=True, **kw)
+    assert saved["env_steps"] == 2000 and saved["updates"] == first[-1]["updates"] and saved["algo"] == algo
+    pol, resumed = run("r", 4000, resume=True)
     drop = ("wall_s", "unix_time")
     strip = lambda rows: json.dumps([{k: v for k, v in r.items() if k not in drop} for r in rows])  # noqa: E731
     assert strip(resumed[:len(first)]) == strip(first)  # the first half is the stopped run's, unchanged
@@ -264,39 +280,40 @@ def test_resumed_run_continues_the_same_run(tmp_path):
     rate, _ = _deterministic_rollouts(pol)
     assert rate >= 0.9, resumed[-1]
     with pytest.raises(ConfigError, match="no saved state"):
-        train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=100, **TOY), tmp_path / "none",
-                           resume=True, **kw)
+        run("none", 100, resume=True)
 
 
 def test_init_from_starts_from_a_trained_run_with_an_empty_replay(tmp_path):
     """``td3.init_from``: a new run takes a trained run's residual and critics (not its replay or counters) and
     explores with that residual from its first step; a fresh run with the same settings warms up from the base."""
     kw = dict(make_venv=point_venv, progress=False)
-    trained, _ = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=4000, **TOY), tmp_path / "a",
-                                    residual=ResidualConfig(**TOY_RES), **kw)
+    trained, _ = train_residual_offpolicy(BiasedBase(), "point", TD3Config(total_env_steps=4000, **TOY),
+                                          tmp_path / "a", residual=ResidualConfig(**TOY_RES), **kw)
     short = {**TOY, "learning_starts": 10_000, "log_every": 400}  # no update in the new runs: what acts is loaded
-    pol, curve = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=400, init_from=str(tmp_path / "a"),
-                                                                     **short),
-                                    tmp_path / "b", residual=ResidualConfig(**TOY_RES), **kw)
+    from_a = TD3Config(total_env_steps=400, init_from=str(tmp_path / "a"), **short)
+    pol, curve = train_residual_offpolicy(BiasedBase(), "point", from_a, tmp_path / "b",
+                                          residual=ResidualConfig(**TOY_RES), **kw)
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in pol.state_dict().items())
     assert curve[-1]["updates"] == 0 and 350 < curve[-1]["online_size"] <= 400  # this run's steps only
-    _, fresh = train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=400, **short), tmp_path / "c",
-                                  residual=ResidualConfig(**TOY_RES), **kw)
+    _, fresh = train_residual_offpolicy(BiasedBase(), "point", TD3Config(total_env_steps=400, **short),
+                                        tmp_path / "c", residual=ResidualConfig(**TOY_RES), **kw)
     assert curve[-1]["success_rate"] >= 0.8 and fresh[-1]["success_rate"] <= 0.3, (curve[-1], fresh[-1])
     with pytest.raises(ConfigError, match="td3.init_from"):  # another residual model
-        train_residual_td3(BiasedBase(), "point", TD3Config(total_env_steps=400, init_from=str(tmp_path / "a"),
-                                                            **short), tmp_path / "d",
-                           residual=ResidualConfig(**{**TOY_RES, "hidden": (32, 32)}), **kw)
+        train_residual_offpolicy(BiasedBase(), "point", from_a, tmp_path / "d",
+                                 residual=ResidualConfig(**{**TOY_RES, "hidden": (32, 32)}), **kw)
     with pytest.raises(ConfigError, match="td3.init_from"):  # no state there
         TD3Config(init_from=str(tmp_path / "nothing")).validate()
+    sac, sac_res = toy_config("sac", total_env_steps=400, init_from=str(tmp_path / "a"), learning_starts=10_000)
+    with pytest.raises(ConfigError, match="sac.init_from.*holds a td3 state"):  # another algorithm's networks
+        train_residual_offpolicy(BiasedBase(), "point", sac, tmp_path / "e", residual=sac_res, **kw)
 
 
 def test_intervention_steps_join_the_demo_side_unless_the_residual_cannot_reach_them(tmp_path):
-    """TD3Run.add with interventions (HIL-SERL): a human step's transition goes to both replay sides; one whose
+    """OffPolicyRun.add with interventions (HIL-SERL): a human step's transition goes to both replay sides; one whose
     action lies beyond base +- alpha (its residual clipped, so never what was executed) goes to neither."""
-    from robot_rl.rl.td3 import TD3Run
+    from robot_rl.rl.offpolicy import OffPolicyRun
 
-    run = TD3Run(BiasedBase(), "point", TD3Config(total_env_steps=100, n_step=1, **{k: v for k, v in TOY.items()
+    run = OffPolicyRun(BiasedBase(), "point", TD3Config(total_env_steps=100, n_step=1, **{k: v for k, v in TOY.items()
                                                                                      if k != "n_envs"}, n_envs=1),
                  tmp_path, obs_dims={"goal_rel": 2}, n_slots=1, residual=ResidualConfig(**TOY_RES), progress=False)
     F = run.policy.config.in_dim
@@ -317,7 +334,7 @@ def test_actor_learner_split_streams_every_step_and_never_mixes_versions(tmp_pat
 
     from robot_rl.policies.checkpoint import load_policy, read_checkpoint
     from robot_rl.serve.learner import train_residual_td3_actors
-    from robot_rl.rl.td3 import STATE_FORMAT
+    from robot_rl.rl.offpolicy import STATE_FORMAT
 
     base = load_policy(Path(__file__).parent / "fixtures" / "place_bc_mujoco")
     td3 = TD3Config(total_env_steps=480, n_envs=4, actors=2, learning_starts=120, critic_warmup_updates=0,
@@ -435,9 +452,8 @@ def test_td3_on_an_image_base_in_mujoco(tmp_path):
     assert resets == 2 and len(calls) == 30 * 3 + 1 + resets
     cfg = TD3Config(total_env_steps=120, n_envs=2, learning_starts=60, batch_size=16, n_critics=2,
                     critic_hidden=(16,), critic_warmup_updates=0, utd_ratio=0.5, log_every=60, policy_delay=1)
-    pol, curve = train_residual_td3(base, "place", cfg, tmp_path / "r", residual=ResidualConfig(head="tanh",
-                                                                                                hidden=(16,)),
-                                    progress=False)
+    pol, curve = train_residual_offpolicy(base, "place", cfg, tmp_path / "r",
+                                          residual=ResidualConfig(head="tanh", hidden=(16,)), progress=False)
     assert curve[-1]["updates"] == 30 and curve[-1]["online_size"] > 100
     assert pol.config.image_keys == ["image_front", "image_wrist"] and pol.config.fine_keys == {}
     assert pol.actor.net[-1].weight.abs().sum() > 0  # the zero-initialised last layer moved

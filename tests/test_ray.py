@@ -145,7 +145,8 @@ def test_td3_actors_on_the_cluster_survive_a_killed_actor(cluster, tmp_path, cap
     """The actor-learner split with its 2 actors as Ray tasks: one is SIGKILLed once the learner has checkpointed
     (so mid-run); it is started again and the run completes with every counted step stored at most once."""
     from robot_rl.policies.checkpoint import load_policy, read_checkpoint
-    from robot_rl.rl.td3 import STATE_FORMAT, TD3Config
+    from robot_rl.rl.offpolicy import STATE_FORMAT
+    from robot_rl.rl.td3 import TD3Config
     from robot_rl.serve.learner import train_residual_td3_actors
 
     td3 = TD3Config(total_env_steps=900, n_envs=4, actors=2, learning_starts=120, critic_warmup_updates=0,

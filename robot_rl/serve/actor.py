@@ -9,7 +9,8 @@ complete once the base action at its next observation is known: the next step's 
 an episode that ended, one more ``act`` on the final observation (the action the base would have executed there,
 as :meth:`robot_rl.policies.execution.ChunkExecutor.final_actions` gives the in-process learner).
 
-Exploration (what the learner's replies say; the same rule as :class:`robot_rl.rl.td3.Explorer`): ``warmup`` ->
+Exploration (what the learner's replies say; the same rule as :class:`robot_rl.rl.offpolicy.Explorer` with
+:meth:`robot_rl.rl.td3.TD3Config.explore`): ``warmup`` ->
 residual ~ U(-warmup_noise, warmup_noise); ``policy`` -> ``clip(residual_mean + N(0, std), -1, 1)``, residual
 units. The executed action is ``unnormalize(clip(normalize(base) + alpha * residual, -1, 1))``
 (:func:`robot_rl.rl.residual.combine`), with the base's action normalization from the server's metadata.

@@ -1,9 +1,9 @@
 """The learner of the actor-learner split for residual TD3: the policy server and the learner in one process,
 actors in others.
 
-- The learner process owns the buffers and the updates (:class:`robot_rl.rl.td3.TD3Run`, the same object the
-  single-process loop uses) and runs a :class:`~robot_rl.serve.server.PolicyServer` on a background thread, serving
-  the frozen base plus the residual.
+- The learner process owns the buffers and the updates (:class:`robot_rl.rl.offpolicy.OffPolicyRun`, the same
+  object the single-process loop uses) and runs a :class:`~robot_rl.serve.server.PolicyServer` on a background
+  thread, serving the frozen base plus the residual.
 - Actors (:mod:`robot_rl.serve.actor`, ``td3.actors`` processes with ``n_envs / actors`` envs each) act through that
   server and stream every executed step back as ``transitions`` requests (:class:`TransitionInbox` queues them).
 - Weights reach the actors through the server's own weight push (``push_weights``, a :class:`PolicyClient` of the
@@ -15,7 +15,8 @@ actors in others.
 
 Why the policy server and not a separate channel: it is the path a robot already uses (the ROS 2 policy node
 acts through it), so a robot becomes one more actor (the next issue), with the same typed protocol and no pickle.
-The single-process mode (:func:`robot_rl.rl.td3.train_residual_td3`, ``td3.actors = 0``) stays for debugging.
+The single-process mode (:func:`robot_rl.rl.offpolicy.train_residual_offpolicy`, ``td3.actors = 0``) stays for
+debugging.
 :func:`learn_online` (``robot-rl learn``) is the same learner for actors it does not start (a robot's policy node,
 sim actors on other machines): it listens on a given address and commits every received episode to a store.
 
@@ -47,9 +48,10 @@ import torch
 from robot_rl.envs.vector import env_kwargs_for, make_vector_env, worker_context
 from robot_rl.errors import ConfigError
 from robot_rl.rl.collector import env_obs_dims
+from robot_rl.rl.offpolicy import OffPolicyRun
 from robot_rl.rl.replay import reaches
 from robot_rl.rl.residual import ResidualConfig, ResidualPolicy, freeze
-from robot_rl.rl.td3 import TD3Config, TD3Run
+from robot_rl.rl.td3 import TD3Config
 from robot_rl.serve.actor import ActorSpec, run_actor
 from robot_rl.serve.client import PolicyClient
 from robot_rl.serve.server import LOOPBACK, PolicyServer, PolicyService, ServeConfig
@@ -199,14 +201,14 @@ class LearnerHost:
     (:func:`learn_online`, a robot's policy node) use it.
 
     Args:
-        run: the :class:`~robot_rl.rl.td3.TD3Run` (its ``policy`` is served).
+        run: the :class:`~robot_rl.rl.offpolicy.OffPolicyRun` (its ``policy`` is served).
         base: the frozen base. host / port / token: where the server listens (port 0: any free port).
         max_sessions: sessions one client may hold open.
     """
 
-    def __init__(self, run: TD3Run, base, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+    def __init__(self, run: OffPolicyRun, base, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  max_sessions: int = 64):
-        td3 = self.td3 = run.td3
+        td3 = self.td3 = run.cfg
         self.run, self.norm = run, base.normalizer
         self.service = PolicyService(base, residual=freeze(copy.deepcopy(run.policy)),
                                      config=ServeConfig(host=host, port=port, token=token, max_batch=td3.n_envs,
@@ -301,7 +303,7 @@ class LearnerHost:
         sys.setswitchinterval(self.switch_interval)
 
 
-def resumed_version(run: TD3Run) -> int:
+def resumed_version(run: OffPolicyRun) -> int:
     """The weight version a resumed run serves its restored residual as: above every version pushed before its
     saved state (the last curve row's ``weight_version`` plus at most one push per ``td3.push_every`` actor updates
     since that row). 0 for a fresh run (the untrained residual is version 0)."""
@@ -309,7 +311,7 @@ def resumed_version(run: TD3Run) -> int:
     if not rows:
         return 0
     since = max(0, run.learner.actor_updates - int(rows[-1]["actor_updates"]))
-    return int(rows[-1]["weight_version"]) + since // run.td3.push_every + 1
+    return int(rows[-1]["weight_version"]) + since // run.cfg.push_every + 1
 
 
 def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Path, *,
@@ -320,20 +322,20 @@ def train_residual_td3_actors(base, task: str, td3: TD3Config, out_dir: str | Pa
                               resume: bool = False) -> tuple[ResidualPolicy, list]:
     """Residual TD3 with ``td3.actors`` actor processes and this process as learner + policy server (module doc).
 
-    Arguments, outputs and errors as :func:`robot_rl.rl.td3.train_residual_td3`; the curve rows add
+    Arguments, outputs and errors as :func:`robot_rl.rl.offpolicy.train_residual_offpolicy`; the curve rows add
     ``weight_version``, ``policy_lag``, ``mixed_version_chunks`` and ``backlog``. Episode seeds:
     actor k takes ``seed_start + k * ACTOR_SEED_STRIDE, +1, ...``. Raises RuntimeError when an actor process dies.
     """
     td3.validate()
     if td3.actors < 1:
-        raise ConfigError("td3.actors", f"{td3.actors} < 1", "use train_residual_td3 for the single-process mode")
+        raise ConfigError("td3.actors", f"{td3.actors} < 1", "use train_residual_offpolicy for the single-process mode")
     if base.config.image_keys:
         raise ConfigError("td3.actors", "the actors stream low-dim observations only; a residual on an image base "
                           "reads camera frames", "train it in one process (td3.actors=0)")
     torch.manual_seed(td3.seed)
     ekw = env_kwargs_for(base.config, task, task_kwargs, env_kwargs)
     address = ekw.pop("ray", None)  # the actors' placement; each steps its envs in its own process
-    run = TD3Run(base, task, td3, out_dir, obs_dims=_obs_dims(task, task_kwargs, ekw), n_slots=td3.n_envs,
+    run = OffPolicyRun(base, task, td3, out_dir, obs_dims=_obs_dims(task, task_kwargs, ekw), n_slots=td3.n_envs,
                  residual=residual, demos=demos, task_kwargs=task_kwargs, writer=writer, progress=progress,
                  validate=validate, checkpoint_extra=checkpoint_extra, resume=resume)
     host, token = "127.0.0.1", None
@@ -539,7 +541,7 @@ def learn_online(base, task: str, td3: TD3Config, out_dir: str | Path, *, store:
     serve the frozen base + the residual at ``host:port`` and learn from every ``transitions`` request that
     arrives, as :class:`LearnerHost` does for the split; each ended episode is committed to ``store``
     (:class:`EpisodeLog`). Runs until ``td3.total_env_steps`` rows were learned from, or ``stop`` is set (Ctrl-C
-    as well), then writes the state and the checkpoint like :func:`robot_rl.rl.td3.train_residual_td3`.
+    as well), then writes the state and the checkpoint like :func:`robot_rl.rl.offpolicy.train_residual_offpolicy`.
 
     The observation dims are the task env's (a robot's policy node assembles the same observation dict). Sessions
     take n-step windows as they come (:class:`SessionSlots`, ``max_sessions`` of them). Exploration is the
@@ -564,7 +566,7 @@ def learn_online(base, task: str, td3: TD3Config, out_dir: str | Path, *, store:
     ekw = env_kwargs_for(base.config, task, task_kwargs, env_kwargs)
     ekw.pop("ray", None)
     episodes = EpisodeLog(store, task, backend)
-    run = TD3Run(base, task, td3, out_dir, obs_dims=_obs_dims(task, task_kwargs, ekw), n_slots=max_sessions,
+    run = OffPolicyRun(base, task, td3, out_dir, obs_dims=_obs_dims(task, task_kwargs, ekw), n_slots=max_sessions,
                  residual=residual, demos=demos, task_kwargs=task_kwargs, writer=writer, progress=progress,
                  checkpoint_extra=checkpoint_extra, resume=resume)
 
