@@ -1,14 +1,15 @@
-"""Residual TD3 against residual PPO on the same frozen base: held-out success over training seeds, and env steps
-and wall time to first reach a validation success rate (issue 16's side-by-side).
+"""An off-policy residual (TD3, or SAC with ``--algo sac``) against residual PPO on the same frozen base: held-out
+success over training seeds, and env steps and wall time to first reach a validation success rate (issue 16's
+side-by-side).
 
-Trains ``robot-rl train-residual --algo td3 --train-seeds N`` and the same with ``--algo ppo`` (the reference,
-measured in the same run), each into ``<out>/<algo>``: every seed evaluated with the base on the same held-out seeds
+Trains ``robot-rl train-residual --algo td3 --train-seeds N`` (or ``--algo sac``) and the same with ``--algo ppo``
+(the reference, measured in the same run), each into ``<out>/<algo>``: every seed evaluated with the base on the same held-out seeds
 (``eval.*``), Wilson intervals, exact McNemar tests against the base, IQM with a stratified bootstrap interval over
 seeds (rliable), for the last and the best-on-validation checkpoints. Then prints, per algorithm and seed, the
 held-out success (last, and best on validation) and the env steps and wall-clock minutes
 at which validation success (``<algo>.val_episodes`` episodes every ``<algo>.val_every`` env steps, seeds disjoint
 from training and held-out) first reached each ``--thresholds`` value ("-" when it never did), and the ratios
-TD3 / PPO. Writes ``<out>/bench_offpolicy.json`` and ``<out>/td3_vs_ppo.png`` (every seed's learning curve of
+off-policy / PPO. Writes ``<out>/bench_offpolicy.json`` and ``<out>/<algo>_vs_ppo.png`` (every seed's learning curve of
 both learners against env steps and wall time).
 
     python bench/bench_offpolicy.py --base runs/base4/checkpoint --out runs/bench_offpolicy --env-steps 100000 \
@@ -17,10 +18,10 @@ both learners against env steps and wall time).
         [--ppo-train-seeds 1] [--reuse]
 
 PPO needs several times TD3's env steps to reach the same validation success, so ``--ppo-env-steps`` /
-``--ppo-train-seeds`` give it its own budget (first-reach points are then still comparable; the held-out figures
-are each learner's at the end of its own budget). ``--set`` options go to both learners; ``--td3-set`` /
-``--ppo-set`` to one. ``--reuse`` keeps an algorithm's finished ``<out>/<algo>/report.json`` instead of training it
-again. Wall times are only comparable when nothing else shares the machine.
+``--ppo-train-seeds`` give it its own budget (first-reach points are then still comparable; the held-out figures are
+each learner's at the end of its own budget). ``--set`` options go to both learners; ``--offpolicy-set`` (alias
+``--td3-set``) / ``--ppo-set`` to one. ``--reuse`` keeps an algorithm's finished ``<out>/<algo>/report.json``
+instead of training it again. Wall times are only comparable when nothing else shares the machine.
 """
 
 from __future__ import annotations
@@ -83,18 +84,21 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=200, help="held-out evaluation episodes")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.9])
     ap.add_argument("--set", action="append", default=[], help="SECTION.FIELD=VALUE for both learners")
-    ap.add_argument("--td3-set", action="append", default=[])
+    ap.add_argument("--algo", choices=["td3", "sac"], default="td3", help="the off-policy learner")
+    ap.add_argument("--offpolicy-set", "--td3-set", dest="offpolicy_set", action="append", default=[],
+                    help="SECTION.FIELD=VALUE for the off-policy learner only (e.g. sac.utd_ratio=0.5)")
     ap.add_argument("--ppo-set", action="append", default=[])
     ap.add_argument("--reuse", action="store_true", help="keep finished <out>/<algo> runs")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": sys.argv, "runs": {}}
-    print(f"base {a.base}: TD3 {a.train_seeds} seeds x {a.env_steps} env steps, PPO "
+    off = a.algo
+    print(f"base {a.base}: {off.upper()} {a.train_seeds} seeds x {a.env_steps} env steps, PPO "
           f"{a.ppo_train_seeds or a.train_seeds} seeds x {a.ppo_env_steps or a.env_steps}", flush=True)
-    budget = {"td3": (a.env_steps, a.train_seeds),
+    budget = {off: (a.env_steps, a.train_seeds),
               "ppo": (a.ppo_env_steps or a.env_steps, a.ppo_train_seeds or a.train_seeds)}
-    for algo, own in (("td3", a.td3_set), ("ppo", a.ppo_set)):
+    for algo, own in ((off, a.offpolicy_set), ("ppo", a.ppo_set)):
         run, (steps, n_seeds) = out / algo, budget[algo]
         if not (a.reuse and (run / "report.json").is_file()):
             sets = [*a.set, f"{algo}.val_every={a.val_every}", f"{algo}.val_episodes={a.val_episodes}",
@@ -104,7 +108,7 @@ def main() -> None:
                 "--train-seeds", n_seeds, "--seed", a.seed, "--env-steps", steps, "--overwrite",
                 *[x for s in sets for x in ("--set", s)], log=out / f"{algo}.log")
         result["runs"][algo] = summarise(run, a.thresholds)
-    print(f"\nbase alone: {result['runs']['td3']['base']:.3f} (same held-out seeds in both runs)")
+    print(f"\nbase alone: {result['runs'][off]['base']:.3f} (same held-out seeds in both runs)")
     head = " | ".join(f"first val >= {t} (env steps / wall)" for t in a.thresholds)
     print(f"| learner, seed | held-out success [95 % Wilson] | best on validation | McNemar p vs base | train min | "
           f"{head} |")
@@ -125,29 +129,29 @@ def main() -> None:
         for k in ("env_steps", "wall_s"):
             vals = {algo: [r["reach"][str(t)][k] for r in s["seeds"].values()] for algo, s in result["runs"].items()}
             if all(v is not None for vs in vals.values() for v in vs):
-                ratios[f"{k}_to_{t}"] = float(np.median(vals["td3"]) / np.median(vals["ppo"]))
-                print(f"TD3 / PPO, median {k} to first reach {t}: {ratios[f'{k}_to_{t}']:.2f}")
+                ratios[f"{k}_to_{t}"] = float(np.median(vals[off]) / np.median(vals["ppo"]))
+                print(f"{off.upper()} / PPO, median {k} to first reach {t}: {ratios[f'{k}_to_{t}']:.2f}")
             else:
-                print(f"TD3 / PPO, {k} to {t}: not every seed reached it "
+                print(f"{off.upper()} / PPO, {k} to {t}: not every seed reached it "
                       f"({', '.join(f'{g}: {sum(v is not None for v in vs)}/{len(vs)}' for g, vs in vals.items())})")
-    ot, op = result["runs"]["td3"]["over_seeds"], result["runs"]["ppo"]["over_seeds"]
+    ot, op = result["runs"][off]["over_seeds"], result["runs"]["ppo"]["over_seeds"]
     ratios["iqm"] = float(ot["iqm"] / op["iqm"]) if op["iqm"] else float("nan")
-    print(f"TD3 / PPO held-out IQM: {ratios['iqm']:.2f}")
+    print(f"{off.upper()} / PPO held-out IQM: {ratios['iqm']:.2f}")
     result["ratios"] = ratios
-    result["plot"] = plot(out, result)
+    result["plot"] = plot(out, result, off)
     print(f"learning curves of every seed of both learners, against env steps and wall time: {result['plot']}")
     (out / "bench_offpolicy.json").write_text(json.dumps(result, indent=1))
 
 
-def plot(out: Path, result: dict) -> str:
-    """``<out>/td3_vs_ppo.png``: every seed's learning curve of both learners on the same axes, against env steps
+def plot(out: Path, result: dict, off: str) -> str:
+    """``<out>/<off>_vs_ppo.png``: every seed's learning curve of both learners on the same axes, against env steps
     and wall time, with the base's held-out success."""
     from robot_rl.stages.evaluation import plot_learning_curve
 
     curves = {f"{algo.upper()} seed {s}": json.loads((out / algo / f"seed_{s}" / "learning_curve.json").read_text())
               for algo, r in result["runs"].items() for s in r["seeds"]}
     first, *rest = curves
-    return plot_learning_curve(curves[first], out / "td3_vs_ppo.png", base_rate=result["runs"]["td3"]["base"],
+    return plot_learning_curve(curves[first], out / f"{off}_vs_ppo.png", base_rate=result["runs"][off]["base"],
                                label=first, others={k: curves[k] for k in rest})
 
 
