@@ -103,7 +103,7 @@ def cmd_train_base(a):
 def cmd_train_residual(a):
     from torch.utils.tensorboard import SummaryWriter
 
-    from robot_rl.config import write_config
+    from robot_rl.config import OFFPOLICY_ALGOS, write_config
     from robot_rl.pipeline import train_residual_for
     from robot_rl.policies.checkpoint import load_policy
     from robot_rl.stages.evaluation import plot_learning_curve
@@ -114,7 +114,7 @@ def cmd_train_residual(a):
     others = _compared_curves(a.compare or [])
     out = Path(a.out)
     if a.resume:
-        if cfg.algo not in ("td3", "sac"):
+        if cfg.algo not in OFFPOLICY_ALGOS:
             raise ConfigError("resume", f"--resume continues an off-policy run, not {cfg.algo}",
                               "use --algo td3 or --algo sac")
     else:

@@ -63,6 +63,7 @@ ORDER = ("seed", "algo", "task", "env", "randomization", "collect", "base", "pol
          "eval", "transfer", "distill", "serve", "success")
 SCALARS = {"seed": (int, 0), "algo": (str, "ppo")}  # top-level values that are not mappings of fields
 ALGOS = {"ppo": "gaussian", "td3": "tanh", "sac": "tanh_gaussian"}  # residual learner -> the actor head it trains
+OFFPOLICY_ALGOS = ("td3", "sac")  # the learners of robot_rl.rl.offpolicy (resumable, with a replay)
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "collect": ("seed", "task", "env", "randomization", "collect"),
     "train-base": ("seed", "base", "policy"),
@@ -644,7 +645,7 @@ class Config:
 
     def offpolicy_config(self):
         """The off-policy learner's config of ``algo`` (td3 or sac); ConfigError for ppo."""
-        if self.algo not in ("td3", "sac"):
+        if self.algo not in OFFPOLICY_ALGOS:
             raise ConfigError("algo", f"{self.algo} is not an off-policy learner", "use --algo td3 or --algo sac")
         return self.td3_config() if self.algo == "td3" else self.sac_config()
 

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from robot_rl.config import Config, resolve, write_config
+from robot_rl.config import OFFPOLICY_ALGOS, Config, resolve, write_config
 from robot_rl.errors import ConfigError
 from robot_rl.stages.train_base import DEFAULT_OBS_KEYS
 
@@ -184,7 +184,7 @@ def train_residual_for(cfg: Config, base, out_dir: str | Path, *, demos=None, wr
     (residual, learning curve). ``resume``: off-policy runs only (ConfigError for PPO)."""
     kw = dict(residual=cfg.residual_config(), task_kwargs=cfg.task.kwargs, env_kwargs=cfg.env_kwargs(backend=True),
               writer=writer, progress=progress, checkpoint_extra={**(checkpoint_extra or {}), "algo": cfg.algo})
-    if cfg.algo in ("td3", "sac"):
+    if cfg.algo in OFFPOLICY_ALGOS:
         from robot_rl.rl.offpolicy import train_residual_offpolicy
         from robot_rl.serve.learner import train_residual_td3_actors
 
